@@ -1,0 +1,1 @@
+"""fimntk client package (filled by its own issue)."""

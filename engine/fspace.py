@@ -1,0 +1,85 @@
+"""Function-space matrices: ``FMatDense``, e.g. the NTK Gram matrix of shape ``(c, n, c, n)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidInputError
+from .vector import FVector
+
+
+class FMatDense:
+    """A dense ``(c, n, c, n)`` matrix on function space.
+
+    ``K[k, i, l, j] = ⟨∂_θ f_k(x_i), ∂_θ f_l(x_j)⟩`` for the NTK (not divided by n).
+    """
+
+    name = "fdense"
+
+    def __init__(self, data: Tensor, paths: dict[str, str] | None = None) -> None:
+        if data.dim() != 4 or data.shape[:2] != data.shape[2:]:
+            raise InvalidInputError(f"an FMatDense is (c, n, c, n); got {tuple(data.shape)}")
+        self.data = data
+        self.paths = paths or {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def size(self) -> tuple[int, ...]:
+        return self.shape
+
+    def _flat(self) -> Tensor:
+        c, n = self.data.shape[:2]
+        return self.data.reshape(c * n, c * n)
+
+    def mv(self, v: FVector) -> FVector:
+        """``K v`` for ``v`` of shape ``(c, n)``."""
+        t = v.get_flat_representation()
+        if tuple(t.shape) != tuple(self.data.shape[:2]):
+            raise InvalidInputError(
+                f"the FVector has shape {tuple(t.shape)}; this matrix needs "
+                f"{tuple(self.data.shape[:2])}")
+        return FVector((self._flat() @ t.reshape(-1)).reshape(t.shape))
+
+    def vTMv(self, v: FVector) -> Tensor:
+        return (v.get_flat_representation() * self.mv(v).get_flat_representation()).sum()
+
+    def trace(self) -> Tensor:
+        return torch.diagonal(self._flat()).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        return torch.linalg.vector_norm(self.data.double()).to(self.data.dtype)
+
+    def norm(self) -> Tensor:
+        """The Frobenius norm."""
+        return self.frobenius_norm()
+
+    def to_torch(self) -> Tensor:
+        return self.data
+
+    get_dense_tensor = to_torch
+
+    def eigenpairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending) ``(k,)`` and eigenvectors ``(k, c, n)``."""
+        c, n = self.data.shape[:2]
+        evals, evecs = torch.linalg.eigh(self._flat())
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        if k is not None:
+            evals, evecs = evals[:k], evecs[:, :k]
+        return evals, evecs.t().reshape(-1, c, n)
+
+    def __add__(self, other: FMatDense) -> FMatDense:
+        return FMatDense(self.data + other.data)
+
+    def __sub__(self, other: FMatDense) -> FMatDense:
+        return FMatDense(self.data - other.data)
+
+    def __mul__(self, x: float) -> FMatDense:
+        return FMatDense(self.data * x)
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"FMatDense(shape={self.shape})"

@@ -1,0 +1,74 @@
+"""Forward hooks that capture, for one forward pass, each fast-path module's input and output.
+
+State lives in the :class:`ForwardCapture` object of one call, never on the modules. A module
+whose output is later modified in place (``ReLU(inplace=True)`` after a Linear) would make the
+captured output describe the modified tensor; :class:`ForwardCapture` notices (the tensor's
+version counter moved) so the caller can rerun with ``clone`` for that module: the hook then
+hands a copy downstream and keeps the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+
+@dataclass
+class Capture:
+    """Input (detached) and output (in the graph) of one call of one module."""
+
+    x: Tensor
+    y: Tensor
+    version: int
+
+
+@dataclass
+class ForwardCapture:
+    """Context manager recording inputs/outputs of ``modules`` and call counts of ``counted``.
+
+    Args:
+        modules: ``{layer: module}`` whose input and output are captured.
+        counted: ``{layer: module}`` whose calls are only counted (to detect reuse).
+        clone: layers whose output is copied before it goes downstream.
+    """
+
+    modules: dict[str, nn.Module]
+    counted: dict[str, nn.Module] = field(default_factory=dict)
+    clone: set[str] = field(default_factory=set)
+    captures: dict[str, list[Capture]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    _handles: list = field(default_factory=list)
+
+    def __enter__(self) -> ForwardCapture:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._capture_hook(name)))
+        for name, module in self.counted.items():
+            if name not in self.modules:
+                self._handles.append(module.register_forward_hook(self._count_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _count_hook(self, name: str):
+        def hook(module, inputs, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return hook
+
+    def _capture_hook(self, name: str):
+        def hook(module, inputs, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
+                return None
+            self.captures.setdefault(name, []).append(
+                Capture(inputs[0].detach(), output, output._version))
+            return output.clone() if name in self.clone else None
+        return hook
+
+    def modified_in_place(self) -> set[str]:
+        """Layers whose captured output was changed in place after the hook ran."""
+        return {n for n, caps in self.captures.items()
+                if any(c.y._version != c.version for c in caps)}

@@ -1,0 +1,405 @@
+"""The Jacobian generator: per-example gradients of pseudo-outputs, a batch at a time.
+
+For each batch the generator runs one forward pass with hooks on the fast-path modules, forms the
+pseudo-output weights ``(K, n, c)`` (see :mod:`engine.generator.outputs`) and runs one batched
+backward pass (``is_grads_batched``) to the captured module outputs. Kernels then turn
+``(input, output gradient)`` into per-layer quantities. Layers without a kernel — custom modules,
+attention's ``in_proj_weight``, a module used twice in one forward, tied weights, parameters used
+outside their module's own forward — take the ``torch.func`` path: per-example Jacobians via
+``vmap(jacrev(functional_call))``. :attr:`Jacobian.paths` says which path each layer took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from ..errors import InvalidInputError
+from ..layercollection import LayerCollection
+from ..layers import LayerKernel, kernel_for
+from ..layers.norm import BatchNormKernel
+from .hooks import ForwardCapture
+from .outputs import Identity, PseudoOutputs
+
+HOOKS = "hooks"
+FALLBACK = "torch.func"
+
+Progress = Callable[[int, "int | None", str], None]
+
+
+class _FunctionModule(nn.Module):
+    """Wraps ``function`` so ``functional_call`` can swap the parameters of ``model``."""
+
+    def __init__(self, model: nn.Module, function: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self._function = function
+
+    def forward(self, *args):
+        return self._function(*args)
+
+
+def default_function(model: nn.Module) -> Callable:
+    """The model applied to the first element of each batch."""
+    return lambda *batch: model(batch[0])
+
+
+class BatchJacobian:
+    """What one batch contributes: per-layer inputs/output gradients or fallback Jacobians.
+
+    Attributes:
+        n: examples in the batch.
+        k: pseudo-outputs per example.
+    """
+
+    def __init__(self, n: int, k: int, kernels: dict[str, LayerKernel],
+                 captured: dict[str, tuple[Tensor, Tensor]], fallback: dict[str, Tensor],
+                 layer_collection: LayerCollection, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.n, self.k = n, k
+        self.kernels, self.captured, self.fallback = kernels, captured, fallback
+        self.layer_collection = layer_collection
+        self.dtype, self.device = dtype, device
+
+    def layer_grads(self, name: str) -> Tensor:
+        """Per-example gradients of layer ``name``: ``(K, n, d_l)``."""
+        if name in self.fallback:
+            return self.fallback[name]
+        if name in self.captured:
+            x, gy = self.captured[name]
+            return self.kernels[name].per_example_grads(x, gy)
+        return torch.zeros(self.k, self.n, self.layer_collection[name].numel,
+                           dtype=self.dtype, device=self.device)
+
+    def grads(self) -> Tensor:
+        """Per-example gradients of all layers, flat order: ``(K, n, d)``."""
+        return torch.cat([self.layer_grads(e.name) for e in self.layer_collection], dim=2)
+
+    def layer_sq_sum(self, name: str) -> Tensor:
+        """``Σ_{k,i} g_{k,i}²`` for layer ``name``: ``(d_l,)``."""
+        if name in self.captured:
+            x, gy = self.captured[name]
+            return self.kernels[name].sq_grad_sum(x, gy)
+        g = self.layer_grads(name)
+        return (g * g).sum(dim=(0, 1))
+
+    def layer_gram(self, name: str, other: BatchJacobian) -> Tensor:
+        """``⟨g_{k,i}, g'_{l,j}⟩`` for layer ``name``: ``(K, n, K, n')``."""
+        if name in self.captured and name in other.captured:
+            x1, g1 = self.captured[name]
+            x2, g2 = other.captured[name]
+            return self.kernels[name].gram(x1, g1, x2, g2)
+        a = self.layer_grads(name)
+        b = a if other is self else other.layer_grads(name)
+        return torch.einsum("kid,ljd->kilj", a, b)
+
+
+class Jacobian:
+    """Per-example gradients of a model's pseudo-outputs over a loader.
+
+    Args:
+        model: the network.
+        layer_collection: the layers to differentiate (default: all trainable ones).
+        function: ``function(*batch) -> (n, c)`` outputs; default ``model(batch[0])``.
+        n_output: expected c; checked against the model's output.
+        pseudo_outputs: what to differentiate (default: the outputs themselves).
+        device: where batches go (default: the device of the model's parameters).
+        verbose: show a tqdm progress bar.
+        progress: ``progress(done, total, stage)`` after each batch.
+    """
+
+    def __init__(self, model: nn.Module, layer_collection: LayerCollection | None = None,
+                 function: Callable | None = None, n_output: int | None = None,
+                 pseudo_outputs: PseudoOutputs | None = None,
+                 device: str | torch.device | None = None, verbose: bool = False,
+                 progress: Progress | None = None) -> None:
+        self.model = model
+        self.layer_collection = layer_collection or LayerCollection.from_model(model)
+        self.function = function or default_function(model)
+        self.n_output = n_output
+        self.pseudo_outputs = pseudo_outputs or Identity()
+        params = self.layer_collection.parameters(model)
+        self.dtype = params[0].dtype
+        self.device = torch.device(device) if device is not None else params[0].device
+        self.verbose, self.progress = verbose, progress
+        self._modules = self.layer_collection.modules(model)
+        self._kernels = self._select_kernels()
+        self._clone: set[str] = set()
+        self._verified = False
+        self._wrapper = _FunctionModule(model, self.function)
+        self.n_examples = 0
+
+    # ----- layer paths ---------------------------------------------------------------------
+    def _select_kernels(self) -> dict[str, LayerKernel]:
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                BatchNormKernel(module).check()
+        owners: dict[int, int] = {}
+        for _, module in self.model.named_modules(remove_duplicate=False):
+            for _, p in module.named_parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        kernels = {}
+        for e in self.layer_collection:
+            module = self._modules[e.name]
+            own = [p for _, p in module.named_parameters(recurse=False)]
+            if any(owners[id(p)] > 1 for p in own) or len(own) != len(e.params):
+                continue
+            kernel = kernel_for(module)
+            if kernel is not None:
+                kernel.check()
+                kernels[e.name] = kernel
+        return kernels
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """``{layer: "hooks" | "torch.func"}``; final once the first batch has been seen."""
+        return {e.name: HOOKS if e.name in self._kernels else FALLBACK
+                for e in self.layer_collection}
+
+    # ----- batches -------------------------------------------------------------------------
+    def _prepare(self, batch) -> tuple:
+        if isinstance(batch, Tensor):
+            batch = (batch,)
+        elif isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
+            raise InvalidInputError(
+                "the loader must yield tensors or tuples of tensors such as (x,) or (x, y); "
+                "pass function= to read other batch structures")
+        out = []
+        for t in batch:
+            if isinstance(t, Tensor):
+                t = t.to(self.device)
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    t = t.to(self.dtype)
+            out.append(t)
+        return tuple(out)
+
+    def _forward(self, batch: tuple, capture: ForwardCapture) -> Tensor:
+        try:
+            with capture:
+                out = self.function(*batch)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            shapes = [tuple(t.shape) for t in batch if isinstance(t, Tensor)]
+            raise InvalidInputError(
+                f"the model could not be applied to a batch with tensors of shapes {shapes}: "
+                f"{err}. Make the loader yield inputs of the shape the model expects, or pass "
+                "function= to say how to apply the model to a batch") from err
+        if not isinstance(out, Tensor):
+            raise InvalidInputError(
+                f"the model returned {type(out).__name__}, not a tensor: pass function= "
+                "returning the (n, c) outputs")
+        if out.dim() == 1:
+            out = out.unsqueeze(1)
+        if out.dim() != 2:
+            raise InvalidInputError(
+                f"outputs must have shape (n, c); got {tuple(out.shape)}: pass function= that "
+                "flattens them")
+        if self.n_output is not None and out.shape[1] != self.n_output:
+            raise InvalidInputError(
+                f"n_output={self.n_output} but the model outputs {out.shape[1]} values per "
+                "example: fix n_output or leave it out")
+        if not torch.isfinite(out).all():
+            raise InvalidInputError(
+                "the model produced non-finite outputs (NaN or inf) on this batch: check the "
+                "weights and the inputs")
+        return out
+
+    def _fallback_grads(self, batch: tuple, names: list[str], weights: Tensor) -> dict:
+        """Per-example pseudo-output gradients of the fallback layers: ``{layer: (K, n, d_l)}``."""
+        if not names:
+            return {}
+        pnames = [pn for name in names for pn in self.layer_collection[name].param_names()]
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        params = {pn: named[pn].detach() for pn in pnames}
+
+        def single(p, *example):
+            ex = tuple(t.unsqueeze(0) if isinstance(t, Tensor) else t for t in example)
+            out = functional_call(self._wrapper, {f"model.{k}": v for k, v in p.items()}, ex)
+            return out.reshape(-1)
+
+        in_dims = (None, *[0 if isinstance(t, Tensor) else None for t in batch])
+        try:
+            jac = vmap(jacrev(single), in_dims=in_dims)(params, *batch)
+        except RuntimeError as err:
+            if "randomness" in str(err):
+                raise InvalidInputError(
+                    "the model draws random numbers in its forward (e.g. Dropout in train mode): "
+                    "call model.eval() first") from err
+            raise
+        out = {}
+        for name in names:
+            parts = [jac[pn].reshape(jac[pn].shape[0], jac[pn].shape[1], -1)
+                     for pn in self.layer_collection[name].param_names()]
+            j = torch.cat(parts, dim=2)  # (n, c, d_l)
+            out[name] = torch.einsum("knc,ncd->knd", weights, j.to(weights.dtype))
+        return out
+
+    def _backward(self, out: Tensor, ys: list[Tensor], weights: Tensor, retain: bool) -> list:
+        try:
+            return list(torch.autograd.grad(out, ys, grad_outputs=weights, retain_graph=retain,
+                                            is_grads_batched=True, allow_unused=True))
+        except RuntimeError:
+            grads = [torch.autograd.grad(out, ys, grad_outputs=w, retain_graph=True,
+                                         allow_unused=True) for w in weights]
+            return [None if grads[0][j] is None else torch.stack([g[j] for g in grads])
+                    for j in range(len(ys))]
+
+    def _run_batch(self, batch: tuple) -> BatchJacobian:
+        fast = {n: self._modules[n] for n in self._kernels}
+        while True:
+            capture = ForwardCapture(fast, counted=self._modules, clone=self._clone)
+            out = self._forward(batch, capture)
+            demote = {n for n in fast if capture.calls.get(n, 0) != 1}
+            if demote:  # a layer called twice or never: its hooks cannot see all its uses
+                for n in demote:
+                    self._kernels.pop(n)
+                fast = {n: self._modules[n] for n in self._kernels}
+                continue
+            inplace = capture.modified_in_place() - self._clone
+            if inplace:
+                self._clone |= inplace
+                continue
+            break
+        n = out.shape[0]
+        weights = self.pseudo_outputs(out.detach(), batch)
+        names = list(fast)
+        captured = {}
+        if names:
+            ys = [capture.captures[nm][0].y for nm in names]
+            verify = not self._verified
+            gys = self._backward(out, ys, weights, retain=verify)
+            for nm, gy in zip(names, gys):
+                x = capture.captures[nm][0].x
+                if gy is None:
+                    gy = torch.zeros(weights.shape[0], *ys[names.index(nm)].shape,
+                                     dtype=out.dtype, device=out.device)
+                captured[nm] = (x, gy)
+            if verify:
+                self._verify(out, weights, captured)
+                self._verified = True
+        fallback_names = [e.name for e in self.layer_collection if e.name not in self._kernels]
+        fallback = self._fallback_grads(batch, fallback_names, weights)
+        captured = {k: v for k, v in captured.items() if k in self._kernels}
+        return BatchJacobian(n, weights.shape[0], self._kernels, captured, fallback,
+                             self.layer_collection, out.dtype, out.device)
+
+    def _verify(self, out: Tensor, weights: Tensor, captured: dict) -> None:
+        """Check, on the first batch, that each hooked layer's parameters are used only by the
+        layer's own forward: the hooks' summed gradient must equal autograd's. A layer that fails
+        (its weight also used elsewhere) moves to the ``torch.func`` path."""
+        gen = torch.Generator().manual_seed(0)
+        r = torch.randn(weights.shape[0], generator=gen, dtype=weights.dtype).to(weights.device)
+        names = list(captured)
+        params = [p for nm in names for _, p in self._kernels[nm].parameters()]
+        true = torch.autograd.grad(out, params, grad_outputs=torch.einsum("k,knc->nc", r, weights),
+                                   allow_unused=True)
+        i = 0
+        for nm in names:
+            kernel = self._kernels[nm]
+            x, gy = captured[nm]
+            hooked = torch.einsum("k,knd->d", r, kernel.per_example_grads(x, gy))
+            ref = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                             for g, (_, p) in zip(true[i:i + len(kernel.parameters())],
+                                                  kernel.parameters())])
+            i += len(kernel.parameters())
+            tol = 1e-4 if ref.dtype == torch.float32 else 1e-9
+            if not torch.allclose(hooked, ref, rtol=tol * 10, atol=tol * (ref.abs().max() + 1)):
+                self._kernels.pop(nm)
+
+    def batches(self, loader: Iterable, stage: str = "jacobian") -> Iterator[BatchJacobian]:
+        """Yield a :class:`BatchJacobian` per batch; counts examples in :attr:`n_examples`."""
+        total = None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__"):
+            total = len(dataset)
+        bar = None
+        if self.verbose:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc=stage, unit="ex")
+        self.n_examples = 0
+        try:
+            for raw in loader:
+                batch = self._prepare(raw)
+                bj = self._run_batch(batch)
+                self.n_examples += bj.n
+                if bar is not None:
+                    bar.update(bj.n)
+                if self.progress is not None:
+                    self.progress(self.n_examples, total, stage)
+                yield bj
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.n_examples == 0:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+
+    # ----- aggregates ----------------------------------------------------------------------
+    def get_jacobian(self, loader: Iterable) -> Tensor:
+        """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised)."""
+        return torch.cat([bj.grads() for bj in self.batches(loader)], dim=1)
+
+    def get_covariance_matrix(self, loader: Iterable) -> Tensor:
+        """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
+        total = None
+        for bj in self.batches(loader, "dense"):
+            j = bj.grads().reshape(-1, self.layer_collection.numel())
+            total = j.t() @ j if total is None else total.addmm_(j.t(), j)
+        return total / self.n_examples
+
+    def get_covariance_diag(self, loader: Iterable) -> Tensor:
+        """Diagonal of the covariance, ``(d,)``."""
+        total = None
+        for bj in self.batches(loader, "diag"):
+            d = torch.cat([bj.layer_sq_sum(e.name) for e in self.layer_collection])
+            total = d if total is None else total + d
+        return total / self.n_examples
+
+    def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:
+        """Per-layer diagonal blocks ``{layer: (d_l, d_l)}``."""
+        blocks: dict[str, Tensor] = {}
+        for bj in self.batches(loader, "blockdiag"):
+            for e in self.layer_collection:
+                j = bj.layer_grads(e.name).reshape(-1, e.numel)
+                if e.name in blocks:
+                    blocks[e.name].addmm_(j.t(), j)
+                else:
+                    blocks[e.name] = j.t() @ j
+        return {k: v / self.n_examples for k, v in blocks.items()}
+
+    def get_gram_matrix(self, loader: Iterable) -> Tensor:
+        """``K[k,i,l,j] = ⟨g_{k,i}, g_{l,j}⟩`` summed over layers: ``(K, n, K, n)``."""
+        batches = list(self.batches(loader, "gram"))
+        k = batches[0].k
+        n = sum(b.n for b in batches)
+        gram = torch.zeros(k, n, k, n, dtype=batches[0].dtype, device=batches[0].device)
+        starts = [0]
+        for b in batches:
+            starts.append(starts[-1] + b.n)
+        for bi, b1 in enumerate(batches):
+            for bj in range(bi + 1):
+                b2 = batches[bj]
+                block = sum(b1.layer_gram(e.name, b2) for e in self.layer_collection)
+                s1, s2 = slice(starts[bi], starts[bi + 1]), slice(starts[bj], starts[bj + 1])
+                gram[:, s1, :, s2] = block
+                if bi != bj:
+                    gram[:, s2, :, s1] = block.permute(2, 3, 0, 1)
+        return gram
+
+    def get_mean_gradient(self, loader: Iterable) -> Tensor:
+        """``(1/n) Σ_{i,k} g_{k,i}``: ``(d,)``, one ordinary backward pass per batch."""
+        params = self.layer_collection.parameters(self.model)
+        total, n = None, 0
+        for raw in loader:
+            batch = self._prepare(raw)
+            out = self._forward(batch, ForwardCapture({}))
+            w = self.pseudo_outputs(out.detach(), batch).sum(dim=0)
+            grads = torch.autograd.grad(out, params, grad_outputs=w, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                              for g, p in zip(grads, params)])
+            total = flat if total is None else total + flat
+            n += out.shape[0]
+        if n == 0:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+        return total / n

@@ -1,0 +1,91 @@
+"""What the engine knows about one layer: its parameters and its gradient kernels.
+
+A *kernel* turns what the hooks capture for a module — its input ``x`` of shape ``(n, ...)`` and
+the gradients ``gy`` of K pseudo-outputs with respect to its output, shape ``(K, n, ...)`` — into
+per-example quantities without a Python loop over examples:
+
+* ``per_example_grads(x, gy)``: ``(K, n, d_l)``, the flat gradient of each pseudo-output of each
+  example with respect to the layer's parameters, in parameter order (weight, then bias);
+* ``sq_grad_sum(x, gy)``: ``(d_l,)``, ``Σ_{k,i} (∂_θ f_{k,i})²``, the diagonal's numerator;
+* ``gram(x1, gy1, x2, gy2)``: ``(K, n1, K, n2)``, inner products of per-example gradients.
+
+The defaults build per-example gradients; kernels override the others where a layer allows a
+cheaper formula (e.g. Linear: ``(A Aᵀ) ⊙ (G Gᵀ)``, Novak et al. 2022).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerKernel(ABC):
+    """Per-example gradient maths of one module type.
+
+    Args:
+        module: the module whose own parameters (``recurse=False``) the kernel differentiates.
+    """
+
+    #: Names of the module attributes holding its parameters, in the engine's order.
+    param_attrs: tuple[str, ...] = ("weight", "bias")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether this kernel handles this instance (configuration included)."""
+        return True
+
+    def check(self) -> None:
+        """Raise an ``InvalidInputError`` when per-example gradients are not defined."""
+        return None
+
+    def parameters(self) -> list[tuple[str, Tensor]]:
+        """The module's parameters handled here, ``(attribute, tensor)``, in engine order."""
+        out = []
+        for attr in self.param_attrs:
+            p = getattr(self.module, attr, None)
+            if isinstance(p, nn.Parameter):
+                out.append((attr, p))
+        return out
+
+    @abstractmethod
+    def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        """Flat per-example gradients, ``(K, n, d_l)``."""
+
+    def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
+        """``Σ_{k,i} g_{k,i} ⊙ g_{k,i}`` over pseudo-outputs k and examples i, ``(d_l,)``."""
+        return chunked_sq_sum(lambda sl: self.per_example_grads(x[sl], gy[:, sl]), x.shape[0],
+                              per_example_numel=gy.shape[0] * self.numel())
+
+    def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:
+        """Inner products of per-example gradients, ``(K, n1, K, n2)``."""
+        j1 = self.per_example_grads(x1, gy1)
+        j2 = j1 if x2 is x1 and gy2 is gy1 else self.per_example_grads(x2, gy2)
+        return torch.einsum("kid,ljd->kilj", j1, j2)
+
+    def numel(self) -> int:
+        return sum(p.numel() for _, p in self.parameters())
+
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunked_sq_sum(grads_of, n: int, per_example_numel: int) -> Tensor:
+    """Sum of squared per-example gradients, built a chunk of examples at a time.
+
+    Args:
+        grads_of: maps a slice of examples to their gradients ``(K, n_chunk, d_l)``.
+        n: number of examples.
+        per_example_numel: ``K · d_l``, used to bound the memory of one chunk.
+    """
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_example_numel))
+    total = None
+    for start in range(0, n, step):
+        g = grads_of(slice(start, start + step))
+        s = (g * g).sum(dim=(0, 1))
+        total = s if total is None else total + s
+    return total

@@ -1,0 +1,84 @@
+"""Kernels of the normalisation layers: ``y = x̂ ⊙ γ + β``.
+
+Per example, ``∂γ = Σ_pos gy ⊙ x̂`` and ``∂β = Σ_pos gy``, summed over every dimension that the
+parameter is broadcast along. ``x̂`` depends only on the example itself for GroupNorm, LayerNorm
+and BatchNorm in eval mode (running statistics). BatchNorm in train mode normalises with batch
+statistics, which couple the examples: per-example gradients are not defined there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import TrainModeBatchNormError
+from .base import LayerKernel
+
+
+class AffineNormKernel(LayerKernel):
+    """Shared maths; subclasses give ``x̂`` and the parameter's dimensions in ``x``."""
+
+    def normalized(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def param_dims(self, x: Tensor) -> tuple[int, ...]:
+        """Dimensions of ``x`` (batch excluded, counted from 1) that the parameter spans."""
+        return (1,)
+
+    def _reduce(self, t: Tensor, x: Tensor) -> Tensor:
+        """Sum ``(K, n, *x.shape[1:])`` over the broadcast dimensions: ``(K, n, numel)``."""
+        keep = {d + 1 for d in self.param_dims(x)}
+        dims = tuple(d for d in range(2, t.dim()) if d not in keep)
+        s = t.sum(dim=dims) if dims else t
+        return s.reshape(t.shape[0], t.shape[1], -1)
+
+    def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        out = []
+        for attr, _ in self.parameters():
+            t = gy * self.normalized(x).unsqueeze(0) if attr == "weight" else gy
+            out.append(self._reduce(t, x))
+        return torch.cat(out, dim=2)
+
+
+class BatchNormKernel(AffineNormKernel):
+    """``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics."""
+
+    def check(self) -> None:
+        m = self.module
+        if m.training or not m.track_running_stats:
+            raise TrainModeBatchNormError(
+                f"{type(m).__name__} normalises with batch statistics (train mode or "
+                "track_running_stats=False), which couple the examples of a batch, so "
+                "per-example Jacobians are not defined: call model.eval() first")
+
+    def normalized(self, x: Tensor) -> Tensor:
+        m = self.module
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = m.running_mean.reshape(shape)
+        std = torch.sqrt(m.running_var.reshape(shape) + m.eps)
+        return (x - mean) / std
+
+
+class GroupNormKernel(AffineNormKernel):
+    """``nn.GroupNorm``: statistics per example and group."""
+
+    def normalized(self, x: Tensor) -> Tensor:
+        m = self.module
+        return F.group_norm(x, m.num_groups, eps=m.eps)
+
+
+class LayerNormKernel(AffineNormKernel):
+    """``nn.LayerNorm`` over the trailing ``normalized_shape`` dimensions."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return module.elementwise_affine
+
+    def normalized(self, x: Tensor) -> Tensor:
+        m = self.module
+        return F.layer_norm(x, m.normalized_shape, eps=m.eps)
+
+    def param_dims(self, x: Tensor) -> tuple[int, ...]:
+        k = len(self.module.normalized_shape)
+        return tuple(range(x.dim() - k, x.dim()))

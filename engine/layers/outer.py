@@ -1,0 +1,213 @@
+"""Kernels of layers whose weight gradient is a sum of outer products.
+
+For Linear, Conv, ConvTranspose and Embedding the gradient of one pseudo-output with respect to
+the weight of group ``γ`` is
+
+.. math::
+
+    \\nabla_{W_γ} f = \\sum_{t} g_{γ t} a_{γ t}^\\top, \\qquad g_{γt} ∈ ℝ^Q,\\; a_{γt} ∈ ℝ^P,
+
+summed over the positions ``t`` (sequence steps, output pixels). A kernel only says how to read
+``a`` of shape ``(n, G, T, P)`` and ``g`` of shape ``(K, n, G, T, Q)`` off the captured input and
+output gradient; this module does the rest once:
+
+* per-example gradients: ``einsum('kngtq,ngtp->kngqp')``;
+* the diagonal without per-example gradients when ``T = 1``: ``Σ (g ⊙ g)ᵀ (a ⊙ a)``;
+* the Gram matrix ``Σ_{t,s} (a_t·a'_s)(g_t·g'_s)`` without per-example gradients when it is the
+  cheaper route (for Linear on 2-D inputs it is ``(A Aᵀ) ⊙ (G Gᵀ)``), following "Fast Finite
+  Width Neural Tangent Kernel" (Novak, Sohl-Dickstein & Schoenholz, ICML 2022).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LayerKernel
+
+# Largest intermediate (elements) the structured Gram may build before the Jacobian route wins.
+_GRAM_MAX_ELEMENTS = 1 << 26
+
+
+class OuterKernel(LayerKernel):
+    """Base of the outer-product layers; subclasses implement :meth:`outer`."""
+
+    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``a (n, G, T, P)`` and ``g (K, n, G, T, Q)``."""
+        raise NotImplementedError
+
+    def weight_from_outer(self, gw: Tensor) -> Tensor:
+        """Map ``(..., G, Q, P)`` outer-product gradients to the flat weight ``(..., d_w)``."""
+        return gw.reshape(*gw.shape[:-3], -1)
+
+    def bias_grad(self, gy: Tensor, g: Tensor) -> Tensor:
+        """Per-example bias gradient ``(K, n, d_b)``; by default ``Σ_t g_t``."""
+        return g.sum(dim=3).reshape(g.shape[0], g.shape[1], -1)
+
+    @property
+    def has_bias(self) -> bool:
+        return isinstance(getattr(self.module, "bias", None), nn.Parameter)
+
+    def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        a, g = self.outer(x, gy)
+        gw = self.weight_from_outer(torch.einsum("kngtq,ngtp->kngqp", g, a))
+        if self.has_bias:
+            return torch.cat([gw, self.bias_grad(gy, g)], dim=2)
+        return gw
+
+    def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
+        a, g = self.outer(x, gy)
+        if a.shape[2] != 1:
+            return super().sq_grad_sum(x, gy)
+        w = torch.einsum("kngq,ngp->gqp", (g * g).squeeze(3), (a * a).squeeze(2))
+        w = self.weight_from_outer(w)
+        if self.has_bias:
+            b = self.bias_grad(gy, g)
+            return torch.cat([w, (b * b).sum(dim=(0, 1))])
+        return w
+
+    def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:
+        a1, g1 = self.outer(x1, gy1)
+        a2, g2 = (a1, g1) if (x2 is x1 and gy2 is gy1) else self.outer(x2, gy2)
+        k, n1, grp, t, q = g1.shape
+        n2, p = a2.shape[0], a1.shape[3]
+        structured = n1 * n2 * grp * t * t * (p + k * k * q)
+        jacobian = k * (n1 + n2) * grp * t * p * q + k * k * n1 * n2 * grp * p * q
+        if structured > jacobian or k * k * n1 * n2 * grp * t > _GRAM_MAX_ELEMENTS:
+            return super().gram(x1, gy1, x2, gy2)
+        out = g1.new_zeros(k, n1, k, n2)
+        for step in range(t):
+            aa = torch.einsum("igp,jgsp->ijgs", a1[:, :, step], a2)
+            gg = torch.einsum("kigq,ljgsq->kiljgs", g1[:, :, :, step], g2)
+            out += (gg * aa[None, :, None]).sum(dim=(-2, -1))
+        if self.has_bias:
+            b1 = self.bias_grad(gy1, g1)
+            b2 = b1 if (x2 is x1 and gy2 is gy1) else self.bias_grad(gy2, g2)
+            out += torch.einsum("kib,ljb->kilj", b1, b2)
+        return out
+
+
+class LinearKernel(OuterKernel):
+    """``nn.Linear`` on inputs ``(n, ..., d_in)``: positions are the middle dimensions."""
+
+    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        a = x.reshape(n, 1, -1, x.shape[-1])
+        g = gy.reshape(gy.shape[0], n, 1, -1, gy.shape[-1])
+        return a, g
+
+
+def _conv_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Apply the module's own padding to ``x`` when unfold cannot; return the padding left."""
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        return x, (0,) * (x.dim() - 2)
+    return x, tuple(module.padding)
+
+
+def _as_2d(t: Tensor, spatial_dims: int) -> Tensor:
+    """View a 1-D spatial tensor ``(..., C, L)`` as ``(..., C, 1, L)``."""
+    return t.unsqueeze(-2) if spatial_dims == 1 else t
+
+
+def _pair(v: tuple[int, ...], spatial_dims: int, fill: int) -> tuple[int, int]:
+    return (fill, v[0]) if spatial_dims == 1 else (v[0], v[1])
+
+
+class ConvKernel(OuterKernel):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with any stride, padding, dilation, groups, padding mode."""
+
+    spatial_dims = 2
+
+    def _unfold_args(self, padding: tuple[int, ...]) -> dict:
+        m, sd = self.module, self.spatial_dims
+        return {
+            "kernel_size": _pair(m.kernel_size, sd, 1),
+            "dilation": _pair(m.dilation, sd, 1),
+            "padding": _pair(padding, sd, 0),
+            "stride": _pair(m.stride, sd, 1),
+        }
+
+    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+        m, sd = self.module, self.spatial_dims
+        n, grp = x.shape[0], m.groups
+        x, padding = _conv_input(m, x)
+        cols = F.unfold(_as_2d(x, sd), **self._unfold_args(padding))  # (n, C_in·kk, T)
+        a = cols.reshape(n, grp, -1, cols.shape[-1]).transpose(2, 3)
+        k = gy.shape[0]
+        g = gy.reshape(k, n, grp, m.out_channels // grp, -1).transpose(3, 4)
+        return a, g
+
+
+class Conv1dKernel(ConvKernel):
+    spatial_dims = 1
+
+
+class ConvTransposeKernel(OuterKernel):
+    """``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d``: the output gradient is unfolded.
+
+    With ``y[o, p·s + κ·d − π] += x[i, p] W[i, o, κ]``, the weight gradient is
+    ``∂W[i, o, κ] = Σ_p x[i, p] · unfold(gy)[o·|κ| + κ, p]``: ``a`` is the input, ``g`` the
+    unfolded output gradient, and the weight is the transpose of the outer product.
+    """
+
+    spatial_dims = 2
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return module.padding_mode == "zeros" and all(
+            op < s for op, s in zip(module.output_padding, module.stride))
+
+    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+        m, sd = self.module, self.spatial_dims
+        n, grp, k = x.shape[0], m.groups, gy.shape[0]
+        a = x.reshape(n, grp, m.in_channels // grp, -1).transpose(2, 3)
+        cols = F.unfold(_as_2d(gy.reshape(k * n, *gy.shape[2:]), sd),
+                        kernel_size=_pair(m.kernel_size, sd, 1),
+                        dilation=_pair(m.dilation, sd, 1),
+                        padding=_pair(m.padding, sd, 0),
+                        stride=_pair(m.stride, sd, 1))
+        if cols.shape[-1] != a.shape[2]:
+            raise ValueError(
+                f"ConvTranspose output of shape {tuple(gy.shape[2:])} was not produced by its "
+                "output_padding; pass output_padding to the module instead of output_size")
+        g = cols.reshape(k, n, grp, -1, cols.shape[-1]).transpose(3, 4)
+        return a, g
+
+    def weight_from_outer(self, gw: Tensor) -> Tensor:
+        return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)
+
+    def bias_grad(self, gy: Tensor, g: Tensor) -> Tensor:
+        return gy.reshape(*gy.shape[:3], -1).sum(dim=3)
+
+
+class ConvTranspose1dKernel(ConvTransposeKernel):
+    spatial_dims = 1
+
+
+class EmbeddingKernel(OuterKernel):
+    """``nn.Embedding``: ``a`` is the one-hot token, so ``a·a'`` tests token equality."""
+
+    param_attrs = ("weight",)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return not module.sparse and module.max_norm is None and not module.scale_grad_by_freq
+
+    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.module
+        n, k = x.shape[0], gy.shape[0]
+        a = F.one_hot(x.reshape(n, -1), m.num_embeddings).to(gy.dtype)
+        if m.padding_idx is not None:
+            a[..., m.padding_idx] = 0
+        g = gy.reshape(k, n, 1, -1, m.embedding_dim)
+        return a.unsqueeze(1), g
+
+    def weight_from_outer(self, gw: Tensor) -> Tensor:
+        return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)
+
+    @property
+    def has_bias(self) -> bool:
+        return False

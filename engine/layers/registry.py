@@ -1,0 +1,51 @@
+"""Which kernel computes per-example gradients of which module type.
+
+A dict keyed by the exact module type: subclasses (which may override ``forward``) are not
+assumed to behave like their parent. A miss means the ``torch.func`` fallback path.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LayerKernel
+from .norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
+from .outer import (
+    Conv1dKernel,
+    ConvKernel,
+    ConvTranspose1dKernel,
+    ConvTransposeKernel,
+    EmbeddingKernel,
+    LinearKernel,
+)
+
+KERNELS: dict[type[nn.Module], type[LayerKernel]] = {
+    nn.Linear: LinearKernel,
+    nn.Conv1d: Conv1dKernel,
+    nn.Conv2d: ConvKernel,
+    nn.ConvTranspose1d: ConvTranspose1dKernel,
+    nn.ConvTranspose2d: ConvTransposeKernel,
+    nn.Embedding: EmbeddingKernel,
+    nn.BatchNorm1d: BatchNormKernel,
+    nn.BatchNorm2d: BatchNormKernel,
+    nn.BatchNorm3d: BatchNormKernel,
+    nn.GroupNorm: GroupNormKernel,
+    nn.LayerNorm: LayerNormKernel,
+}
+
+
+def kernel_for(module: nn.Module) -> LayerKernel | None:
+    """The hook kernel for ``module``, or ``None`` when it needs the ``torch.func`` fallback.
+
+    The fast path also requires every parameter of the module to require a gradient.
+    """
+    cls = KERNELS.get(type(module))
+    if cls is None or not cls.supports(module):
+        return None
+    own = [p for _, p in module.named_parameters(recurse=False)]
+    if not own or not all(p.requires_grad for p in own):
+        return None
+    kernel = cls(module)
+    if len(kernel.parameters()) != len(own):
+        return None
+    return kernel

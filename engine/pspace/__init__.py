@@ -1,0 +1,29 @@
+"""Parameter-space matrices, one module per representation."""
+
+from __future__ import annotations
+
+from ..errors import InvalidInputError
+from .base import PMatAbstract
+from .blockdiag import PMatBlockDiag
+from .dense import PMatDense
+from .diag import PMatDiag
+
+REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
+    cls.name: cls for cls in (PMatDense, PMatDiag, PMatBlockDiag)
+}
+
+
+def resolve_representation(rep: str | type[PMatAbstract]) -> type[PMatAbstract]:
+    """A representation class from a class, its short name (``"kfac"``) or class name."""
+    if isinstance(rep, type) and issubclass(rep, PMatAbstract):
+        return rep
+    if isinstance(rep, str):
+        key = rep.lower().removeprefix("pmat").replace("_", "").replace("-", "")
+        if key in REPRESENTATIONS:
+            return REPRESENTATIONS[key]
+    raise InvalidInputError(
+        f"unknown representation {rep!r}; use one of {sorted(REPRESENTATIONS)} or a PMat class")
+
+
+__all__ = ["REPRESENTATIONS", "PMatAbstract", "PMatBlockDiag", "PMatDense", "PMatDiag",
+           "resolve_representation"]

@@ -1,0 +1,66 @@
+"""``PMatBlockDiag``: one dense block per layer, zeros between layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..vector import PVector
+from .base import PMatAbstract, frobenius, spd_solve
+
+
+class PMatBlockDiag(PMatAbstract):
+    """Block-diagonal matrix; ``data`` is ``{layer: (d_l, d_l)}``. Memory ``Σ_l d_l²``."""
+
+    name = "blockdiag"
+
+    def _compute(self, generator, examples) -> dict[str, Tensor]:
+        return generator.get_covariance_layer_blocks(examples)
+
+    def _split(self, v: PVector):
+        x = v.get_flat_representation()
+        for name, (start, end) in self.layer_collection.offsets().items():
+            yield name, x[start:end]
+
+    def mv(self, v: PVector) -> PVector:
+        self._check_vector(v)
+        return PVector(self.layer_collection,
+                       torch.cat([self.data[n] @ x for n, x in self._split(v)]))
+
+    def vTMv(self, v: PVector) -> Tensor:
+        self._check_vector(v)
+        return sum(x @ self.data[n] @ x for n, x in self._split(v))
+
+    def trace(self) -> Tensor:
+        return sum(torch.diagonal(b).sum() for b in self.data.values())
+
+    def frobenius_norm(self) -> Tensor:
+        sq = sum(frobenius(b).double() ** 2 for b in self.data.values())
+        return sq.sqrt().to(next(iter(self.data.values())).dtype)
+
+    def get_diag(self) -> Tensor:
+        return torch.cat([torch.diagonal(self.data[e.name]) for e in self.layer_collection])
+
+    def to_torch(self) -> Tensor:
+        return torch.block_diag(*[self.data[e.name] for e in self.layer_collection])
+
+    def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
+        self._check_vector(v)
+        regul = self._check_regul(regul)
+        return PVector(self.layer_collection,
+                       torch.cat([spd_solve(self.data[n], x, regul) for n, x in self._split(v)]))
+
+    def inv(self, regul: float = 1e-8) -> PMatBlockDiag:
+        regul = self._check_regul(regul)
+        out = {}
+        for n, b in self.data.items():
+            eye = torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
+            out[n] = spd_solve(b, eye, regul)
+        return PMatBlockDiag(self.layer_collection, data=out)
+
+    def centered(self, mean: Tensor) -> PMatBlockDiag:
+        out = {}
+        for e in self.layer_collection:
+            start, end = self.layer_collection.offsets()[e.name]
+            out[e.name] = self.data[e.name] - torch.outer(mean[start:end], mean[start:end])
+        return PMatBlockDiag(self.layer_collection, data=out)

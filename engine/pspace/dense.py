@@ -1,0 +1,61 @@
+"""``PMatDense``: the full ``d × d`` matrix, ``F = (1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..vector import PVector
+from .base import PMatAbstract, frobenius, spd_solve
+
+
+class PMatDense(PMatAbstract):
+    """Dense matrix; ``data`` is ``(d, d)``. Memory ``d²``; exact for every operation."""
+
+    name = "dense"
+
+    def _compute(self, generator, examples) -> Tensor:
+        return generator.get_covariance_matrix(examples)
+
+    def mv(self, v: PVector) -> PVector:
+        self._check_vector(v)
+        return PVector(self.layer_collection, self.data @ v.get_flat_representation())
+
+    def vTMv(self, v: PVector) -> Tensor:
+        self._check_vector(v)
+        x = v.get_flat_representation()
+        return x @ self.data @ x
+
+    def trace(self) -> Tensor:
+        return torch.diagonal(self.data).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        return frobenius(self.data)
+
+    def get_diag(self) -> Tensor:
+        return torch.diagonal(self.data).clone()
+
+    def to_torch(self) -> Tensor:
+        return self.data
+
+    def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
+        self._check_vector(v)
+        regul = self._check_regul(regul)
+        return PVector(self.layer_collection,
+                       spd_solve(self.data, v.get_flat_representation(), regul))
+
+    def inv(self, regul: float = 1e-8) -> PMatDense:
+        regul = self._check_regul(regul)
+        eye = torch.eye(self.data.shape[0], dtype=self.data.dtype, device=self.data.device)
+        return PMatDense(self.layer_collection, data=spd_solve(self.data, eye, regul))
+
+    def eigenpairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending) and eigenvectors as columns ``(d, k)``."""
+        evals, evecs = torch.linalg.eigh(self.data)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        if k is not None:
+            evals, evecs = evals[:k], evecs[:, :k]
+        return evals, evecs
+
+    def centered(self, mean: Tensor) -> PMatDense:
+        return PMatDense(self.layer_collection, data=self.data - torch.outer(mean, mean))

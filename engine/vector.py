@@ -1,0 +1,196 @@
+"""Vectors in parameter space (:class:`PVector`) and function space (:class:`FVector`).
+
+A ``PVector`` is a flat tensor of d entries laid out by its :class:`LayerCollection` (see that
+module for the order); :meth:`PVector.get_dict_representation` gives the per-layer view
+``{layer: (weight, bias)}`` with the parameters' shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InvalidInputError
+from .layercollection import LayerCollection
+
+
+class PVector:
+    """A vector of parameter space, e.g. a weight update or a gradient.
+
+    Args:
+        layer_collection: the layout.
+        vector_repr: flat tensor ``(d,)``.
+        dict_repr: alternatively ``{layer: tuple of tensors shaped like the parameters}``.
+    """
+
+    def __init__(self, layer_collection: LayerCollection, vector_repr: Tensor | None = None,
+                 dict_repr: dict[str, tuple[Tensor, ...]] | None = None) -> None:
+        self.layer_collection = layer_collection
+        d = layer_collection.numel()
+        if vector_repr is None:
+            if dict_repr is None:
+                raise InvalidInputError("give vector_repr (a flat tensor) or dict_repr")
+            parts = []
+            for e in layer_collection:
+                if e.name not in dict_repr:
+                    raise InvalidInputError(f"dict_repr has no entry for layer {e.name!r}")
+                parts.extend(t.reshape(-1) for t in dict_repr[e.name])
+            vector_repr = torch.cat(parts)
+        if vector_repr.dim() != 1 or vector_repr.numel() != d:
+            raise InvalidInputError(
+                f"a PVector of this layer collection has {d} entries; got a tensor of shape "
+                f"{tuple(vector_repr.shape)}")
+        self._flat = vector_repr
+
+    @classmethod
+    def from_model(cls, model: nn.Module,
+                   layer_collection: LayerCollection | None = None) -> PVector:
+        """A copy of the model's current parameters."""
+        lc = layer_collection or LayerCollection.from_model(model)
+        return cls(lc, torch.cat([p.detach().reshape(-1) for p in lc.parameters(model)]).clone())
+
+    @classmethod
+    def from_model_grad(cls, model: nn.Module,
+                        layer_collection: LayerCollection | None = None) -> PVector:
+        """The model's ``.grad`` fields (zeros where a gradient is missing)."""
+        lc = layer_collection or LayerCollection.from_model(model)
+        parts = [torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
+                 for p in lc.parameters(model)]
+        return cls(lc, torch.cat(parts).detach().clone())
+
+    @classmethod
+    def random(cls, layer_collection: LayerCollection, *, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PVector:
+        """Standard normal entries."""
+        v = torch.randn(layer_collection.numel(), generator=generator, dtype=dtype)
+        return cls(layer_collection, v.to(device))
+
+    @classmethod
+    def zeros_like_collection(cls, layer_collection: LayerCollection,
+                              dtype: torch.dtype = torch.float32,
+                              device: str | torch.device = "cpu") -> PVector:
+        return cls(layer_collection, torch.zeros(layer_collection.numel(), dtype=dtype,
+                                                 device=device))
+
+    def get_flat_representation(self) -> Tensor:
+        """The flat tensor ``(d,)`` (not a copy)."""
+        return self._flat
+
+    to_torch = get_flat_representation
+
+    def get_dict_representation(self) -> dict[str, tuple[Tensor, ...]]:
+        """``{layer: (tensor per parameter, shaped like the parameter)}`` (views)."""
+        out = {}
+        offsets = self.layer_collection.offsets()
+        for e in self.layer_collection:
+            start = offsets[e.name][0]
+            parts = []
+            for _, shape in e.params:
+                n = 1
+                for s in shape:
+                    n *= s
+                parts.append(self._flat[start:start + n].reshape(shape))
+                start += n
+            out[e.name] = tuple(parts)
+        return out
+
+    def copy_to_model(self, model: nn.Module) -> None:
+        """Write this vector into the model's parameters."""
+        with torch.no_grad():
+            start = 0
+            for p in self.layer_collection.parameters(model):
+                n = p.numel()
+                p.copy_(self._flat[start:start + n].reshape(p.shape))
+                start += n
+
+    def _check(self, other: PVector) -> None:
+        if not isinstance(other, PVector):
+            raise TypeError(f"expected a PVector, got {type(other).__name__}")
+        if other.layer_collection != self.layer_collection:
+            raise InvalidInputError("the two PVectors have different layer collections")
+
+    def __add__(self, other: PVector) -> PVector:
+        self._check(other)
+        return PVector(self.layer_collection, self._flat + other._flat)
+
+    def __sub__(self, other: PVector) -> PVector:
+        self._check(other)
+        return PVector(self.layer_collection, self._flat - other._flat)
+
+    def __neg__(self) -> PVector:
+        return PVector(self.layer_collection, -self._flat)
+
+    def __mul__(self, x: float) -> PVector:
+        if not isinstance(x, (int, float)) and not (isinstance(x, Tensor) and x.dim() == 0):
+            return NotImplemented
+        return PVector(self.layer_collection, self._flat * x)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, x: float) -> PVector:
+        return PVector(self.layer_collection, self._flat / x)
+
+    def dot(self, other: PVector) -> Tensor:
+        """Inner product ``⟨self, other⟩``."""
+        self._check(other)
+        return torch.dot(self._flat, other._flat)
+
+    def norm(self, p: float = 2) -> Tensor:
+        """The p-norm (accumulated in float64 for accuracy, returned in the vector's dtype)."""
+        return torch.linalg.vector_norm(self._flat.double(), ord=p).to(self._flat.dtype)
+
+    def clone(self) -> PVector:
+        return PVector(self.layer_collection, self._flat.clone())
+
+    def detach(self) -> PVector:
+        return PVector(self.layer_collection, self._flat.detach())
+
+    def to(self, *args, **kwargs) -> PVector:
+        return PVector(self.layer_collection, self._flat.to(*args, **kwargs))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._flat.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._flat.device
+
+    def __repr__(self) -> str:
+        return f"PVector(d={self._flat.numel()}, dtype={self._flat.dtype})"
+
+
+class FVector:
+    """A vector of function space: one value per output and example, shape ``(c, n)``."""
+
+    def __init__(self, vector_repr: Tensor) -> None:
+        if vector_repr.dim() != 2:
+            raise InvalidInputError(
+                f"an FVector is a (c, n) tensor; got shape {tuple(vector_repr.shape)}")
+        self._t = vector_repr
+
+    def get_flat_representation(self) -> Tensor:
+        """The ``(c, n)`` tensor."""
+        return self._t
+
+    to_torch = get_flat_representation
+
+    def __add__(self, other: FVector) -> FVector:
+        return FVector(self._t + other._t)
+
+    def __sub__(self, other: FVector) -> FVector:
+        return FVector(self._t - other._t)
+
+    def __mul__(self, x: float) -> FVector:
+        return FVector(self._t * x)
+
+    __rmul__ = __mul__
+
+    def dot(self, other: FVector) -> Tensor:
+        return (self._t * other._t).sum()
+
+    def norm(self) -> Tensor:
+        return torch.linalg.vector_norm(self._t.double()).to(self._t.dtype)
+
+    def __repr__(self) -> str:
+        return f"FVector(shape={tuple(self._t.shape)})"

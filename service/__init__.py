@@ -1,0 +1,1 @@
+"""fimntk service package (filled by its own issue)."""

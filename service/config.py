@@ -1,0 +1,89 @@
+"""Configuration of the service and its workers, read from ``FIMNTK_*`` environment variables.
+
+One :class:`Settings` object serves the API, the workers and the embedded mode. Every limit a lab
+may want to tune (upload size, jobs in flight, job time) lives here, with a safe default.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    """Settings shared by the API, the workers and ``fimntk serve``.
+
+    Attributes:
+        data_dir: Root of blobs, artifacts, named datasets and the default SQLite database.
+        database_url: SQLAlchemy URL of the job records; ``sqlite:///<data_dir>/fimntk.db`` when
+            unset.
+        redis_url: URL of the Redis that holds the queue. Unset means embedded mode for
+            ``fimntk serve``; workers and the API in the distributed setup require it.
+        queue_name: RQ queue the API enqueues onto and the workers listen on.
+        admin_key: API key of the admin user; ``fimntk serve`` generates one when unset.
+        max_upload_bytes: Largest blob accepted by ``PUT /v1/blobs/...`` (413 past it).
+        max_jobs_in_flight: Queued plus running jobs allowed per user (429 past it).
+        default_job_timeout_s: Job time limit when the spec sets none (RQ's default is 180 s).
+        max_job_timeout_s: Largest time limit a spec may ask for.
+        max_model_bytes: Largest parameter size a model may have, checked on the meta device.
+        max_header_bytes: Largest safetensors JSON header accepted.
+        builder_modules: Importable modules adding model builders, each defining ``BUILDERS``,
+            a dict from name to a function returning an ``nn.Module``. Only modules listed here
+            are ever imported; nothing a user sends names a module.
+        model_cache_size: Models (and kept representations) a worker keeps in memory.
+        result_ttl_s: How long RQ keeps its own job hashes; records live in the database.
+        device: Worker device: ``auto`` picks ``cuda`` when available.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FIMNTK_", extra="ignore")
+
+    data_dir: Path = Path("./fimntk-data")
+    database_url: str | None = None
+    redis_url: str | None = None
+    queue_name: str = "fimntk"
+    admin_key: str | None = None
+    max_upload_bytes: int = Field(default=4 * GIB, gt=0)
+    max_jobs_in_flight: int = Field(default=8, gt=0)
+    default_job_timeout_s: int = Field(default=3600, gt=0)
+    max_job_timeout_s: int = Field(default=24 * 3600, gt=0)
+    max_model_bytes: int = Field(default=8 * GIB, gt=0)
+    max_header_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    builder_modules: list[str] = Field(default_factory=list)
+    model_cache_size: int = Field(default=4, ge=0)
+    result_ttl_s: int = Field(default=24 * 3600, gt=0)
+    device: str = "auto"
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_strong(cls, value: str | None) -> str | None:
+        """Refuse admin keys short enough to guess."""
+        if value is not None and len(value) < 16:
+            raise ValueError("FIMNTK_ADMIN_KEY must be at least 16 characters")
+        return value
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite inside ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fimntk.db').resolve()}"
+
+    @property
+    def blobs_dir(self) -> Path:
+        """Directory of content-addressed blobs."""
+        return self.data_dir / "blobs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Directory of job artifacts (result tensors, kept representations)."""
+        return self.data_dir / "artifacts"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Directory of named datasets (``<name>.safetensors``)."""
+        return self.data_dir / "datasets"

@@ -1,0 +1,109 @@
+"""The queue: the only module of the service that talks to RQ.
+
+Jobs are enqueued by dotted path (``worker.tasks.run_job``) with the job id as their only
+argument and RQ's JSON serializer, so the API never imports the worker and nothing is pickled.
+Redis holds only the queue; job records live in the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from service.errors import QueueUnavailableError
+
+TASK = "worker.tasks.run_job"
+
+
+class JobQueue:
+    """Enqueue, inspect and stop jobs on an RQ queue.
+
+    Args:
+        redis_url: URL of the Redis server.
+        queue_name: Name of the RQ queue.
+    """
+
+    def __init__(self, redis_url: str, queue_name: str) -> None:
+        self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
+
+    def ping(self) -> bool:
+        """Whether Redis answers."""
+        try:
+            return bool(self.redis.ping())
+        except RedisError:
+            return False
+
+    def enqueue(self, job_id: str, timeout_s: int, ttl_s: int) -> None:
+        """Put a job on the queue.
+
+        Args:
+            job_id: Job id, also the RQ job id.
+            timeout_s: Time limit of the job (RQ's default of 180 s is never used).
+            ttl_s: How long RQ keeps its job hash once done.
+
+        Raises:
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        try:
+            self.queue.enqueue_call(
+                TASK, args=(job_id,), job_id=job_id, timeout=timeout_s,
+                result_ttl=ttl_s, failure_ttl=ttl_s, description=f"fimntk job {job_id}",
+            )
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+
+    def state(self, job_id: str) -> tuple[str | None, dict[str, Any], str | None]:
+        """RQ's view of a job.
+
+        Returns:
+            RQ status (``None`` when RQ does not know the job), its meta, and the last line of
+            its exception, if any.
+
+        Raises:
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        try:
+            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            status = job.get_status(refresh=False)
+            exc_info = job.exc_info if status == "failed" else None
+        except NoSuchJobError:
+            return None, {}, None
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+        last = exc_info.strip().splitlines()[-1] if exc_info else None
+        return (status.value if status is not None else None), dict(job.meta or {}), last
+
+    def cancel_queued(self, job_id: str) -> None:
+        """Remove a job that no worker has started from the queue (RQ's ``job.cancel()``)."""
+        try:
+            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            job.cancel()
+        except (NoSuchJobError, InvalidJobOperation):
+            return
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+
+    def stop_running(self, job_id: str) -> None:
+        """Ask the worker running a job to stop it (RQ's stop-job command).
+
+        ``job.cancel()`` does not stop a running job; the worker receives this command on its
+        pub/sub channel and interrupts the job within one progress step.
+        """
+        try:
+            send_stop_job_command(self.redis, job_id, serializer=JSONSerializer)
+        except (NoSuchJobError, InvalidJobOperation):
+            return
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the Redis connections."""
+        self.redis.close()

@@ -1,0 +1,383 @@
+"""Wire formats of the API: pydantic models, JSON only.
+
+Nothing here names code: a model is a weights blob plus a JSON architecture (built-in
+``torch.nn`` layers, or a builder name from the server's registry); a dataset is a blob or a
+server-side name; the loader is described by parameters. The families follow one pattern per
+resource: ``JobCreate`` (what a client sends), ``JobPublic``/``JobsPublic`` (what it reads).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+Digest = Annotated[
+    str,
+    Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="SHA-256 of a blob uploaded with PUT /v1/blobs/{digest}.",
+        examples=["sha256:" + "0" * 64],
+    ),
+]
+Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk"]
+Representation = Literal[
+    "dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "implicit", "mixed"
+]
+Variant = Literal["classif_logits", "classif_binary_logits", "regression"]
+ComputeDtype = Literal["float32", "float64"]
+ParamDtype = Literal["float16", "bfloat16", "float32", "float64"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LayerSpec(_Strict):
+    """One built-in ``torch.nn`` layer, by type and constructor arguments."""
+
+    type: str = Field(description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.",
+                      examples=["Linear"])
+    args: list[JsonValue] = Field(default_factory=list, examples=[[4, 8]])
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict, examples=[{"bias": True}])
+    layers: list[LayerSpec] | None = Field(
+        default=None, description="Children, only for type 'Sequential' (nesting allowed)."
+    )
+
+
+class SequentialArchitecture(_Strict):
+    """An ``nn.Sequential`` of built-in layers; state-dict keys are ``0.weight``, ``2.bias``..."""
+
+    kind: Literal["sequential"]
+    layers: list[LayerSpec] = Field(min_length=1)
+    dtype: ParamDtype = Field(default="float32", description="dtype of the parameters.")
+
+
+class BuilderArchitecture(_Strict):
+    """A model from the server's builder registry (built in: mlp, cnn, resnet)."""
+
+    kind: Literal["builder"]
+    name: str = Field(examples=["mlp"])
+    kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict, examples=[{"in_features": 4, "hidden": [8], "out_features": 3}]
+    )
+    dtype: ParamDtype = "float32"
+
+
+Architecture = Annotated[
+    SequentialArchitecture | BuilderArchitecture, Field(discriminator="kind")
+]
+
+
+class ModelSpec(_Strict):
+    """A weights blob (safetensors state dict) and the architecture it must match exactly."""
+
+    weights: Digest
+    architecture: Architecture
+
+
+class DatasetSpec(_Strict):
+    """A dataset (a safetensors blob with ``inputs`` and optional ``targets``, or a name from
+    the server's data directory) and the loader parameters."""
+
+    blob: Digest | None = None
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+                             examples=["mnist-1k"])
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    subset: int | None = Field(default=None, ge=1, description="Use this many examples.")
+    seed: int = Field(default=0, description="Seed of the subset draw.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.blob is None) == (self.name is None):
+            raise ValueError("give exactly one of 'blob' and 'name'")
+        return self
+
+
+class _Op(_Strict):
+    pass
+
+
+class TraceOp(_Op):
+    """:math:`\\mathrm{tr}(M)`."""
+
+    op: Literal["trace"]
+
+
+class NormOp(_Op):
+    """Frobenius norm."""
+
+    op: Literal["norm"]
+
+
+class GetDiagOp(_Op):
+    """Diagonal, shape (d,)."""
+
+    op: Literal["get_diag"]
+
+
+class ToTorchOp(_Op):
+    """The dense matrix: (d, d) for a FIM, (c, n, c, n) for the NTK."""
+
+    op: Literal["to_torch"]
+
+
+class VTMvOp(_Op):
+    """:math:`v^\\top M v` for a vector blob of shape (d,)."""
+
+    op: Literal["vTMv"]
+    v: Digest
+
+
+class MvOp(_Op):
+    """:math:`M v`: v of shape (d,) for a FIM, (c, n) or (c·n,) for the NTK."""
+
+    op: Literal["mv"]
+    v: Digest
+
+
+class SolveOp(_Op):
+    """:math:`(M + \\lambda I)^{-1} v`."""
+
+    op: Literal["solve"]
+    v: Digest
+    regul: float = Field(gt=0, examples=[1e-3])
+
+
+class EigenpairsOp(_Op):
+    """Top-k eigenpairs of the NTK."""
+
+    op: Literal["eigenpairs"]
+    k: int = Field(ge=1, le=4096)
+
+
+class HutchinsonTraceOp(_Op):
+    """Hutchinson estimate of the trace, with its standard error."""
+
+    op: Literal["hutchinson_trace"]
+    n_samples: int = Field(default=100, ge=1, le=100_000)
+    seed: int = 0
+
+
+class HutchppTraceOp(_Op):
+    """Hutch++ estimate of the trace."""
+
+    op: Literal["hutchpp_trace"]
+    n_samples: int = Field(default=100, ge=3, le=100_000)
+    seed: int = 0
+
+
+class HutchinsonDiagOp(_Op):
+    """Hutchinson estimate of the diagonal."""
+
+    op: Literal["hutchinson_diag"]
+    n_samples: int = Field(default=100, ge=1, le=100_000)
+    seed: int = 0
+
+
+class LanczosEigenpairsOp(_Op):
+    """Top-k eigenpairs by Lanczos."""
+
+    op: Literal["lanczos_eigenpairs"]
+    k: int = Field(ge=1, le=4096)
+    seed: int = 0
+
+
+class SlqDensityOp(_Op):
+    """Spectral density by stochastic Lanczos quadrature."""
+
+    op: Literal["slq_density"]
+    n_samples: int = Field(default=10, ge=1, le=10_000)
+    n_iter: int = Field(default=30, ge=2, le=10_000)
+    seed: int = 0
+
+
+Operation = Annotated[
+    TraceOp | NormOp | GetDiagOp | ToTorchOp | VTMvOp | MvOp | SolveOp | EigenpairsOp
+    | HutchinsonTraceOp | HutchppTraceOp | HutchinsonDiagOp | LanczosEigenpairsOp
+    | SlqDensityOp,
+    Field(discriminator="op"),
+]
+
+_JOB_EXAMPLE: dict[str, Any] = {
+    "model": {
+        "weights": "sha256:" + "a" * 64,
+        "architecture": {
+            "kind": "sequential",
+            "layers": [
+                {"type": "Linear", "args": [4, 8]},
+                {"type": "ReLU"},
+                {"type": "Linear", "args": [8, 3]},
+            ],
+        },
+    },
+    "dataset": {"blob": "sha256:" + "b" * 64, "batch_size": 16},
+    "metric": "fim",
+    "representation": "kfac",
+    "variant": "classif_logits",
+    "operations": [{"op": "trace"}, {"op": "vTMv", "v": "sha256:" + "c" * 64}],
+    "keep": True,
+}
+
+
+class JobCreate(_Strict):
+    """A job: what to compute (metric, representation) on what (model, dataset), and which
+    operations to run on the result. With ``reuse``, model, dataset and metric settings come
+    from a kept job and may be left out."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_JOB_EXAMPLE]})
+
+    model: ModelSpec | None = None
+    dataset: DatasetSpec | None = None
+    metric: Metric | None = None
+    representation: Representation | None = Field(
+        default=None, description="Required for the FIM metrics; none for 'ntk'."
+    )
+    variant: Variant = "classif_logits"
+    trials: int = Field(default=1, ge=1, le=1000, description="Monte Carlo trials (fim_mc).")
+    seed: int | None = Field(default=None, description="Seed of the Monte Carlo draw (fim_mc).")
+    centering: bool = Field(default=False, description="Centre gradients (empirical_fim).")
+    dtype: ComputeDtype = "float32"
+    update_diag: bool | None = Field(
+        default=None, description="ekfac only: re-estimate the diagonal (default true)."
+    )
+    operations: list[Operation] = Field(default_factory=list, max_length=64)
+    keep: bool = Field(default=False, description="Store the representation for reuse.")
+    reuse: str | None = Field(default=None, description="Id of a kept job to reuse.")
+    timeout_s: int | None = Field(default=None, ge=1, description="Job time limit.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> JobCreate:
+        if self.reuse is not None:
+            return self
+        for name in ("model", "dataset", "metric"):
+            if getattr(self, name) is None:
+                raise ValueError(f"'{name}' is required unless 'reuse' is given")
+        self.check_metric_fields()
+        return self
+
+    def check_metric_fields(self) -> None:
+        """Check the fields that depend on the metric.
+
+        Raises:
+            ValueError: A field that the metric requires is missing, or one it ignores is set.
+        """
+        if self.metric == "ntk":
+            if self.representation is not None:
+                raise ValueError("'representation' must be omitted for metric 'ntk'")
+        elif self.representation is None:
+            raise ValueError(f"'representation' is required for metric {self.metric!r}")
+        if self.trials != 1 and self.metric != "fim_mc":
+            raise ValueError("'trials' applies to metric 'fim_mc' only")
+        if self.update_diag is not None and self.representation != "ekfac":
+            raise ValueError("'update_diag' applies to representation 'ekfac' only")
+
+
+class Progress(BaseModel):
+    """Examples done out of total in the current stage."""
+
+    done: int = 0
+    total: int | None = None
+    stage: str = "queued"
+
+
+class Problem(BaseModel):
+    """An RFC 7807 problem document."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    field: str | None = None
+
+
+class JobLinks(BaseModel):
+    """Links of a job."""
+
+    self: str
+    result: str
+    cancel: str
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    status: JobStatus
+    owner: str
+    metric: str
+    representation: str | None
+    model: str
+    dataset: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    timings: dict[str, float]
+    error: Problem | None
+    kept: bool
+    reused_from: str | None
+    spec: dict[str, Any]
+    links: JobLinks
+
+
+class JobsPublic(BaseModel):
+    """A page of jobs, newest first."""
+
+    items: list[JobPublic]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+class TensorRef(BaseModel):
+    """A tensor stored as a safetensors artifact (one tensor named 'value')."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    href: str
+
+
+class OperationResult(BaseModel):
+    """Outputs of one operation: scalars inline, tensors as links."""
+
+    index: int
+    op: str
+    outputs: dict[str, float | TensorRef]
+
+
+class ResultPublic(BaseModel):
+    """The result of a succeeded job."""
+
+    job_id: str
+    metric: str
+    representation: str | None
+    reused_from: str | None
+    operations: list[OperationResult]
+    representation_artifact: str | None = Field(
+        description="Download link of the kept representation, when one was saved."
+    )
+
+
+class BlobPublic(BaseModel):
+    """An uploaded blob."""
+
+    digest: str
+    size: int
+
+
+class UserCreate(_Strict):
+    """A new API user (admin only)."""
+
+    name: str = Field(min_length=1, max_length=200, examples=["alice"])
+
+
+class UserCreated(BaseModel):
+    """A created user and its API key, shown once."""
+
+    id: str
+    name: str
+    api_key: str

@@ -1,0 +1,260 @@
+"""Checks of a job spec that need no torch: layer and builder names, operations allowed for a
+representation, the role of each blob (weights, dataset, vector), named datasets.
+
+Whatever can only be checked once the model is built (shapes against the architecture, NaN
+weights, constructor arguments) is checked by the worker and reported as the job's error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import re
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from service.errors import InvalidInputError
+from service.safetensors_header import FLOAT_DTYPES, Header, read_header
+from service.schemas import JobCreate, LayerSpec
+
+#: Built-in ``torch.nn`` layers a sequential architecture may use. A static list rather than
+#: ``getattr(torch.nn, name)``: a user's string never reaches an arbitrary attribute.
+ALLOWED_LAYERS = frozenset({
+    "Sequential", "Identity", "Flatten", "Unflatten",
+    "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+    "Embedding", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "RMSNorm",
+    "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Tanh",
+    "Sigmoid", "Softplus", "Softsign", "Hardtanh", "Hardswish", "Hardsigmoid", "LogSigmoid",
+    "Softmax", "LogSoftmax", "Dropout", "Dropout1d", "Dropout2d",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Upsample", "ZeroPad2d",
+})
+#: Builders shipped with the worker (``worker.models``); a lab adds more through
+#: ``Settings.builder_modules``.
+BUILTIN_BUILDERS = frozenset({"mlp", "cnn", "resnet"})
+#: Buffers that built-in layers put in a state dict; they are not parameters.
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+_FIM_OPS = frozenset({"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "solve"})
+_ESTIMATORS = frozenset(
+    {"hutchinson_trace", "hutchpp_trace", "hutchinson_diag", "lanczos_eigenpairs", "slq_density"}
+)
+#: Operations each representation defines; the NTK (an FMatDense) is keyed ``ntk``.
+OPERATIONS: dict[str, frozenset[str]] = {
+    rep: _FIM_OPS | _ESTIMATORS
+    for rep in ("dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "mixed")
+}
+OPERATIONS["implicit"] = frozenset({"trace", "mv", "vTMv"}) | _ESTIMATORS
+OPERATIONS["ntk"] = frozenset({"trace", "norm", "to_torch", "mv", "eigenpairs"}) | _ESTIMATORS
+
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@cache
+def lab_builders(modules: tuple[str, ...]) -> frozenset[str]:
+    """Names of the builders that the configured lab modules define.
+
+    Only modules listed in the server configuration (``FIMNTK_BUILDER_MODULES``) are imported
+    here; no module name ever comes from a request.
+
+    Args:
+        modules: Importable module names, each defining ``BUILDERS: dict[str, callable]``.
+
+    Returns:
+        The builder names.
+    """
+    names: set[str] = set()
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        names.update(getattr(module, "BUILDERS", {}))
+    return frozenset(names)
+
+
+def check_layers(layers: Iterable[LayerSpec], field: str) -> None:
+    """Refuse unknown layer types and misplaced children, recursively.
+
+    Args:
+        layers: Layers of a sequential architecture.
+        field: Field path of ``layers``.
+
+    Raises:
+        InvalidInputError: Naming the first offending layer.
+    """
+    for i, layer in enumerate(layers):
+        where = f"{field}[{i}]"
+        if layer.type not in ALLOWED_LAYERS:
+            raise InvalidInputError(f"unknown layer type {layer.type!r}", f"{where}.type")
+        if layer.type == "Sequential":
+            if not layer.layers:
+                raise InvalidInputError("a Sequential layer needs 'layers'", f"{where}.layers")
+            check_layers(layer.layers, f"{where}.layers")
+        elif layer.layers is not None:
+            raise InvalidInputError("only a Sequential layer has 'layers'", f"{where}.layers")
+
+
+def check_architecture(spec: JobCreate, builder_modules: Iterable[str]) -> None:
+    """Check layer types or the builder name of the spec's architecture.
+
+    Args:
+        spec: Job spec with a model.
+        builder_modules: Configured lab builder modules.
+
+    Raises:
+        InvalidInputError: Unknown layer type or builder.
+    """
+    assert spec.model is not None
+    arch = spec.model.architecture
+    if arch.kind == "sequential":
+        check_layers(arch.layers, "model.architecture.layers")
+        return
+    known = BUILTIN_BUILDERS | lab_builders(tuple(builder_modules))
+    if arch.name not in known:
+        raise InvalidInputError(
+            f"unknown builder {arch.name!r}; known: {sorted(known)}", "model.architecture.name"
+        )
+
+
+def check_operations(spec: JobCreate) -> None:
+    """Refuse operations the representation does not define.
+
+    Raises:
+        InvalidInputError: Naming ``operations[i].op``.
+    """
+    key = "ntk" if spec.metric == "ntk" else str(spec.representation)
+    allowed = OPERATIONS[key]
+    for i, operation in enumerate(spec.operations):
+        if operation.op not in allowed:
+            hint = " (try 'lanczos_eigenpairs')" if operation.op == "eigenpairs" else ""
+            raise InvalidInputError(
+                f"operation {operation.op!r} is not defined for {key!r}{hint}; "
+                f"defined: {sorted(allowed)}",
+                f"operations[{i}].op",
+            )
+
+
+def check_weights(header: Header, field: str) -> int:
+    """Check a weights header and count its parameters (buffers excluded).
+
+    Args:
+        header: Header of the weights blob.
+        field: Field reported on error.
+
+    Returns:
+        The parameter count d.
+
+    Raises:
+        InvalidInputError: No tensors.
+    """
+    if not header.tensors:
+        raise InvalidInputError("weights hold no tensors", field)
+    return sum(
+        info.numel for name, info in header.tensors.items()
+        if not name.endswith(BUFFER_SUFFIXES)
+    )
+
+
+def check_dataset(header: Header, field: str) -> int:
+    """Check a dataset header: ``inputs`` and optional ``targets`` with matching first axes.
+
+    Returns:
+        The number of examples.
+
+    Raises:
+        InvalidInputError: Missing ``inputs``, extra tensors, or mismatched lengths.
+    """
+    tensors = header.tensors
+    if "inputs" not in tensors:
+        raise InvalidInputError("dataset has no tensor named 'inputs'", field)
+    extra = set(tensors) - {"inputs", "targets"}
+    if extra:
+        raise InvalidInputError(f"dataset has unexpected tensors {sorted(extra)}", field)
+    inputs = tensors["inputs"]
+    if not inputs.shape or inputs.shape[0] == 0:
+        raise InvalidInputError("'inputs' must have a non-empty first axis", field)
+    targets = tensors.get("targets")
+    if targets is not None and (not targets.shape or targets.shape[0] != inputs.shape[0]):
+        raise InvalidInputError(
+            f"'targets' first axis {targets.shape[:1]} differs from inputs' {inputs.shape[0]}",
+            field,
+        )
+    return inputs.shape[0]
+
+
+def check_vector(header: Header, field: str, expected: int | None) -> None:
+    """Check a vector header: one floating tensor of ``expected`` elements.
+
+    Args:
+        header: Header of the vector blob.
+        field: Field reported on error.
+        expected: Required number of elements, when known.
+
+    Raises:
+        InvalidInputError: Not a single floating tensor, or the wrong size.
+    """
+    if len(header.tensors) != 1:
+        raise InvalidInputError("a vector blob holds exactly one tensor", field)
+    (info,) = header.tensors.values()
+    if info.dtype not in FLOAT_DTYPES:
+        raise InvalidInputError(f"vector dtype {info.dtype} is not floating point", field)
+    if expected is not None and info.numel != expected:
+        raise InvalidInputError(
+            f"vector has shape {list(info.shape)} ({info.numel} elements), "
+            f"the model has {expected} parameters",
+            field,
+        )
+
+
+def dataset_path(datasets_dir: Path, name: str) -> Path:
+    """Resolve a named dataset inside the data directory, refusing any escape.
+
+    Args:
+        datasets_dir: Directory of named datasets.
+        name: Dataset name.
+
+    Returns:
+        Path of ``<name>.safetensors``.
+
+    Raises:
+        InvalidInputError: Invalid name, escape, or no such dataset.
+    """
+    if not _DATASET_NAME.match(name):
+        raise InvalidInputError(f"invalid dataset name {name!r}", "dataset.name")
+    root = datasets_dir.resolve()
+    path = (root / f"{name}.safetensors").resolve()
+    if path.parent != root:
+        raise InvalidInputError(f"invalid dataset name {name!r}", "dataset.name")
+    if not path.is_file():
+        raise InvalidInputError(f"no dataset named {name!r}", "dataset.name")
+    return path
+
+
+def representation_key(spec: dict[str, Any]) -> str:
+    """Hash of everything that determines the computed representation.
+
+    Two specs with the same key compute the same object, so a kept one can be reused.
+
+    Args:
+        spec: Resolved job spec (JSON).
+
+    Returns:
+        A hex SHA-256.
+    """
+    keys = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
+            "centering", "dtype", "update_diag")
+    material = {k: spec.get(k) for k in keys}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def numel(shape: Iterable[int]) -> int:
+    """Product of a shape."""
+    return math.prod(shape)
+
+
+def header_of(path: Path, field: str, max_header_bytes: int) -> Header:
+    """Read a blob's header, reporting problems against ``field``."""
+    return read_header(path, field, max_header_bytes)

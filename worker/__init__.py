@@ -1,0 +1,1 @@
+"""fimntk worker package (filled by its own issue)."""
