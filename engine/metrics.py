@@ -25,21 +25,21 @@ from .pspace import PMatAbstract, resolve_representation
 
 
 def _build(model: nn.Module, loader: Iterable, representation, pseudo, *, function, n_output,
-           layer_collection, device, verbose, progress) -> PMatAbstract:
+           layer_collection, device, verbose, progress, options) -> PMatAbstract:
     cls = resolve_representation(representation)
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     lc = layer_collection or LayerCollection.from_model(model)
     gen = Jacobian(model, lc, function=function, n_output=n_output, pseudo_outputs=pseudo,
                    device=device, verbose=verbose, progress=progress)
-    return cls(lc, generator=gen, examples=loader)
+    return cls(lc, generator=gen, examples=loader, **options)
 
 
 def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "classif_logits",
         device: str | torch.device | None = None, function: Callable | None = None,
         layer_collection: LayerCollection | None = None, verbose: bool = False,
         n_output: int | None = None, sigma: float = 1.0,
-        progress: Progress | None = None) -> PMatAbstract:
+        progress: Progress | None = None, **options) -> PMatAbstract:
     """The Fisher Information Matrix with the expectation over ``y`` computed exactly.
 
     Args:
@@ -55,6 +55,8 @@ def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "clas
         n_output: expected number of outputs c (checked).
         sigma: regression noise standard deviation.
         progress: ``progress(done, total, stage)`` callback.
+        **options: representation options, e.g. ``kfac_approx="reduce"`` (KFAC, EKFAC, Mixed),
+            ``policy={...}`` (Mixed).
 
     Returns:
         The representation, ``(1/n) Σ_i J_iᵀ H_i J_i`` with ``H_i`` the output Fisher.
@@ -66,7 +68,7 @@ def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "clas
     """
     return _build(model, loader, representation, ExactFisher(variant, sigma), function=function,
                   n_output=n_output, layer_collection=layer_collection, device=device,
-                  verbose=verbose, progress=progress)
+                  verbose=verbose, progress=progress, options=options)
 
 
 def FIM_MonteCarlo(model: nn.Module, loader: Iterable, representation,
@@ -74,7 +76,7 @@ def FIM_MonteCarlo(model: nn.Module, loader: Iterable, representation,
                    device: str | torch.device | None = None, function: Callable | None = None,
                    layer_collection: LayerCollection | None = None, verbose: bool = False,
                    n_output: int | None = None, sigma: float = 1.0, seed: int | None = None,
-                   progress: Progress | None = None) -> PMatAbstract:
+                   progress: Progress | None = None, **options) -> PMatAbstract:
     """The Fisher with the expectation over ``y`` replaced by ``trials`` samples per example.
 
     Unbiased: ``E[F_MC] = F``. ``seed`` makes the draws reproducible. Other arguments as in
@@ -88,7 +90,7 @@ def FIM_MonteCarlo(model: nn.Module, loader: Iterable, representation,
     return _build(model, loader, representation,
                   MonteCarloFisher(variant, trials, sigma, gen), function=function,
                   n_output=n_output, layer_collection=layer_collection, device=device,
-                  verbose=verbose, progress=progress)
+                  verbose=verbose, progress=progress, options=options)
 
 
 def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
@@ -96,7 +98,7 @@ def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
                  device: str | torch.device | None = None, function: Callable | None = None,
                  layer_collection: LayerCollection | None = None, verbose: bool = False,
                  n_output: int | None = None, sigma: float = 1.0,
-                 progress: Progress | None = None) -> PMatAbstract:
+                 progress: Progress | None = None, **options) -> PMatAbstract:
     """The empirical Fisher ``(1/n) Σ_i ∇ log p(y_i|x_i) ∇ log p(y_i|x_i)ᵀ`` at the true targets.
 
     The loader must yield ``(x, y)``. With ``centering=True`` the mean gradient ``ḡ`` is
@@ -106,7 +108,7 @@ def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
     pseudo = EmpiricalFisher(variant, sigma)
     mat = _build(model, loader, representation, pseudo, function=function, n_output=n_output,
                  layer_collection=layer_collection, device=device, verbose=verbose,
-                 progress=progress)
+                 progress=progress, options=options)
     if centering:
         mat = mat.centered(mat.generator.get_mean_gradient(loader))
     return mat

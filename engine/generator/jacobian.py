@@ -403,3 +403,24 @@ class Jacobian:
         if n == 0:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         return total / n
+
+    def accumulate(self, loader: Iterable, accumulators: list, stage: str = "statistics") -> dict:
+        """Run each accumulator (see :mod:`engine.generator.covariance`) over the loader in one
+        pass; return ``{layer: statistic / n}``."""
+        for bj in self.batches(loader, stage):
+            for acc in accumulators:
+                acc.update(bj)
+        return {acc.name: acc.result(self.n_examples) for acc in accumulators}
+
+    def kernel(self, name: str) -> LayerKernel | None:
+        """The hook kernel of layer ``name`` (None on the ``torch.func`` path)."""
+        return self._kernels.get(name)
+
+    def finalize_paths(self, loader: Iterable) -> None:
+        """Settle which layers take the hooks (runs the first batch once if none was seen)."""
+        if self._verified:
+            return
+        for raw in loader:
+            self._run_batch(self._prepare(raw))
+            return
+        raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")

@@ -67,6 +67,10 @@ class LayerKernel(ABC):
         j2 = j1 if x2 is x1 and gy2 is gy1 else self.per_example_grads(x2, gy2)
         return torch.einsum("kid,ljd->kilj", j1, j2)
 
+    def mat_layout(self):
+        """The matrix view of the parameters (:class:`~engine.layers.layout.MatLayout`), if any."""
+        return None
+
     def numel(self) -> int:
         return sum(p.numel() for _, p in self.parameters())
 

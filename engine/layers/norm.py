@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import TrainModeBatchNormError
 from .base import LayerKernel
+from .layout import MatLayout
 
 
 class AffineNormKernel(LayerKernel):
@@ -25,6 +26,11 @@ class AffineNormKernel(LayerKernel):
     def param_dims(self, x: Tensor) -> tuple[int, ...]:
         """Dimensions of ``x`` (batch excluded, counted from 1) that the parameter spans."""
         return (1,)
+
+    def mat_layout(self) -> MatLayout:
+        """``(1, C, 2)``: each channel's scale and shift side by side."""
+        params = self.parameters()
+        return MatLayout(1, params[0][1].numel(), 1, len(params) == 2)
 
     def _reduce(self, t: Tensor, x: Tensor) -> Tensor:
         """Sum ``(K, n, *x.shape[1:])`` over the broadcast dimensions: ``(K, n, numel)``."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerKernel
+from .layout import MatLayout
 
 # Largest intermediate (elements) the structured Gram may build before the Jacobian route wins.
 _GRAM_MAX_ELEMENTS = 1 << 26
@@ -48,6 +49,18 @@ class OuterKernel(LayerKernel):
     @property
     def has_bias(self) -> bool:
         return isinstance(getattr(self.module, "bias", None), nn.Parameter)
+
+    #: Whether the bias gradient is ``Σ_t g_t`` so that it folds into the input factor.
+    bias_folds = True
+
+    def mat_layout(self) -> MatLayout | None:
+        """The ``(groups, Q, P + bias)`` view of the parameters, when the bias folds."""
+        if self.has_bias and not self.bias_folds:
+            return None
+        return self._layout()
+
+    def _layout(self) -> MatLayout:
+        raise NotImplementedError
 
     def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
         a, g = self.outer(x, gy)
@@ -91,6 +104,10 @@ class OuterKernel(LayerKernel):
 class LinearKernel(OuterKernel):
     """``nn.Linear`` on inputs ``(n, ..., d_in)``: positions are the middle dimensions."""
 
+    def _layout(self) -> MatLayout:
+        m = self.module
+        return MatLayout(1, m.out_features, m.in_features, self.has_bias)
+
     def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         a = x.reshape(n, 1, -1, x.shape[-1])
@@ -120,6 +137,14 @@ class ConvKernel(OuterKernel):
     """``nn.Conv1d`` / ``nn.Conv2d`` with any stride, padding, dilation, groups, padding mode."""
 
     spatial_dims = 2
+
+    def _layout(self) -> MatLayout:
+        m = self.module
+        kk = 1
+        for k in m.kernel_size:
+            kk *= k
+        return MatLayout(m.groups, m.out_channels // m.groups, m.in_channels // m.groups * kk,
+                         self.has_bias)
 
     def _unfold_args(self, padding: tuple[int, ...]) -> dict:
         m, sd = self.module, self.spatial_dims
@@ -154,6 +179,15 @@ class ConvTransposeKernel(OuterKernel):
     """
 
     spatial_dims = 2
+    bias_folds = False
+
+    def _layout(self) -> MatLayout:
+        m = self.module
+        kk = 1
+        for k in m.kernel_size:
+            kk *= k
+        return MatLayout(m.groups, m.out_channels // m.groups * kk, m.in_channels // m.groups,
+                         False, transposed=True)
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -191,6 +225,10 @@ class EmbeddingKernel(OuterKernel):
     """``nn.Embedding``: ``a`` is the one-hot token, so ``a·a'`` tests token equality."""
 
     param_attrs = ("weight",)
+
+    def _layout(self) -> MatLayout:
+        m = self.module
+        return MatLayout(1, m.embedding_dim, m.num_embeddings, False, transposed=True)
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:

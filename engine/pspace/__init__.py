@@ -7,9 +7,11 @@ from .base import PMatAbstract
 from .blockdiag import PMatBlockDiag
 from .dense import PMatDense
 from .diag import PMatDiag
+from .layered import PMatEKFAC, PMatKFAC, PMatLayered, PMatMixed, PMatQuasiDiag
 
 REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
-    cls.name: cls for cls in (PMatDense, PMatDiag, PMatBlockDiag)
+    cls.name: cls for cls in (PMatDense, PMatDiag, PMatBlockDiag, PMatQuasiDiag, PMatKFAC,
+                              PMatEKFAC, PMatMixed)
 }
 
 
@@ -26,4 +28,5 @@ def resolve_representation(rep: str | type[PMatAbstract]) -> type[PMatAbstract]:
 
 
 __all__ = ["REPRESENTATIONS", "PMatAbstract", "PMatBlockDiag", "PMatDense", "PMatDiag",
+           "PMatEKFAC", "PMatKFAC", "PMatLayered", "PMatMixed", "PMatQuasiDiag",
            "resolve_representation"]

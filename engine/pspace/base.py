@@ -41,10 +41,11 @@ class PMatAbstract(ABC):
     name: str = "abstract"
 
     def __init__(self, layer_collection: LayerCollection, generator: Any = None,
-                 data: Any = None, examples: Iterable | None = None) -> None:
+                 data: Any = None, examples: Iterable | None = None, **options: Any) -> None:
         self.layer_collection = layer_collection
         self.generator = generator
         self.paths: dict[str, str] = {}
+        self._set_options(**options)
         if data is None:
             if generator is None or examples is None:
                 raise InvalidInputError(
@@ -54,6 +55,12 @@ class PMatAbstract(ABC):
         self.data = data
 
     # ----- to implement ----------------------------------------------------------------------
+    def _set_options(self, **options: Any) -> None:
+        """Representation-specific options (e.g. ``kfac_approx``); none by default."""
+        if options:
+            raise InvalidInputError(
+                f"{type(self).__name__} takes no option(s) {sorted(options)}")
+
     def _compute(self, generator: Any, examples: Iterable) -> Any:
         raise NotImplementedError
 

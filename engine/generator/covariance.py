@@ -1,0 +1,167 @@
+"""Per-layer statistics accumulated over a loader in one pass (see :meth:`Jacobian.accumulate`).
+
+Each accumulator reads one layer of each :class:`BatchJacobian` and returns its statistic divided
+by the number of examples n. Where a layer's per-example gradient is a sum of outer products
+``Σ_t g_t ã_tᵀ`` (``ã = [a; 1]`` folds the bias in), the factored accumulators never build
+per-example gradients when ``T = 1``.
+
+KFAC factors (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions; Eschenhagen, Immer,
+Turner, Schneider & Hennig 2023 for weight sharing). With positions t (sequence steps, output
+pixels) and pseudo-outputs k:
+
+* ``expand`` (default, = KFC for convolutions): ``A = (1/n) Σ_{i,t} ã ãᵀ``,
+  ``G = (1/n) Σ_{i,k} (1/T) Σ_t g gᵀ``: positions are treated as extra examples;
+* ``reduce``: ``A = (1/n) Σ_i â âᵀ`` with ``â = (1/T) Σ_t ã``, ``G = (1/n) Σ_{i,k} ĝ ĝᵀ`` with
+  ``ĝ = Σ_t g``: positions are aggregated first.
+
+Both are exact (equal to the layer's Fisher block) when every example has the same input ``ã``
+and ``T = 1``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from ..layers.layout import MatLayout
+from .jacobian import BatchJacobian
+
+KFAC_APPROX = ("expand", "reduce")
+
+
+def folded_outer(bj: BatchJacobian, name: str) -> tuple[Tensor, Tensor] | None:
+    """``(ã (n, G, T, P+1), g (K, n, G, T, Q))`` of a hooked outer-product layer, else None."""
+    if name not in bj.captured:
+        return None
+    kernel = bj.kernels[name]
+    if not hasattr(kernel, "outer") or kernel.mat_layout() is None:
+        return None
+    x, gy = bj.captured[name]
+    a, g = kernel.outer(x, gy)
+    if kernel.mat_layout().bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a, g
+
+
+def mat_grads(bj: BatchJacobian, name: str, layout: MatLayout) -> Tensor:
+    """Per-example gradients in matrix view: ``(K, n, groups, Q, P+bias)``."""
+    return layout.to_mat(bj.layer_grads(name))
+
+
+class Accumulator(ABC):
+    """Accumulates one layer's statistic over batches."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def update(self, bj: BatchJacobian) -> None: ...
+
+    @abstractmethod
+    def result(self, n: int): ...
+
+
+class DenseAcc(Accumulator):
+    """``(1/n) Σ g gᵀ``: the layer's exact block ``(d_l, d_l)``."""
+
+    total: Tensor | None = None
+
+    def update(self, bj: BatchJacobian) -> None:
+        j = bj.layer_grads(self.name)
+        j = j.reshape(-1, j.shape[-1])
+        self.total = j.t() @ j if self.total is None else self.total.addmm_(j.t(), j)
+
+    def result(self, n: int) -> Tensor:
+        return self.total / n
+
+
+class DiagAcc(Accumulator):
+    """``(1/n) Σ g ⊙ g``: the layer's diagonal ``(d_l,)``."""
+
+    total: Tensor | None = None
+
+    def update(self, bj: BatchJacobian) -> None:
+        s = bj.layer_sq_sum(self.name)
+        self.total = s if self.total is None else self.total + s
+
+    def result(self, n: int) -> Tensor:
+        return self.total / n
+
+
+class KronAcc(Accumulator):
+    """KFAC factors ``(A, G)`` of one layer (see the module docstring for the conventions)."""
+
+    def __init__(self, name: str, approx: str = "expand") -> None:
+        super().__init__(name)
+        self.approx = approx
+        self.a: Tensor | None = None
+        self.g: Tensor | None = None
+
+    def update(self, bj: BatchJacobian) -> None:
+        a, g = folded_outer(bj, self.name)
+        t = a.shape[2]
+        if self.approx == "reduce" and t > 1:
+            a = a.mean(dim=2, keepdim=True)
+            g = g.sum(dim=3, keepdim=True)
+            t = 1
+        fa = torch.einsum("ngtp,ngtr->gpr", a, a)
+        fg = torch.einsum("kngtq,kngts->gqs", g, g) / t
+        self.a = fa if self.a is None else self.a + fa
+        self.g = fg if self.g is None else self.g + fg
+
+    def result(self, n: int) -> tuple[Tensor, Tensor]:
+        return self.a / n, self.g / n
+
+
+class QuasiDiagAcc(Accumulator):
+    """Diagonal ``(G, Q, P+1)`` and bias-row interactions ``(G, Q, P)`` in matrix view."""
+
+    def __init__(self, name: str, layout: MatLayout) -> None:
+        super().__init__(name)
+        self.layout = layout
+        self.d: Tensor | None = None
+        self.c: Tensor | None = None
+
+    def update(self, bj: BatchJacobian) -> None:
+        fo = folded_outer(bj, self.name)
+        if fo is not None and fo[0].shape[2] == 1:
+            a, g = fo[0][:, :, 0], fo[1][:, :, :, 0]  # (n, G, P+1), (K, n, G, Q)
+            g2 = (g * g).sum(0)  # (n, G, Q)
+            d = torch.einsum("ngq,ngp->gqp", g2, a * a)
+            c = torch.einsum("ngq,ngp->gqp", g2, a[..., :-1])
+        else:
+            m = mat_grads(bj, self.name, self.layout)
+            d = (m * m).sum(dim=(0, 1))
+            c = (m[..., :-1] * m[..., -1:]).sum(dim=(0, 1))
+        self.d = d if self.d is None else self.d + d
+        self.c = c if self.c is None else self.c + c
+
+    def result(self, n: int) -> tuple[Tensor, Tensor]:
+        return self.d / n, self.c / n
+
+
+class EigenDiagAcc(Accumulator):
+    """EKFAC's diagonal ``(1/n) Σ (U_Gᵀ ∇W U_A)²`` in a fixed Kronecker eigenbasis."""
+
+    def __init__(self, name: str, u_a: Tensor, u_g: Tensor, layout: MatLayout) -> None:
+        super().__init__(name)
+        self.u_a, self.u_g, self.layout = u_a, u_g, layout
+        self.s: Tensor | None = None
+
+    def update(self, bj: BatchJacobian) -> None:
+        fo = folded_outer(bj, self.name)
+        if fo is not None and fo[0].shape[2] == 1:
+            a, g = fo[0][:, :, 0], fo[1][:, :, :, 0]
+            ra = torch.einsum("ngp,gpr->ngr", a, self.u_a)
+            rg = torch.einsum("kngq,gqs->kngs", g, self.u_g)
+            s = torch.einsum("kngs,ngr->gsr", rg * rg, ra * ra)
+        else:
+            m = mat_grads(bj, self.name, self.layout)
+            r = self.u_g.transpose(-1, -2) @ m @ self.u_a
+            s = (r * r).sum(dim=(0, 1))
+        self.s = s if self.s is None else self.s + s
+
+    def result(self, n: int) -> Tensor:
+        return self.s / n

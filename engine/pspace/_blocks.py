@@ -1,0 +1,390 @@
+"""Per-layer blocks of the layered representations (KFAC, EKFAC, QuasiDiag, Mixed).
+
+Each block acts on its layer's slice ``x`` of a flat vector, with the operations of
+:class:`~engine.pspace.base.PMatAbstract` restricted to one layer. Factorisations run in float64
+(a float32 solve on large Kronecker factors loses digits) and results come back in the block's
+dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError, UnsupportedOperationError
+from ..layers.layout import MatLayout
+from .base import spd_solve
+
+
+class Block(ABC):
+    """One layer's block; ``tensors()`` lists what is stored (for arithmetic and files)."""
+
+    kind: str = "block"
+
+    @abstractmethod
+    def tensors(self) -> dict[str, Tensor]: ...
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(cls, t: dict[str, Tensor], layout: MatLayout | None) -> Block: ...
+
+    @abstractmethod
+    def mm(self, x: Tensor) -> Tensor:
+        """``B x`` for ``x`` of shape ``(..., d_l)``."""
+
+    @abstractmethod
+    def trace(self) -> Tensor: ...
+
+    @abstractmethod
+    def frob_sq(self) -> Tensor:
+        """``‖B‖_F²`` in float64."""
+
+    @abstractmethod
+    def diag(self) -> Tensor: ...
+
+    @abstractmethod
+    def solve(self, x: Tensor, regul: float) -> Tensor:
+        """``(B + regul·I)⁻¹ x`` (KFAC: its damped-factor approximation, see the class)."""
+
+    def inv(self, regul: float) -> Block:
+        return self.pow(-1.0, regul)
+
+    def pow(self, exponent: float, regul: float) -> Block:
+        raise UnsupportedOperationError(f"a {self.kind} block has no power")
+
+    def dense(self) -> Tensor:
+        d = self.diag().numel()
+        eye = torch.eye(d, dtype=self.diag().dtype, device=self.diag().device)
+        return self.mm(eye)
+
+    @property
+    def layout(self) -> MatLayout | None:
+        return None
+
+    def scaled(self, s: float) -> Block:
+        raise UnsupportedOperationError(f"a {self.kind} block cannot be scaled")
+
+    def combine(self, other: Block, sign: float) -> Block:
+        """``self + sign · other`` for blocks of the same kind."""
+        if type(other) is not type(self):
+            raise UnsupportedOperationError(
+                f"cannot add a {other.kind} block to a {self.kind} block: convert with "
+                "to_torch() and use PMatDense")
+        t1, t2 = self.tensors(), other.tensors()
+        return type(self).from_tensors({k: t1[k] + sign * t2[k] for k in t1}, self.layout)
+
+
+class DenseBlock(Block):
+    """An exact ``(d_l, d_l)`` block."""
+
+    kind = "dense"
+
+    def __init__(self, m: Tensor) -> None:
+        self.m = m
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"m": self.m}
+
+    @classmethod
+    def from_tensors(cls, t, layout=None) -> DenseBlock:
+        return cls(t["m"])
+
+    def mm(self, x: Tensor) -> Tensor:
+        return x @ self.m
+
+    def trace(self) -> Tensor:
+        return torch.diagonal(self.m).sum()
+
+    def frob_sq(self) -> Tensor:
+        return (self.m.double() ** 2).sum()
+
+    def diag(self) -> Tensor:
+        return torch.diagonal(self.m).clone()
+
+    def dense(self) -> Tensor:
+        return self.m
+
+    def solve(self, x: Tensor, regul: float) -> Tensor:
+        return spd_solve(self.m, x.t() if x.dim() > 1 else x, regul).t() if x.dim() > 1 \
+            else spd_solve(self.m, x, regul)
+
+    def pow(self, exponent: float, regul: float) -> DenseBlock:
+        evals, evecs = torch.linalg.eigh(self.m.double())
+        evals = (evals.clamp_min(0) + regul) ** exponent
+        return DenseBlock(((evecs * evals) @ evecs.t()).to(self.m.dtype))
+
+    def scaled(self, s: float) -> DenseBlock:
+        return DenseBlock(self.m * s)
+
+
+class DiagBlock(Block):
+    """A diagonal block ``(d_l,)``."""
+
+    kind = "diag"
+
+    def __init__(self, d: Tensor) -> None:
+        self.d = d
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"d": self.d}
+
+    @classmethod
+    def from_tensors(cls, t, layout=None) -> DiagBlock:
+        return cls(t["d"])
+
+    def mm(self, x: Tensor) -> Tensor:
+        return x * self.d
+
+    def trace(self) -> Tensor:
+        return self.d.sum()
+
+    def frob_sq(self) -> Tensor:
+        return (self.d.double() ** 2).sum()
+
+    def diag(self) -> Tensor:
+        return self.d.clone()
+
+    def dense(self) -> Tensor:
+        return torch.diag(self.d)
+
+    def solve(self, x: Tensor, regul: float) -> Tensor:
+        return x / (self.d + regul)
+
+    def pow(self, exponent: float, regul: float) -> DiagBlock:
+        return DiagBlock((self.d + regul) ** exponent)
+
+    def scaled(self, s: float) -> DiagBlock:
+        return DiagBlock(self.d * s)
+
+
+def pi_correction(a: Tensor, g: Tensor) -> Tensor:
+    """Martens & Grosse (2015, §6.3): ``π = sqrt((tr A / dim A) / (tr G / dim G))``, per group."""
+    ta = torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+    tg = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)
+    ok = (ta > 0) & (tg > 0)
+    return torch.where(ok, (ta / torch.where(ok, tg, 1)).sqrt(), torch.ones_like(ta))
+
+
+def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
+    """``(m + shift·I)^exponent`` for a batch of symmetric PSD matrices, in float64."""
+    evals, evecs = torch.linalg.eigh(m.double())
+    evals = (evals.clamp_min(0) + shift.double()[..., None]) ** exponent
+    return (evecs * evals[..., None, :]) @ evecs.transpose(-1, -2)
+
+
+class KronBlock(Block):
+    """``G ⊗ A`` per group (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions).
+
+    With the layer's gradient seen as the matrix ``X = [∇W | ∇b]`` of shape ``(groups, Q, P+1)``
+    (:class:`~engine.layers.layout.MatLayout`), the block acts as ``X ↦ G X A`` with
+    ``A: (groups, P+1, P+1)`` and ``G: (groups, Q, Q)``.
+
+    ``solve(x, λ)`` and ``pow(e, λ)`` damp the factors, not the product:
+    ``(G + π√λ I)^e ⊗ (A + √λ/π I)^e`` with the π-correction of Martens & Grosse (2015, §6.3);
+    with ``λ = 0`` they are exact.
+    """
+
+    kind = "kfac"
+
+    def __init__(self, a: Tensor, g: Tensor, layout: MatLayout) -> None:
+        self.a, self.g, self._layout = a, g, layout
+
+    @property
+    def layout(self) -> MatLayout:
+        return self._layout
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"a": self.a, "g": self.g}
+
+    @classmethod
+    def from_tensors(cls, t, layout) -> KronBlock:
+        return cls(t["a"], t["g"], layout)
+
+    def mm(self, x: Tensor) -> Tensor:
+        m = self._layout.to_mat(x)
+        return self._layout.from_mat(self.g @ m @ self.a)
+
+    def trace(self) -> Tensor:
+        return (torch.diagonal(self.a, dim1=-2, dim2=-1).sum(-1)
+                * torch.diagonal(self.g, dim1=-2, dim2=-1).sum(-1)).sum()
+
+    def frob_sq(self) -> Tensor:
+        return ((self.a.double() ** 2).sum((-2, -1)) * (self.g.double() ** 2).sum((-2, -1))).sum()
+
+    def diag(self) -> Tensor:
+        da = torch.diagonal(self.a, dim1=-2, dim2=-1)
+        dg = torch.diagonal(self.g, dim1=-2, dim2=-1)
+        return self._layout.from_mat(dg[..., :, None] * da[..., None, :])
+
+    def _damped(self, regul: float) -> tuple[Tensor, Tensor]:
+        if regul == 0:
+            z = torch.zeros(self.a.shape[0], dtype=torch.float64, device=self.a.device)
+            return z, z
+        pi = pi_correction(self.a.double(), self.g.double())
+        return math.sqrt(regul) / pi, math.sqrt(regul) * pi
+
+    def pow(self, exponent: float, regul: float) -> KronBlock:
+        sa, sg = self._damped(regul)
+        return KronBlock(_sym_pow(self.a, exponent, sa).to(self.a.dtype),
+                         _sym_pow(self.g, exponent, sg).to(self.g.dtype), self._layout)
+
+    def solve(self, x: Tensor, regul: float) -> Tensor:
+        sa, sg = self._damped(regul)
+        eye_a = torch.eye(self.a.shape[-1], dtype=torch.float64, device=self.a.device)
+        eye_g = torch.eye(self.g.shape[-1], dtype=torch.float64, device=self.g.device)
+        a = self.a.double() + sa[:, None, None] * eye_a
+        g = self.g.double() + sg[:, None, None] * eye_g
+        m = self._layout.to_mat(x).double()
+        try:
+            y = torch.linalg.solve(g, m)
+            y = torch.linalg.solve(a, y.transpose(-1, -2)).transpose(-1, -2)
+        except RuntimeError as err:
+            raise InvalidInputError(
+                "a Kronecker factor is singular: use a positive regul") from err
+        return self._layout.from_mat(y).to(x.dtype)
+
+    def scaled(self, s: float) -> KronBlock:
+        return KronBlock(self.a * s, self.g, self._layout)
+
+    def combine(self, other: Block, sign: float) -> Block:
+        raise UnsupportedOperationError(
+            "the sum of two KFAC matrices is not a Kronecker product: convert with to_torch() "
+            "and use PMatDense, or combine their EKFAC forms")
+
+
+class EKronBlock(Block):
+    """EKFAC (George et al. 2018): ``(U_G ⊗ U_A) diag(s) (U_G ⊗ U_A)ᵀ``.
+
+    ``u_a: (groups, P+1, P+1)`` and ``u_g: (groups, Q, Q)`` are the eigenbases of the KFAC
+    factors; ``s: (groups, Q, P+1)`` the eigenvalues in that basis, initially the products of the
+    factors' eigenvalues (= KFAC) and after ``update_diag`` the second moments
+    ``E[(U_Gᵀ ∇W U_A)²]`` of the per-example gradients. Damping is exact: ``s + λ``.
+    """
+
+    kind = "ekfac"
+
+    def __init__(self, u_a: Tensor, u_g: Tensor, s: Tensor, layout: MatLayout) -> None:
+        self.u_a, self.u_g, self.s, self._layout = u_a, u_g, s, layout
+
+    @classmethod
+    def from_kron(cls, k: KronBlock) -> EKronBlock:
+        ea, ua = torch.linalg.eigh(k.a.double())
+        eg, ug = torch.linalg.eigh(k.g.double())
+        s = eg.clamp_min(0)[..., :, None] * ea.clamp_min(0)[..., None, :]
+        dt = k.a.dtype
+        return cls(ua.to(dt), ug.to(dt), s.to(dt), k.layout)
+
+    @property
+    def layout(self) -> MatLayout:
+        return self._layout
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"u_a": self.u_a, "u_g": self.u_g, "s": self.s}
+
+    @classmethod
+    def from_tensors(cls, t, layout) -> EKronBlock:
+        return cls(t["u_a"], t["u_g"], t["s"], layout)
+
+    def rotate(self, m: Tensor) -> Tensor:
+        """``U_Gᵀ M U_A`` for matrices ``(..., groups, Q, P+1)``."""
+        return self.u_g.transpose(-1, -2) @ m @ self.u_a
+
+    def unrotate(self, m: Tensor) -> Tensor:
+        return self.u_g @ m @ self.u_a.transpose(-1, -2)
+
+    def mm(self, x: Tensor) -> Tensor:
+        return self._layout.from_mat(self.unrotate(self.s * self.rotate(self._layout.to_mat(x))))
+
+    def trace(self) -> Tensor:
+        return self.s.sum()
+
+    def frob_sq(self) -> Tensor:
+        return (self.s.double() ** 2).sum()
+
+    def diag(self) -> Tensor:
+        return self._layout.from_mat((self.u_g**2) @ self.s @ (self.u_a**2).transpose(-1, -2))
+
+    def solve(self, x: Tensor, regul: float) -> Tensor:
+        m = self.rotate(self._layout.to_mat(x))
+        denom = self.s + regul
+        if regul == 0 and (denom <= 0).any():
+            raise InvalidInputError("EKFAC has zero eigenvalues: use a positive regul")
+        return self._layout.from_mat(self.unrotate(m / denom))
+
+    def pow(self, exponent: float, regul: float) -> EKronBlock:
+        return EKronBlock(self.u_a, self.u_g, (self.s.clamp_min(0) + regul) ** exponent,
+                          self._layout)
+
+    def scaled(self, s: float) -> EKronBlock:
+        return EKronBlock(self.u_a, self.u_g, self.s * s, self._layout)
+
+    def combine(self, other: Block, sign: float) -> Block:
+        if not (isinstance(other, EKronBlock) and torch.equal(other.u_a, self.u_a)
+                and torch.equal(other.u_g, self.u_g)):
+            raise UnsupportedOperationError(
+                "EKFAC matrices add only when they share their eigenbasis: convert with "
+                "to_torch() and use PMatDense")
+        return EKronBlock(self.u_a, self.u_g, self.s + sign * other.s, self._layout)
+
+
+class QuasiDiagBlock(Block):
+    """Ollivier (2015), "Riemannian metrics for neural networks I": the diagonal plus, for each
+    output unit q, the interactions between its bias and the weights of its row.
+
+    ``d: (groups, Q, P+1)`` is the diagonal in matrix view; ``c: (groups, Q, P)`` the entries
+    ``F[W_qp, b_q]``. Solves are exact (one arrowhead system per output unit).
+    """
+
+    kind = "quasidiag"
+
+    def __init__(self, d: Tensor, c: Tensor, layout: MatLayout) -> None:
+        self.d, self.c, self._layout = d, c, layout
+
+    @property
+    def layout(self) -> MatLayout:
+        return self._layout
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"d": self.d, "c": self.c}
+
+    @classmethod
+    def from_tensors(cls, t, layout) -> QuasiDiagBlock:
+        return cls(t["d"], t["c"], layout)
+
+    def mm(self, x: Tensor) -> Tensor:
+        m = self._layout.to_mat(x)
+        w, b = m[..., :-1], m[..., -1:]
+        yw = self.d[..., :-1] * w + self.c * b
+        yb = self.d[..., -1:] * b + (self.c * w).sum(-1, keepdim=True)
+        return self._layout.from_mat(torch.cat([yw, yb], dim=-1))
+
+    def trace(self) -> Tensor:
+        return self.d.sum()
+
+    def frob_sq(self) -> Tensor:
+        return (self.d.double() ** 2).sum() + 2 * (self.c.double() ** 2).sum()
+
+    def diag(self) -> Tensor:
+        return self._layout.from_mat(self.d)
+
+    def solve(self, x: Tensor, regul: float) -> Tensor:
+        m = self._layout.to_mat(x)
+        vw, vb = m[..., :-1], m[..., -1:]
+        dw, db = self.d[..., :-1] + regul, self.d[..., -1:] + regul
+        if (dw <= 0).any() or (db <= 0).any():
+            raise InvalidInputError("the quasi-diagonal matrix is singular: use a positive regul")
+        schur = db - (self.c**2 / dw).sum(-1, keepdim=True)
+        xb = (vb - (self.c * vw / dw).sum(-1, keepdim=True)) / schur
+        xw = (vw - self.c * xb) / dw
+        return self._layout.from_mat(torch.cat([xw, xb], dim=-1))
+
+    def scaled(self, s: float) -> QuasiDiagBlock:
+        return QuasiDiagBlock(self.d * s, self.c * s, self._layout)
+
+
+BLOCKS: dict[str, type[Block]] = {
+    cls.kind: cls for cls in (DenseBlock, DiagBlock, KronBlock, EKronBlock, QuasiDiagBlock)
+}
