@@ -7,11 +7,13 @@ from .base import PMatAbstract
 from .blockdiag import PMatBlockDiag
 from .dense import PMatDense
 from .diag import PMatDiag
+from .implicit import PMatImplicit
 from .layered import PMatEKFAC, PMatKFAC, PMatLayered, PMatMixed, PMatQuasiDiag
+from .lowrank import PMatLowRank
 
 REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
     cls.name: cls for cls in (PMatDense, PMatDiag, PMatBlockDiag, PMatQuasiDiag, PMatKFAC,
-                              PMatEKFAC, PMatMixed)
+                              PMatEKFAC, PMatMixed, PMatLowRank, PMatImplicit)
 }
 
 
@@ -27,6 +29,18 @@ def resolve_representation(rep: str | type[PMatAbstract]) -> type[PMatAbstract]:
         f"unknown representation {rep!r}; use one of {sorted(REPRESENTATIONS)} or a PMat class")
 
 
-__all__ = ["REPRESENTATIONS", "PMatAbstract", "PMatBlockDiag", "PMatDense", "PMatDiag",
-           "PMatEKFAC", "PMatKFAC", "PMatLayered", "PMatMixed", "PMatQuasiDiag",
-           "resolve_representation"]
+__all__ = [
+    "REPRESENTATIONS",
+    "PMatAbstract",
+    "PMatBlockDiag",
+    "PMatDense",
+    "PMatDiag",
+    "PMatEKFAC",
+    "PMatImplicit",
+    "PMatKFAC",
+    "PMatLayered",
+    "PMatLowRank",
+    "PMatMixed",
+    "PMatQuasiDiag",
+    "resolve_representation",
+]

@@ -1,0 +1,256 @@
+"""``PMatImplicit``: the Fisher as an operator, never stored.
+
+Every operation is a pass over the loader:
+
+* ``vTMv(v) = (1/n) Σ_i ‖L_iᵀ J_i v‖²`` with one Jacobian-vector product per batch
+  (forward mode, ``torch.func.jvp``): the cost does not grow with the number of outputs;
+* ``mv(v) = (1/n) Σ_i J_iᵀ H_i (J_i v)``: a JVP then a VJP;
+* ``trace()`` and ``get_diag()`` exactly, from per-example gradients (never ``d × d``);
+* ``solve(v, λ)`` by (preconditioned) conjugate gradients on ``F + λI`` (Hestenes & Stiefel
+  1952); any representation with ``solve`` (e.g. KFAC, diagonal) preconditions;
+* ``norm()`` through the ``(K·n) × (K·n)`` Gram, ``‖F‖_F = ‖J Jᵀ‖_F / n``, when it fits.
+
+Monte Carlo pseudo-outputs are replayed identically on every pass (the sampler's state is
+restored), so repeated operations see the same matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import InvalidInputError, UnsupportedOperationError
+from ..generator.hooks import ForwardCapture
+from ..vector import PVector
+from .base import PMatAbstract
+
+#: Largest dense object (elements) that ``norm``/``to_torch`` will build.
+MAX_DENSE_ELEMENTS = 1 << 28
+
+
+def _jv_by_double_backward(f, primals: dict[str, Tensor],
+                           tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``J v`` as the VJP of a VJP, for layers without forward-mode AD (e.g. fused attention,
+    run here with the differentiable-twice math kernel)."""
+    params = {k: p.detach().requires_grad_(True) for k, p in primals.items()}
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+        out = f(params)
+        u = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, list(params.values()), u, create_graph=True,
+                                    allow_unused=True)
+        pairs = [(g, tangent[k]) for g, k in zip(grads, params) if g is not None]
+        jv = torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs])[0]
+    return out.detach(), jv
+
+
+class PMatImplicit(PMatAbstract):
+    """Matrix-free Fisher; ``data`` holds only a scale factor (for scalar multiplication)."""
+
+    name = "implicit"
+
+    def _compute(self, generator, examples: Iterable) -> dict[str, Tensor]:
+        self.examples = examples
+        sampler = getattr(generator.pseudo_outputs, "generator", None)
+        self._sampler_state = sampler.get_state() if sampler is not None else None
+        for raw in examples:
+            batch = generator._prepare(raw)
+            with torch.no_grad():
+                out = generator._forward(batch, ForwardCapture({}))
+            self.n_pseudo = generator.pseudo_outputs(out, batch).shape[0]
+            break
+        else:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+        dataset = getattr(examples, "dataset", None)
+        self.n_examples = len(dataset) if hasattr(dataset, "__len__") else None
+        return {"scale": torch.ones((), dtype=generator.dtype)}
+
+    def _new(self, data: Any) -> PMatImplicit:
+        out = PMatImplicit.__new__(PMatImplicit)
+        out.__dict__.update(self.__dict__)
+        out.data = data
+        return out
+
+    @property
+    def _scale(self) -> float:
+        return float(self.data["scale"])
+
+    def _replay(self) -> None:
+        sampler = getattr(self.generator.pseudo_outputs, "generator", None)
+        if self._sampler_state is not None and sampler is not None:
+            sampler.set_state(self._sampler_state)
+
+    def _batches(self):
+        """Yield the prepared batches, replaying Monte Carlo draws from the start."""
+        self._replay()
+        gen = self.generator
+        for raw in self.examples:
+            yield gen._prepare(raw)
+
+    def _jv(self, batch: tuple, tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Outputs ``(n, c)`` and ``J v`` ``(n, c)`` by forward-mode AD."""
+        gen = self.generator
+        names = list(tangent)
+        named = dict(gen.model.named_parameters(remove_duplicate=False))
+        primals = {k: named[k].detach() for k in names}
+
+        def f(p):
+            return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()}, batch)
+
+        try:
+            out, jv = jvp(f, (primals,), (tangent,))
+        except (NotImplementedError, RuntimeError):
+            out, jv = _jv_by_double_backward(f, primals, tangent)
+        if out.dim() == 1:
+            out, jv = out.unsqueeze(1), jv.unsqueeze(1)
+        return out, jv
+
+    def _tangent(self, v: PVector) -> dict[str, Tensor]:
+        """The direction per parameter; an Embedding's ``padding_idx`` row gets no tangent, as
+        autograd gives it no gradient."""
+        self._check_vector(v)
+        modules = self.layer_collection.modules(self.generator.model)
+        x = v.get_flat_representation()
+        out, start = {}, 0
+        for e in self.layer_collection:
+            module = modules[e.name]
+            for attr, name in zip([a for a, _ in e.params], e.param_names()):
+                p = getattr(module, attr)
+                t = x[start:start + p.numel()].reshape(p.shape).to(p.dtype)
+                pad = getattr(module, "padding_idx", None)
+                if isinstance(module, torch.nn.Embedding) and pad is not None:
+                    t = t.clone()
+                    t[pad] = 0
+                out[name] = t
+                start += p.numel()
+        return out
+
+    def vTMv(self, v: PVector) -> Tensor:
+        tangent = self._tangent(v)
+        total, n = 0.0, 0
+        for batch in self._batches():
+            out, jv = self._jv(batch, tangent)
+            w = self.generator.pseudo_outputs(out.detach(), batch)
+            proj = torch.einsum("knc,nc->kn", w, jv)
+            total = total + (proj * proj).sum()
+            n += out.shape[0]
+        return total / n * self._scale
+
+    def mv(self, v: PVector) -> PVector:
+        tangent = self._tangent(v)
+        gen = self.generator
+        params = self.layer_collection.parameters(gen.model)
+        total, n = None, 0
+        for batch in self._batches():
+            _, jv = self._jv(batch, tangent)
+            out = gen._forward(batch, ForwardCapture({}))
+            w = gen.pseudo_outputs(out.detach(), batch)
+            u = torch.einsum("knc,kn->nc", w, torch.einsum("knc,nc->kn", w, jv))
+            grads = torch.autograd.grad(out, params, grad_outputs=u, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                              for g, p in zip(grads, params)])
+            total = flat if total is None else total + flat
+            n += out.shape[0]
+        return PVector(self.layer_collection, total / n * self._scale)
+
+    def get_diag(self) -> Tensor:
+        self._replay()
+        return self.generator.get_covariance_diag(self.examples) * self._scale
+
+    def trace(self) -> Tensor:
+        return self.get_diag().sum()
+
+    def frobenius_norm(self) -> Tensor:
+        gen = self.generator
+        approx = ((self.n_examples or 0) * self.n_pseudo) ** 2
+        if approx > MAX_DENSE_ELEMENTS:
+            raise UnsupportedOperationError(
+                f"the Frobenius norm of an implicit Fisher needs the (K·n)² Gram of about "
+                f"{approx:.3g} entries ({approx * 4 / 2**30:.3g} GiB in float32): use fewer "
+                "examples, a structured representation, or estimators.hutchinson_trace on F²")
+        self._replay()
+        gram = gen.get_gram_matrix(self.examples)
+        kn = gram.shape[0] * gram.shape[1]
+        return (torch.linalg.vector_norm(gram.reshape(kn, kn).double()) / gen.n_examples
+                * abs(self._scale)).to(gen.dtype)
+
+    def to_torch(self) -> Tensor:
+        d = self.layer_collection.numel()
+        if d * d > MAX_DENSE_ELEMENTS:
+            raise UnsupportedOperationError(
+                f"the dense matrix has d² = {d * d:.3g} entries ({d * d * 4 / 2**30:.3g} GiB in "
+                "float32): use mv/vTMv/solve, or a structured representation")
+        self._replay()
+        return self.generator.get_covariance_matrix(self.examples) * self._scale
+
+    def solve(self, v: PVector, regul: float = 1e-8, preconditioner: PMatAbstract | None = None,
+              tol: float = 1e-6, max_iter: int = 100) -> PVector:
+        """``(F + λI)⁻¹ v`` by conjugate gradients; ``preconditioner.solve(r, λ)`` if given.
+
+        Stops when ``‖r‖ ≤ tol·‖v‖`` or after ``max_iter`` iterations (one pass each);
+        :attr:`last_solve_info` records iterations and the final relative residual.
+        """
+        self._check_vector(v)
+        regul = self._check_regul(regul)
+        b = v.get_flat_representation()
+
+        def op(x: Tensor) -> Tensor:
+            return self.mv(PVector(self.layer_collection, x)).get_flat_representation() + regul * x
+
+        def prec(r: Tensor) -> Tensor:
+            if preconditioner is None:
+                return r
+            return preconditioner.solve(PVector(self.layer_collection, r),
+                                        regul).get_flat_representation()
+
+        x = torch.zeros_like(b)
+        r = b.clone()
+        z = prec(r)
+        p = z.clone()
+        rz = torch.dot(r, z)
+        bnorm = torch.linalg.vector_norm(b).item() or 1.0
+        it, rel = 0, torch.linalg.vector_norm(r).item() / bnorm
+        while it < max_iter and rel > tol:
+            ap = op(p)
+            pap = torch.dot(p, ap)
+            if pap <= 0:
+                raise InvalidInputError(
+                    "conjugate gradients met a direction of zero curvature: use a positive regul")
+            alpha = rz / pap
+            x = x + alpha * p
+            r = r - alpha * ap
+            it += 1
+            rel = torch.linalg.vector_norm(r).item() / bnorm
+            if rel <= tol:
+                break
+            z = prec(r)
+            rz_new = torch.dot(r, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        self.last_solve_info = {"iterations": it, "relative_residual": rel}
+        return PVector(self.layer_collection, x)
+
+    def inv(self, regul: float = 1e-8) -> PMatAbstract:
+        raise UnsupportedOperationError(
+            "an implicit matrix has no stored inverse: use solve(v, regul), optionally with a "
+            "KFAC preconditioner")
+
+    def __add__(self, other: PMatAbstract) -> PMatAbstract:
+        raise UnsupportedOperationError(
+            "implicit matrices cannot be added: compute both in a stored representation")
+
+    __sub__ = __add__
+
+    def __mul__(self, x: float) -> PMatImplicit:
+        if isinstance(x, Tensor) and x.dim() == 0:
+            x = x.item()
+        if not isinstance(x, (int, float)) or math.isnan(x):
+            return NotImplemented
+        return self._new({"scale": self.data["scale"] * x})
+
+    __rmul__ = __mul__

@@ -1,0 +1,105 @@
+"""``PMatLowRank``: ``F = Jᵀ J`` stored through ``J``, the stacked pseudo-output Jacobian.
+
+``J`` has shape ``(K·n, d)`` (K pseudo-outputs per example, rows scaled by ``1/√n``), so memory is
+``K·n·d`` and nothing ``d × d`` is formed: ``mv`` is ``Jᵀ(J v)``, ``trace`` is ``‖J‖_F²``,
+``norm`` is ``‖J Jᵀ‖_F``, ``solve`` uses the Woodbury identity
+``(JᵀJ + λI)⁻¹ = (I − Jᵀ(λI + JJᵀ)⁻¹J)/λ`` and eigenpairs come from the ``(K·n) × (K·n)`` Gram.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError, UnsupportedOperationError
+from ..vector import PVector
+from .base import PMatAbstract, spd_solve
+
+
+class PMatLowRank(PMatAbstract):
+    """Low-rank representation; ``data`` is ``J`` of shape ``(K·n, d)``."""
+
+    name = "lowrank"
+
+    def _compute(self, generator, examples) -> Tensor:
+        j = generator.get_jacobian(examples)
+        return j.reshape(-1, j.shape[-1]) / math.sqrt(generator.n_examples)
+
+    def mv(self, v: PVector) -> PVector:
+        self._check_vector(v)
+        jv = self.data @ v.get_flat_representation()
+        return PVector(self.layer_collection, self.data.t() @ jv)
+
+    def vTMv(self, v: PVector) -> Tensor:
+        self._check_vector(v)
+        jv = self.data @ v.get_flat_representation()
+        return (jv * jv).sum()
+
+    def trace(self) -> Tensor:
+        return (self.data * self.data).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        j = self.data.double()
+        return torch.linalg.vector_norm(j @ j.t()).to(self.data.dtype)
+
+    def get_diag(self) -> Tensor:
+        return (self.data * self.data).sum(dim=0)
+
+    def to_torch(self) -> Tensor:
+        return self.data.t() @ self.data
+
+    def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
+        self._check_vector(v)
+        regul = self._check_regul(regul)
+        if regul == 0:
+            raise InvalidInputError(
+                "a low-rank matrix is singular: solve needs a positive regul")
+        x = v.get_flat_representation()
+        j = self.data
+        inner = spd_solve(j @ j.t(), j @ x, regul)
+        return PVector(self.layer_collection, (x - j.t() @ inner) / regul)
+
+    def inv(self, regul: float = 1e-8) -> PMatAbstract:
+        raise UnsupportedOperationError(
+            "the inverse of a low-rank matrix is not low-rank: use solve(v, regul)")
+
+    def eigenpairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending) and eigenvectors ``(d, k)`` via the Gram ``J Jᵀ``."""
+        evals, u = torch.linalg.eigh(self.data @ self.data.t())
+        evals, u = evals.flip(0), u.flip(1)
+        if k is not None:
+            evals, u = evals[:k], u[:, :k]
+        keep = evals > evals.max().clamp_min(0) * 1e-12
+        vecs = self.data.t() @ u[:, keep] / evals[keep].sqrt()
+        evals = torch.cat([evals[keep], evals.new_zeros(int((~keep).sum()))])
+        vecs = torch.cat([vecs, vecs.new_zeros(vecs.shape[0], int((~keep).sum()))], dim=1)
+        return evals, vecs
+
+    def centered(self, mean: Tensor) -> PMatLowRank:
+        """Centred empirical Fisher: rows ``(g_i − ḡ)/√n`` (one row per example)."""
+        rows = self.data.shape[0]
+        return PMatLowRank(self.layer_collection, data=self.data - mean / math.sqrt(rows))
+
+    def __add__(self, other: PMatAbstract) -> PMatLowRank:
+        self._same(other, "+")
+        return PMatLowRank(self.layer_collection, data=torch.cat([self.data, other.data]))
+
+    def __sub__(self, other: PMatAbstract) -> PMatAbstract:
+        raise UnsupportedOperationError(
+            "the difference of two low-rank PSD matrices is not of the form JᵀJ: convert with "
+            "to_torch() and use PMatDense")
+
+    def __mul__(self, x: float) -> PMatLowRank:
+        if isinstance(x, Tensor) and x.dim() == 0:
+            x = x.item()
+        if not isinstance(x, (int, float)):
+            return NotImplemented
+        if x < 0:
+            raise UnsupportedOperationError(
+                "a low-rank matrix JᵀJ times a negative number has no real factor J: use "
+                "PMatDense")
+        return PMatLowRank(self.layer_collection, data=self.data * math.sqrt(x))
+
+    __rmul__ = __mul__
