@@ -15,8 +15,23 @@ from .errors import (
 from .fspace import FMatDense
 from .generator import Jacobian
 from .layercollection import LayerCollection
+from .memory import estimate_memory
 from .metrics import FIM, NTK, EmpiricalFIM, FIM_empirical, FIM_MonteCarlo, GramMatrix
-from .pspace import PMatAbstract, PMatBlockDiag, PMatDense, PMatDiag, resolve_representation
+from .pspace import (
+    REPRESENTATIONS,
+    PMatAbstract,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatImplicit,
+    PMatKFAC,
+    PMatLowRank,
+    PMatMixed,
+    PMatQuasiDiag,
+    resolve_representation,
+)
+from .serialization import load, save
 from .vector import FVector, PVector
 
 __version__ = "0.1.0"
@@ -24,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FIM",
     "NTK",
+    "REPRESENTATIONS",
     "EmpiricalFIM",
     "FIM_MonteCarlo",
     "FIM_empirical",
@@ -39,10 +55,19 @@ __all__ = [
     "PMatBlockDiag",
     "PMatDense",
     "PMatDiag",
+    "PMatEKFAC",
+    "PMatImplicit",
+    "PMatKFAC",
+    "PMatLowRank",
+    "PMatMixed",
+    "PMatQuasiDiag",
     "PVector",
     "SerializationError",
     "TrainModeBatchNormError",
     "UnsupportedOperationError",
     "__version__",
+    "estimate_memory",
+    "load",
     "resolve_representation",
+    "save",
 ]

@@ -21,6 +21,7 @@ from .fspace import FMatDense
 from .generator import EmpiricalFisher, ExactFisher, Identity, Jacobian, MonteCarloFisher
 from .generator.jacobian import Progress
 from .layercollection import LayerCollection
+from .memory import check_budget
 from .pspace import PMatAbstract, resolve_representation
 
 
@@ -29,9 +30,15 @@ def _build(model: nn.Module, loader: Iterable, representation, pseudo, *, functi
     cls = resolve_representation(representation)
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    budget = options.pop("memory_budget", None)
     lc = layer_collection or LayerCollection.from_model(model)
     gen = Jacobian(model, lc, function=function, n_output=n_output, pseudo_outputs=pseudo,
                    device=device, verbose=verbose, progress=progress)
+    if budget is not None:
+        c, k = gen.probe(loader)
+        dataset = getattr(loader, "dataset", None)
+        n = len(dataset) if hasattr(dataset, "__len__") else None
+        check_budget(model, cls.name, int(budget), c, n, k, lc)
     return cls(lc, generator=gen, examples=loader, **options)
 
 
@@ -56,7 +63,9 @@ def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "clas
         sigma: regression noise standard deviation.
         progress: ``progress(done, total, stage)`` callback.
         **options: representation options, e.g. ``kfac_approx="reduce"`` (KFAC, EKFAC, Mixed),
-            ``policy={...}`` (Mixed).
+            ``policy={...}`` (Mixed), and ``memory_budget=bytes``: raise
+            :class:`~engine.errors.MemoryBudgetError` (naming the need and a cheaper
+            representation) before computing anything if the result would not fit.
 
     Returns:
         The representation, ``(1/n) Σ_i J_iᵀ H_i J_i`` with ``H_i`` the output Fisher.

@@ -424,3 +424,19 @@ class Jacobian:
             self._run_batch(self._prepare(raw))
             return
         raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+
+    def probe(self, loader: Iterable) -> tuple[int, int]:
+        """``(c, K)``: outputs and pseudo-outputs per example, from the first batch."""
+        for raw in loader:
+            batch = self._prepare(raw)
+            with torch.no_grad():
+                out = self._forward(batch, ForwardCapture({}))
+            state = None
+            sampler = getattr(self.pseudo_outputs, "generator", None)
+            if sampler is not None:
+                state = sampler.get_state()
+            k = self.pseudo_outputs(out, batch).shape[0]
+            if state is not None:
+                sampler.set_state(state)
+            return out.shape[1], k
+        raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")

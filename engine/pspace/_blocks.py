@@ -275,7 +275,7 @@ class EKronBlock(Block):
         eg, ug = torch.linalg.eigh(k.g.double())
         s = eg.clamp_min(0)[..., :, None] * ea.clamp_min(0)[..., None, :]
         dt = k.a.dtype
-        return cls(ua.to(dt), ug.to(dt), s.to(dt), k.layout)
+        return cls(ua.to(dt).contiguous(), ug.to(dt).contiguous(), s.to(dt), k.layout)
 
     @property
     def layout(self) -> MatLayout:
