@@ -12,6 +12,7 @@ from .errors import (
     TrainModeBatchNormError,
     UnsupportedOperationError,
 )
+from . import estimators
 from .fspace import FMatDense
 from .generator import Jacobian
 from .layercollection import LayerCollection
@@ -67,6 +68,7 @@ __all__ = [
     "UnsupportedOperationError",
     "__version__",
     "estimate_memory",
+    "estimators",
     "load",
     "resolve_representation",
     "save",

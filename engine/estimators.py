@@ -26,7 +26,7 @@ function                estimates                           error bar
 
 Example::
 
-    F = FIM(model, loader, "kfac")
+    F = FIM(model, loader, "blockdiag")
     est = hutchpp_trace(F, n_matvecs=99, seed=0)
     est.estimate, est.stderr                      # tr(F) and its standard error
     slq_density(F, n_probes=10).plot("spectrum.png")

@@ -299,7 +299,7 @@ class Jacobian:
         for nm in names:
             kernel = self._kernels[nm]
             x, gy = captured[nm]
-            hooked = torch.einsum("k,knd->d", r, kernel.per_example_grads(x, gy))
+            hooked = kernel.grad_sum(x, torch.einsum("k,k...->...", r, gy).unsqueeze(0))
             ref = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                              for g, (_, p) in zip(true[i:i + len(kernel.parameters())],
                                                   kernel.parameters())])

@@ -69,11 +69,18 @@ class OuterKernel(LayerKernel):
             return torch.cat([gw, self.bias_grad(gy, g)], dim=2)
         return gw
 
+    def grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
+        a, g = self.outer(x, gy)
+        w = self.weight_from_outer(torch.einsum("ngtq,ngtp->gqp", g.sum(0), a))
+        if self.has_bias:
+            return torch.cat([w, self.bias_grad(gy, g).sum(dim=(0, 1))])
+        return w
+
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         a, g = self.outer(x, gy)
         if a.shape[2] != 1:
             return super().sq_grad_sum(x, gy)
-        w = torch.einsum("kngq,ngp->gqp", (g * g).squeeze(3), (a * a).squeeze(2))
+        w = torch.einsum("ngq,ngp->gqp", (g * g).sum(0).squeeze(2), (a * a).squeeze(2))
         w = self.weight_from_outer(w)
         if self.has_bias:
             b = self.bias_grad(gy, g)
