@@ -4,6 +4,7 @@ Convention: ``F = (1/n) Σ_i E_y[∇ log p ∇ log pᵀ]`` over the n examples s
 ``(c, n, c, n)`` is not divided by n. The API follows NNGeometry (George et al., 2021).
 """
 
+from . import estimators
 from .errors import (
     FimntkError,
     InvalidInputError,
@@ -12,7 +13,6 @@ from .errors import (
     TrainModeBatchNormError,
     UnsupportedOperationError,
 )
-from . import estimators
 from .fspace import FMatDense
 from .generator import Jacobian
 from .layercollection import LayerCollection
