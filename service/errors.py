@@ -216,4 +216,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         _log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(problem(500, "internal-error", "Internal error", "unexpected error"))
+        body = problem(500, "internal-error", "Internal error", "unexpected error")
+        return problem_response(body)

@@ -165,7 +165,7 @@ class HutchppTraceOp(_Op):
     """Hutch++ estimate of the trace."""
 
     op: Literal["hutchpp_trace"]
-    n_samples: int = Field(default=100, ge=3, le=100_000)
+    n_matvecs: int = Field(default=99, ge=3, le=100_000)
     seed: int = 0
 
 
@@ -182,6 +182,7 @@ class LanczosEigenpairsOp(_Op):
 
     op: Literal["lanczos_eigenpairs"]
     k: int = Field(ge=1, le=4096)
+    n_iter: int | None = Field(default=None, ge=2, le=100_000)
     seed: int = 0
 
 
@@ -189,7 +190,7 @@ class SlqDensityOp(_Op):
     """Spectral density by stochastic Lanczos quadrature."""
 
     op: Literal["slq_density"]
-    n_samples: int = Field(default=10, ge=1, le=10_000)
+    n_probes: int = Field(default=10, ge=1, le=10_000)
     n_iter: int = Field(default=30, ge=2, le=10_000)
     seed: int = 0
 
@@ -342,11 +343,12 @@ class TensorRef(BaseModel):
 
 
 class OperationResult(BaseModel):
-    """Outputs of one operation: scalars inline, tensors as links."""
+    """Outputs of one operation: scalars inline (non-finite ones as "nan", "inf", "-inf"),
+    tensors as links."""
 
     index: int
     op: str
-    outputs: dict[str, float | TensorRef]
+    outputs: dict[str, float | str | TensorRef]
 
 
 class ResultPublic(BaseModel):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
 import re
 from collections.abc import Iterable
 from functools import cache
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import InvalidInputError
-from service.safetensors_header import FLOAT_DTYPES, Header, read_header
+from service.safetensors_header import FLOAT_DTYPES, Header
 from service.schemas import JobCreate, LayerSpec
 
 #: Built-in ``torch.nn`` layers a sequential architecture may use. A static list rather than
@@ -50,7 +49,9 @@ OPERATIONS: dict[str, frozenset[str]] = {
     for rep in ("dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "mixed")
 }
 OPERATIONS["implicit"] = frozenset({"trace", "mv", "vTMv"}) | _ESTIMATORS
-OPERATIONS["ntk"] = frozenset({"trace", "norm", "to_torch", "mv", "eigenpairs"}) | _ESTIMATORS
+OPERATIONS["ntk"] = (
+    frozenset({"trace", "norm", "to_torch", "mv", "vTMv", "eigenpairs"}) | _ESTIMATORS
+)
 
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -249,12 +250,3 @@ def representation_key(spec: dict[str, Any]) -> str:
     material = {k: spec.get(k) for k in keys}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
-
-def numel(shape: Iterable[int]) -> int:
-    """Product of a shape."""
-    return math.prod(shape)
-
-
-def header_of(path: Path, field: str, max_header_bytes: int) -> Header:
-    """Read a blob's header, reporting problems against ``field``."""
-    return read_header(path, field, max_header_bytes)

@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.errors import BadRequestError
 
@@ -169,6 +169,10 @@ class RecordStore(abc.ABC):
     @abc.abstractmethod
     def get_job(self, job_id: str) -> JobRecord | None:
         """The job with this id."""
+
+    @abc.abstractmethod
+    def delete_job(self, job_id: str) -> None:
+        """Remove a job that never reached the queue."""
 
     @abc.abstractmethod
     def find_by_idempotency_key(self, owner_id: str, key: str) -> JobRecord | None:
@@ -360,6 +364,12 @@ class SqlRecordStore(RecordStore):
         with self._session() as s:
             row = s.get(_JobRow, job_id)
             return None if row is None else _to_record(row)
+
+    def delete_job(self, job_id: str) -> None:
+        with self._session.begin() as s:
+            row = s.get(_JobRow, job_id)
+            if row is not None:
+                s.delete(row)
 
     def find_by_idempotency_key(self, owner_id: str, key: str) -> JobRecord | None:
         with self._session() as s:

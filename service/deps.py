@@ -1,0 +1,79 @@
+"""FastAPI dependencies, named as ``Annotated`` aliases so that routes read as prose."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.auth import hash_key
+from service.config import Settings
+from service.errors import AuthenticationError, PermissionDeniedError
+from service.jobs import JobService
+from service.queue import JobQueue
+from service.storage.artifacts import ArtifactStore
+from service.storage.blobs import BlobStore
+from service.storage.records import RecordStore, User
+
+_bearer = HTTPBearer(auto_error=False, description="API key: 'Authorization: Bearer <key>'.")
+
+
+@dataclass
+class AppState:
+    """Everything the routes use, built once by :func:`service.main.create_app`.
+
+    Attributes:
+        settings: Settings.
+        records: Record store.
+        blobs: Blob store.
+        artifacts: Artifact store.
+        queue: Job queue.
+        jobs: Job logic.
+    """
+
+    settings: Settings
+    records: RecordStore
+    blobs: BlobStore
+    artifacts: ArtifactStore
+    queue: JobQueue
+    jobs: JobService
+
+
+def get_state(request: Request) -> AppState:
+    """The application state."""
+    return request.app.state.fimntk
+
+
+def get_user(
+    state: Annotated[AppState, Depends(get_state)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> User:
+    """The user whose bearer key authenticates the request.
+
+    Raises:
+        AuthenticationError: Missing or unknown key.
+    """
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise AuthenticationError("missing bearer API key", "Authorization")
+    user = state.records.user_by_key_hash(hash_key(credentials.credentials))
+    if user is None:
+        raise AuthenticationError("unknown API key", "Authorization")
+    return user
+
+
+def get_admin(user: Annotated[User, Depends(get_user)]) -> User:
+    """The user, who must be the admin.
+
+    Raises:
+        PermissionDeniedError: Not the admin.
+    """
+    if not user.is_admin:
+        raise PermissionDeniedError("admin key required", "Authorization")
+    return user
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+CurrentUser = Annotated[User, Depends(get_user)]
+AdminUser = Annotated[User, Depends(get_admin)]

@@ -1,0 +1,157 @@
+"""``fimntk serve``: the whole service on one machine with nothing else installed.
+
+Without ``FIMNTK_REDIS_URL`` it starts a local queue (a ``redis-server`` found on ``PATH``,
+else fakeredis's embedded TCP server), one worker process, SQLite in the data directory and the
+API, then prints the URL and the admin key. With ``FIMNTK_REDIS_URL`` it serves only the API of
+the distributed setup, and ``fimntk worker`` runs on each GPU box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from redis import Redis
+from redis.exceptions import RedisError
+
+from service.auth import generate_key
+from service.config import Settings
+from service.main import create_app
+
+_log = logging.getLogger(__name__)
+_START_TIMEOUT_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free at the time of the call."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_redis(url: str) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    client = Redis.from_url(url, socket_connect_timeout=1)
+    while True:
+        try:
+            if client.ping():
+                client.close()
+                return
+        except RedisError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"local queue at {url} did not start") from None
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def local_redis(data_dir: Path, kind: str = "auto") -> Iterator[str]:
+    """Run a local Redis for the queue and yield its URL.
+
+    Args:
+        data_dir: Data directory (a ``redis-server`` keeps its files in ``<data_dir>/redis``).
+        kind: ``redis-server``, ``fakeredis``, or ``auto`` (the first when on ``PATH``).
+    """
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    binary = shutil.which("redis-server")
+    if kind == "redis-server" or (kind == "auto" and binary):
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH")
+        workdir = data_dir / "redis"
+        workdir.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_redis(url)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+        return
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", port))
+    server.daemon_threads = True  # connection threads must not hold up the exit
+    server.block_on_close = False
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="fakeredis")
+    thread.start()
+    try:
+        _wait_for_redis(url)
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``fimntk worker`` as a child process sharing ``settings``."""
+    env = {
+        **os.environ,
+        "FIMNTK_DATA_DIR": str(settings.data_dir.resolve()),
+        "FIMNTK_DATABASE_URL": settings.resolved_database_url,
+        "FIMNTK_REDIS_URL": redis_url,
+        "FIMNTK_QUEUE_NAME": settings.queue_name,
+    }
+    process = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | None = None,
+                 redis_kind: str = "auto") -> None:
+    """Serve the API; without a configured Redis, also a local queue and a worker.
+
+    Args:
+        host: Interface to listen on.
+        port: Port to listen on.
+        data_dir: Data directory (``FIMNTK_DATA_DIR`` or ``./fimntk-data`` when omitted).
+        redis_kind: Local queue to start: ``auto``, ``redis-server`` or ``fakeredis``.
+    """
+    # uvicorn re-raises SIGTERM after its graceful shutdown: turn it into SystemExit so that
+    # the worker and the local queue are stopped on the way out.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    admin_key = settings.admin_key or generate_key()
+    if settings.redis_url:
+        _serve(settings.model_copy(update={"admin_key": admin_key}), host, port, admin_key)
+        return
+    with local_redis(settings.data_dir, redis_kind) as redis_url:
+        embedded = settings.model_copy(update={"redis_url": redis_url, "admin_key": admin_key})
+        with worker_process(embedded, redis_url):
+            _serve(embedded, host, port, admin_key)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _serve(settings: Settings, host: str, port: int, admin_key: str) -> None:
+    app = create_app(settings)
+    url = f"http://{host}:{port}"
+    print(f"fimntk serving on {url}  (docs: {url}/docs)", flush=True)
+    print(f"admin key: {admin_key}", flush=True)
+    print(f"data dir: {settings.data_dir.resolve()}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

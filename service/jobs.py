@@ -1,0 +1,302 @@
+"""Job logic between the routes and the stores: submit, read, list, cancel, results.
+
+The database is the source of truth for a job's status; RQ's view is consulted only to fill
+in progress and to reconcile jobs that RQ lost or failed behind the worker's back (a worker
+killed by the OOM killer, a Redis restart without persistence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from service.config import Settings
+from service.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    QueueUnavailableError,
+    TooManyJobsError,
+)
+from service.queue import JobQueue
+from service.records_view import job_public, result_public
+from service.safetensors_header import Header, read_header
+from service.schemas import JobCreate, JobPublic, ResultPublic
+from service.storage.artifacts import ArtifactStore
+from service.storage.blobs import BlobStore
+from service.storage.records import TERMINAL, JobRecord, RecordStore, User, utcnow
+from service.validation import (
+    check_architecture,
+    check_dataset,
+    check_operations,
+    check_vector,
+    check_weights,
+    dataset_path,
+    representation_key,
+)
+
+_log = logging.getLogger(__name__)
+#: Fields a reusing job takes from the kept job it names.
+_COMPUTE_FIELDS = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
+                   "centering", "dtype", "update_diag")
+#: A queued job that RQ does not know is re-enqueued only past this age (no race with submit).
+_REENQUEUE_AFTER = timedelta(seconds=30)
+
+
+class JobService:
+    """Operations on jobs for one configured deployment.
+
+    Args:
+        settings: Service settings.
+        records: Record store.
+        blobs: Blob store.
+        artifacts: Artifact store.
+        queue: The job queue.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        records: RecordStore,
+        blobs: BlobStore,
+        artifacts: ArtifactStore,
+        queue: JobQueue,
+    ) -> None:
+        self.settings = settings
+        self.records = records
+        self.blobs = blobs
+        self.artifacts = artifacts
+        self.queue = queue
+
+    # -- submission -------------------------------------------------------------------------
+
+    def submit(
+        self, spec: JobCreate, user: User, idempotency_key: str | None
+    ) -> tuple[JobRecord, bool]:
+        """Validate, record and enqueue a job.
+
+        Args:
+            spec: Submitted spec.
+            user: Submitting user.
+            idempotency_key: Value of the ``Idempotency-Key`` header.
+
+        Returns:
+            The job record, and whether it was created now (``False`` for a replay).
+
+        Raises:
+            InvalidInputError: A field at fault.
+            ConflictError: The idempotency key was used for a different request.
+            TooManyJobsError: The user's jobs in flight reached the limit.
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        request_hash = hashlib.sha256(
+            json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()
+        if idempotency_key is not None:
+            previous = self.records.find_by_idempotency_key(user.id, idempotency_key)
+            if previous is not None:
+                if previous.request_hash != request_hash:
+                    raise ConflictError(
+                        "this Idempotency-Key was used for a different request",
+                        "Idempotency-Key",
+                    )
+                return previous, False
+        resolved, reuse_id = self._resolve(spec, user)
+        timeout = spec.timeout_s or self.settings.default_job_timeout_s
+        if timeout > self.settings.max_job_timeout_s:
+            raise InvalidInputError(
+                f"timeout_s may not exceed {self.settings.max_job_timeout_s}", "timeout_s"
+            )
+        resolved["timeout_s"] = timeout
+        if self.records.count_in_flight(user.id) >= self.settings.max_jobs_in_flight:
+            raise TooManyJobsError(
+                f"{self.settings.max_jobs_in_flight} jobs already queued or running"
+            )
+        rep_key = representation_key(resolved)
+        if reuse_id is None:
+            kept = self.records.find_kept(user.id, rep_key)
+            reuse_id = kept.id if kept is not None else None
+        dataset = resolved["dataset"]
+        record = JobRecord(
+            id=f"j_{uuid.uuid4().hex}",
+            owner_id=user.id,
+            status="queued",
+            spec=resolved,
+            metric=resolved["metric"],
+            representation=resolved["representation"],
+            model_digest=resolved["model"]["weights"],
+            dataset=dataset["blob"] or dataset["name"],
+            rep_key=rep_key,
+            reuse_job_id=reuse_id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            progress={"done": 0, "total": None, "stage": "queued"},
+        )
+        stored = self.records.create_job(record)
+        if stored.id != record.id:
+            return stored, False
+        try:
+            self.queue.enqueue(record.id, timeout, self.settings.result_ttl_s)
+        except QueueUnavailableError:
+            self.records.delete_job(record.id)
+            raise
+        return record, True
+
+    def _resolve(self, spec: JobCreate, user: User) -> tuple[dict[str, Any], str | None]:
+        """Check a spec against the stores and return it as stored (JSON), with reuse."""
+        reuse_id = None
+        if spec.reuse is not None:
+            base = self._kept_job(spec.reuse, user)
+            data = spec.model_dump(mode="json")
+            for name in _COMPUTE_FIELDS:
+                if name in spec.model_fields_set and data[name] != base.spec.get(name):
+                    raise InvalidInputError(
+                        f"{name!r} differs from the kept job {base.id}; leave it out", name
+                    )
+                data[name] = base.spec.get(name)
+            spec = JobCreate.model_validate({**data, "reuse": None})
+            reuse_id = base.id
+        check_architecture(spec, self.settings.builder_modules)
+        assert spec.model is not None and spec.dataset is not None
+        weights = self._blob_header(spec.model.weights, user, "model.weights")
+        n_params = check_weights(weights, "model.weights")
+        if spec.dataset.blob is not None:
+            check_dataset(self._blob_header(spec.dataset.blob, user, "dataset.blob"),
+                          "dataset.blob")
+        else:
+            assert spec.dataset.name is not None
+            path = dataset_path(self.settings.datasets_dir, spec.dataset.name)
+            check_dataset(read_header(path, "dataset.name", self.settings.max_header_bytes),
+                          "dataset.name")
+        check_operations(spec)
+        for i, operation in enumerate(spec.operations):
+            vector = getattr(operation, "v", None)
+            if vector is not None:
+                expected = None if spec.metric == "ntk" else n_params
+                check_vector(self._blob_header(vector, user, f"operations[{i}].v"),
+                             f"operations[{i}].v", expected)
+        data = spec.model_dump(mode="json")
+        if data["representation"] == "ekfac" and data["update_diag"] is None:
+            data["update_diag"] = True
+        data.pop("reuse")
+        return data, reuse_id
+
+    def _kept_job(self, job_id: str, user: User) -> JobRecord:
+        """A succeeded job with a kept representation, visible to ``user``."""
+        record = self.records.get_job(job_id)
+        if record is None or not _visible(record, user):
+            raise InvalidInputError(f"no job {job_id!r}", "reuse")
+        if record.status != "succeeded" or not record.kept:
+            raise InvalidInputError(
+                f"job {job_id} did not keep its representation (status {record.status})",
+                "reuse",
+            )
+        return record
+
+    def _blob_header(self, digest: str, user: User, field: str) -> Header:
+        """The validated safetensors header of a blob ``user`` uploaded."""
+        if not self.records.owns_blob(user, digest) or not self.blobs.exists(digest):
+            raise InvalidInputError(f"no blob {digest} uploaded by you", field)
+        return read_header(self.blobs.path(digest), field, self.settings.max_header_bytes)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, job_id: str, user: User) -> JobRecord:
+        """A job visible to ``user``, reconciled with RQ.
+
+        Raises:
+            NotFoundError: Unknown job, or another user's.
+        """
+        record = self.records.get_job(job_id)
+        if record is None or not _visible(record, user):
+            raise NotFoundError(f"no job {job_id!r}", "job_id")
+        return self._reconcile(record)
+
+    def public(self, record: JobRecord) -> JobPublic:
+        """The public view of a job, with live progress from RQ while it runs."""
+        progress = record.progress
+        if record.status == "running":
+            try:
+                _, meta, _ = self.queue.state(record.id)
+                progress = meta.get("progress", progress)
+            except QueueUnavailableError:
+                _log.warning("queue unreachable; showing stored progress of %s", record.id)
+        return job_public(record, progress)
+
+    def _reconcile(self, record: JobRecord) -> JobRecord:
+        """Align a non-terminal record with RQ when RQ lost or failed the job."""
+        if record.status in TERMINAL:
+            return record
+        try:
+            rq_status, _, exc_line = self.queue.state(record.id)
+        except QueueUnavailableError:
+            return record
+        if rq_status is None and record.status == "queued":
+            if utcnow() - record.created_at > _REENQUEUE_AFTER:
+                _log.warning("job %s unknown to the queue: enqueueing it again", record.id)
+                self.queue.enqueue(record.id, int(record.spec["timeout_s"]),
+                                   self.settings.result_ttl_s)
+            return record
+        lost = rq_status is None and record.status == "running"
+        if rq_status in ("failed", "stopped", "canceled") or lost:
+            canceled = record.cancel_requested
+            changes: dict[str, Any] = {"status": "canceled" if canceled else "failed",
+                                       "finished_at": utcnow()}
+            if not canceled:
+                detail = exc_line or "the job was lost by the queue"
+                changes["error"] = {
+                    "type": "/problems/worker-lost", "title": "Worker lost", "status": 500,
+                    "detail": f"the worker stopped without finishing the job: {detail}",
+                }
+            self.records.update_job(record.id, only_if_status=("queued", "running"), **changes)
+            return self.records.get_job(record.id) or record
+        return record
+
+    def cancel(self, job_id: str, user: User) -> JobRecord:
+        """Cancel a job: a queued one is removed, a running one is stopped.
+
+        Returns:
+            The job: ``canceled`` when it was queued; still ``running`` (with the stop sent)
+            when it was running, ending ``canceled`` within seconds.
+
+        Raises:
+            NotFoundError: Unknown job, or another user's.
+            ConflictError: The job already succeeded or failed.
+        """
+        record = self.get(job_id, user)
+        if record.status == "canceled":
+            return record
+        if record.status in TERMINAL:
+            raise ConflictError(f"job {job_id} already {record.status}", "job_id")
+        self.records.update_job(job_id, cancel_requested=True)
+        if record.status == "queued":
+            self.queue.cancel_queued(job_id)
+            done = self.records.update_job(
+                job_id, only_if_status=("queued",), status="canceled", finished_at=utcnow(),
+                progress={"done": 0, "total": None, "stage": "canceled"},
+            )
+            if done:
+                return self.records.get_job(job_id) or record
+        self.queue.stop_running(job_id)
+        return self.records.get_job(job_id) or record
+
+    def result(self, job_id: str, user: User) -> ResultPublic:
+        """The result of a succeeded job.
+
+        Raises:
+            NotFoundError: Unknown job, or another user's.
+            ConflictError: The job has not succeeded.
+        """
+        record = self.get(job_id, user)
+        if record.status != "succeeded" or record.result is None:
+            raise ConflictError(f"job {job_id} is {record.status}, no result", "job_id")
+        return result_public(record)
+
+
+def _visible(record: JobRecord, user: User) -> bool:
+    """Whether ``user`` may see ``record``."""
+    return user.is_admin or record.owner_id == user.id

@@ -1,0 +1,75 @@
+"""The FastAPI application: builds the stores and joins the routers, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.auth import hash_key
+from service.config import Settings
+from service.deps import AppState
+from service.errors import install_error_handlers
+from service.jobs import JobService
+from service.queue import JobQueue
+from service.routes import blobs, health, jobs, results, users
+from service.storage.artifacts import LocalArtifactStore
+from service.storage.blobs import LocalBlobStore
+from service.storage.records import SqlRecordStore
+
+DESCRIPTION = """
+Fisher information matrices and neural tangent kernels as a shared GPU service.
+
+1. Upload weights, data and vectors as safetensors: `PUT /v1/blobs/sha256:<hex>` (raw body).
+2. Submit a job: `POST /v1/jobs` (model = weights + JSON architecture, dataset, metric,
+   representation, operations). The answer is 202 with `Location`.
+3. Poll `GET /v1/jobs/{id}?wait=30`, then read `GET /v1/jobs/{id}/result`.
+
+Every request carries `Authorization: Bearer <API key>`. Errors are RFC 7807
+`application/problem+json` with a `field` member naming the field at fault.
+"""
+
+
+def build_state(settings: Settings) -> AppState:
+    """Open the stores and the queue described by ``settings``.
+
+    Raises:
+        ValueError: No Redis URL configured.
+    """
+    if not settings.redis_url:
+        raise ValueError("FIMNTK_REDIS_URL is required (or run 'fimntk serve' for embedded mode)")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    records = SqlRecordStore(settings.resolved_database_url)
+    if settings.admin_key:
+        records.set_admin_key(hash_key(settings.admin_key))
+    blob_store = LocalBlobStore(settings.blobs_dir)
+    artifact_store = LocalArtifactStore(settings.artifacts_dir)
+    queue = JobQueue(settings.redis_url, settings.queue_name)
+    service = JobService(settings, records, blob_store, artifact_store, queue)
+    return AppState(settings, records, blob_store, artifact_store, queue, service)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application.
+
+    Args:
+        settings: Settings; read from the environment when omitted.
+
+    Returns:
+        The FastAPI app, its state in ``app.state.fimntk``.
+    """
+    state = build_state(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.queue.close()
+        state.records.close()  # type: ignore[attr-defined]
+
+    app = FastAPI(title="fimntk", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.fimntk = state
+    install_error_handlers(app)
+    for module in (blobs, jobs, results, users, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,438 @@
+"""Running one job: load the model and data, compute the representation, run the operations,
+store the results — and turn every failure into a problem document on the job record.
+
+The runner lives as long as the worker process, so it keeps a CUDA context, recently used
+models and kept representations between jobs. It reads everything from the database by job id;
+the queue carries nothing but that id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from redis.exceptions import RedisError
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
+from safetensors.torch import load_file
+from torch import nn
+
+import engine
+from service.config import Settings
+from service.errors import problem
+from service.storage.artifacts import LocalArtifactStore
+from service.storage.blobs import LocalBlobStore
+from service.storage.records import JobRecord, SqlRecordStore, utcnow
+from service.validation import dataset_path
+from worker import artifacts
+from worker.cache import LRUCache
+from worker.data import make_loader
+from worker.errors import JobCanceledError, JobInputError
+from worker.models import DTYPES, load_builders, load_model
+
+_log = logging.getLogger(__name__)
+
+#: Cheaper representations to suggest when one does not fit in memory.
+CHEAPER = {
+    "dense": "kfac", "blockdiag": "kfac", "quasidiag": "diag", "mixed": "kfac",
+    "ekfac": "kfac", "kfac": "diag", "lowrank": "diag", "implicit": "diag", "diag": "diag",
+}
+#: Attributes of the engine's estimates that go into results.
+_ESTIMATE_FIELDS = ("estimate", "stderr", "eigenvalues", "eigenvectors", "residual_norms",
+                    "grid", "density")
+_PROGRESS_EVERY_S = 0.5
+_CANCEL_CHECK_EVERY_S = 1.0
+
+
+class OperationError(Exception):
+    """An operation the representation refused (TypeError, ValueError...) at ``index``."""
+
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(detail)
+        self.index = index
+        self.detail = detail
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Progress:
+    """Progress callback: writes to RQ job meta (throttled, tolerant of Redis blips) and stops
+    the job when a stop was requested."""
+
+    def __init__(self, runner: JobRunner, job_id: str) -> None:
+        self.runner = runner
+        self.job_id = job_id
+        self.rq_job = get_current_job()
+        self.state: dict[str, Any] = {"done": 0, "total": None, "stage": "loading"}
+        self._last_write = 0.0
+        self._last_check = time.monotonic()
+
+    def __call__(self, done: int, total: int | None, stage: str) -> None:
+        self.check()
+        self.state = {"done": int(done), "total": None if total is None else int(total),
+                      "stage": str(stage)}
+        now = time.monotonic()
+        if now - self._last_write >= _PROGRESS_EVERY_S or (total is not None and done >= total):
+            self._write(now)
+
+    def stage(self, name: str) -> None:
+        """Enter a new stage (always written)."""
+        self.check()
+        self.state = {**self.state, "stage": name}
+        self._write(time.monotonic())
+
+    def check(self) -> None:
+        """Raise :class:`JobCanceledError` when the job should stop."""
+        if self.runner.stop_requested.is_set():
+            raise JobCanceledError(self.job_id)
+        now = time.monotonic()
+        if now - self._last_check >= _CANCEL_CHECK_EVERY_S:
+            self._last_check = now
+            record = self.runner.records.get_job(self.job_id)
+            if record is not None and record.cancel_requested:
+                raise JobCanceledError(self.job_id)
+
+    def _write(self, now: float) -> None:
+        self._last_write = now
+        if self.rq_job is None:
+            return
+        try:
+            self.rq_job.meta["progress"] = dict(self.state)
+            self.rq_job.save_meta()
+        except RedisError as exc:  # progress is best effort: never fail a job for it
+            _log.warning("could not write progress of %s: %s", self.job_id, exc)
+
+
+class JobRunner:
+    """Runs jobs in the worker process.
+
+    Args:
+        settings: Settings (database, data directory, limits, builder modules).
+        device: Device to compute on; ``settings.device`` when omitted.
+    """
+
+    def __init__(self, settings: Settings, device: str | None = None) -> None:
+        self.settings = settings
+        self.records = SqlRecordStore(settings.resolved_database_url)
+        self.blobs = LocalBlobStore(settings.blobs_dir)
+        self.artifacts = LocalArtifactStore(settings.artifacts_dir)
+        self.builders = load_builders(settings.builder_modules)
+        self.device = resolve_device(device or settings.device)
+        self.models: LRUCache[nn.Module] = LRUCache(settings.model_cache_size)
+        self.representations: LRUCache[Any] = LRUCache(settings.model_cache_size)
+        self.stop_requested = threading.Event()
+        self.current_job_id: str | None = None
+        self.worker_name: str | None = None
+
+    def request_stop(self, job_id: str | None) -> None:
+        """Stop the current job if it is ``job_id`` (called from the worker's pub/sub thread)."""
+        if job_id is not None and job_id == self.current_job_id:
+            self.stop_requested.set()
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def run(self, job_id: str) -> dict[str, Any]:
+        """Run a job to a terminal status recorded in the database.
+
+        Args:
+            job_id: Job id; the spec is read from the database.
+
+        Returns:
+            A small JSON summary for RQ (the result itself is in the database).
+        """
+        record = self.records.get_job(job_id)
+        if record is None:
+            _log.warning("job %s has no record; skipping", job_id)
+            return {"status": "missing"}
+        if record.cancel_requested:
+            self._finish(job_id, "canceled")
+            return {"status": "canceled"}
+        started = self.records.update_job(
+            job_id, only_if_status=("queued",), status="running", started_at=utcnow(),
+            worker=self.worker_name, progress={"done": 0, "total": None, "stage": "loading"},
+        )
+        if not started:
+            return {"status": record.status}
+        self.current_job_id = job_id
+        self.stop_requested.clear()
+        progress = _Progress(self, job_id)
+        timings: dict[str, float] = {}
+        try:
+            result = self._execute(record, progress, timings)
+        except JobCanceledError:
+            self._finish(job_id, "canceled", progress, timings)
+            return {"status": "canceled"}
+        except JobTimeoutException:
+            limit = record.spec.get("timeout_s")
+            self._fail(job_id, problem(408, "job-timeout", "Job timed out",
+                                       f"the job ran past its limit of {limit} s", "timeout_s"),
+                       progress, timings)
+            return {"status": "failed"}
+        except BaseException as exc:
+            self._fail(job_id, self._problem_for(exc, record), progress, timings)
+            if not isinstance(exc, Exception):
+                raise
+            return {"status": "failed"}
+        finally:
+            self.current_job_id = None
+            self.stop_requested.clear()
+        done = self.records.update_job(
+            job_id, only_if_status=("running",), status="succeeded", finished_at=utcnow(),
+            result=result, kept=bool(record.spec.get("keep")), timings=timings,
+            progress={**progress.state, "stage": "done"},
+        )
+        if not done:
+            self.artifacts.delete_job(job_id)
+        return {"status": "succeeded" if done else "abandoned"}
+
+    def _finish(self, job_id: str, status: str, progress: _Progress | None = None,
+                timings: dict[str, float] | None = None, error: dict[str, Any] | None = None
+                ) -> None:
+        state = progress.state if progress else {"done": 0, "total": None}
+        self.records.update_job(
+            job_id, only_if_status=("queued", "running"), status=status, finished_at=utcnow(),
+            timings=timings or {}, error=error, progress={**state, "stage": status},
+        )
+        self.artifacts.delete_job(job_id)
+
+    def _fail(self, job_id: str, error: dict[str, Any], progress: _Progress,
+              timings: dict[str, float]) -> None:
+        self._finish(job_id, "failed", progress, timings, error)
+
+    def _problem_for(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
+        """The problem document of a failure."""
+        if isinstance(exc, JobInputError):
+            return problem(422, "invalid-input", "Invalid input", exc.detail, exc.field)
+        if isinstance(exc, OperationError):
+            return problem(422, "unsupported-operation", "Operation failed", exc.detail,
+                           f"operations[{exc.index}]")
+        if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError | engine.MemoryBudgetError):
+            oom = self._oom_problem(exc, record)
+            self.models.clear()
+            self.representations.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return oom
+        if isinstance(exc, engine.InvalidInputError):
+            return problem(422, "invalid-input", "Invalid input", str(exc), "model")
+        if isinstance(exc, SystemExit | KeyboardInterrupt):
+            return problem(503, "worker-shutdown", "Worker shut down",
+                           "the worker shut down during the job; submit it again")
+        _log.exception("job %s failed unexpectedly", record.id)
+        return problem(500, "internal-error", "Internal error",
+                       f"{type(exc).__name__}: {exc}")
+
+    def _oom_problem(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
+        spec = record.spec
+        rep = spec.get("representation") or "ntk"
+        need = self._estimate(spec)
+        need_text = f"about {need / 2**30:.2f} GiB" if need else "an unknown amount"
+        cheaper = ("a smaller 'dataset.subset'" if rep == "ntk"
+                   else f"representation {CHEAPER.get(rep, 'diag')!r} or a smaller batch_size")
+        return problem(
+            507, "out-of-memory", "Out of memory",
+            f"{rep!r} needs {need_text} on {self.device} and did not fit "
+            f"({type(exc).__name__}); try {cheaper}",
+            "representation" if rep != "ntk" else "dataset.subset",
+            estimated_bytes=need, alternative=CHEAPER.get(rep),
+        )
+
+    def _estimate(self, spec: dict[str, Any]) -> int | None:
+        """Estimated memory of the representation, from the engine when it can tell."""
+        estimate = getattr(engine, "estimate_memory", None)
+        key = self._model_key(spec)
+        model = self.models.get(key)
+        if estimate is None or model is None:
+            return None
+        outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+        try:
+            return int(estimate(model, spec.get("representation") or "ntk",
+                                outputs[-1] if outputs else 1, spec["dataset"].get("subset")))
+        except Exception:  # an estimate is a hint; its failure must not hide the OOM
+            return None
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def _execute(self, record: JobRecord, progress: _Progress, timings: dict[str, float]
+                 ) -> dict[str, Any]:
+        spec = record.spec
+        clock = time.monotonic()
+        progress.stage("loading")
+        model = self._model(spec)
+        dtype = DTYPES[spec["dtype"]]
+        needs_targets = spec["metric"] == "empirical_fim"
+
+        def loader() -> Any:
+            return self._loader(spec, dtype, needs_targets)
+
+        timings["load_s"] = time.monotonic() - clock
+        clock = time.monotonic()
+        representation, reused_from = self._representation(record, model, loader, progress)
+        timings["compute_s"] = time.monotonic() - clock
+        clock = time.monotonic()
+        progress.stage("operations")
+        outputs = []
+        for i, op in enumerate(spec["operations"]):
+            progress.check()
+            outputs.append({"index": i, "op": op["op"],
+                            "outputs": self._operation(record.id, i, op, representation, spec)})
+        kept = None
+        if spec.get("keep"):
+            self.representations.put((record.rep_key, str(self.device)), representation)
+            if artifacts.can_persist():
+                try:
+                    kept = artifacts.save_representation(
+                        self.artifacts, record.id, representation,
+                        {"job": record.id, "rep_key": record.rep_key},
+                    )
+                except (TypeError, ValueError, NotImplementedError) as exc:
+                    _log.info("representation of %s kept in memory only: %s", record.id, exc)
+        timings["operations_s"] = time.monotonic() - clock
+        return {"operations": outputs, "reused_from": reused_from,
+                "representation_artifact": kept}
+
+    def _model_key(self, spec: dict[str, Any]) -> tuple[str, ...]:
+        model = spec["model"]
+        return (model["weights"], json.dumps(model["architecture"], sort_keys=True),
+                spec["dtype"], str(self.device))
+
+    def _model(self, spec: dict[str, Any]) -> nn.Module:
+        key = self._model_key(spec)
+        model = self.models.get(key)
+        if model is None:
+            weights = spec["model"]["weights"]
+            model = load_model(spec["model"]["architecture"], self.blobs.path(weights),
+                               self.builders, self.settings.max_model_bytes,
+                               self.settings.max_header_bytes)
+            model = model.to(device=self.device, dtype=DTYPES[spec["dtype"]])
+            self.models.put(key, model)
+        return model
+
+    def _loader(self, spec: dict[str, Any], dtype: torch.dtype, needs_targets: bool) -> Any:
+        dataset = spec["dataset"]
+        if dataset.get("blob"):
+            path, field = self.blobs.path(dataset["blob"]), "dataset.blob"
+        else:
+            path = dataset_path(self.settings.datasets_dir, dataset["name"])
+            field = "dataset.name"
+        return make_loader(path, dataset, dtype, field, needs_targets)
+
+    def _representation(self, record: JobRecord, model: nn.Module, loader: Callable[[], Any],
+                        progress: _Progress) -> tuple[Any, str | None]:
+        """Reuse a kept representation when the job may, else compute it."""
+        spec = record.spec
+        key = (record.rep_key, str(self.device))
+        if record.reuse_job_id is not None:
+            cached = self.representations.get(key)
+            if cached is not None:
+                return cached, record.reuse_job_id
+            if artifacts.can_persist():
+                try:
+                    return (artifacts.load_representation(self.artifacts, record.reuse_job_id),
+                            record.reuse_job_id)
+                except LookupError:
+                    _log.info("kept representation of %s not on disk: recomputing",
+                              record.reuse_job_id)
+        progress.stage("computing")
+        data = loader()
+        common: dict[str, Any] = {"device": self.device, "progress": progress}
+        metric = spec["metric"]
+        if metric == "ntk":
+            return engine.GramMatrix(model, data, **common), None
+        common["variant"] = spec["variant"]
+        rep_name = spec["representation"]
+        if metric == "fim":
+            rep = engine.FIM(model, data, rep_name, **common)
+        elif metric == "fim_mc":
+            rep = engine.FIM_MonteCarlo(model, data, rep_name, trials=spec["trials"],
+                                        seed=spec.get("seed"), **common)
+        else:
+            rep = engine.EmpiricalFIM(model, data, rep_name, centering=spec["centering"],
+                                      **common)
+        if rep_name == "ekfac" and spec.get("update_diag", True):
+            progress.stage("update_diag")
+            rep.update_diag(data)
+        return rep, None
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _operation(self, job_id: str, index: int, op: dict[str, Any], rep: Any,
+                   spec: dict[str, Any]) -> dict[str, Any]:
+        name = op["op"]
+        prefix = f"op{index}_{name}"
+        try:
+            if name in ("trace", "norm"):
+                return {"value": artifacts.scalar(getattr(rep, name)())}
+            if name in ("get_diag", "to_torch"):
+                return {"value": self._tensor(job_id, prefix, getattr(rep, name)())}
+            if name in ("mv", "vTMv", "solve"):
+                v = self._vector(op["v"], index, rep, spec)
+                if name == "vTMv":
+                    return {"value": artifacts.scalar(rep.vTMv(v))}
+                out = rep.mv(v) if name == "mv" else rep.solve(v, regul=op["regul"])
+                return {"value": self._tensor(job_id, prefix, out.get_flat_representation())}
+            if name == "eigenpairs":
+                evals, evecs = rep.eigenpairs(op["k"])
+                return {"eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
+                        "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs)}
+            return self._estimator(job_id, index, op, rep)
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            if isinstance(exc, JobInputError):
+                raise
+            raise OperationError(index, f"{name}: {exc}") from exc
+
+    def _estimator(self, job_id: str, index: int, op: dict[str, Any], rep: Any
+                   ) -> dict[str, Any]:
+        name = op["op"]
+        try:
+            module = importlib.import_module("engine.estimators")
+        except ImportError as exc:
+            raise OperationError(index, "estimators are not available on this server") from exc
+        function = getattr(module, name)
+        accepted = inspect.signature(function).parameters
+        kwargs = {k: v for k, v in op.items() if k != "op" and k in accepted}
+        estimate = function(rep, **kwargs)
+        outputs: dict[str, Any] = {}
+        for field in _ESTIMATE_FIELDS:
+            value = getattr(estimate, field, None)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                outputs[field] = self._tensor(job_id, f"op{index}_{name}_{field}", value)
+            elif isinstance(value, torch.Tensor | float | int):
+                outputs[field] = artifacts.scalar(value)
+        return outputs
+
+    def _tensor(self, job_id: str, name: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, torch.Tensor):
+            value = value.get_flat_representation()
+        return artifacts.save_tensor(self.artifacts, job_id, name, value)
+
+    def _vector(self, digest: str, index: int, rep: Any, spec: dict[str, Any]) -> Any:
+        field = f"operations[{index}].v"
+        (tensor,) = load_file(str(self.blobs.path(digest)), device="cpu").values()
+        tensor = tensor.to(device=self.device, dtype=DTYPES[spec["dtype"]])
+        if not torch.isfinite(tensor).all():
+            raise JobInputError("vector holds NaN or infinite values", field)
+        if spec["metric"] == "ntk":
+            c, n = rep.shape[:2]
+            if tensor.numel() != c * n:
+                raise JobInputError(
+                    f"vector has shape {list(tensor.shape)}; the NTK needs ({c}, {n})", field)
+            return engine.FVector(tensor.reshape(c, n))
+        lc = rep.layer_collection
+        if tensor.numel() != lc.numel():
+            raise JobInputError(
+                f"vector has shape {list(tensor.shape)}; the model has {lc.numel()} parameters",
+                field)
+        return engine.PVector(lc, vector_repr=tensor.reshape(-1))

@@ -1,0 +1,37 @@
+"""Entry points that RQ calls by dotted path; each takes only a job id.
+
+``worker.tasks.run_job`` is what the API enqueues. The runner is created once per worker
+process (by :mod:`worker.cli`, or lazily from the environment) and reused by every job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.config import Settings
+from worker.runner import JobRunner
+
+_runner: JobRunner | None = None
+
+
+def install_runner(runner: JobRunner) -> None:
+    """Use ``runner`` for the jobs of this process."""
+    global _runner
+    _runner = runner
+
+
+def get_runner() -> JobRunner:
+    """The runner of this process, created from the environment on first use."""
+    global _runner
+    if _runner is None:
+        _runner = JobRunner(Settings())
+    return _runner
+
+
+def run_job(job_id: str) -> dict[str, Any]:
+    """Run the job ``job_id`` (its spec is read from the database).
+
+    Returns:
+        A JSON summary, e.g. ``{"status": "succeeded"}``.
+    """
+    return get_runner().run(job_id)
