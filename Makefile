@@ -9,7 +9,7 @@ install:
 	$(PIP) install --quiet -e ".[dev]"
 
 run: install
-	$(PYTHON) -m engine.demo
+	fimntk demo
 
 test: install
 	$(PYTHON) -m ruff check .
