@@ -119,7 +119,9 @@ def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
                  layer_collection=layer_collection, device=device, verbose=verbose,
                  progress=progress, options=options)
     if centering:
-        mat = mat.centered(mat.generator.get_mean_gradient(loader))
+        centered = mat.centered(mat.generator.get_mean_gradient(loader))
+        centered.generator, centered.paths = mat.generator, mat.paths
+        mat = centered
     return mat
 
 

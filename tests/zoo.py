@@ -167,3 +167,192 @@ def build(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64, see
     y = torch.randint(0, case.c, (n,), generator=g)
     ds = TensorDataset(x, y) if targets else TensorDataset(x)
     return model, DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+# ----- extra models for the engine core tests (not in CASES) ----------------------------------
+
+#: Layers of each case that must take the torch.func fallback; every other layer takes hooks.
+FALLBACK_LAYERS: dict[str, set[str]] = {
+    "custom": {"1"},
+    "shared_twice": {"shared"},
+    "attention": {"att", "att.out_proj"},
+}
+
+
+class TiedWeights(nn.Module):
+    """Embedding whose weight is also the output Linear's (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.lin = nn.Linear(4, 7)
+        self.lin.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.emb(x)).mean(dim=1))
+
+
+class WeightUsedOutside(nn.Module):
+    """A Linear whose weight is also used outside the Linear's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x) + x @ self.lin.weight.t()))
+
+
+def inplace_relu_cnn() -> nn.Module:
+    """Conv2d and Linear each followed by ``ReLU(inplace=True)``; inputs ``(n, 2, 6, 6)``."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, bias=False),
+        nn.ReLU(inplace=True), Flatten(), nn.Linear(3 * 2 * 2, 4), nn.ReLU(inplace=True),
+        nn.Linear(4, 3))
+
+
+def dropout_mlp() -> nn.Module:
+    """An MLP with Dropout; inputs ``(n, 5)``."""
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(0.5), nn.Linear(7, 3))
+
+
+def build_model_loader(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+                       batch_size: int = 4, dtype=torch.float64, **loader_kwargs):
+    """``(model, loader)`` for an arbitrary model and inputs (float inputs cast to ``dtype``)."""
+    model = model.to(dtype).eval()
+    if x.is_floating_point():
+        x = x.to(dtype)
+    ds = TensorDataset(x) if y is None else TensorDataset(x, y)
+    return model, DataLoader(ds, batch_size=batch_size, shuffle=False, **loader_kwargs)
+
+
+def build_binary(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64,
+                 seed: int = 0):
+    """``case``'s model followed by ``Linear(c, 1)``: one logit; targets in {0, 1} (float)."""
+    model, loader = build(case, n=n, batch_size=batch_size, dtype=dtype, seed=seed)
+    torch.manual_seed(seed + 2)
+    head = nn.Linear(case.c, 1).to(dtype)
+    x = loader.dataset.tensors[0]
+    y = torch.randint(0, 2, (n, 1), generator=torch.Generator().manual_seed(seed + 3))
+    return (nn.Sequential(model, head).eval(),
+            DataLoader(TensorDataset(x, y.to(dtype)), batch_size=batch_size, shuffle=False))
+
+
+def build_regression(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64,
+                     seed: int = 0):
+    """``case``'s model with real targets ``(n, c)`` for the Gaussian (regression) variant."""
+    model, loader = build(case, n=n, batch_size=batch_size, dtype=dtype, seed=seed)
+    x = loader.dataset.tensors[0]
+    y = torch.randn(n, case.c, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype)
+    return model, DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def build_variant(case: Case, variant: str, **kwargs):
+    """``(model, loader)`` suited to ``variant`` (binary: an extra one-logit head)."""
+    if variant == "classif_binary_logits":
+        return build_binary(case, **kwargs)
+    if variant == "regression":
+        return build_regression(case, **kwargs)
+    return build(case, **kwargs)
+
+
+class ResidualInplace(nn.Module):
+    """``h = a(x); h += x``: the Linear's output is modified in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += x
+        return self.b(torch.tanh(h))
+
+
+class DoubledLinear(nn.Linear):
+    """A subclass of Linear that overrides forward (must not be taken for a Linear)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class KeywordCall(nn.Module):
+    """A Linear called with a keyword argument, ``self.a(input=x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(input=x)))
+
+
+class BilinearNet(nn.Module):
+    """``nn.Bilinear`` (two inputs; no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bil = nn.Bilinear(4, 4, 3)
+
+    def forward(self, x):
+        return self.bil(x, torch.tanh(x))
+
+
+def _partially_frozen():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def _randn(*shape):
+    return lambda g, n: torch.randn(n, *shape, generator=g)
+
+
+#: More layer configurations (not in CASES): each is checked against the reference.
+EXTRA_CASES = [
+    Case("linear_nobias_4d", lambda: nn.Sequential(
+        nn.Linear(4, 5, bias=False), nn.Tanh(), Flatten(), nn.Linear(2 * 3 * 5, 3)),
+        _randn(2, 3, 4), 3),
+    Case("layernorm_2d_nobias", lambda: nn.Sequential(
+        nn.Linear(4, 3), nn.LayerNorm([2, 3], bias=False), Flatten(), nn.Linear(6, 3)),
+        _randn(2, 4), 3),
+    Case("batchnorm1d", lambda: _randomize_bn(nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))), _randn(4), 3),
+    Case("batchnorm1d_seq", lambda: _randomize_bn(nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4, affine=True), nn.Tanh(), Flatten(),
+        nn.Linear(4 * 4, 3))), _randn(2, 6), 3),
+    Case("groupnorm_no_affine", lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4, affine=False), Flatten(), nn.Linear(4 * 9, 3)),
+        _randn(2, 5, 5), 3),
+    Case("convtranspose1d", lambda: nn.Sequential(
+        nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1), nn.Tanh(),
+        nn.ConvTranspose1d(4, 4, 3, groups=2, bias=False), Flatten(), nn.Linear(4 * 12, 3)),
+        _randn(2, 5), 3),
+    Case("convtranspose_dilated", lambda: nn.Sequential(
+        nn.ConvTranspose2d(2, 2, 3, stride=2, dilation=2, output_padding=1), Flatten(),
+        nn.Linear(2 * 10 * 10, 3)), _randn(2, 3, 3), 3),
+    Case("conv_same_circular", lambda: nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), padding="same", padding_mode="circular", dilation=(1, 2)),
+        Flatten(), nn.Linear(3 * 25, 3)), _randn(2, 5, 5), 3),
+    Case("conv_replicate_strided", lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=(2, 1), padding=(1, 2), padding_mode="replicate"), Flatten(),
+        nn.Linear(3 * 3 * 7, 3)), _randn(2, 5, 5), 3),
+    Case("embedding_no_padding", lambda: nn.Sequential(
+        nn.Embedding(9, 3), Flatten(), nn.Linear(12, 3)),
+        lambda g, n: torch.randint(0, 9, (n, 4), generator=g), 3),
+    Case("residual_inplace", ResidualInplace, _randn(4), 3),
+    Case("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2), Flatten(), nn.Linear(2 * 8, 3)),
+         _randn(1, 3, 3, 3), 3),
+    Case("linear_subclass", lambda: nn.Sequential(DoubledLinear(4, 5), nn.Tanh(),
+                                                  nn.Linear(5, 3)), _randn(4), 3),
+    Case("bilinear", BilinearNet, _randn(4), 3),
+    Case("partially_frozen", _partially_frozen, _randn(4), 3),
+    Case("keyword_call", KeywordCall, _randn(4), 3),
+]
+EXTRA_CASE_IDS = [c.name for c in EXTRA_CASES]
+FALLBACK_LAYERS.update({
+    "conv3d": {"0"}, "linear_subclass": {"0"}, "bilinear": {"bil"}, "partially_frozen": {"0"},
+})

@@ -42,7 +42,8 @@ class ForwardCapture:
 
     def __enter__(self) -> ForwardCapture:
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._capture_hook(name)))
+            self._handles.append(module.register_forward_hook(self._capture_hook(name),
+                                                              with_kwargs=True))
         for name, module in self.counted.items():
             if name not in self.modules:
                 self._handles.append(module.register_forward_hook(self._count_hook(name)))
@@ -59,12 +60,12 @@ class ForwardCapture:
         return hook
 
     def _capture_hook(self, name: str):
-        def hook(module, inputs, output):
+        def hook(module, args, kwargs, output):
             self.calls[name] = self.calls.get(name, 0) + 1
-            if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(output, Tensor) or not isinstance(x, Tensor):
                 return None
-            self.captures.setdefault(name, []).append(
-                Capture(inputs[0].detach(), output, output._version))
+            self.captures.setdefault(name, []).append(Capture(x.detach(), output, output._version))
             return output.clone() if name in self.clone else None
         return hook
 

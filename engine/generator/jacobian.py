@@ -47,6 +47,15 @@ def default_function(model: nn.Module) -> Callable:
     return lambda *batch: model(batch[0])
 
 
+def check_finite(t: Tensor, what: str) -> Tensor:
+    """Raise instead of returning a NaN/inf result (e.g. saturated units fed an infinite input)."""
+    if not torch.isfinite(t).all():
+        raise InvalidInputError(
+            f"the {what} is non-finite (NaN or inf) although the outputs were finite: check "
+            "the inputs (e.g. inf fed to a saturating unit) and the scale of the weights")
+    return t
+
+
 class BatchJacobian:
     """What one batch contributes: per-layer inputs/output gradients or fallback Jacobians.
 
@@ -137,6 +146,11 @@ class Jacobian:
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 BatchNormKernel(module).check()
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training \
+                    and module.p > 0:
+                raise InvalidInputError(
+                    f"{type(module).__name__} is in train mode, so the outputs are random and "
+                    "the Fisher or NTK would be a random matrix: call model.eval() first")
         owners: dict[int, int] = {}
         for _, module in self.model.named_modules(remove_duplicate=False):
             for _, p in module.named_parameters(recurse=False):
@@ -227,7 +241,11 @@ class Jacobian:
                 raise InvalidInputError(
                     "the model draws random numbers in its forward (e.g. Dropout in train mode): "
                     "call model.eval() first") from err
-            raise
+            raise InvalidInputError(
+                f"torch.func could not compute per-example gradients of layer(s) {names}: {err}."
+                " Layers that modify their parameters in place during the forward pass (e.g. "
+                "Embedding(max_norm=...)) or that mix examples are not supported; leave them "
+                "out with layer_collection=LayerCollection.from_model(model).sub([...])") from err
         out = {}
         for name in names:
             parts = [jac[pn].reshape(jac[pn].shape[0], jac[pn].shape[1], -1)
@@ -338,7 +356,8 @@ class Jacobian:
     # ----- aggregates ----------------------------------------------------------------------
     def get_jacobian(self, loader: Iterable) -> Tensor:
         """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised)."""
-        return torch.cat([bj.grads() for bj in self.batches(loader)], dim=1)
+        return check_finite(torch.cat([bj.grads() for bj in self.batches(loader)], dim=1),
+                            "Jacobian")
 
     def get_covariance_matrix(self, loader: Iterable) -> Tensor:
         """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
@@ -346,7 +365,7 @@ class Jacobian:
         for bj in self.batches(loader, "dense"):
             j = bj.grads().reshape(-1, self.layer_collection.numel())
             total = j.t() @ j if total is None else total.addmm_(j.t(), j)
-        return total / self.n_examples
+        return check_finite(total / self.n_examples, "Fisher")
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
         """Diagonal of the covariance, ``(d,)``."""
@@ -354,7 +373,7 @@ class Jacobian:
         for bj in self.batches(loader, "diag"):
             d = torch.cat([bj.layer_sq_sum(e.name) for e in self.layer_collection])
             total = d if total is None else total + d
-        return total / self.n_examples
+        return check_finite(total / self.n_examples, "Fisher diagonal")
 
     def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:
         """Per-layer diagonal blocks ``{layer: (d_l, d_l)}``."""
@@ -366,7 +385,7 @@ class Jacobian:
                     blocks[e.name].addmm_(j.t(), j)
                 else:
                     blocks[e.name] = j.t() @ j
-        return {k: v / self.n_examples for k, v in blocks.items()}
+        return {k: check_finite(v / self.n_examples, "Fisher block") for k, v in blocks.items()}
 
     def get_gram_matrix(self, loader: Iterable) -> Tensor:
         """``K[k,i,l,j] = ⟨g_{k,i}, g_{l,j}⟩`` summed over layers: ``(K, n, K, n)``."""
@@ -385,7 +404,7 @@ class Jacobian:
                 gram[:, s1, :, s2] = block
                 if bi != bj:
                     gram[:, s2, :, s1] = block.permute(2, 3, 0, 1)
-        return gram
+        return check_finite(gram, "Gram matrix")
 
     def get_mean_gradient(self, loader: Iterable) -> Tensor:
         """``(1/n) Σ_{i,k} g_{k,i}``: ``(d,)``, one ordinary backward pass per batch."""
@@ -402,7 +421,7 @@ class Jacobian:
             n += out.shape[0]
         if n == 0:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
-        return total / n
+        return check_finite(total / n, "mean gradient")
 
     def accumulate(self, loader: Iterable, accumulators: list, stage: str = "statistics") -> dict:
         """Run each accumulator (see :mod:`engine.generator.covariance`) over the loader in one
@@ -410,7 +429,11 @@ class Jacobian:
         for bj in self.batches(loader, stage):
             for acc in accumulators:
                 acc.update(bj)
-        return {acc.name: acc.result(self.n_examples) for acc in accumulators}
+        out = {acc.name: acc.result(self.n_examples) for acc in accumulators}
+        for name, stat in out.items():
+            for t in stat if isinstance(stat, tuple) else (stat,):
+                check_finite(t, f"statistic of layer {name!r}")
+        return out
 
     def kernel(self, name: str) -> LayerKernel | None:
         """The hook kernel of layer ``name`` (None on the ``torch.func`` path)."""

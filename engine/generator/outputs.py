@@ -36,6 +36,14 @@ def check_variant(variant: str) -> None:
         raise InvalidInputError(f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
 
 
+def check_sigma(sigma: float) -> float:
+    """The regression noise standard deviation, a finite positive number."""
+    sigma = float(sigma)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise InvalidInputError(f"sigma must be a finite positive number, got {sigma}")
+    return sigma
+
+
 def _check_binary(out: Tensor) -> None:
     if out.shape[1] != 1:
         raise InvalidInputError(
@@ -63,7 +71,7 @@ class ExactFisher(PseudoOutputs):
 
     def __init__(self, variant: str, sigma: float = 1.0) -> None:
         check_variant(variant)
-        self.variant, self.sigma = variant, float(sigma)
+        self.variant, self.sigma = variant, check_sigma(sigma)
 
     def __call__(self, out: Tensor, batch: tuple) -> Tensor:
         c = out.shape[1]
@@ -87,7 +95,7 @@ class MonteCarloFisher(PseudoOutputs):
         check_variant(variant)
         if int(trials) < 1:
             raise InvalidInputError(f"trials must be a positive integer, got {trials}")
-        self.variant, self.trials, self.sigma = variant, int(trials), float(sigma)
+        self.variant, self.trials, self.sigma = variant, int(trials), check_sigma(sigma)
         self.generator = generator
 
     def _noise(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -120,7 +128,7 @@ class EmpiricalFisher(PseudoOutputs):
 
     def __init__(self, variant: str, sigma: float = 1.0, target_index: int = 1) -> None:
         check_variant(variant)
-        self.variant, self.sigma, self.target_index = variant, float(sigma), target_index
+        self.variant, self.sigma, self.target_index = variant, check_sigma(sigma), target_index
 
     def _targets(self, batch: tuple) -> Tensor:
         if len(batch) <= self.target_index:

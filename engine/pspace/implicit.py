@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidInputError, UnsupportedOperationError
 from ..generator.hooks import ForwardCapture
+from ..generator.jacobian import check_finite
 from ..vector import PVector
 from .base import PMatAbstract
 
@@ -139,7 +140,7 @@ class PMatImplicit(PMatAbstract):
             proj = torch.einsum("knc,nc->kn", w, jv)
             total = total + (proj * proj).sum()
             n += out.shape[0]
-        return total / n * self._scale
+        return check_finite(total / n * self._scale, "vTMv")
 
     def mv(self, v: PVector) -> PVector:
         tangent = self._tangent(v)
@@ -156,7 +157,7 @@ class PMatImplicit(PMatAbstract):
                               for g, p in zip(grads, params)])
             total = flat if total is None else total + flat
             n += out.shape[0]
-        return PVector(self.layer_collection, total / n * self._scale)
+        return PVector(self.layer_collection, check_finite(total / n * self._scale, "product F v"))
 
     def get_diag(self) -> Tensor:
         self._replay()
