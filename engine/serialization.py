@@ -46,6 +46,8 @@ FORMAT = 1
 CONVENTION = "F = (1/n) sum_i E_y[grad log p grad log p^T]; NTK Gram (c, n, c, n) not divided by n"
 _LAYERED = {c.__name__: c for c in (PMatKFAC, PMatEKFAC, PMatQuasiDiag, PMatMixed)}
 _SIMPLE = {c.__name__: c for c in (PMatDense, PMatDiag, PMatLowRank)}
+_BLOCK_KINDS = {"PMatKFAC": ("kfac", "dense", "diag"), "PMatEKFAC": ("ekfac", "dense", "diag"),
+                "PMatQuasiDiag": ("quasidiag", "diag")}
 OBJECTS = ("PVector", "FVector", "FMatDense", "PMatBlockDiag", *_SIMPLE, *_LAYERED)
 
 
@@ -181,6 +183,15 @@ def _block_shapes(kind: str, layout: MatLayout | None, d: int) -> dict[str, tupl
 def load(path: str | Path) -> Any:
     """Read an object written by :func:`save`; the user metadata is in ``obj.metadata``."""
     doc, tensors = _read(path)
+    try:
+        return _decode(path, doc, tensors)
+    except SerializationError:
+        raise
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as err:
+        raise SerializationError(f"{path}: metadata and tensors disagree: {err!r}") from err
+
+
+def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
     kind = doc.get("object")
     if kind not in OBJECTS:
         raise SerializationError(f"{path}: unknown object {kind!r}; expected one of {OBJECTS}")
@@ -228,8 +239,11 @@ def load(path: str | Path) -> Any:
 def _load_layered(path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollection,
                   cls: type[PMatLayered]) -> PMatLayered:
     blocks = doc.get("blocks")
-    _expect(isinstance(blocks, list) and len(blocks) == len(lc), path,
-            "one block per layer expected")
+    _expect(isinstance(blocks, list) and len(blocks) == len(lc)
+            and all(isinstance(b, dict) for b in blocks), path, "one block per layer expected")
+    allowed = _BLOCK_KINDS.get(cls.__name__)
+    _expect(allowed is None or all(b.get("kind") in allowed for b in blocks), path,
+            f"a {cls.__name__} holds only {allowed} blocks")
     data, used = {}, set()
     for i, (e, b) in enumerate(zip(lc, blocks)):
         _expect(b.get("layer") == e.name and b.get("kind") in BLOCKS, path,

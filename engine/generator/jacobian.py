@@ -235,7 +235,8 @@ class Jacobian:
 
         in_dims = (None, *[0 if isinstance(t, Tensor) else None for t in batch])
         try:
-            jac = vmap(jacrev(single), in_dims=in_dims)(params, *batch)
+            with torch.no_grad():  # the transforms differentiate; no graph to the real params
+                jac = vmap(jacrev(single), in_dims=in_dims)(params, *batch)
         except RuntimeError as err:
             if "randomness" in str(err):
                 raise InvalidInputError(
