@@ -161,7 +161,8 @@ class DiagBlock(Block):
 
 
 def pi_correction(a: Tensor, g: Tensor) -> Tensor:
-    """Martens & Grosse (2015, §6.3): ``π = sqrt((tr A / dim A) / (tr G / dim G))``, per group."""
+    """Martens & Grosse (2015, §6.3): ``π = sqrt((tr A / dim A) / (tr G / dim G))``, per group;
+    the damped factors are ``A + π√λ I`` and ``G + √λ/π I``."""
     ta = torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
     tg = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)
     ok = (ta > 0) & (tg > 0)
@@ -183,7 +184,7 @@ class KronBlock(Block):
     ``A: (groups, P+1, P+1)`` and ``G: (groups, Q, Q)``.
 
     ``solve(x, λ)`` and ``pow(e, λ)`` damp the factors, not the product:
-    ``(G + π√λ I)^e ⊗ (A + √λ/π I)^e`` with the π-correction of Martens & Grosse (2015, §6.3);
+    ``(G + √λ/π I)^e ⊗ (A + π√λ I)^e`` with the π-correction of Martens & Grosse (2015, §6.3);
     with ``λ = 0`` they are exact.
     """
 
@@ -224,7 +225,7 @@ class KronBlock(Block):
             z = torch.zeros(self.a.shape[0], dtype=torch.float64, device=self.a.device)
             return z, z
         pi = pi_correction(self.a.double(), self.g.double())
-        return math.sqrt(regul) / pi, math.sqrt(regul) * pi
+        return math.sqrt(regul) * pi, math.sqrt(regul) / pi
 
     def pow(self, exponent: float, regul: float) -> KronBlock:
         sa, sg = self._damped(regul)

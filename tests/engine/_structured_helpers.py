@@ -156,15 +156,15 @@ def kron_dense(a: torch.Tensor, g: torch.Tensor, view: View) -> torch.Tensor:
 
 def pi_damped_kron_inverse(a: torch.Tensor, g: torch.Tensor, view: View,
                            regul: float) -> torch.Tensor:
-    """``⊕_γ (G_γ + π√λ I)⁻¹ ⊗ (A_γ + √λ/π I)⁻¹`` with ``π = √((tr A/dim A)/(tr G/dim G))``
+    """``⊕_γ (G_γ + √λ/π I)⁻¹ ⊗ (A_γ + π√λ I)⁻¹`` with ``π = √((tr A/dim A)/(tr G/dim G))``
     (Martens & Grosse 2015, §6.3), built densely."""
     ia, ig = [], []
     for gi in range(view.groups):
         ag, gg = a[gi].double(), g[gi].double()
         pi = math.sqrt((ag.trace() / ag.shape[0]) / (gg.trace() / gg.shape[0]))
         s = math.sqrt(regul)
-        ia.append(torch.linalg.inv(ag + s / pi * torch.eye(ag.shape[0], dtype=ag.dtype)))
-        ig.append(torch.linalg.inv(gg + s * pi * torch.eye(gg.shape[0], dtype=gg.dtype)))
+        ia.append(torch.linalg.inv(ag + s * pi * torch.eye(ag.shape[0], dtype=ag.dtype)))
+        ig.append(torch.linalg.inv(gg + s / pi * torch.eye(gg.shape[0], dtype=gg.dtype)))
     return kron_dense(torch.stack(ia), torch.stack(ig), view)
 
 

@@ -266,3 +266,26 @@ def test_solve_checks_the_vector():
         mat.solve(other, 1e-3)
     with pytest.raises(engine.InvalidInputError):
         mat.solve(H.rand_pvector(mat), -1.0)
+
+
+def test_pi_damping_keeps_the_solve_close_to_the_damped_kronecker_product():
+    """With the π-correction on the right factors (A + π√λ, G + √λ/π), the damped KFAC solve
+    points where ``(G ⊗ A + λ I)⁻¹ v`` does; damping the factors the other way round does not.
+    The layer's factors have very different scales (inputs ×30), where the choice matters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x = torch.randn(40, 6, dtype=torch.float64) * 30
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=20)
+    F = engine.FIM(model, loader, PMatKFAC)
+    kron = F.to_torch()
+    g = torch.Generator().manual_seed(1)
+    for regul in (1e-2, 1e-1, 1.0):
+        lam = regul * kron.diagonal().mean().item()
+        for _ in range(3):
+            v = PVector(F.layer_collection, torch.randn(kron.shape[0], generator=g,
+                                                        dtype=torch.float64))
+            exact = torch.linalg.solve(kron + lam * torch.eye(kron.shape[0], dtype=kron.dtype),
+                                       v.get_flat_representation())
+            got = F.solve(v, lam).get_flat_representation()
+            cos = torch.dot(exact, got) / (exact.norm() * got.norm())
+            assert cos > 0.8, (regul, cos.item())
