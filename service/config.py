@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,19 @@ class Settings(BaseSettings):
         model_cache_size: Models (and kept representations) a worker keeps in memory.
         result_ttl_s: How long RQ keeps its own job hashes; records live in the database.
         device: Worker device: ``auto`` picks ``cuda`` when available.
+        artifact_url: Where artifacts live: unset for ``<data_dir>/artifacts``, or
+            ``s3://bucket/prefix`` for an S3-compatible store shared by workers on several
+            boxes (credentials from the usual ``AWS_*`` variables).
+        s3_endpoint_url: Endpoint of the S3-compatible store (MinIO, ...); unset for AWS.
+        heartbeat_ttl_s: A worker refreshes its liveness key every third of this; a running
+            job whose worker has shown no sign of life for this long is reaped.
+        reaper_interval_s: Period of the API's reaper. A job whose worker died ends ``failed``
+            ("worker lost") within ``2 * (heartbeat_ttl_s + reaper_interval_s)``.
+        requeue_after_s: A queued job unknown to the queue (Redis restarted without
+            persistence) is enqueued again once this old.
+        min_free_bytes: ``/readyz`` fails when the data directory has less free space.
+        log_format: ``json`` (one object per line, with request and job ids) or ``text``.
+        log_level: Level of the service's logs.
     """
 
     model_config = SettingsConfigDict(env_prefix="FIMNTK_", extra="ignore")
@@ -57,6 +71,14 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(default=4, ge=0)
     result_ttl_s: int = Field(default=24 * 3600, gt=0)
     device: str = "auto"
+    artifact_url: str | None = None
+    s3_endpoint_url: str | None = None
+    heartbeat_ttl_s: float = Field(default=20, gt=0)
+    reaper_interval_s: float = Field(default=5, gt=0)
+    requeue_after_s: float = Field(default=30, ge=0)
+    min_free_bytes: int = Field(default=GIB, ge=0)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     @field_validator("admin_key")
     @classmethod
@@ -70,7 +92,7 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite inside ``data_dir``."""
         if self.database_url:
-            return self.database_url
+            return normalise_database_url(self.database_url)
         return f"sqlite:///{(self.data_dir / 'fimntk.db').resolve()}"
 
     @property
@@ -87,3 +109,11 @@ class Settings(BaseSettings):
     def datasets_dir(self) -> Path:
         """Directory of named datasets (``<name>.safetensors``)."""
         return self.data_dir / "datasets"
+
+
+def normalise_database_url(url: str) -> str:
+    """Use psycopg 3 for ``postgresql://`` (and Heroku-style ``postgres://``) URLs."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url

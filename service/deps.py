@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -13,9 +13,13 @@ from service.config import Settings
 from service.errors import AuthenticationError, PermissionDeniedError
 from service.jobs import JobService
 from service.queue import JobQueue
+from service.reaper import Reaper
 from service.storage.artifacts import ArtifactStore
 from service.storage.blobs import BlobStore
 from service.storage.records import RecordStore, User
+
+if TYPE_CHECKING:
+    from service.metrics import ServiceMetrics
 
 _bearer = HTTPBearer(auto_error=False, description="API key: 'Authorization: Bearer <key>'.")
 
@@ -31,6 +35,8 @@ class AppState:
         artifacts: Artifact store.
         queue: Job queue.
         jobs: Job logic.
+        reaper: Fails jobs of dead workers, requeues jobs Redis lost.
+        metrics: Prometheus metrics of the app.
     """
 
     settings: Settings
@@ -39,6 +45,8 @@ class AppState:
     artifacts: ArtifactStore
     queue: JobQueue
     jobs: JobService
+    reaper: Reaper
+    metrics: ServiceMetrics = field(init=False)
 
 
 def get_state(request: Request) -> AppState:

@@ -11,7 +11,13 @@ Hierarchy::
     ├── ConflictError                    409  idempotency key reused, job not in the right state
     ├── PayloadTooLargeError             413  upload past the configured cap
     ├── TooManyJobsError                 429  jobs in flight past the per-user limit
-    └── QueueUnavailableError            503  Redis cannot be reached
+    ├── StorageFullError (OSError)       507  no space left to store an upload
+    └── UnavailableError                 503  a dependency is down (with Retry-After)
+        ├── QueueUnavailableError             Redis cannot be reached
+        └── DatabaseUnavailableError          the database cannot be reached
+
+Errors of the database layer are translated here too: a value the database refuses (too long,
+a NUL character) is a 422, an unreachable database a 503.
 
 Every problem carries ``type``, ``title``, ``status``, ``detail`` and, when one field is at
 fault, ``field`` (a dotted path such as ``operations[1].v`` or a header name).
@@ -25,7 +31,10 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _log = logging.getLogger(__name__)
@@ -117,12 +126,36 @@ class TooManyJobsError(ServiceError):
     title = "Too many jobs in flight"
 
 
-class QueueUnavailableError(ServiceError):
-    """The queue (Redis) cannot be reached."""
+class StorageFullError(ServiceError, OSError):
+    """No space left on the storage for an upload."""
+
+    status = 507
+    slug = "storage-full"
+    title = "Storage full"
+
+
+class UnavailableError(ServiceError):
+    """A dependency of the service is down; the client should retry later."""
 
     status = 503
+    slug = "unavailable"
+    title = "Service unavailable"
+    #: Seconds sent in ``Retry-After``.
+    retry_after_s: ClassVar[int] = 5
+
+
+class QueueUnavailableError(UnavailableError):
+    """The queue (Redis) cannot be reached."""
+
     slug = "queue-unavailable"
     title = "Queue unavailable"
+
+
+class DatabaseUnavailableError(UnavailableError):
+    """The database cannot be reached."""
+
+    slug = "database-unavailable"
+    title = "Database unavailable"
 
 
 def problem(
@@ -182,6 +215,17 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
     )
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette lists only those of
+    the first route matching the path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error the app can raise to problem+json: the one place where this happens.
 
@@ -192,7 +236,27 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if isinstance(exc, UnavailableError):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return problem_response(exc.to_problem(), headers)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "value refused"
+        return problem_response(problem(422, "invalid-input", "Invalid input",
+                                        f"the database refused a value: {detail}"))
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        _log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                     exc.orig)
+        error = DatabaseUnavailableError("cannot reach the database; retry later")
+        return problem_response(error.to_problem(), {"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(RedisError)
+    async def _queue_down(request: Request, exc: RedisError) -> JSONResponse:
+        error = QueueUnavailableError(f"cannot reach the queue: {exc}")
+        return problem_response(error.to_problem(), {"Retry-After": str(error.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -211,7 +275,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return problem_response(problem(exc.status_code, slug, str(exc.detail), str(exc.detail)))
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return problem_response(problem(exc.status_code, slug, str(exc.detail), str(exc.detail)),
+                                headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

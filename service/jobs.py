@@ -1,8 +1,8 @@
 """Job logic between the routes and the stores: submit, read, list, cancel, results.
 
 The database is the source of truth for a job's status; RQ's view is consulted only to fill
-in progress and to reconcile jobs that RQ lost or failed behind the worker's back (a worker
-killed by the OOM killer, a Redis restart without persistence).
+in progress and to reconcile jobs that RQ failed behind the worker's back. Jobs of workers
+that died, and queued jobs a Redis restart lost, are handled by :mod:`service.reaper`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import uuid
-from datetime import timedelta
 from typing import Any
 
 from service.config import Settings
@@ -43,8 +42,6 @@ _log = logging.getLogger(__name__)
 #: Fields a reusing job takes from the kept job it names.
 _COMPUTE_FIELDS = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
                    "centering", "dtype", "update_diag")
-#: A queued job that RQ does not know is re-enqueued only past this age (no race with submit).
-_REENQUEUE_AFTER = timedelta(seconds=30)
 
 
 class JobService:
@@ -228,26 +225,21 @@ class JobService:
         return job_public(record, progress)
 
     def _reconcile(self, record: JobRecord) -> JobRecord:
-        """Align a non-terminal record with RQ when RQ lost or failed the job."""
+        """Align a non-terminal record with RQ when RQ failed or stopped the job behind the
+        worker's back. Jobs of dead workers, and queued jobs Redis lost, are the reaper's
+        (:mod:`service.reaper`)."""
         if record.status in TERMINAL:
             return record
         try:
             rq_status, _, exc_line = self.queue.state(record.id)
         except QueueUnavailableError:
             return record
-        if rq_status is None and record.status == "queued":
-            if utcnow() - record.created_at > _REENQUEUE_AFTER:
-                _log.warning("job %s unknown to the queue: enqueueing it again", record.id)
-                self.queue.enqueue(record.id, int(record.spec["timeout_s"]),
-                                   self.settings.result_ttl_s)
-            return record
-        lost = rq_status is None and record.status == "running"
-        if rq_status in ("failed", "stopped", "canceled") or lost:
+        if rq_status in ("failed", "stopped", "canceled"):
             canceled = record.cancel_requested
             changes: dict[str, Any] = {"status": "canceled" if canceled else "failed",
                                        "finished_at": utcnow()}
             if not canceled:
-                detail = exc_line or "the job was lost by the queue"
+                detail = exc_line or "the queue failed the job"
                 changes["error"] = {
                     "type": "/problems/worker-lost", "title": "Worker lost", "status": 500,
                     "detail": f"the worker stopped without finishing the job: {detail}",

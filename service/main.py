@@ -12,9 +12,12 @@ from service.config import Settings
 from service.deps import AppState
 from service.errors import install_error_handlers
 from service.jobs import JobService
+from service.metrics import RequestMiddleware, ServiceMetrics
+from service.openapi import install_openapi
 from service.queue import JobQueue
-from service.routes import blobs, health, jobs, results, users
-from service.storage.artifacts import LocalArtifactStore
+from service.reaper import Reaper
+from service.routes import admin, blobs, health, jobs, results, users
+from service.storage.artifacts import open_artifact_store
 from service.storage.blobs import LocalBlobStore
 from service.storage.records import SqlRecordStore
 
@@ -44,10 +47,13 @@ def build_state(settings: Settings) -> AppState:
     if settings.admin_key:
         records.set_admin_key(hash_key(settings.admin_key))
     blob_store = LocalBlobStore(settings.blobs_dir)
-    artifact_store = LocalArtifactStore(settings.artifacts_dir)
+    artifact_store = open_artifact_store(settings)
     queue = JobQueue(settings.redis_url, settings.queue_name)
     service = JobService(settings, records, blob_store, artifact_store, queue)
-    return AppState(settings, records, blob_store, artifact_store, queue, service)
+    reaper = Reaper(settings, records, queue, artifact_store)
+    state = AppState(settings, records, blob_store, artifact_store, queue, service, reaper)
+    state.metrics = ServiceMetrics(state)
+    return state
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,13 +69,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.reaper.start()
         yield
+        state.reaper.stop()
         state.queue.close()
         state.records.close()  # type: ignore[attr-defined]
 
     app = FastAPI(title="fimntk", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.fimntk = state
     install_error_handlers(app)
-    for module in (blobs, jobs, results, users, health):
+    install_openapi(app)
+    app.add_middleware(RequestMiddleware, metrics=state.metrics)
+    for module in (blobs, jobs, results, users, admin, health):
         app.include_router(module.router)
     return app

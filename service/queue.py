@@ -7,6 +7,7 @@ Redis holds only the queue; job records live in the database.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from redis import Redis
@@ -22,6 +23,16 @@ from service.errors import QueueUnavailableError
 TASK = "worker.tasks.run_job"
 
 
+def worker_key(queue_name: str, worker_name: str) -> str:
+    """Redis key of a worker's heartbeat (see :mod:`worker.heartbeat`)."""
+    return f"fimntk:worker:{queue_name}:{worker_name}"
+
+
+def worker_index_key(queue_name: str) -> str:
+    """Redis set of the names of the workers that beat on a queue."""
+    return f"fimntk:workers:{queue_name}"
+
+
 class JobQueue:
     """Enqueue, inspect and stop jobs on an RQ queue.
 
@@ -31,8 +42,52 @@ class JobQueue:
     """
 
     def __init__(self, redis_url: str, queue_name: str) -> None:
-        self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                    health_check_interval=30)
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
+        self.name = queue_name
+
+    def depth(self) -> int:
+        """Jobs waiting on the queue.
+
+        Raises:
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        try:
+            return int(self.queue.count)
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+
+    def live_workers(self) -> dict[str, dict[str, Any]]:
+        """Heartbeats of the workers alive on this queue, by worker name.
+
+        Names whose heartbeat expired are dropped from the index (a live worker adds itself
+        back at its next beat).
+
+        Raises:
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        index = worker_index_key(self.name)
+        try:
+            names = sorted(n.decode() for n in self.redis.smembers(index))
+            values = self.redis.mget([worker_key(self.name, n) for n in names]) if names else []
+            dead = [n for n, v in zip(names, values) if v is None]
+            if dead:
+                self.redis.srem(index, *dead)
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+        return {n: json.loads(v) for n, v in zip(names, values) if v is not None}
+
+    def knows(self, job_id: str) -> bool:
+        """Whether RQ holds the job (its hash exists).
+
+        Raises:
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        try:
+            return bool(self.redis.exists(Job.key_for(job_id)))
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
 
     def ping(self) -> bool:
         """Whether Redis answers."""

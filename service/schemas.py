@@ -8,10 +8,11 @@ resource: ``JobCreate`` (what a client sends), ``JobPublic``/``JobsPublic`` (wha
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
 Digest = Annotated[
     str,
@@ -147,7 +148,8 @@ class SolveOp(_Op):
 
 
 class EigenpairsOp(_Op):
-    """Top-k eigenpairs of the NTK."""
+    """Top-k eigenpairs of the NTK (eigenvectors (k, c, n)) or of a dense or low-rank FIM
+    (eigenvectors (d, k))."""
 
     op: Literal["eigenpairs"]
     k: int = Field(ge=1, le=4096)
@@ -374,7 +376,8 @@ class BlobPublic(BaseModel):
 class UserCreate(_Strict):
     """A new API user (admin only)."""
 
-    name: str = Field(min_length=1, max_length=200, examples=["alice"])
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                      examples=["alice"])
 
 
 class UserCreated(BaseModel):
@@ -383,3 +386,88 @@ class UserCreated(BaseModel):
     id: str
     name: str
     api_key: str
+
+
+class UserPublic(BaseModel):
+    """A user as the admin sees it (never its key)."""
+
+    id: str
+    name: str
+    is_admin: bool
+    revoked: bool = Field(description="Whether the API key was revoked.")
+    created_at: datetime | None
+
+
+class UsersPublic(BaseModel):
+    """Every user, oldest first."""
+
+    items: list[UserPublic]
+
+
+class QueueStatus(BaseModel):
+    """The job queue as the admin sees it."""
+
+    name: str
+    reachable: bool = Field(description="Whether Redis answered.")
+    depth: int | None = Field(description="Jobs waiting; null when Redis is unreachable.")
+
+
+class WorkerStatus(BaseModel):
+    """A live worker, from its heartbeat."""
+
+    name: str
+    state: str = Field(description="'idle' or 'busy'.")
+    job_id: str | None = Field(description="The job it is running.")
+    device: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    started_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    jobs_done: int = 0
+
+
+class FailureSummary(BaseModel):
+    """A recently failed job."""
+
+    id: str
+    owner: str
+    metric: str
+    representation: str | None
+    worker: str | None
+    finished_at: datetime | None
+    error: Problem | None
+
+
+class ReaperStatus(BaseModel):
+    """How lost workers are detected."""
+
+    heartbeat_ttl_s: float
+    interval_s: float
+    max_detection_s: float = Field(
+        description="A job whose worker died ends 'failed' (worker lost) within this time."
+    )
+
+
+class AdminStatus(BaseModel):
+    """Queue, workers, jobs by status and recent failures (``GET /v1/admin/status``)."""
+
+    queue: QueueStatus
+    workers: list[WorkerStatus]
+    jobs: dict[str, int] = Field(description="Number of jobs of each status.")
+    recent_failures: list[FailureSummary]
+    reaper: ReaperStatus
+
+
+_ISO_DATETIME = re.compile(
+    r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$")
+
+
+def _iso_only(value: Any) -> Any:
+    """Refuse what pydantic would read as a Unix time: the API speaks ISO 8601 only."""
+    if isinstance(value, str) and not _ISO_DATETIME.match(value):
+        raise ValueError("expected an ISO 8601 date-time, e.g. 2025-01-31T12:00:00Z")
+    return value
+
+
+#: A date-time query parameter, ISO 8601 only.
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_only)]

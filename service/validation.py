@@ -49,6 +49,8 @@ OPERATIONS: dict[str, frozenset[str]] = {
     for rep in ("dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "mixed")
 }
 OPERATIONS["implicit"] = frozenset({"trace", "mv", "vTMv"}) | _ESTIMATORS
+for _rep in ("dense", "lowrank"):  # exact eigendecomposition: eigenvectors (d, k)
+    OPERATIONS[_rep] = OPERATIONS[_rep] | {"eigenpairs"}
 OPERATIONS["ntk"] = (
     frozenset({"trace", "norm", "to_torch", "mv", "vTMv", "eigenpairs"}) | _ESTIMATORS
 )

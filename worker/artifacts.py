@@ -25,8 +25,11 @@ def save_tensor(store: ArtifactStore, job_id: str, name: str, tensor: torch.Tens
     """
     staged = store.staging_path(job_id, name)
     value = tensor.detach().to("cpu").contiguous()
-    save_file({"value": value}, str(staged), metadata={"job": job_id})
-    store.publish(job_id, name, staged)
+    try:
+        save_file({"value": value}, str(staged), metadata={"job": job_id})
+        store.publish(job_id, name, staged)
+    finally:
+        staged.unlink(missing_ok=True)  # published files were moved away; failures removed
     return {"artifact": name, "shape": list(value.shape), "dtype": str(value.dtype)[6:]}
 
 
@@ -50,8 +53,11 @@ def save_representation(store: ArtifactStore, job_id: str, representation: Any,
     """
     name = "representation"
     staged = store.staging_path(job_id, name)
-    engine.save(representation, staged, metadata=metadata)
-    store.publish(job_id, name, staged)
+    try:
+        engine.save(representation, staged, metadata=metadata)
+        store.publish(job_id, name, staged)
+    finally:
+        staged.unlink(missing_ok=True)
     return name
 
 

@@ -13,6 +13,12 @@ Choice of worker class, with CUDA in mind:
   within one batch. A crash of the process takes the worker down with the job; run it under a
   supervisor (systemd, compose) that restarts it.
 
+Faults: SIGTERM is RQ's warm shutdown (the running job finishes, then the worker exits; a second
+SIGTERM stops at once and the job ends ``failed``, "worker shut down"). A worker killed outright
+stops refreshing its heartbeat (:mod:`worker.heartbeat`) and the API's reaper fails its job
+("worker lost") within a bounded time. When Redis goes away, RQ retries with back-off and the
+worker carries on once it is back.
+
 Start one worker per GPU with ``--device cuda:N`` (or ``CUDA_VISIBLE_DEVICES``).
 """
 
@@ -28,6 +34,8 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from service.config import Settings
+from service.logs import configure_logging
+from worker.heartbeat import Heartbeat
 from worker.runner import JobRunner
 from worker.tasks import get_runner, install_runner
 
@@ -69,12 +77,34 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
     Returns:
         Whether any job was processed.
     """
+    configure_logging(settings.log_format, settings.log_level)
     runner = JobRunner(settings, device)
     install_runner(runner)
-    connection = Redis.from_url(redis_url)
+    connection = Redis.from_url(redis_url, health_check_interval=30)
     worker = ComputeWorker(list(queues), connection=connection, serializer=JSONSerializer,
                            name=name)
     runner.worker_name = worker.name
+
+    def status() -> tuple[str, str | None]:
+        job = runner.current_job_id
+        return ("busy" if job else "idle"), job
+
+    heartbeats = [Heartbeat(connection, queue, worker.name, settings.heartbeat_ttl_s, status,
+                            str(runner.device)) for queue in queues]
+    runner.on_job_done = lambda: _count_job(heartbeats)
     _log.info("worker %s on %s listening on %s", worker.name, runner.device, list(queues))
-    return worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO",
-                       with_scheduler=False)
+    for heartbeat in heartbeats:
+        heartbeat.start()
+    try:
+        return worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level,
+                           with_scheduler=False)
+    finally:
+        for heartbeat in heartbeats:
+            heartbeat.stop()
+        _log.info("worker %s stopped", worker.name)
+
+
+def _count_job(heartbeats: list[Heartbeat]) -> None:
+    for heartbeat in heartbeats:
+        heartbeat.jobs_done += 1
+        heartbeat.beat()

@@ -8,6 +8,7 @@ the queue carries nothing but that id.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import json
@@ -25,9 +26,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import engine
+from service import logs
 from service.config import Settings
 from service.errors import problem
-from service.storage.artifacts import LocalArtifactStore
+from service.storage.artifacts import open_artifact_store
 from service.storage.blobs import LocalBlobStore
 from service.storage.records import JobRecord, SqlRecordStore, utcnow
 from service.validation import dataset_path
@@ -127,7 +129,7 @@ class JobRunner:
         self.settings = settings
         self.records = SqlRecordStore(settings.resolved_database_url)
         self.blobs = LocalBlobStore(settings.blobs_dir)
-        self.artifacts = LocalArtifactStore(settings.artifacts_dir)
+        self.artifacts = open_artifact_store(settings)
         self.builders = load_builders(settings.builder_modules)
         self.device = resolve_device(device or settings.device)
         self.models: LRUCache[nn.Module] = LRUCache(settings.model_cache_size)
@@ -135,6 +137,7 @@ class JobRunner:
         self.stop_requested = threading.Event()
         self.current_job_id: str | None = None
         self.worker_name: str | None = None
+        self.on_job_done: Callable[[], None] | None = None
 
     def request_stop(self, job_id: str | None) -> None:
         """Stop the current job if it is ``job_id`` (called from the worker's pub/sub thread)."""
@@ -152,6 +155,20 @@ class JobRunner:
         Returns:
             A small JSON summary for RQ (the result itself is in the database).
         """
+        token = logs.job_id.set(job_id)
+        clock = time.monotonic()
+        try:
+            summary = self._run(job_id)
+        finally:
+            logs.job_id.reset(token)
+            if self.on_job_done is not None:
+                self.on_job_done()
+        _log.info("job %s ended %s", job_id, summary["status"],
+                  extra={"job_id": job_id, "status": summary["status"],
+                         "duration_s": round(time.monotonic() - clock, 4)})
+        return summary
+
+    def _run(self, job_id: str) -> dict[str, Any]:
         record = self.records.get_job(job_id)
         if record is None:
             _log.warning("job %s has no record; skipping", job_id)
@@ -225,6 +242,10 @@ class JobRunner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return oom
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return problem(507, "storage-full", "Storage full",
+                           f"no space left on the artifact store while writing the results "
+                           f"({exc}); nothing was kept: free space and submit the job again")
         if isinstance(exc, engine.InvalidInputError):
             return problem(422, "invalid-input", "Invalid input", str(exc), "model")
         if isinstance(exc, SystemExit | KeyboardInterrupt):

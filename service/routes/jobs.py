@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentUser, StateDep
-from service.schemas import JobCreate, JobPublic, JobsPublic, JobStatus, Metric, Problem
+from service.schemas import (
+    IsoDatetime,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    Metric,
+    Problem,
+)
 from service.schemas import Representation as RepresentationName
 from service.storage.records import TERMINAL, JobFilter
 
@@ -20,6 +27,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _AUTH = {401: {"model": Problem, "description": "Missing or unknown API key."}}
 _NOT_FOUND = {404: {"model": Problem, "description": "No such job, or another user's."}}
 _POLL_INTERVAL_S = 0.25
+_FIRST_POLL_S = 0.005
 
 
 @router.post(
@@ -63,8 +71,8 @@ def list_jobs(
     dataset: Annotated[str | None, Query(description="Dataset digest or name.")] = None,
     metric: Metric | None = None,
     representation: RepresentationName | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: IsoDatetime | None = None,
+    created_before: IsoDatetime | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobsPublic:
@@ -90,8 +98,10 @@ async def get_job(
     """Status, progress, timings, error (problem+json) and links of a job."""
     deadline = time.monotonic() + wait
     record = await run_in_threadpool(state.jobs.get, job_id, user)
+    polls = 0
     while record.status not in TERMINAL and time.monotonic() < deadline:
-        await asyncio.sleep(_POLL_INTERVAL_S)
+        await asyncio.sleep(min(_FIRST_POLL_S * 2**polls, _POLL_INTERVAL_S))  # quick jobs
+        polls += 1
         record = await run_in_threadpool(state.jobs.get, job_id, user)
     return await run_in_threadpool(state.jobs.public, record)
 

@@ -1,8 +1,10 @@
 """Job artifacts (result tensors, kept representations) behind :class:`ArtifactStore`.
 
-An artifact is a safetensors file ``<root>/<job id>/<name>.safetensors``. Writers produce a
-temporary file and publish it with :meth:`ArtifactStore.publish`, so readers never see a
-half-written file.
+An artifact is a safetensors file ``<job id>/<name>.safetensors``: in a local (or network)
+directory with :class:`LocalArtifactStore`, or in an S3-compatible bucket shared by workers on
+several boxes with :class:`service.storage.s3.S3ArtifactStore`; :func:`open_artifact_store`
+picks one from the settings. Writers produce a temporary local file and publish it with
+:meth:`ArtifactStore.publish` (a rename, or one PUT), so readers never see a half-written file.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ import abc
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -40,6 +47,40 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def delete_job(self, job_id: str) -> None:
         """Remove every artifact of a job (staged ones included)."""
+
+    @abc.abstractmethod
+    def check_ready(self, min_free_bytes: int) -> str | None:
+        """Why the store cannot take new artifacts (not writable, too little free space), or
+        ``None`` when it can."""
+
+
+def free_space_problem(directory: Path, min_free_bytes: int) -> str | None:
+    """Whether ``directory`` is writable and has ``min_free_bytes`` free; why not, else None."""
+    probe = directory / f".probe-{uuid.uuid4().hex}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(directory).free
+    except OSError as exc:
+        return f"{directory} is not writable: {exc}"
+    if free < min_free_bytes:
+        return f"{directory} has {free} bytes free, fewer than the {min_free_bytes} required"
+    return None
+
+
+def open_artifact_store(settings: Settings) -> ArtifactStore:
+    """The artifact store the settings name: S3 for ``s3://`` URLs, else the data directory."""
+    url = settings.artifact_url
+    if url and url.startswith("s3://"):
+        from service.storage.s3 import S3ArtifactStore
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        return S3ArtifactStore(bucket, prefix, settings.data_dir / "artifact-cache",
+                               settings.s3_endpoint_url or None)
+    if url:
+        return LocalArtifactStore(Path(url.removeprefix("file://")))
+    return LocalArtifactStore(settings.artifacts_dir)
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -76,3 +117,6 @@ class LocalArtifactStore(ArtifactStore):
 
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self._dir(job_id), ignore_errors=True)
+
+    def check_ready(self, min_free_bytes: int) -> str | None:
+        return free_space_problem(self.root, min_free_bytes)

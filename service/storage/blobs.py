@@ -9,6 +9,7 @@ flat whatever the size.
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import os
 import re
@@ -16,7 +17,12 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
+from service.errors import (
+    BadRequestError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    StorageFullError,
+)
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -68,6 +74,12 @@ class BlobStore(abc.ABC):
         """
 
 
+    @abc.abstractmethod
+    def check_ready(self, min_free_bytes: int) -> str | None:
+        """Why the store cannot take uploads (not writable, too little free space), or
+        ``None`` when it can."""
+
+
 class LocalBlobStore(BlobStore):
     """Blobs in a local (or shared network) directory.
 
@@ -85,6 +97,11 @@ class LocalBlobStore(BlobStore):
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    def check_ready(self, min_free_bytes: int) -> str | None:
+        from service.storage.artifacts import free_space_problem
+
+        return free_space_problem(self.root / "tmp", min_free_bytes)
 
     async def write(self, digest: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
         target = self.path(digest)
@@ -110,6 +127,12 @@ class LocalBlobStore(BlobStore):
                     f"body has digest {actual}, not the {digest} named in the URL", "digest"
                 )
             os.replace(tmp, target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(
+                    "no space left to store the upload; ask the admin to free space", "body"
+                ) from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         return size

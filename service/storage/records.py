@@ -1,8 +1,11 @@
 """Job, user and blob-ownership records behind the :class:`RecordStore` interface.
 
-:class:`SqlRecordStore` works on any SQLAlchemy URL; SQLite (the default) is put in WAL mode
-so that the API and workers on the same machine can write concurrently. Records are returned
-as plain dataclasses, never as live ORM objects, so callers hold no session.
+:class:`SqlRecordStore` works on any SQLAlchemy URL: SQLite (the default, zero setup) is put in
+WAL mode so that the API and workers on the same machine can write concurrently; PostgreSQL
+(``postgresql://...``, through psycopg 3) serves deployments with workers on several boxes.
+The schema is created and upgraded by Alembic migrations (:mod:`service.storage.migrate`) when
+a store opens. Records are returned as plain dataclasses, never as live ORM objects, so callers
+hold no session.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from service.config import normalise_database_url
 from service.errors import BadRequestError
+from service.storage import migrate
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 IN_FLIGHT = ("queued", "running")
@@ -54,11 +59,15 @@ class User:
         id: Stable identifier, the owner of blobs and jobs.
         name: Display name.
         is_admin: Whether the user sees every object.
+        revoked: Whether the user's API key was revoked.
+        created_at: When the user was created.
     """
 
     id: str
     name: str
     is_admin: bool
+    revoked: bool = False
+    created_at: datetime | None = None
 
 
 @dataclass
@@ -155,6 +164,14 @@ class RecordStore(abc.ABC):
         """The user whose API key hashes to ``key_hash``."""
 
     @abc.abstractmethod
+    def list_users(self) -> list[User]:
+        """Every user, oldest first."""
+
+    @abc.abstractmethod
+    def revoke_user(self, user_id: str) -> User | None:
+        """Make a user's API key unusable (their jobs and blobs stay); ``None`` if unknown."""
+
+    @abc.abstractmethod
     def add_blob(self, owner_id: str, digest: str, size: int) -> bool:
         """Record that ``owner_id`` holds ``digest``; ``True`` when newly recorded."""
 
@@ -191,6 +208,18 @@ class RecordStore(abc.ABC):
     @abc.abstractmethod
     def find_kept(self, owner_id: str, rep_key: str) -> JobRecord | None:
         """The newest succeeded job of ``owner_id`` that kept a representation for ``rep_key``."""
+
+    @abc.abstractmethod
+    def count_by_status(self) -> dict[str, int]:
+        """Number of jobs of every status present."""
+
+    @abc.abstractmethod
+    def jobs_with_status(self, status: str, limit: int = 1000) -> list[JobRecord]:
+        """Jobs of one status, oldest first."""
+
+    @abc.abstractmethod
+    def finished_since(self, since: datetime, limit: int = 10_000) -> list[JobRecord]:
+        """Jobs that reached a terminal status after ``since``, oldest first."""
 
     @abc.abstractmethod
     def update_job(
@@ -249,10 +278,18 @@ class _JobRow(_Base):
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                         index=True)
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
+#: Prefix of the stored key hash of a revoked user: no presented key hashes to it.
+_REVOKED = "revoked:"
+
+
+def _to_user(row: _UserRow) -> User:
+    return User(row.id, row.name, row.is_admin, row.key_hash.startswith(_REVOKED),
+                _aware(row.created_at))
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -290,13 +327,16 @@ class SqlRecordStore(RecordStore):
     """
 
     def __init__(self, url: str) -> None:
+        url = normalise_database_url(url)
+        sqlite = url.startswith("sqlite")
         self.engine: Engine = create_engine(
             url,
-            connect_args={"timeout": 30} if url.startswith("sqlite") else {},
+            connect_args={"timeout": 30} if sqlite else {"connect_timeout": 5},
+            pool_pre_ping=not sqlite,  # survive a database restart without an API restart
         )
-        if url.startswith("sqlite"):
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        _Base.metadata.create_all(self.engine)
+        migrate.upgrade(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -324,6 +364,20 @@ class SqlRecordStore(RecordStore):
         with self._session() as s:
             row = s.scalars(select(_UserRow).where(_UserRow.key_hash == key_hash)).first()
             return None if row is None else User(row.id, row.name, row.is_admin)
+
+    def list_users(self) -> list[User]:
+        with self._session() as s:
+            rows = s.scalars(select(_UserRow).order_by(_UserRow.created_at))
+            return [_to_user(r) for r in rows]
+
+    def revoke_user(self, user_id: str) -> User | None:
+        with self._session.begin() as s:
+            row = s.get(_UserRow, user_id)
+            if row is None:
+                return None
+            if not row.key_hash.startswith(_REVOKED):
+                row.key_hash = _REVOKED + uuid.uuid4().hex  # never a SHA-256 hex digest
+            return _to_user(row)
 
     def add_blob(self, owner_id: str, digest: str, size: int) -> bool:
         try:
@@ -427,6 +481,23 @@ class SqlRecordStore(RecordStore):
                 .order_by(_JobRow.created_at.desc())
             ).first()
             return None if row is None else _to_record(row)
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._session() as s:
+            rows = s.execute(select(_JobRow.status, func.count()).group_by(_JobRow.status))
+            return {status: int(n) for status, n in rows}
+
+    def jobs_with_status(self, status: str, limit: int = 1000) -> list[JobRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(_JobRow).where(_JobRow.status == status)
+                             .order_by(_JobRow.created_at).limit(limit))
+            return [_to_record(r) for r in rows]
+
+    def finished_since(self, since: datetime, limit: int = 10_000) -> list[JobRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(_JobRow).where(_JobRow.finished_at > since)
+                             .order_by(_JobRow.finished_at).limit(limit))
+            return [_to_record(r) for r in rows]
 
     def update_job(
         self, job_id: str, only_if_status: Iterable[str] | None = None, **changes: Any

@@ -77,13 +77,30 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def settings(tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis) -> Settings:
+def database_url() -> Iterator[str | None]:
+    """``None`` (SQLite in the data directory), or with ``FIMNTK_TEST_DATABASE=postgresql`` a
+    fresh PostgreSQL database for the session: the whole suite then runs on PostgreSQL."""
+    if os.environ.get("FIMNTK_TEST_DATABASE", "sqlite") != "postgresql":
+        yield None
+        return
+    from tests.service.prod import postgres_database, postgres_unavailable
+
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(f"FIMNTK_TEST_DATABASE=postgresql but {reason}")
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis,
+             database_url: str | None) -> Settings:
     data_dir = tmp_path_factory.mktemp("fimntk-data")
     (data_dir / "datasets").mkdir()
     return Settings(
         data_dir=data_dir, redis_url=REDIS_URL, queue_name=f"fimntk-test-{uuid.uuid4().hex[:12]}",
         admin_key=ADMIN_KEY, max_upload_bytes=MAX_UPLOAD, max_jobs_in_flight=50,
-        default_job_timeout_s=120,
+        default_job_timeout_s=120, database_url=database_url,
     )
 
 

@@ -1,0 +1,132 @@
+"""The reaper: no job stays ``running`` after its worker died, none ``queued`` after Redis
+lost it.
+
+RQ alone leaves the job of a worker killed with SIGKILL ``started`` until a registry cleanup
+runs, which for a ``SimpleWorker`` is only once the job's whole time limit has passed. Workers
+instead refresh a short-lived heartbeat key (:mod:`worker.heartbeat`); the reaper, a thread of
+the API, runs every ``reaper_interval_s`` and:
+
+* fails a ``running`` job ("worker lost") once its worker has shown, for ``heartbeat_ttl_s``
+  in a row, no heartbeat naming that job. The job fails at most
+  ``2 * (heartbeat_ttl_s + reaper_interval_s)`` after the worker died (50 s by default); the
+  second ``heartbeat_ttl_s`` spares workers whose key vanished with a Redis restart. Failing
+  rather than requeueing is deliberate: a job that kills its worker (say, the kernel's OOM
+  killer) would otherwise take down every worker in turn. Partial artifacts are deleted.
+* enqueues again a ``queued`` job that Redis does not hold (restarted without append-only
+  persistence) once it is ``requeue_after_s`` old: the database, not Redis, is the record of
+  what was submitted, so queued jobs are never silently lost.
+
+While Redis is unreachable the reaper judges nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+
+from service.config import Settings
+from service.errors import QueueUnavailableError, problem
+from service.queue import JobQueue
+from service.storage.artifacts import ArtifactStore
+from service.storage.records import RecordStore, utcnow
+
+_log = logging.getLogger(__name__)
+
+
+def max_detection_s(settings: Settings) -> float:
+    """Longest time between a worker's death and its job's failure."""
+    return 2 * (settings.heartbeat_ttl_s + settings.reaper_interval_s)
+
+
+class Reaper:
+    """Fails the jobs of dead workers and requeues jobs Redis lost.
+
+    Args:
+        settings: Settings (``heartbeat_ttl_s``, ``reaper_interval_s``, ``requeue_after_s``).
+        records: Record store.
+        queue: Job queue.
+        artifacts: Artifact store (partial artifacts of reaped jobs are deleted).
+    """
+
+    def __init__(self, settings: Settings, records: RecordStore, queue: JobQueue,
+                 artifacts: ArtifactStore) -> None:
+        self.settings = settings
+        self.records = records
+        self.queue = queue
+        self.artifacts = artifacts
+        self._orphan_since: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reap_once(self) -> dict[str, list[str]]:
+        """One pass.
+
+        Returns:
+            Ids of the jobs failed (``lost``) and enqueued again (``requeued``).
+        """
+        done: dict[str, list[str]] = {"lost": [], "requeued": []}
+        try:
+            live = self.queue.live_workers()
+        except QueueUnavailableError:
+            return done
+        now = time.monotonic()
+        orphans = set()
+        for job in self.records.jobs_with_status("running"):
+            beat = live.get(job.worker or "")
+            if beat is not None and beat.get("job_id") == job.id:
+                continue
+            orphans.add(job.id)
+            since = self._orphan_since.setdefault(job.id, now)
+            if now - since >= self.settings.heartbeat_ttl_s and self._fail_lost(job.id,
+                                                                                job.worker):
+                done["lost"].append(job.id)
+        self._orphan_since = {k: v for k, v in self._orphan_since.items() if k in orphans}
+        horizon = utcnow() - timedelta(seconds=self.settings.requeue_after_s)
+        try:
+            for job in self.records.jobs_with_status("queued"):
+                if job.created_at > horizon or self.queue.knows(job.id):
+                    continue
+                _log.warning("job %s is queued but unknown to Redis: enqueueing it again",
+                             job.id, extra={"job_id": job.id})
+                self.queue.enqueue(job.id, int(job.spec["timeout_s"]),
+                                   self.settings.result_ttl_s)
+                done["requeued"].append(job.id)
+        except QueueUnavailableError:
+            pass
+        return done
+
+    def _fail_lost(self, job_id: str, worker: str | None) -> bool:
+        detail = (f"the worker {worker} stopped sending heartbeats while running the job "
+                  f"(killed or crashed); submit the job again")
+        failed = self.records.update_job(
+            job_id, only_if_status=("running",), status="failed", finished_at=utcnow(),
+            error=problem(500, "worker-lost", "Worker lost", detail),
+        )
+        if failed:
+            _log.warning("job %s failed: worker %s lost", job_id, worker,
+                         extra={"job_id": job_id, "worker": worker})
+            self.artifacts.delete_job(job_id)
+        self._orphan_since.pop(job_id, None)
+        return failed
+
+    # -- thread -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run :meth:`reap_once` every ``reaper_interval_s`` in a daemon thread."""
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fimntk-reaper")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.reaper_interval_s):
+            try:
+                self.reap_once()
+            except Exception:  # the database may be down: try again next period
+                _log.exception("reaper pass failed")
