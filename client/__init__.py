@@ -1,1 +1,79 @@
-"""fimntk client package (filled by its own issue)."""
+"""fimntk client: the engine's API computed on the shared GPU service, and the ``fimntk``
+command line.
+
+Example::
+
+    from client import Client
+
+    client = Client("http://gpu-box:8000", api_key="fk_...")   # or FIMNTK_URL / FIMNTK_API_KEY
+    client.vTMv(model, loader, rep="ekfac")                    # v = the model's parameters
+    F = client.FIM(model, loader, representation="kfac")       # computed once, kept
+    F.trace(), F.solve(v, regul=1e-3), F.download()
+
+Importing this package does not import torch; computations do.
+"""
+
+from typing import Any
+
+from client._async import AsyncClient
+from client._config import ClientConfig
+from client._handles import RemoteFIM, RemoteNTK
+from client._sync import Client
+from client.errors import (
+    APIError,
+    AuthenticationError,
+    ClientError,
+    ConfigurationError,
+    ConflictError,
+    DataError,
+    InvalidInputError,
+    JobCanceledError,
+    JobFailedError,
+    JobTimeoutError,
+    ModelNotSupportedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    ServerUnreachableError,
+    ServiceUnavailableError,
+    TooManyJobsError,
+)
+
+#: Names that need torch, imported on first use.
+_LAZY = ("RemoteDataset", "describe_as", "register_builder")
+
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
+    "ClientConfig",
+    "ClientError",
+    "ConfigurationError",
+    "ConflictError",
+    "DataError",
+    "InvalidInputError",
+    "JobCanceledError",
+    "JobFailedError",
+    "JobTimeoutError",
+    "ModelNotSupportedError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RemoteDataset",
+    "RemoteFIM",
+    "RemoteNTK",
+    "ServerUnreachableError",
+    "ServiceUnavailableError",
+    "TooManyJobsError",
+    "describe_as",
+    "register_builder",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from client import _shipping
+
+        return getattr(_shipping, name)
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

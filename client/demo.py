@@ -1,23 +1,21 @@
-"""``fimntk demo``: upload a tiny MLP and a dataset, run a FIM job and an NTK job, print results.
-
-Needs only httpx: the safetensors files are written in pure Python. Without ``--url`` it starts
-``fimntk serve`` in the background on a free port with a temporary data directory.
+"""``fimntk demo``: the laptop example of the README, end to end: a small MLP and a DataLoader
+shipped with :class:`client.Client`, one-shot calls and kept handles, each printed beside the
+engine computed in-process. Without ``--url`` it starts ``fimntk serve`` in the background on a
+free port with a temporary data directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
 import json
 import os
-import random
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -41,47 +39,6 @@ def safetensors_bytes(tensors: dict[str, tuple[list[int], list[float]]]) -> byte
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     return struct.pack("<Q", len(encoded)) + encoded + bytes(data)
-
-
-def _digest(body: bytes) -> str:
-    return "sha256:" + hashlib.sha256(body).hexdigest()
-
-
-def _mlp_weights(rng: random.Random) -> tuple[bytes, int]:
-    tensors = {}
-    d = 0
-    for i, (a, b) in enumerate(itertools.pairwise(_SIZES)):
-        tensors[f"{2 * i}.weight"] = ([b, a], [rng.gauss(0, a**-0.5) for _ in range(a * b)])
-        tensors[f"{2 * i}.bias"] = ([b], [0.0] * b)
-        d += a * b + b
-    return safetensors_bytes(tensors), d
-
-
-def _upload(client: httpx.Client, body: bytes) -> str:
-    digest = _digest(body)
-    if client.head(f"/v1/blobs/{digest}").status_code != 200:
-        client.put(f"/v1/blobs/{digest}", content=body).raise_for_status()
-    return digest
-
-
-def _run(client: httpx.Client, spec: dict[str, object], label: str) -> dict[str, object]:
-    response = client.post("/v1/jobs", json=spec)
-    if response.status_code >= 400:
-        raise SystemExit(f"{label}: {response.json()}")
-    job_url = response.headers["Location"]
-    print(f"{label}: queued {job_url}")
-    while True:
-        job = client.get(job_url, params={"wait": 2}).json()
-        p = job["progress"]
-        print(f"  {job['status']:<9} {p['stage']:<12} {p['done']}/{p['total']}")
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            break
-    if job["status"] != "succeeded":
-        raise SystemExit(f"{label}: {job['error']}")
-    result = client.get(f"{job_url}/result").json()
-    for entry in result["operations"]:
-        print(f"  {entry['op']}: {entry['outputs']}")
-    return result
 
 
 @contextlib.contextmanager
@@ -127,22 +84,66 @@ def run_demo(url: str | None, key: str | None) -> int:
 
 
 def _demo(url: str, key: str) -> int:
-    rng = random.Random(0)
-    weights, d = _mlp_weights(rng)
-    inputs = [rng.gauss(0, 1) for _ in range(_N_EXAMPLES * _SIZES[0])]
-    dataset = safetensors_bytes({"inputs": ([_N_EXAMPLES, _SIZES[0]], inputs)})
-    vector = safetensors_bytes({"vector": ([d], [rng.gauss(0, 1) for _ in range(d)])})
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-        model = {"weights": _upload(client, weights),
-                 "architecture": {"kind": "builder", "name": "mlp",
-                                  "kwargs": {"in_features": _SIZES[0], "hidden": [_SIZES[1]],
-                                             "out_features": _SIZES[2]}}}
-        data = {"blob": _upload(client, dataset), "batch_size": 16}
-        v = _upload(client, vector)
-        _run(client, {"model": model, "dataset": data, "metric": "fim",
-                      "representation": "kfac", "keep": True,
-                      "operations": [{"op": "trace"}, {"op": "vTMv", "v": v}]}, "FIM (kfac)")
-        _run(client, {"model": model, "dataset": {**data, "subset": 16}, "metric": "ntk",
-                      "operations": [{"op": "trace"}, {"op": "eigenpairs", "k": 3}]}, "NTK")
+    """The README's laptop example, checked against the engine computed in-process."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client import Client
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(_SIZES[0], _SIZES[1]), nn.Tanh(),
+                          nn.Linear(_SIZES[1], _SIZES[2])).eval()
+    inputs = torch.randn(_N_EXAMPLES, _SIZES[0])
+    loader = DataLoader(TensorDataset(inputs), batch_size=16)
+    small = DataLoader(TensorDataset(inputs[:16]), batch_size=16)
+    rows: list[tuple[str, Any, Callable[[Any], Any] | None]] = []
+    with Client(url, key, timeout=600) as client:
+        print(f"server {url}: {client.health()['status']}")
+        rows.append(("trace, kfac", client.trace(model, loader, rep="kfac"),
+                     lambda e: e.FIM(model, loader, "kfac").trace()))
+        rows.append(("vTMv(θ), ekfac", client.vTMv(model, loader, rep="ekfac"), _ekfac_vTMv(
+            model, loader)))
+        F = client.FIM(model, loader, representation="dense")
+        print(f"kept {F.representation!r} in job {F.job_id}")
+        rows.append(("F.trace()", F.trace(), lambda e: e.FIM(model, loader, "dense").trace()))
+        rows.append(("F.vTMv(θ)", F.vTMv(), lambda e: e.FIM(model, loader, "dense").vTMv(
+            e.PVector.from_model(model))))
+        rows.append(("|F.solve(θ, 1e-3)|", F.solve(regul=1e-3).norm(),
+                     lambda e: e.FIM(model, loader, "dense").solve(
+                         e.PVector.from_model(model), regul=1e-3).norm()))
+        K = client.NTK(model, small)
+        rows.append(("NTK top eigenvalue", K.eigenpairs(3)[0][0],
+                     lambda e: e.GramMatrix(model, small).eigenpairs(3)[0][0]))
+    engine = _engine()
+    width = max(len(label) for label, _, _ in rows)
+    worst = 0.0
+    for label, remote, local in rows:
+        line = f"  {label:<{width}}  server {float(remote):.6g}"
+        if engine is not None and local is not None:
+            reference = float(local(engine))
+            gap = abs(float(remote) - reference) / max(abs(reference), 1e-12)
+            worst = max(worst, gap)
+            line += f"   engine in-process {reference:.6g}   rel. gap {gap:.1e}"
+        print(line)
+    if engine is not None and worst > 1e-3:
+        print(f"server and engine disagree (relative gap {worst:.1e})", file=sys.stderr)
+        return 1
     return 0
+
+
+def _engine() -> Any:
+    try:
+        import engine
+    except ImportError:
+        return None
+    return engine
+
+
+def _ekfac_vTMv(model: Any, loader: Any) -> Callable[[Any], Any]:
+    def reference(engine: Any) -> Any:
+        F = engine.FIM(model, loader, "ekfac")
+        F.update_diag(loader)
+        return F.vTMv(engine.PVector.from_model(model))
+
+    return reference

@@ -1,0 +1,363 @@
+"""The asynchronous client: :class:`~client.Client` name for name, with ``await``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from client._base import RETRY_STATUSES, BaseClient, Call, Flow, T, compute_options
+from client._handles import RemoteFIM, RemoteNTK
+from client._progress import ProgressOption
+from client._sync import _write_async
+from client.errors import unreachable
+
+
+class AsyncClient(BaseClient):
+    """The fimntk service from asyncio code: :class:`~client.Client`'s methods, awaited.
+
+    Args:
+        url: Server URL; else ``FIMNTK_URL``, the config file, or ``http://127.0.0.1:8000``.
+        api_key: API key; else ``FIMNTK_API_KEY`` or the config file.
+        timeout: Default limit in seconds on waiting for a job; a computation still running
+            past it is canceled on the server and raises :class:`~client.JobTimeoutError`.
+        http_timeout: Timeout of one HTTP request.
+        retries: Further tries after a connection error or a 502/503/504, with backoff.
+        backoff: First pause between tries, in seconds (doubled each time).
+        progress: Progress bar: ``None`` (on a terminal only), ``True``, ``False``, or a
+            callable receiving each polled job.
+        transport: An ``httpx`` transport (tests, proxies).
+
+    Example::
+
+        from client import AsyncClient
+        async with AsyncClient("http://gpu-box:8000", api_key="fk_...") as client:
+            await client.vTMv(model, loader, rep="ekfac")
+            F = await client.FIM(model, loader, representation="kfac")
+            await F.trace()
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float | None = None, http_timeout: float = 30.0, retries: int = 4,
+                 backoff: float = 0.5, progress: ProgressOption = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(url, api_key, timeout=timeout, http_timeout=http_timeout,
+                         retries=retries, backoff=backoff, progress=progress)
+        self._http = httpx.AsyncClient(base_url=self.url, transport=transport,
+                                  timeout=http_timeout)
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- driving flows --------------------------------------------------------------------------
+
+    async def _run(self, flow: Flow[T]) -> T:
+        try:
+            call = next(flow)
+            while True:
+                try:
+                    response = await self._send(call)
+                except BaseException as exc:  # cancellation included: the flow cancels
+                    call = flow.throw(exc)
+                else:
+                    call = flow.send(response)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        finally:
+            flow.close()
+
+    async def _send(self, call: Call) -> httpx.Response:
+        last: httpx.TransportError | None = None
+        for attempt in range(self._attempts):
+            if attempt:
+                await asyncio.sleep(self._pause(attempt - 1))
+            body = None
+            if call.blob is not None:
+                body = call.blob.data if call.blob.data is not None else _aiter(call.blob.chunks())
+            request = self._http.build_request(
+                call.method, call.path, params=call.params, json=call.json, content=body,
+                headers=self._headers(call), timeout=self._timeout(call))
+            try:
+                response = await self._http.send(request, stream=True)
+                try:
+                    if call.stream_to is not None and response.status_code < 400:
+                        await _write_async(response.aiter_bytes(), call.stream_to)
+                    else:
+                        await response.aread()
+                finally:
+                    await response.aclose()
+            except httpx.TransportError as exc:
+                last = exc
+                continue
+            if response.status_code in RETRY_STATUSES and attempt + 1 < self._attempts:
+                continue
+            return self._check(call, response)
+        assert last is not None
+        raise unreachable(self.url, self._attempts, last) from last
+
+    async def _reuse(self, handle: Any, make_op: Any) -> Any:
+        return await self._run(self._reuse_flow(handle, make_op))
+
+    async def _download_representation(self, job_id: str, path: Path | None) -> Any:
+        return await self._run(self._download_representation_flow(job_id, path))
+
+    # -- one-shot computations ------------------------------------------------------------------
+
+    async def trace(self, model: Any, loader: Any, *, rep: str | None = None, metric: str = "fim",
+                    variant: str = "classif_logits", trials: int = 1, seed: int | None = None,
+                    centering: bool = False, dtype: Any = None, batch_size: int | None = None,
+                    timeout: float | None = None) -> Any:
+        """:math:`\\mathrm{tr}(M)` of the FIM (``rep=``) or the NTK (``metric="ntk"``).
+
+        Args:
+            model: An ``nn.Sequential`` of built-in layers, or a model built by a registered
+                builder (see :func:`~client.register_builder`).
+            loader: A DataLoader of ``(x,)`` or ``(x, y)`` batches, tensors ``x`` or
+                ``(x, y)``, a :class:`~client.RemoteDataset`, or a server dataset's name.
+            rep: Representation, as the engine's ``representation``: ``"dense"``, ``"diag"``,
+                ``"kfac"``, ``"ekfac"``, ``"implicit"``...
+            metric: ``"fim"``, ``"fim_mc"``, ``"empirical_fim"`` or ``"ntk"``.
+            variant: ``"classif_logits"``, ``"classif_binary_logits"`` or ``"regression"``.
+            trials: Monte Carlo samples per example (``fim_mc``).
+            seed: Seed of the Monte Carlo draws (``fim_mc``).
+            centering: Centre the gradients (``empirical_fim``).
+            dtype: ``"float32"`` or ``"float64"``; default the model's.
+            batch_size: Examples per batch on the server; default the loader's.
+            timeout: Limit on the wait, in seconds (default the client's).
+
+        Returns:
+            A 0-d tensor, as the engine returns.
+        """
+        from client._compute import scalar_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader, lambda t: scalar_op("trace", t),
+                                                   options))
+
+    async def norm(self, model: Any, loader: Any, *, rep: str | None = None, metric: str = "fim",
+                   variant: str = "classif_logits", trials: int = 1, seed: int | None = None,
+                   centering: bool = False, dtype: Any = None, batch_size: int | None = None,
+                   timeout: float | None = None) -> Any:
+        """The Frobenius norm, a 0-d tensor. Arguments as in :meth:`trace`."""
+        from client._compute import scalar_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader, lambda t: scalar_op("norm", t),
+                                                   options))
+
+    async def get_diag(self, model: Any, loader: Any, *, rep: str | None = None,
+                       metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
+                       seed: int | None = None, centering: bool = False, dtype: Any = None,
+                       batch_size: int | None = None, timeout: float | None = None) -> Any:
+        """The diagonal ``(d,)`` of the FIM. Arguments as in :meth:`trace`."""
+        from client._compute import tensor_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader,
+                                                   lambda t: tensor_op("get_diag", t), options))
+
+    async def vTMv(self, model: Any, loader: Any, v: Any = None, *, rep: str | None = None,
+                   metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
+                   seed: int | None = None, centering: bool = False, dtype: Any = None,
+                   batch_size: int | None = None, timeout: float | None = None) -> Any:
+        """:math:`v^\\top M v`, a 0-d tensor.
+
+        ``v`` is a ``PVector``, a flat ``(d,)`` tensor or ``{parameter name: tensor}``, and
+        defaults to the model's own parameters (Figure 1 of the paper); for the NTK an
+        ``FVector`` or ``(c, n)`` tensor. Other arguments as in :meth:`trace`.
+        """
+        from client._compute import scalar_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader,
+                                                   lambda t: scalar_op("vTMv", t, v), options))
+
+    async def mv(self, model: Any, loader: Any, v: Any = None, *, rep: str | None = None,
+                 metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
+                 seed: int | None = None, centering: bool = False, dtype: Any = None,
+                 batch_size: int | None = None, timeout: float | None = None) -> Any:
+        """:math:`M v`: a ``PVector`` for the FIM (``{name: tensor}`` without the engine), an
+        ``FVector`` for the NTK. ``v`` as in :meth:`vTMv`."""
+        from client._compute import vector_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader, lambda t: vector_op("mv", t, v),
+                                                   options))
+
+    async def solve(self, model: Any, loader: Any, v: Any = None, regul: float = 1e-8, *,
+                    rep: str | None = None, metric: str = "fim", variant: str = "classif_logits",
+                    trials: int = 1, seed: int | None = None, centering: bool = False,
+                    dtype: Any = None, batch_size: int | None = None,
+                    timeout: float | None = None) -> Any:
+        """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0, a
+        ``PVector``. ``v`` as in :meth:`vTMv`."""
+        from client._compute import vector_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(
+                  model, loader, lambda t: vector_op("solve", t, v, regul), options))
+
+    async def eigenpairs(self, model: Any, loader: Any, k: int, *, rep: str | None = None,
+                         metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
+                         seed: int | None = None, centering: bool = False, dtype: Any = None,
+                         batch_size: int | None = None, timeout: float | None = None) -> Any:
+        """Top-k eigenvalues (descending) and eigenvectors: of a dense or low-rank FIM
+        (``(d, k)`` eigenvectors) or of the NTK (``metric="ntk"``, ``(k, c, n)``)."""
+        from client._compute import eigenpairs_op
+
+        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
+                                  seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader, lambda t: eigenpairs_op(t, k),
+                                                   options))
+
+    async def ntk(self, model: Any, loader: Any, *, dtype: Any = None,
+                  batch_size: int | None = None, timeout: float | None = None) -> Any:
+        """The NTK Gram matrix ``(c, n, c, n)``, as ``engine.GramMatrix`` returns it: an
+        ``FMatDense`` (the tensor without the engine)."""
+        from client._compute import gram_op
+
+        options = compute_options(rep=None, metric="ntk", variant="classif_logits", trials=1,
+                                  seed=None, centering=False, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._one_shot_flow(model, loader, gram_op, options))
+
+    # -- handles --------------------------------------------------------------------------------
+
+    async def FIM(self, model: Any, loader: Any, representation: str, *, metric: str = "fim",
+                  variant: str = "classif_logits", trials: int = 1, seed: int | None = None,
+                  centering: bool = False, dtype: Any = None, batch_size: int | None = None,
+                  timeout: float | None = None) -> RemoteFIM:
+        """Compute a Fisher representation once on the server and keep it there.
+
+        Returns:
+            A :class:`~client.RemoteFIM` whose ``trace``, ``vTMv``, ``mv``, ``solve``,
+            ``norm``, ``get_diag``, ``to_torch``, ``eigenpairs`` and ``download`` reuse it.
+        """
+        options = compute_options(rep=representation, metric=metric, variant=variant,
+                                  trials=trials, seed=seed, centering=centering, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._handle_flow(RemoteFIM, model, loader, options))
+
+    async def NTK(self, model: Any, loader: Any, *, dtype: Any = None,
+                  batch_size: int | None = None, timeout: float | None = None) -> RemoteNTK:
+        """Compute the NTK Gram matrix once on the server and keep it there.
+
+        Returns:
+            A :class:`~client.RemoteNTK` (``trace``, ``norm``, ``mv``, ``vTMv``,
+            ``eigenpairs``, ``to_torch``, ``download``).
+        """
+        options = compute_options(rep=None, metric="ntk", variant="classif_logits", trials=1,
+                                  seed=None, centering=False, dtype=dtype,
+                                  batch_size=batch_size, timeout=timeout)
+        return await self._run(self._handle_flow(RemoteNTK, model, loader, options))
+
+    # -- data -----------------------------------------------------------------------------------
+
+    async def upload(self, data: bytes | str | Path) -> str:
+        """Upload bytes or a file as a blob (nothing is sent when the server has it).
+
+        Returns:
+            Its digest, ``sha256:<hex>``.
+        """
+        return await self._run(self._upload_path_flow(data))
+
+    async def upload_dataset(self, loader: Any, batch_size: int | None = None) -> Any:
+        """Pack a loader or tensors once and upload it; pass the returned
+        :class:`~client.RemoteDataset` to computations instead of the loader."""
+        return await self._run(self._upload_dataset_flow(loader, batch_size))
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    async def submit(self, spec: dict[str, Any], idempotency_key: str | None = None
+                     ) -> dict[str, Any]:
+        """Submit a job spec (the JSON of ``POST /v1/jobs``); returns the job."""
+        return await self._run(self._submit_flow(spec, idempotency_key))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """A job: status, progress, timings, error."""
+        return await self._run(self._json_flow(Call("GET", f"/v1/jobs/{job_id}")))
+
+    async def wait(self, job_id: str, timeout: float | None = None,
+                   cancel: bool = False) -> dict[str, Any]:
+        """Long-poll a job until it succeeds, fails or is canceled; returns the job.
+
+        With ``cancel``, a Ctrl-C during the wait, or the timeout, also cancels the job on the
+        server; without, the job goes on.
+
+        Raises:
+            JobTimeoutError: Still running after ``timeout`` seconds.
+        """
+        return await self._run(self._wait_flow(job_id, self._limit(timeout), cancel))
+
+    async def result(self, job_id: str) -> dict[str, Any]:
+        """The result document of a succeeded job (scalars inline, tensors as links)."""
+        return await self._run(self._json_flow(Call("GET", f"/v1/jobs/{job_id}/result")))
+
+    async def download(self, href: str, path: str | Path) -> Path:
+        """Download an artifact (a result tensor's ``href``) to ``path``."""
+        return await self._run(self._download_flow(href, Path(path)))
+
+    async def jobs(self, *, status: str | None = None, metric: str | None = None,
+                   representation: str | None = None, model: str | None = None,
+                   dataset: str | None = None, created_after: Any = None,
+                   created_before: Any = None, limit: int = 50,
+                   cursor: str | None = None) -> dict[str, Any]:
+        """A page of jobs, newest first: ``{"items": [...], "next_cursor": ...}``."""
+        call = self._jobs_call(status, metric, representation, model, dataset, created_after,
+                               created_before, limit, cursor)
+        return await self._run(self._json_flow(call))
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job; returns the job."""
+        return await self._run(self._json_flow(Call("POST", f"/v1/jobs/{job_id}/cancel")))
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    async def create_user(self, name: str) -> dict[str, Any]:
+        """Create a user (admin key); the answer holds its API key, shown only once."""
+        return await self._run(self._json_flow(Call("POST", "/v1/users", json={"name": name})))
+
+    async def users(self) -> list[dict[str, Any]]:
+        """Every user (admin key)."""
+        return (await self._run(self._json_flow(Call("GET", "/v1/users"))))["items"]
+
+    async def revoke_user(self, user_id: str) -> dict[str, Any]:
+        """Revoke a user's API key (admin key); their jobs and results stay."""
+        return await self._run(self._json_flow(Call("POST", f"/v1/users/{user_id}/revoke")))
+
+    async def admin_status(self) -> dict[str, Any]:
+        """The service overview (admin key): queue, workers, recent failures."""
+        return await self._run(self._json_flow(Call("GET", "/v1/admin/status")))
+
+    async def health(self) -> dict[str, Any]:
+        """``/healthz`` (no key needed)."""
+        return await self._run(self._json_flow(Call("GET", "/healthz", auth=False,
+                                                    accept=frozenset({503}))))
+
+
+
+async def _aiter(chunks: Any) -> Any:
+    for chunk in chunks:
+        yield chunk

@@ -1,0 +1,149 @@
+"""Computations as job specs, without I/O: what a model, a loader and the engine's keyword
+arguments become, which operations to ask for, and how each operation's outputs turn back
+into what the engine would have returned. Imports torch (through :mod:`client._shipping`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from client import _shipping as sh
+from client._blob import Blob
+from client._shipping import DataShipment, ModelShipment
+from client.errors import DataError
+
+METRICS = ("fim", "fim_mc", "empirical_fim", "ntk")
+_VECTOR_OPS = frozenset({"mv", "vTMv", "solve"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a computation runs on: the local model, its description, metric and dtype."""
+
+    model: nn.Module
+    shipment: ModelShipment
+    metric: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: its JSON (without the vector's digest), the vector to upload, and the
+    conversion of its outputs (tensors already downloaded) into the engine's return value."""
+
+    spec: dict[str, Any]
+    vector: Blob | None
+    convert: Callable[[dict[str, Any]], Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation of a job spec."""
+        return {**self.spec, "v": self.vector.digest} if self.vector else dict(self.spec)
+
+
+@dataclass
+class Prepared:
+    """A computation ready to upload and submit."""
+
+    target: Target
+    data: DataShipment
+    fields: dict[str, Any]
+
+    def blobs(self, ops: list[Op]) -> list[Blob]:
+        """Blobs to upload before submitting, each once."""
+        blobs = [self.target.shipment.weights, self.data.blob, *(op.vector for op in ops)]
+        unique = {b.digest: b for b in blobs if b is not None}
+        return list(unique.values())
+
+    def spec(self, ops: list[Op], keep: bool) -> dict[str, Any]:
+        """The job spec."""
+        model = {"weights": self.target.shipment.weights.digest,
+                 "architecture": self.target.shipment.architecture}
+        return {"model": model, "dataset": self.data.dataset.to_spec(), **self.fields,
+                "operations": [op.to_json() for op in ops], "keep": keep}
+
+    def discard(self) -> None:
+        """Delete temporary files."""
+        for blob in self.data.cleanup:
+            blob.discard()
+
+
+def prepare(model: nn.Module, data: Any, *, metric: str, representation: str | None,
+            variant: str, trials: int, seed: int | None, centering: bool, dtype: Any,
+            batch_size: int | None) -> Prepared:
+    """Describe the model, pack the data and check the engine's keyword arguments.
+
+    Raises:
+        ModelNotSupportedError: A model the client cannot describe.
+        DataError: Data that cannot be packed, or inconsistent arguments.
+    """
+    if metric not in METRICS:
+        raise DataError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    if metric == "ntk" and representation is not None:
+        raise DataError("the NTK has no representation: leave rep= out for metric='ntk'")
+    if metric != "ntk" and representation is None:
+        raise DataError(f"metric {metric!r} needs a representation, as the engine does: "
+                        "e.g. rep='kfac' (or 'dense', 'diag', 'ekfac', 'implicit', ...)")
+    if trials != 1 and metric != "fim_mc":
+        raise DataError("trials= applies to metric='fim_mc' only")
+    if centering and metric != "empirical_fim":
+        raise DataError("centering= applies to metric='empirical_fim' only")
+    shipment = sh.ship_model(model)
+    target = Target(model, shipment, metric, sh.compute_dtype(model, dtype))
+    fields: dict[str, Any] = {"metric": metric, "dtype": target.dtype}
+    if metric != "ntk":
+        fields |= {"representation": representation, "variant": variant}
+    if metric == "fim_mc":
+        fields |= {"trials": trials, "seed": seed}
+    if metric == "empirical_fim":
+        fields["centering"] = centering
+    shipped = sh.ship_data(data, batch_size)
+    if metric == "empirical_fim" and shipped.blob is not None and not shipped.has_targets:
+        shipped.blob.discard()
+        raise DataError("the empirical Fisher needs targets: the loader must yield (x, y)")
+    return Prepared(target, shipped, fields)
+
+
+# -- operations -------------------------------------------------------------------------------
+
+def scalar_op(name: str, target: Target, v: Any = None) -> Op:
+    """``trace``, ``norm`` or ``vTMv``: a 0-d tensor in the job's dtype."""
+    vector = _vector(target, v) if name == "vTMv" else None
+    return Op({"op": name}, vector, lambda out: sh.scalar(out["value"], target.dtype))
+
+
+def tensor_op(name: str, target: Target) -> Op:
+    """``get_diag`` or ``to_torch``: the tensor."""
+    return Op({"op": name}, None, lambda out: out["value"])
+
+
+def vector_op(name: str, target: Target, v: Any, regul: float | None = None) -> Op:
+    """``mv`` or ``solve``: a ``PVector`` (FIM) or ``FVector`` (NTK)."""
+    spec: dict[str, Any] = {"op": name}
+    if regul is not None:
+        spec["regul"] = float(regul)
+    if target.metric == "ntk":
+        return Op(spec, _vector(target, v), lambda out: sh.fvector(out["value"]))
+    return Op(spec, _vector(target, v),
+              lambda out: sh.pvector(out["value"], target.model, target.shipment))
+
+
+def eigenpairs_op(target: Target, k: int) -> Op:
+    """``eigenpairs``: ``(eigenvalues (k,), eigenvectors)`` as the engine returns them."""
+    return Op({"op": "eigenpairs", "k": int(k)}, None,
+              lambda out: (out["eigenvalues"], out["eigenvectors"]))
+
+
+def gram_op(target: Target) -> Op:
+    """The NTK Gram matrix: an ``FMatDense`` ``(c, n, c, n)``."""
+    return Op({"op": "to_torch"}, None, lambda out: sh.fmat(out["value"]))
+
+
+def _vector(target: Target, v: Any) -> Blob:
+    if target.metric == "ntk":
+        return sh.vector_blob(sh.function_vector(v))
+    return sh.vector_blob(sh.flat_vector(v, target.model, target.shipment))
+

@@ -1,0 +1,593 @@
+"""What the client sends and gets back, without I/O: a model as safetensors weights plus a JSON
+architecture, a loader or tensors as a safetensors dataset, vectors as safetensors, and results
+turned back into engine objects (or plain tensors when the engine is not installed).
+
+Imports torch; :mod:`client` imports this module only when a computation needs it, so that
+``fimntk status`` and friends run without torch.
+
+Architectures: an ``nn.Sequential`` (nesting allowed) of built-in ``torch.nn`` layers from the
+server's allowlist is described layer by layer from each layer's constructor signature and
+attributes, and each description is checked by rebuilding the layer from its JSON on the meta
+device. Any other model must come from a builder the lab registered on the server, called
+through :func:`register_builder` (or tagged with :func:`describe_as`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save, save_file
+from torch import nn
+
+from client._blob import Blob
+from client.errors import DataError, ModelNotSupportedError
+
+_ATTR = "_fimntk_builder"
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+_SKIPPED_ARGS = frozenset({"self", "device", "dtype"})
+#: Registered builders, by name: their functions let the client check a model's shapes.
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+@functools.cache
+def engine_module() -> Any:
+    """The engine package, or ``None`` when it is not installed."""
+    try:
+        import engine
+    except ImportError:
+        return None
+    return engine
+
+
+# -- blobs ------------------------------------------------------------------------------------
+
+def tensors_blob(tensors: dict[str, torch.Tensor]) -> Blob:
+    """Safetensors bytes of CPU copies of ``tensors``, as a blob."""
+    return Blob.from_bytes(save({k: _cpu(v) for k, v in tensors.items()}))
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+# -- models -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShipment:
+    """A model as the server receives it.
+
+    Attributes:
+        architecture: The JSON ``model.architecture`` of a job spec.
+        weights: The state dict as safetensors, keyed as the server's model names them.
+        layout: ``(name, shape)`` of each differentiated parameter, in the order of flat
+            vectors (the engine's ``LayerCollection`` order), named as in the local model.
+        dtype: Parameter dtype name.
+    """
+
+    architecture: dict[str, Any]
+    weights: Blob
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+    dtype: str
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters d."""
+        return sum(_numel(shape) for _, shape in self.layout)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def register_builder(name: str, function: Callable[..., nn.Module] | None = None) -> Any:
+    """Register a model builder of the server under ``name``; returns the function to build
+    models with, so that the client can describe them.
+
+    The lab lists the same function on the server, in a module named by
+    ``FIMNTK_BUILDER_MODULES`` that defines ``BUILDERS = {name: function}``. Models built
+    through the returned function carry ``(name, kwargs)``; their keyword arguments must be
+    JSON values. Usable as a decorator: ``@register_builder("two_tower")``.
+
+    Args:
+        name: The builder's name on the server.
+        function: The builder; omitted when used as a decorator.
+
+    Returns:
+        The wrapped builder.
+
+    Example::
+
+        build = register_builder("resnet", worker.models.resnet)
+        model = build(in_channels=3, num_classes=10)
+        client.trace(model, loader, rep="kfac")
+    """
+    if function is None:
+        return functools.partial(register_builder, name)
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def build(*args: Any, **kwargs: Any) -> nn.Module:
+        bound = signature.bind(*args, **kwargs)
+        model = function(*args, **kwargs)
+        return describe_as(model, name, **bound.arguments)
+
+    _BUILDERS[name] = function
+    return build
+
+
+def describe_as(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
+    """Tag ``model`` as built by the server's builder ``name`` with ``kwargs``; returns it.
+
+    Raises:
+        ModelNotSupportedError: An argument that is not a JSON value.
+    """
+    try:
+        json_kwargs = {k: _json_value(v) for k, v in kwargs.items()}
+    except _UndescribableError as exc:
+        raise ModelNotSupportedError(
+            f"builder {name!r}: argument {exc} is not a JSON value; the server calls "
+            f"builders with JSON keyword arguments only") from None
+    object.__setattr__(model, _ATTR, (name, json_kwargs))
+    return model
+
+
+class _UndescribableError(Exception):
+    """A layer or value the client cannot put into JSON."""
+
+
+def _not_supported(model: nn.Module, reason: str) -> ModelNotSupportedError:
+    cls = type(model).__name__
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", cls).lower()
+    return ModelNotSupportedError(
+        f"cannot describe {cls} to the server: {reason}.\n"
+        "The client derives the architecture itself only for an nn.Sequential of built-in "
+        "torch.nn layers (Linear, Conv2d, LayerNorm, ReLU, ...; the server's allowlist). "
+        "Any other model must be registered as a builder, under one name on both sides:\n"
+        "  1. on the server (lab admin): in an importable module, say lab_models.py,\n"
+        f"         BUILDERS = {{\"{snake}\": build_{snake}}}   # a function returning the model\n"
+        "     and start the API and every worker with "
+        "FIMNTK_BUILDER_MODULES='[\"lab_models\"]';\n"
+        "  2. in your code, build the model through the same function, registered:\n"
+        "         from client import register_builder\n"
+        f"         build = register_builder(\"{snake}\", build_{snake})\n"
+        "         model = build(...)   # keyword arguments must be JSON values\n"
+        f"     or tag a model you already built: describe_as(model, \"{snake}\", **kwargs).")
+
+
+def ship_model(model: nn.Module) -> ModelShipment:
+    """Describe ``model`` for the server.
+
+    Raises:
+        ModelNotSupportedError: A model that is neither an ``nn.Sequential`` of allowed
+            built-in layers nor tagged by a registered builder, or one with frozen, shared or
+            mixed-dtype parameters; the message says how to register it.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelNotSupportedError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    layout = _layout(model)
+    dtype = _dtype(model)
+    tag = getattr(model, _ATTR, None)
+    if tag is not None:
+        name, kwargs = tag
+        _check_builder(model, name, kwargs)
+        architecture = {"kind": "builder", "name": name, "kwargs": kwargs}
+        state = model.state_dict()
+    elif type(model) is nn.Sequential:
+        _check_unshared(model)
+        try:
+            layers = _describe_sequential(model, "")
+        except _UndescribableError as exc:
+            raise _not_supported(model, str(exc)) from None
+        architecture = {"kind": "sequential", "layers": layers}
+        state = dict(_positional_state(model, ""))
+    else:
+        raise _not_supported(model, "it is not an nn.Sequential, and it was not built by a "
+                                    "registered builder")
+    if dtype != "float32":
+        architecture["dtype"] = dtype
+    weights = Blob.from_bytes(save({k: _cpu(v).clone() for k, v in state.items()}))
+    return ModelShipment(architecture, weights, layout, dtype)
+
+
+def _layout(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Parameters in the engine's flat order (``named_modules``, then each module's own)."""
+    seen: set[int] = set()
+    layout = []
+    for module_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            if not p.requires_grad:
+                raise _not_supported(
+                    model, f"parameter {module_name + '.' if module_name else ''}{attr} is "
+                           "frozen (requires_grad=False), and the server differentiates every "
+                           "parameter; unfreeze it")
+            seen.add(id(p))
+            layout.append((f"{module_name}.{attr}" if module_name else attr, tuple(p.shape)))
+    if not layout:
+        raise ModelNotSupportedError("the model has no parameters")
+    return tuple(layout)
+
+
+def _dtype(model: nn.Module) -> str:
+    dtypes = {p.dtype for p in model.parameters()}
+    names = {_DTYPE_NAMES.get(d) for d in dtypes}
+    if len(names) != 1 or None in names:
+        raise ModelNotSupportedError(
+            f"parameters must share one floating dtype (float16, bfloat16, float32 or "
+            f"float64); found {sorted(str(d) for d in dtypes)}")
+    (name,) = names
+    assert name is not None
+    return name
+
+
+def _check_unshared(model: nn.Module) -> None:
+    """A module or parameter used twice would be two on the server."""
+    owners: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            where = f"{module_name}.{attr}"
+            if id(p) in owners and owners[id(p)] != where:
+                raise _not_supported(model, f"parameter {where} is shared with "
+                                            f"{owners[id(p)]} (tied weights)")
+            owners[id(p)] = where
+
+
+def _check_builder(model: nn.Module, name: str, kwargs: dict[str, Any]) -> None:
+    """Compare the model's state-dict shapes with what the registered builder makes."""
+    function = _BUILDERS.get(name)
+    if function is None:
+        return
+    with torch.device("meta"):
+        reference = function(**kwargs)
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:5]
+        raise ModelNotSupportedError(
+            f"the model no longer matches builder {name!r} with {kwargs}: state dicts differ "
+            f"at {diff}; build it again through the builder")
+
+
+def _describe_sequential(seq: nn.Sequential, path: str) -> list[dict[str, Any]]:
+    layers = []
+    for key, child in seq._modules.items():
+        where = f"{path}{key}"
+        if child is None:
+            raise _UndescribableError(f"layer {where} is None")
+        if type(child) is nn.Sequential:
+            children = _describe_sequential(child, f"{where}.")
+            layers.append({"type": "Sequential", "layers": children})
+        else:
+            layers.append(_describe_layer(child, where))
+    return layers
+
+
+def _positional_state(seq: nn.Sequential, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The state dict keyed as ``nn.Sequential(*layers)`` keys it (``0.weight``, ``1.0.bias``)."""
+    for i, child in enumerate(seq._modules.values()):
+        assert child is not None
+        if type(child) is nn.Sequential:
+            yield from _positional_state(child, f"{prefix}{i}.")
+        else:
+            for key, tensor in child.state_dict().items():
+                yield f"{prefix}{i}.{key}", tensor
+
+
+@functools.cache
+def _allowed_layers() -> frozenset[str]:
+    from service.validation import ALLOWED_LAYERS
+
+    return ALLOWED_LAYERS
+
+
+def _describe_layer(module: nn.Module, where: str) -> dict[str, Any]:
+    """``{"type", "kwargs"}`` of a built-in layer, checked by rebuilding it."""
+    name = type(module).__name__
+    if name not in _allowed_layers() or getattr(nn, name, None) is not type(module):
+        raise _UndescribableError(
+            f"layer {where} is a {type(module).__module__}.{type(module).__qualname__}, not a "
+            "built-in torch.nn layer that the server allows")
+    cls = type(module)
+    kwargs: dict[str, Any] = {}
+    for arg, param in inspect.signature(cls.__init__).parameters.items():
+        if (arg in _SKIPPED_ARGS or arg.startswith("_")
+                or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)):
+            continue
+        if arg == "bias" and isinstance(param.default, bool):
+            value: Any = getattr(module, "bias", None) is not None
+        elif hasattr(module, arg):
+            value = getattr(module, arg)
+        else:
+            continue
+        try:
+            value = _json_value(value)
+        except _UndescribableError as exc:
+            raise _UndescribableError(f"layer {where} ({name}): {arg}={exc} is not a JSON value") \
+                from None
+        if value != _default_json(param.default):
+            kwargs[arg] = value
+    if kwargs.get("bias") is False and _rebuilds(module, {k: v for k, v in kwargs.items()
+                                                          if k != "bias"}):
+        del kwargs["bias"]  # no bias anyway (affine=False): keep the spec portable
+    if not _rebuilds(module, kwargs):
+        raise _UndescribableError(
+            f"layer {where} ({name}) differs from {name}(**{kwargs}) rebuilt from its "
+            "constructor arguments (an attribute changed after construction?)")
+    spec: dict[str, Any] = {"type": name}
+    if kwargs:
+        spec["kwargs"] = kwargs
+    return spec
+
+
+def _default_json(default: Any) -> Any:
+    try:
+        return _json_value(default)
+    except _UndescribableError:
+        return object()  # never equal: the value is sent
+
+
+def _rebuilds(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether ``type(module)(**kwargs)``, after a JSON round trip, equals ``module``."""
+    try:
+        with torch.device("meta"):
+            rebuilt = type(module)(**json.loads(json.dumps(kwargs)))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    return repr(rebuilt) == repr(module) and shapes(rebuilt) == shapes(module)
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _UndescribableError(repr(value))
+        return value
+    if isinstance(value, tuple | list | torch.Size):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v) for k, v in value.items()}
+    raise _UndescribableError(repr(value)[:80])
+
+
+# -- data -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteDataset:
+    """A dataset the server already has: a blob you uploaded, or a named dataset of the lab
+    (``<data_dir>/datasets/<name>.safetensors``), with the loader parameters.
+
+    Pass it wherever a loader goes. ``Client.upload_dataset`` returns one for a loader you
+    use many times, so that it is packed once.
+
+    Attributes:
+        blob: Digest of an uploaded dataset.
+        name: Name of a server dataset.
+        batch_size: Examples per batch.
+        subset: Use this many examples, drawn with ``seed``.
+        seed: Seed of the subset draw.
+    """
+
+    blob: str | None = None
+    name: str | None = None
+    batch_size: int = 32
+    subset: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.blob is None) == (self.name is None):
+            raise DataError("give exactly one of blob= and name=")
+
+    def to_spec(self) -> dict[str, Any]:
+        """The ``dataset`` of a job spec."""
+        spec: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed}
+        spec["blob" if self.blob else "name"] = self.blob or self.name
+        if self.subset is not None:
+            spec["subset"] = self.subset
+        return spec
+
+
+@dataclass
+class DataShipment:
+    """A dataset to reference in a job, and the blob to upload first (if any)."""
+
+    dataset: RemoteDataset
+    blob: Blob | None = None
+    n_examples: int | None = None
+    has_targets: bool = False
+    cleanup: list[Blob] = field(default_factory=list)
+
+
+def ship_data(data: Any, batch_size: int | None = None) -> DataShipment:
+    """Pack a loader, tensors or ``(inputs, targets)`` into a dataset blob; pass a
+    :class:`RemoteDataset` (or a server dataset's name) through.
+
+    The examples are packed in the order the loader yields them (a ``drop_last`` loader
+    yields fewer); the server rebuilds batches of the loader's ``batch_size`` in that order.
+
+    Raises:
+        DataError: Batches that are not ``x``, ``(x,)`` or ``(x, y)`` tensors, or no example.
+    """
+    if isinstance(data, RemoteDataset):
+        if batch_size is not None:
+            data = RemoteDataset(data.blob, data.name, batch_size, data.subset, data.seed)
+        return DataShipment(data)
+    if isinstance(data, str):
+        return DataShipment(RemoteDataset(name=data, batch_size=batch_size or 32))
+    parts, inferred = _collect(data)
+    tensors = {"inputs": parts[0]}
+    if len(parts) == 2:
+        tensors["targets"] = parts[1]
+    fd, name = tempfile.mkstemp(prefix="fimntk-dataset-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: _cpu(v) for k, v in tensors.items()}, name)
+        blob = Blob.from_file(Path(name), owned=True)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    dataset = RemoteDataset(blob=blob.digest, batch_size=batch_size or inferred)
+    return DataShipment(dataset, blob, int(parts[0].shape[0]), len(parts) == 2, [blob])
+
+
+def _batch_parts(batch: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, tuple | list) and 1 <= len(batch) <= 2 and all(
+            isinstance(t, torch.Tensor) for t in batch):
+        return tuple(batch)
+    kind = type(batch).__name__
+    size = f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
+    raise DataError(
+        f"a batch is a {kind}{size}; the server's loader yields (inputs,) or (inputs, "
+        "targets) tensors, and the model is applied as model(inputs): reshape your loader "
+        "to that form")
+
+
+def _collect(data: Any) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Concatenated ``(inputs[, targets])`` and the batch size to rebuild batches with."""
+    if isinstance(data, torch.Tensor) or (
+            isinstance(data, tuple | list) and data and all(
+                isinstance(t, torch.Tensor) for t in data)):
+        parts = _batch_parts(data)
+        if parts[0].dim() == 0 or parts[0].shape[0] == 0:
+            raise DataError("no examples: the inputs tensor is empty")
+        return parts, 32
+    if not isinstance(data, Iterable):
+        raise DataError(f"expected a DataLoader, tensors or a RemoteDataset, got "
+                        f"{type(data).__name__}")
+    batches: list[tuple[torch.Tensor, ...]] = []
+    for batch in data:
+        parts = _batch_parts(batch)
+        if batches and len(parts) != len(batches[0]):
+            raise DataError("batches mix (inputs,) and (inputs, targets)")
+        batches.append(parts)
+    if not batches:
+        raise DataError("the loader yielded no batch")
+    joined = tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
+    if len(joined) == 2 and joined[1].shape[0] != joined[0].shape[0]:
+        raise DataError("targets and inputs have different numbers of examples")
+    batch_size = getattr(data, "batch_size", None) or int(batches[0][0].shape[0])
+    return joined, int(batch_size)
+
+
+# -- vectors and results ----------------------------------------------------------------------
+
+def flat_vector(v: Any, model: nn.Module, shipment: ModelShipment) -> torch.Tensor:
+    """A parameter-space vector as a flat ``(d,)`` tensor in the engine's order.
+
+    Args:
+        v: ``None`` (the model's own parameters), an engine ``PVector``, a flat tensor, or
+            ``{parameter name: tensor}``.
+        model: The local model.
+        shipment: Its description.
+
+    Raises:
+        DataError: Wrong size or missing parameters.
+    """
+    d = shipment.n_params
+    if v is None:
+        named = dict(model.named_parameters())
+        return torch.cat([named[n].detach().reshape(-1) for n, _ in shipment.layout])
+    if hasattr(v, "get_flat_representation"):
+        v = v.get_flat_representation()
+    if isinstance(v, dict):
+        missing = [n for n, _ in shipment.layout if n not in v]
+        if missing:
+            raise DataError(f"the vector has no entry for parameters {missing[:5]}")
+        return torch.cat([torch.as_tensor(v[n]).reshape(-1) for n, _ in shipment.layout])
+    if not isinstance(v, torch.Tensor):
+        raise DataError(f"expected a PVector, a tensor or a dict of tensors, got "
+                        f"{type(v).__name__}")
+    if v.numel() != d:
+        raise DataError(f"the vector has {v.numel()} entries; the model has {d} parameters")
+    return v.reshape(-1)
+
+
+def function_vector(v: Any) -> torch.Tensor:
+    """A function-space vector (an engine ``FVector`` or a ``(c, n)`` tensor) as a tensor.
+
+    Raises:
+        DataError: Not a ``(c, n)`` vector.
+    """
+    if v is None:
+        raise DataError("the NTK acts on function space: give v as an FVector or a (c, n) "
+                        "tensor")
+    if hasattr(v, "get_flat_representation"):
+        v = v.get_flat_representation()
+    if not isinstance(v, torch.Tensor):
+        raise DataError(f"expected an FVector or a (c, n) tensor, got {type(v).__name__}")
+    return v
+
+
+def vector_blob(tensor: torch.Tensor) -> Blob:
+    """A vector as a one-tensor safetensors blob."""
+    return tensors_blob({"vector": tensor.reshape(-1) if tensor.dim() != 2 else tensor})
+
+
+def pvector(flat: torch.Tensor, model: nn.Module, shipment: ModelShipment) -> Any:
+    """An engine ``PVector`` on the local model's layout, or ``{name: tensor}`` without the
+    engine."""
+    engine = engine_module()
+    if engine is not None:
+        return engine.PVector(engine.LayerCollection.from_model(model), vector_repr=flat)
+    out, start = {}, 0
+    for name, shape in shipment.layout:
+        n = _numel(shape)
+        out[name] = flat[start:start + n].reshape(shape)
+        start += n
+    return out
+
+
+def fvector(tensor: torch.Tensor) -> Any:
+    """An engine ``FVector``, or the ``(c, n)`` tensor without the engine."""
+    engine = engine_module()
+    return tensor if engine is None else engine.FVector(tensor)
+
+
+def fmat(tensor: torch.Tensor) -> Any:
+    """An engine ``FMatDense``, or the ``(c, n, c, n)`` tensor without the engine."""
+    engine = engine_module()
+    return tensor if engine is None else engine.FMatDense(tensor)
+
+
+def scalar(value: float | str, dtype: str) -> torch.Tensor:
+    """A scalar output (``"nan"``, ``"inf"`` included) as a 0-d tensor, as the engine returns."""
+    return torch.tensor(float(value), dtype=getattr(torch, dtype))
+
+
+def load_tensor(content: bytes) -> torch.Tensor:
+    """The ``value`` tensor of a downloaded artifact."""
+    return load(content)["value"]
+
+
+def load_representation(path: Path) -> Any:
+    """``engine.load(path)``, or ``path`` itself without the engine."""
+    engine = engine_module()
+    return path if engine is None else engine.load(path)
+
+
+def compute_dtype(model: nn.Module, dtype: str | torch.dtype | None) -> str:
+    """The job's dtype: as asked, else float64 for a float64 model, else float32."""
+    if dtype is None:
+        return "float64" if next(model.parameters()).dtype == torch.float64 else "float32"
+    name = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name not in ("float32", "float64"):
+        raise DataError(f"dtype must be float32 or float64, got {dtype}")
+    return str(name)
