@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..layers.layout import MatLayout
+from ._syrk import add_lower_gram, symmetrize_lower
 from .jacobian import BatchJacobian
 
 KFAC_APPROX = ("expand", "reduce")
@@ -70,11 +71,10 @@ class DenseAcc(Accumulator):
 
     def update(self, bj: BatchJacobian) -> None:
         j = bj.layer_grads(self.name)
-        j = j.reshape(-1, j.shape[-1])
-        self.total = j.t() @ j if self.total is None else self.total.addmm_(j.t(), j)
+        self.total = add_lower_gram(self.total, j.reshape(-1, j.shape[-1]))
 
     def result(self, n: int) -> Tensor:
-        return self.total / n
+        return symmetrize_lower(self.total).div_(n)
 
 
 class DiagAcc(Accumulator):

@@ -21,6 +21,7 @@ from ..errors import InvalidInputError
 from ..layercollection import LayerCollection
 from ..layers import LayerKernel, kernel_for
 from ..layers.norm import BatchNormKernel
+from ._syrk import add_lower_gram, symmetrize_lower
 from .hooks import ForwardCapture
 from .outputs import Identity, PseudoOutputs
 
@@ -364,9 +365,10 @@ class Jacobian:
         """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
         total = None
         for bj in self.batches(loader, "dense"):
-            j = bj.grads().reshape(-1, self.layer_collection.numel())
-            total = j.t() @ j if total is None else total.addmm_(j.t(), j)
-        return check_finite(total / self.n_examples, "Fisher")
+            total = add_lower_gram(total, bj.grads().reshape(-1, self.layer_collection.numel()))
+        total = symmetrize_lower(total).div_(self.n_examples)
+        check_finite(torch.diagonal(total), "Fisher")  # a NaN/inf in J reaches the diagonal
+        return total
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
         """Diagonal of the covariance, ``(d,)``."""
@@ -382,11 +384,11 @@ class Jacobian:
         for bj in self.batches(loader, "blockdiag"):
             for e in self.layer_collection:
                 j = bj.layer_grads(e.name).reshape(-1, e.numel)
-                if e.name in blocks:
-                    blocks[e.name].addmm_(j.t(), j)
-                else:
-                    blocks[e.name] = j.t() @ j
-        return {k: check_finite(v / self.n_examples, "Fisher block") for k, v in blocks.items()}
+                blocks[e.name] = add_lower_gram(blocks.get(e.name), j)
+        out = {k: symmetrize_lower(v).div_(self.n_examples) for k, v in blocks.items()}
+        for v in out.values():
+            check_finite(torch.diagonal(v), "Fisher block")
+        return out
 
     def get_gram_matrix(self, loader: Iterable) -> Tensor:
         """``K[k,i,l,j] = ⟨g_{k,i}, g_{l,j}⟩`` summed over layers: ``(K, n, K, n)``."""
