@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import hash_key
 from service.config import Settings
@@ -54,24 +55,31 @@ def get_state(request: Request) -> AppState:
     return request.app.state.fimntk
 
 
-def get_user(
+async def get_user(
     state: Annotated[AppState, Depends(get_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> User:
     """The user whose bearer key authenticates the request.
+
+    A key verified moments ago is answered from the store's cache on the event loop; only
+    a miss goes to the database, in the threadpool.
 
     Raises:
         AuthenticationError: Missing or unknown key.
     """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthenticationError("missing bearer API key", "Authorization")
-    user = state.records.user_by_key_hash(hash_key(credentials.credentials))
+    key_hash = hash_key(credentials.credentials)
+    cached = getattr(state.records, "cached_user", None)
+    user = cached(key_hash) if cached is not None else None
+    if user is None:
+        user = await run_in_threadpool(state.records.user_by_key_hash, key_hash)
     if user is None:
         raise AuthenticationError("unknown API key", "Authorization")
     return user
 
 
-def get_admin(user: Annotated[User, Depends(get_user)]) -> User:
+async def get_admin(user: Annotated[User, Depends(get_user)]) -> User:
     """The user, who must be the admin.
 
     Raises:

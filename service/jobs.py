@@ -39,6 +39,8 @@ from service.validation import (
 )
 
 _log = logging.getLogger(__name__)
+#: RQ statuses of a job RQ ended without the worker recording it (see ``_reconcile``).
+_RQ_ENDED = ("failed", "stopped", "canceled")
 #: Fields a reusing job takes from the kept job it names.
 _COMPUTE_FIELDS = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
                    "centering", "dtype", "update_diag")
@@ -213,6 +215,33 @@ class JobService:
             raise NotFoundError(f"no job {job_id!r}", "job_id")
         return self._reconcile(record)
 
+    def view(self, job_id: str, user: User) -> tuple[JobRecord, JobPublic]:
+        """A job visible to ``user`` and its public view, as :meth:`get` then :meth:`public`
+        but with one database read and at most one light RQ read (status and meta) for a job
+        in flight; RQ's full job is loaded only when RQ failed or stopped it.
+
+        Raises:
+            NotFoundError: Unknown job, or another user's.
+        """
+        record = self.records.get_job(job_id)
+        if record is None or not _visible(record, user):
+            raise NotFoundError(f"no job {job_id!r}", "job_id")
+        if record.status in TERMINAL:
+            return record, job_public(record, record.progress)
+        try:
+            rq_status, meta = self.queue.peek(record.id)
+        except QueueUnavailableError:
+            if record.status == "running":
+                _log.warning("queue unreachable; showing stored progress of %s", record.id)
+            return record, job_public(record, record.progress)
+        if rq_status in _RQ_ENDED:
+            record = self._reconcile(record)
+            return record, self.public(record)
+        progress = record.progress
+        if record.status == "running":
+            progress = meta.get("progress", progress)
+        return record, job_public(record, progress)
+
     def public(self, record: JobRecord) -> JobPublic:
         """The public view of a job, with live progress from RQ while it runs."""
         progress = record.progress
@@ -234,7 +263,7 @@ class JobService:
             rq_status, _, exc_line = self.queue.state(record.id)
         except QueueUnavailableError:
             return record
-        if rq_status in ("failed", "stopped", "canceled"):
+        if rq_status in _RQ_ENDED:
             canceled = record.cancel_requested
             changes: dict[str, Any] = {"status": "canceled" if canceled else "failed",
                                        "finished_at": utcnow()}

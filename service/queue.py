@@ -28,6 +28,12 @@ def worker_key(queue_name: str, worker_name: str) -> str:
     return f"fimntk:worker:{queue_name}:{worker_name}"
 
 
+def done_channel(job_id: str) -> str:
+    """Redis pub/sub channel on which the worker announces that a job reached a terminal
+    status (the message is the status); long polls wait on it."""
+    return f"fimntk:job-done:{job_id}"
+
+
 def worker_index_key(queue_name: str) -> str:
     """Redis set of the names of the workers that beat on a queue."""
     return f"fimntk:workers:{queue_name}"
@@ -46,6 +52,7 @@ class JobQueue:
                                     health_check_interval=30)
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
         self.name = queue_name
+        self.url = redis_url
 
     def depth(self) -> int:
         """Jobs waiting on the queue.
@@ -114,6 +121,25 @@ class JobQueue:
             )
         except RedisError as exc:
             raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+
+    def peek(self, job_id: str) -> tuple[str | None, dict[str, Any]]:
+        """RQ's status and meta of a job in one round trip, without loading the job.
+
+        Returns:
+            RQ status (``None`` when RQ does not know the job) and its meta.
+
+        Raises:
+            QueueUnavailableError: Redis cannot be reached.
+        """
+        try:
+            status, meta = self.redis.hmget(Job.key_for(job_id), "status", "meta")
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc
+        try:
+            parsed = JSONSerializer.loads(meta) if meta else {}
+        except ValueError:
+            parsed = {}
+        return (status.decode() if status else None), (parsed if isinstance(parsed, dict) else {})
 
     def state(self, job_id: str) -> tuple[str | None, dict[str, Any], str | None]:
         """RQ's view of a job.

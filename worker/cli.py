@@ -24,6 +24,8 @@ Start one worker per GPU with ``--device cuda:N`` (or ``CUDA_VISIBLE_DEVICES``).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import signal
 from collections.abc import Sequence
@@ -78,6 +80,7 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
         Whether any job was processed.
     """
     configure_logging(settings.log_format, settings.log_level)
+    _warm_up()
     runner = JobRunner(settings, device)
     install_runner(runner)
     connection = Redis.from_url(redis_url, health_check_interval=30)
@@ -102,6 +105,13 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
         for heartbeat in heartbeats:
             heartbeat.stop()
         _log.info("worker %s stopped", worker.name)
+
+
+def _warm_up() -> None:
+    """Import before the first job what torch imports lazily on the first backward pass with
+    ``grad_outputs`` (sympy, through symbolic shapes: seconds), so the first job is not slow."""
+    with contextlib.suppress(ImportError):  # another torch version: nothing to warm
+        importlib.import_module("torch.fx.experimental.symbolic_shapes")
 
 
 def _count_job(heartbeats: list[Heartbeat]) -> None:

@@ -29,6 +29,7 @@ import engine
 from service import logs
 from service.config import Settings
 from service.errors import problem
+from service.queue import done_channel
 from service.storage.artifacts import open_artifact_store
 from service.storage.blobs import LocalBlobStore
 from service.storage.records import JobRecord, SqlRecordStore, utcnow
@@ -157,16 +158,29 @@ class JobRunner:
         """
         token = logs.job_id.set(job_id)
         clock = time.monotonic()
+        summary = {"status": "failed"}
         try:
             summary = self._run(job_id)
         finally:
             logs.job_id.reset(token)
+            self._announce(job_id, summary["status"])  # first: a client may be waiting
             if self.on_job_done is not None:
                 self.on_job_done()
         _log.info("job %s ended %s", job_id, summary["status"],
                   extra={"job_id": job_id, "status": summary["status"],
                          "duration_s": round(time.monotonic() - clock, 4)})
         return summary
+
+    @staticmethod
+    def _announce(job_id: str, status: str) -> None:
+        """Wake the API's long polls of the job (best effort: they also poll the database)."""
+        rq_job = get_current_job()
+        if rq_job is None:
+            return
+        try:
+            rq_job.connection.publish(done_channel(job_id), status)
+        except RedisError as exc:
+            _log.warning("could not announce the end of %s: %s", job_id, exc)
 
     def _run(self, job_id: str) -> dict[str, Any]:
         record = self.records.get_job(job_id)

@@ -6,14 +6,14 @@ the flops of a full product for large d, with ordinary matrix products (torch ha
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 _BLOCK = 1024
 
 
 def add_lower_gram(total: Tensor | None, j: Tensor) -> Tensor:
-    """``tril(total + Jᵀ J)`` for ``j`` of shape ``(m, d)``; upper entries are left undefined."""
+    """Add ``Jᵀ J`` to ``total`` on the diagonal blocks and below them, for ``j`` of shape
+    ``(m, d)``; the strips above are left untouched until :func:`symmetrize_lower`."""
     d = j.shape[1]
     if total is None:
         total = j.new_zeros(d, d)
@@ -26,8 +26,10 @@ def add_lower_gram(total: Tensor | None, j: Tensor) -> Tensor:
 
 
 def symmetrize_lower(total: Tensor) -> Tensor:
-    """The symmetric matrix whose lower triangle is that of ``total``."""
-    if total.shape[0] <= _BLOCK:
-        return total
-    low = torch.tril(total)
-    return low + torch.tril(total, -1).t()
+    """Fill the upper strips from the lower ones, in place (diagonal blocks are complete)."""
+    d = total.shape[0]
+    for s in range(0, d, _BLOCK):
+        e = min(s + _BLOCK, d)
+        if e < d:
+            total[s:e, e:] = total[e:, s:e].t()
+    return total

@@ -51,6 +51,32 @@ def mat_grads(bj: BatchJacobian, name: str, layout: MatLayout) -> Tensor:
     return layout.to_mat(bj.layer_grads(name))
 
 
+_GRAM_CHUNK = 1 << 24
+
+
+def sum_gram(x: Tensor, total: Tensor | None) -> Tensor:
+    """Add ``Σ_{m,t} x[m, γ, t] x[m, γ, t]ᵀ`` for ``x`` of shape ``(m, G, T, P)`` to ``total``
+    ``(G, P, P)``; finish with :func:`finish_gram`.
+
+    Batched products on ``x``'s own memory layout (the transposed views the kernels return are
+    not copied), in chunks of examples; a single group with one position accumulates only the
+    lower triangle (symmetric strip product).
+    """
+    m, grp, t, p = x.shape
+    if grp == 1 and t == 1:
+        return add_lower_gram(None if total is None else total[0], x.reshape(m, p))[None]
+    step = max(1, _GRAM_CHUNK // max(1, grp * p * p))
+    for s in range(0, m, step):
+        part = torch.matmul(x[s:s + step].mT, x[s:s + step]).sum(dim=0)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+def finish_gram(total: Tensor, lower: bool) -> Tensor:
+    """Mirror the lower triangle when :func:`sum_gram` accumulated only that."""
+    return symmetrize_lower(total[0])[None] if lower else total
+
+
 class Accumulator(ABC):
     """Accumulates one layer's statistic over batches."""
 
@@ -98,21 +124,22 @@ class KronAcc(Accumulator):
         self.approx = approx
         self.a: Tensor | None = None
         self.g: Tensor | None = None
+        self.t = 1
 
     def update(self, bj: BatchJacobian) -> None:
         a, g = folded_outer(bj, self.name)
-        t = a.shape[2]
-        if self.approx == "reduce" and t > 1:
+        if self.approx == "reduce" and a.shape[2] > 1:
             a = a.mean(dim=2, keepdim=True)
             g = g.sum(dim=3, keepdim=True)
-            t = 1
-        fa = torch.einsum("ngtp,ngtr->gpr", a, a)
-        fg = torch.einsum("kngtq,kngts->gqs", g, g) / t
-        self.a = fa if self.a is None else self.a + fa
-        self.g = fg if self.g is None else self.g + fg
+        self.t = a.shape[2]
+        self.a = sum_gram(a, self.a)
+        self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.a / n, self.g / n
+        lower = self.a.shape[0] == 1 and self.t == 1
+        a = finish_gram(self.a, lower).div_(n)
+        g = finish_gram(self.g, lower).div_(n * self.t)
+        return a, g
 
 
 class QuasiDiagAcc(Accumulator):

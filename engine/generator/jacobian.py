@@ -435,7 +435,9 @@ class Jacobian:
         out = {acc.name: acc.result(self.n_examples) for acc in accumulators}
         for name, stat in out.items():
             for t in stat if isinstance(stat, tuple) else (stat,):
-                check_finite(t, f"statistic of layer {name!r}")
+                square = t.dim() >= 2 and t.shape[-1] == t.shape[-2]  # PSD: NaN reaches diag
+                check_finite(torch.diagonal(t, dim1=-2, dim2=-1) if square else t,
+                             f"statistic of layer {name!r}")
         return out
 
     def kernel(self, name: str) -> LayerKernel | None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerKernel
+from .base import LayerKernel, chunked_sq_sum
 from .layout import MatLayout
 
 # Largest intermediate (elements) the structured Gram may build before the Jacobian route wins.
@@ -64,6 +64,9 @@ class OuterKernel(LayerKernel):
 
     def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
         a, g = self.outer(x, gy)
+        return self._grads(a, g, gy)
+
+    def _grads(self, a: Tensor, g: Tensor, gy: Tensor) -> Tensor:
         gw = self.weight_from_outer(torch.einsum("kngtq,ngtp->kngqp", g, a))
         if self.has_bias:
             return torch.cat([gw, self.bias_grad(gy, g)], dim=2)
@@ -79,7 +82,8 @@ class OuterKernel(LayerKernel):
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         a, g = self.outer(x, gy)
         if a.shape[2] != 1:
-            return super().sq_grad_sum(x, gy)
+            return chunked_sq_sum(lambda sl: self._grads(a[sl], g[:, sl], gy[:, sl]),
+                                  x.shape[0], per_example_numel=gy.shape[0] * self.numel())
         w = torch.einsum("ngq,ngp->gqp", (g * g).sum(0).squeeze(2), (a * a).squeeze(2))
         w = self.weight_from_outer(w)
         if self.has_bias:

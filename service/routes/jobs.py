@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CurrentUser, StateDep
+from service.deps import AppState, CurrentUser, StateDep
+from service.queue import done_channel
 from service.schemas import (
     IsoDatetime,
     JobCreate,
@@ -20,7 +24,7 @@ from service.schemas import (
     Problem,
 )
 from service.schemas import Representation as RepresentationName
-from service.storage.records import TERMINAL, JobFilter
+from service.storage.records import TERMINAL, JobFilter, User
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -97,13 +101,45 @@ async def get_job(
 ) -> JobPublic:
     """Status, progress, timings, error (problem+json) and links of a job."""
     deadline = time.monotonic() + wait
-    record = await run_in_threadpool(state.jobs.get, job_id, user)
-    polls = 0
-    while record.status not in TERMINAL and time.monotonic() < deadline:
-        await asyncio.sleep(min(_FIRST_POLL_S * 2**polls, _POLL_INTERVAL_S))  # quick jobs
-        polls += 1
-        record = await run_in_threadpool(state.jobs.get, job_id, user)
-    return await run_in_threadpool(state.jobs.public, record)
+    record, view = await run_in_threadpool(state.jobs.view, job_id, user)
+    if record.status in TERMINAL or time.monotonic() >= deadline:
+        return view
+    return await _long_poll(state, job_id, user, deadline)
+
+
+async def _long_poll(state: AppState, job_id: str, user: User, deadline: float) -> JobPublic:
+    """Wait for the job to end or the deadline: woken by the worker's message on the job's
+    channel (see :func:`service.queue.done_channel`), and re-reading the record at least every
+    ``_POLL_INTERVAL_S`` for what no worker announces (cancel, reaper). Without pub/sub, polls
+    (quickly at first, for quick jobs)."""
+    pubsub = None
+    client = aioredis.Redis.from_url(state.queue.url, socket_connect_timeout=2)
+    try:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(done_channel(job_id))
+    except (RedisError, OSError):
+        pubsub = None
+    try:
+        polls = 0
+        while True:
+            # Subscribed before reading: a message sent after this read is not missed.
+            record, view = await run_in_threadpool(state.jobs.view, job_id, user)
+            left = deadline - time.monotonic()
+            if record.status in TERMINAL or left <= 0:
+                return view
+            if pubsub is None:
+                await asyncio.sleep(min(_FIRST_POLL_S * 2**polls, _POLL_INTERVAL_S, left))
+                polls += 1
+                continue
+            try:
+                await pubsub.get_message(timeout=min(_POLL_INTERVAL_S, left))
+            except (RedisError, OSError):
+                pubsub = None
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            if pubsub is not None:
+                await pubsub.aclose()
+            await client.aclose()
 
 
 @router.post(
