@@ -169,9 +169,21 @@ def pi_correction(a: Tensor, g: Tensor) -> Tensor:
     return torch.where(ok, (ta / torch.where(ok, tg, 1)).sqrt(), torch.ones_like(ta))
 
 
+#: Factors up to this size are eigendecomposed in float64; larger ones in their own dtype
+#: (a float64 eigendecomposition of an 8193² input factor takes minutes on a CPU).
+EIGH_FLOAT64_LIMIT = 4096
+
+
+def eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a batch of symmetric matrices, float64 where affordable."""
+    work = m.double() if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m
+    evals, evecs = torch.linalg.eigh(work)
+    return evals.double(), evecs.double()
+
+
 def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
-    """``(m + shift·I)^exponent`` for a batch of symmetric PSD matrices, in float64."""
-    evals, evecs = torch.linalg.eigh(m.double())
+    """``(m + shift·I)^exponent`` for a batch of symmetric PSD matrices (see :func:`eigh`)."""
+    evals, evecs = eigh(m)
     evals = (evals.clamp_min(0) + shift.double()[..., None]) ** exponent
     return (evecs * evals[..., None, :]) @ evecs.transpose(-1, -2)
 
@@ -272,8 +284,8 @@ class EKronBlock(Block):
 
     @classmethod
     def from_kron(cls, k: KronBlock) -> EKronBlock:
-        ea, ua = torch.linalg.eigh(k.a.double())
-        eg, ug = torch.linalg.eigh(k.g.double())
+        ea, ua = eigh(k.a)
+        eg, ug = eigh(k.g)
         s = eg.clamp_min(0)[..., :, None] * ea.clamp_min(0)[..., None, :]
         dt = k.a.dtype
         return cls(ua.to(dt).contiguous(), ug.to(dt).contiguous(), s.to(dt), k.layout)
