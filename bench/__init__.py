@@ -1,0 +1,1 @@
+"""Speed benchmarks of fimntk against its peers (see ``bench/README.md``)."""
