@@ -21,7 +21,7 @@ lint:
 bench: install
 	$(PIP) install --quiet -e ".[bench]"
 	$(PIP) install --quiet --no-deps nngeometry==0.4 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1
-	$(PIP) install --quiet einops einconv unfoldNd opt_einsum
+	$(PIP) install --quiet einops einconv unfoldNd opt_einsum linear-operator
 	$(PYTHON) -m bench.core
 	$(PYTHON) -m bench.representations
 	$(PYTHON) -m bench.accuracy
