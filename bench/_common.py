@@ -274,14 +274,26 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
                    help="regular expression searched in each case's 'quantity|workload|tool' key, "
                         "e.g. '^ntk' or 'diag\\|W2'")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads; default: torch's own, or 1 when other processes "
+                        "load the machine (load average ≥ 1); 0 forces torch's own")
     p.add_argument("--no-csv", dest="csv", action="store_false")
     a = p.parse_args(argv)
     repeats = a.repeats or int(os.environ.get(REPEATS_ENV, 0)) or (1 if a.quick else 3)
     memory = (not a.quick) if a.memory is None else a.memory
+    threads = a.threads
+    if threads is None and a.device == "cpu" and _load() >= 1.0:
+        threads = 1
     return Settings(quick=a.quick, repeats=max(1, repeats), warmup=max(0, a.warmup),
-                    memory=memory, only=a.only, device=a.device, threads=a.threads,
+                    memory=memory, only=a.only, device=a.device, threads=threads or None,
                     csv=a.csv)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
 
 
 # ----- timing and memory ---------------------------------------------------------------------
@@ -644,7 +656,7 @@ def report(rows: list[Row], targets: list[Target], settings: Settings, name: str
            title: str) -> None:
     """Print the results table and the target summary; write the CSV."""
     mode = "quick" if settings.quick else "full"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = _load()
     print(f"\n## {title} ({mode} mode; torch {torch.__version__}, {settings.device}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load {load:.1f}; median "
           f"of {settings.repeats} run(s) after {settings.warmup} warm-up)\n")
@@ -661,18 +673,16 @@ def report(rows: list[Row], targets: list[Target], settings: Settings, name: str
         print(f"\n(csv: {path.relative_to(OUT_DIR.parent.parent)})")
 
 
-def check_load() -> None:
-    """Warn when other processes keep the cores busy: timings are then unreliable, and torch's
-    OpenMP threads, spinning against each other, can slow a small pass a hundredfold."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return
-    cores = os.cpu_count() or 1
-    if load > cores:
-        print(f"WARNING: load average {load:.1f} on {cores} cores: timings are unreliable; "
-              "with torch's default threads a 1 ms pass can take 300 ms here, consider "
-              "--threads 1", file=sys.stderr, flush=True)
+def check_load(settings: Settings) -> None:
+    """Say when other processes keep the cores busy: timings are then noisy, and torch's OpenMP
+    threads, spinning against the other processes, can slow a 1 ms pass a hundredfold (seen:
+    300×); hence one thread by default on a loaded machine."""
+    load, cores = _load(), os.cpu_count() or 1
+    if load >= 1.0:
+        print(f"NOTE: load average {load:.1f} on {cores} cores before the start: timings are "
+              f"noisy; torch threads = {torch.get_num_threads()}"
+              + (" (chosen: 1 on a loaded machine; --threads N to override)"
+                 if settings.threads == 1 else ""), file=sys.stderr, flush=True)
 
 
 def main(module: str, name: str, title: str, build_cases: Callable[[Settings], list[Case]],
@@ -682,7 +692,7 @@ def main(module: str, name: str, title: str, build_cases: Callable[[Settings], l
     settings = parse_args(title, argv, memory_default)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    check_load()
+    check_load(settings)
     rows = run_suite(build_cases(settings), settings, module)
     report(rows, targets, settings, name, title)
     return rows

@@ -34,7 +34,7 @@ def _workloads(settings: Settings) -> dict[str, Workload]:
         return {"W1": W1, "W2": W2, "W3": W3, "W4": W4}
     # quick: the dense and block-diagonal peers cost ~10 s per 1000 examples, torch.func's
     # diagonal of W2 ~60 s per 1000 on one core
-    return {"W1": W1.scaled(100), "W2": W2.scaled(100), "W3": W3.scaled(128), "W4": W4}
+    return {"W1": W1.scaled(100), "W2": W2.scaled(100), "W3": W3.scaled(64), "W4": W4}
 
 
 def build_cases(settings: Settings) -> list[Case]:

@@ -28,7 +28,7 @@ TARGETS = [Target(q, w) for q in ("kfac", "ekfac", "diag", "diag-mc", "kfac-mc",
 
 def _workloads(settings: Settings) -> list[Workload]:
     if settings.quick:
-        return [W2.scaled(500), W3.scaled(128)]
+        return [W2.scaled(500), W3.scaled(64)]
     return [W2, W3]
 
 
