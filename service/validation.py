@@ -73,6 +73,8 @@ def lab_builders(modules: tuple[str, ...]) -> frozenset[str]:
     """
     names: set[str] = set()
     for module_name in modules:
+        # Allowlist: only module names from the server's own configuration
+        # (FIMNTK_BUILDER_MODULES), never a name a user sends.
         module = importlib.import_module(module_name)
         names.update(getattr(module, "BUILDERS", {}))
     return frozenset(names)

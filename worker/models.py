@@ -122,6 +122,7 @@ def load_builders(modules: Iterable[str]) -> dict[str, Builder]:
     """
     registry: dict[str, Builder] = {}
     for module_name in modules:
+        # Allowlist: module names come from the server configuration only, never from a job.
         registry.update(getattr(importlib.import_module(module_name), "BUILDERS", {}))
     registry.update(BUILTIN_BUILDERS)
     return registry
