@@ -40,10 +40,13 @@ def folded_outer(bj: BatchJacobian, name: str) -> tuple[Tensor, Tensor] | None:
     if not hasattr(kernel, "outer") or kernel.mat_layout() is None:
         return None
     x, gy = bj.captured[name]
-    a, g = kernel.outer(x, gy)
-    if kernel.mat_layout().bias:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-    return a, g
+    a = bj.cache.get(("folded_inputs", name))
+    if a is None:
+        a = kernel.inputs(x)
+        if kernel.mat_layout().bias:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        bj.cache[("folded_inputs", name)] = a
+    return a, kernel.output_grads(x, gy)
 
 
 def mat_grads(bj: BatchJacobian, name: str, layout: MatLayout) -> Tensor:
@@ -117,29 +120,56 @@ class DiagAcc(Accumulator):
 
 
 class KronAcc(Accumulator):
-    """KFAC factors ``(A, G)`` of one layer (see the module docstring for the conventions)."""
+    """KFAC factors ``(A, G)`` of one layer (see the module docstring for the conventions).
+
+    The bias is folded in without building ``ã = [a; 1]``: ``A`` is bordered by ``Σ a`` and the
+    count of positions, ``[[Σ a aᵀ, Σ a], [Σ aᵀ, Σ 1]]``.
+    """
 
     def __init__(self, name: str, approx: str = "expand") -> None:
         super().__init__(name)
         self.approx = approx
         self.a: Tensor | None = None
+        self.a_sum: Tensor | None = None
+        self.count = 0
         self.g: Tensor | None = None
         self.t = 1
+        self.bias = False
 
     def update(self, bj: BatchJacobian) -> None:
-        a, g = folded_outer(bj, self.name)
-        if self.approx == "reduce" and a.shape[2] > 1:
-            a = a.mean(dim=2, keepdim=True)
+        kernel = bj.kernels[self.name]
+        x, gy = bj.captured[self.name]
+        reduce = self.approx == "reduce"
+        if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
+            a = kernel.inputs(x)
+            self.t = a.shape[2]
+            if reduce and a.shape[2] > 1:
+                a = a.mean(dim=2, keepdim=True)
+            self.a = sum_gram(a, self.a)
+            self.bias = kernel.mat_layout().bias
+            if self.bias:
+                s = a.sum(dim=(0, 2))
+                self.a_sum = s if self.a_sum is None else self.a_sum + s
+                self.count += a.shape[0] * a.shape[2]
+        g = kernel.output_grads(x, gy)
+        if reduce and g.shape[3] > 1:
             g = g.sum(dim=3, keepdim=True)
-        self.t = a.shape[2]
-        self.a = sum_gram(a, self.a)
         self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
-        lower = self.a.shape[0] == 1 and self.t == 1
-        a = finish_gram(self.a, lower).div_(n)
-        g = finish_gram(self.g, lower).div_(n * self.t)
-        return a, g
+        t = 1 if self.approx == "reduce" else self.t
+        lower = self.a.shape[0] == 1 and t == 1
+        a = finish_gram(self.a, lower)
+        if self.bias:
+            grp, p = self.a_sum.shape
+            bordered = a.new_empty(grp, p + 1, p + 1)
+            bordered[:, :p, :p] = a
+            bordered[:, :p, p] = self.a_sum
+            bordered[:, p, :p] = self.a_sum
+            bordered[:, p, p] = self.count
+            a = bordered
+        g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(n * t)
+        return a.div_(n), g
 
 
 class QuasiDiagAcc(Accumulator):

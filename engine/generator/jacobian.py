@@ -1,16 +1,18 @@
 """The Jacobian generator: per-example gradients of pseudo-outputs, a batch at a time.
 
 For each batch the generator runs one forward pass with hooks on the fast-path modules, forms the
-pseudo-output weights ``(K, n, c)`` (see :mod:`engine.generator.outputs`) and runs one batched
-backward pass (``is_grads_batched``) to the captured module outputs. Kernels then turn
-``(input, output gradient)`` into per-layer quantities. Layers without a kernel — custom modules,
-attention's ``in_proj_weight``, a module used twice in one forward, tied weights, parameters used
-outside their module's own forward — take the ``torch.func`` path: per-example Jacobians via
-``vmap(jacrev(functional_call))``. :attr:`Jacobian.paths` says which path each layer took.
+pseudo-output weights ``(K, n, c)`` (see :mod:`engine.generator.outputs`) and runs one backward
+pass per pseudo-output to the captured module outputs, yielded in memory-bounded chunks. Kernels
+then turn ``(input, output gradient)`` into per-layer quantities. Layers without a kernel —
+custom modules, attention's ``in_proj_weight``, a module used twice in one forward, tied weights,
+parameters used outside their module's own forward — take the ``torch.func`` path: per-example
+Jacobians via ``vmap(jacrev(functional_call))``. :attr:`Jacobian.paths` says which path each layer
+took.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -29,6 +31,12 @@ HOOKS = "hooks"
 FALLBACK = "torch.func"
 
 Progress = Callable[[int, "int | None", str], None]
+
+#: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`).
+K_CHUNK_BYTES = 1 << 25
+
+#: Verification outcomes: ``{model: {key: (layers that passed, layers moved to torch.func)}}``.
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _FunctionModule(nn.Module):
@@ -62,14 +70,19 @@ class BatchJacobian:
 
     Attributes:
         n: examples in the batch.
-        k: pseudo-outputs per example.
+        k: pseudo-outputs per example in this chunk.
+        first: whether this is the batch's first chunk of pseudo-outputs (statistics of the
+            inputs alone, e.g. KFAC's ``A``, are added only then).
+        cache: shared by the chunks of one batch (e.g. the unfolded inputs of a convolution).
     """
 
     def __init__(self, n: int, k: int, kernels: dict[str, LayerKernel],
                  captured: dict[str, tuple[Tensor, Tensor]], fallback: dict[str, Tensor],
                  layer_collection: LayerCollection, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, first: bool = True, cache: dict | None = None) -> None:
         self.n, self.k = n, k
+        self.first = first
+        self.cache = {} if cache is None else cache
         self.kernels, self.captured, self.fallback = kernels, captured, fallback
         self.layer_collection = layer_collection
         self.dtype, self.device = dtype, device
@@ -139,6 +152,7 @@ class Jacobian:
         self._kernels = self._select_kernels()
         self._clone: set[str] = set()
         self._verified = False
+        self._function_key = "default" if function is None else function
         self._wrapper = _FunctionModule(model, self.function)
         self.n_examples = 0
 
@@ -257,16 +271,24 @@ class Jacobian:
         return out
 
     def _backward(self, out: Tensor, ys: list[Tensor], weights: Tensor, retain: bool) -> list:
-        try:
-            return list(torch.autograd.grad(out, ys, grad_outputs=weights, retain_graph=retain,
-                                            is_grads_batched=True, allow_unused=True))
-        except RuntimeError:
-            grads = [torch.autograd.grad(out, ys, grad_outputs=w, retain_graph=True,
-                                         allow_unused=True) for w in weights]
-            return [None if grads[0][j] is None else torch.stack([g[j] for g in grads])
-                    for j in range(len(ys))]
+        """``∂(w_k · out)/∂y`` for each pseudo-output k: one plain backward pass per k.
 
-    def _run_batch(self, batch: tuple) -> BatchJacobian:
+        A loop of K ordinary passes is faster on the CPU than one ``is_grads_batched`` pass
+        (whose vmapped backward kernels materialise K copies of every intermediate gradient)."""
+        k = weights.shape[0]
+        grads = [torch.autograd.grad(out, ys, grad_outputs=weights[i],
+                                     retain_graph=retain or i < k - 1, allow_unused=True)
+                 for i in range(k)]
+        if k == 1:
+            return list(grads[0])
+        return [None if grads[0][j] is None else torch.stack([g[j] for g in grads])
+                for j in range(len(ys))]
+
+    def _forward_batch(self, batch: tuple) -> tuple[Tensor, Tensor, ForwardCapture]:
+        """Forward pass with hooks; settles the layers' paths (see :meth:`_verify`).
+
+        Returns the outputs ``(n, c)``, the pseudo-output weights ``(K, n, c)`` and the capture.
+        """
         fast = {n: self._modules[n] for n in self._kernels}
         while True:
             capture = ForwardCapture(fast, counted=self._modules, clone=self._clone)
@@ -282,54 +304,117 @@ class Jacobian:
                 self._clone |= inplace
                 continue
             break
-        n = out.shape[0]
         weights = self.pseudo_outputs(out.detach(), batch)
-        names = list(fast)
-        captured = {}
-        if names:
-            ys = [capture.captures[nm][0].y for nm in names]
-            verify = not self._verified
-            gys = self._backward(out, ys, weights, retain=verify)
-            for nm, gy in zip(names, gys):
-                x = capture.captures[nm][0].x
-                if gy is None:
-                    gy = torch.zeros(weights.shape[0], *ys[names.index(nm)].shape,
-                                     dtype=out.dtype, device=out.device)
-                captured[nm] = (x, gy)
-            if verify:
-                self._verify(out, weights, captured)
-                self._verified = True
+        if fast and not self._verified:
+            self._verify(out, weights, capture)
+        self._verified = True
+        return out, weights, capture
+
+    def _run_batch(self, batch: tuple, split: bool = True) -> Iterator[BatchJacobian]:
+        """One forward pass, then the batch's :class:`BatchJacobian` in chunks of pseudo-outputs.
+
+        With ``split``, each chunk holds as many pseudo-outputs as fit in
+        :data:`K_CHUNK_BYTES` of output gradients (at least one), so memory does not grow with
+        K; chunks of one batch share :attr:`BatchJacobian.cache` and only the first has
+        ``first=True``. Without it, one chunk holds all K.
+        """
+        out, weights, capture = self._forward_batch(batch)
+        n, k = out.shape[0], weights.shape[0]
+        names = list(self._kernels)
+        ys = [capture.captures[nm][0].y for nm in names]
+        xs = [capture.captures[nm][0].x for nm in names]
         fallback_names = [e.name for e in self.layer_collection if e.name not in self._kernels]
         fallback = self._fallback_grads(batch, fallback_names, weights)
-        captured = {k: v for k, v in captured.items() if k in self._kernels}
-        return BatchJacobian(n, weights.shape[0], self._kernels, captured, fallback,
-                             self.layer_collection, out.dtype, out.device)
+        step = k
+        if split and ys:
+            per_k = sum(y.numel() for y in ys) * out.element_size()
+            step = max(1, min(k, K_CHUNK_BYTES // max(1, per_k)))
+        cache: dict = {}
+        for s in range(0, k, step):
+            e = min(s + step, k)
+            captured = {}
+            if ys:
+                gys = self._backward(out, ys, weights[s:e], retain=e < k)
+                for nm, x, y, gy in zip(names, xs, ys, gys):
+                    if gy is None:
+                        gy = y.new_zeros(e - s, *y.shape)
+                    elif gy.dim() == y.dim():
+                        gy = gy.unsqueeze(0)
+                    captured[nm] = (x, gy)
+            yield BatchJacobian(n, e - s, self._kernels, captured,
+                                {nm: f[s:e] for nm, f in fallback.items()},
+                                self.layer_collection, out.dtype, out.device,
+                                first=s == 0, cache=cache)
 
-    def _verify(self, out: Tensor, weights: Tensor, captured: dict) -> None:
-        """Check, on the first batch, that each hooked layer's parameters are used only by the
-        layer's own forward: the hooks' summed gradient must equal autograd's. A layer that fails
-        (its weight also used elsewhere) moves to the ``torch.func`` path."""
+    def _verify_key(self) -> tuple:
+        params = self.layer_collection.parameters(self.model)
+        return (self._function_key, tuple(e.name for e in self.layer_collection),
+                tuple(id(p) for p in params))
+
+    def _apply_known(self) -> bool:
+        """Apply a remembered verification if it covers every hooked layer; say whether it did."""
+        known = _VERIFIED.get(self.model, {}).get(self._verify_key())
+        if known is None or not set(self._kernels) <= known[0] | known[1]:
+            return False
+        for nm in known[1] & set(self._kernels):
+            self._kernels.pop(nm)
+        return True
+
+    def settle_paths(self, batch: tuple) -> None:
+        """Make :attr:`paths` final before a pass that does not run :meth:`batches` (e.g. the
+        forward-mode products of ``PMatImplicit``): from the remembered verification of this
+        model when there is one, else by a forward pass and the check on ``batch``. Layers called
+        twice or never are still found on each pass by the caller."""
+        if self._verified:
+            return
+        if self._apply_known():
+            self._verified = True
+            return
+        with torch.enable_grad():
+            self._forward_batch(batch)
+
+    def _verify(self, out: Tensor, weights: Tensor, capture: ForwardCapture) -> None:
+        """Check that each hooked layer's parameters are used only by the layer's own forward:
+        on a random combination ``Σ_k r_k w_k`` of the pseudo-outputs, the hooks' summed gradient
+        must equal autograd's (one extra backward pass). A layer that fails (its weight also used
+        elsewhere) moves to the ``torch.func`` path. The outcome is remembered per model,
+        function and layer collection, so later metrics on the same model skip the check."""
+        if self._apply_known():
+            return
         gen = torch.Generator().manual_seed(0)
         r = torch.randn(weights.shape[0], generator=gen, dtype=weights.dtype).to(weights.device)
-        names = list(captured)
+        names = list(self._kernels)
+        ys = [capture.captures[nm][0].y for nm in names]
         params = [p for nm in names for _, p in self._kernels[nm].parameters()]
-        true = torch.autograd.grad(out, params, grad_outputs=torch.einsum("k,knc->nc", r, weights),
-                                   allow_unused=True)
-        i = 0
-        for nm in names:
+        grads = torch.autograd.grad(out, ys + params,
+                                    grad_outputs=torch.einsum("k,knc->nc", r, weights),
+                                    retain_graph=True, allow_unused=True)
+        gys, true = grads[:len(ys)], grads[len(ys):]
+        i, failed = 0, set()
+        for nm, y, gy in zip(names, ys, gys):
             kernel = self._kernels[nm]
-            x, gy = captured[nm]
-            hooked = kernel.grad_sum(x, torch.einsum("k,k...->...", r, gy).unsqueeze(0))
+            kp = kernel.parameters()
             ref = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                             for g, (_, p) in zip(true[i:i + len(kernel.parameters())],
-                                                  kernel.parameters())])
-            i += len(kernel.parameters())
+                             for g, (_, p) in zip(true[i:i + len(kp)], kp)])
+            i += len(kp)
+            gy = torch.zeros_like(y) if gy is None else gy
+            hooked = kernel.grad_sum(capture.captures[nm][0].x, gy.unsqueeze(0))
             tol = 1e-4 if ref.dtype == torch.float32 else 1e-9
             if not torch.allclose(hooked, ref, rtol=tol * 10, atol=tol * (ref.abs().max() + 1)):
-                self._kernels.pop(nm)
+                failed.add(nm)
+        for nm in failed:
+            self._kernels.pop(nm)
+        try:
+            store = _VERIFIED.setdefault(self.model, {})
+        except TypeError:  # a model that cannot be weakly referenced is verified every time
+            return
+        ok0, failed0 = store.get(self._verify_key(), (frozenset(), frozenset()))
+        store[self._verify_key()] = (ok0 | (set(names) - failed), failed0 | failed)
 
-    def batches(self, loader: Iterable, stage: str = "jacobian") -> Iterator[BatchJacobian]:
-        """Yield a :class:`BatchJacobian` per batch; counts examples in :attr:`n_examples`."""
+    def batches(self, loader: Iterable, stage: str = "jacobian",
+                split: bool = True) -> Iterator[BatchJacobian]:
+        """Yield :class:`BatchJacobian` chunks (see :meth:`_run_batch`); counts examples in
+        :attr:`n_examples`. ``split=False`` yields one chunk with all pseudo-outputs per batch."""
         total = None
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__"):
@@ -342,13 +427,14 @@ class Jacobian:
         try:
             for raw in loader:
                 batch = self._prepare(raw)
-                bj = self._run_batch(batch)
-                self.n_examples += bj.n
+                for bj in self._run_batch(batch, split):
+                    if bj.first:
+                        self.n_examples += bj.n
+                    yield bj
                 if bar is not None:
                     bar.update(bj.n)
                 if self.progress is not None:
                     self.progress(self.n_examples, total, stage)
-                yield bj
         finally:
             if bar is not None:
                 bar.close()
@@ -358,8 +444,8 @@ class Jacobian:
     # ----- aggregates ----------------------------------------------------------------------
     def get_jacobian(self, loader: Iterable) -> Tensor:
         """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised)."""
-        return check_finite(torch.cat([bj.grads() for bj in self.batches(loader)], dim=1),
-                            "Jacobian")
+        return check_finite(torch.cat([bj.grads() for bj in self.batches(loader, split=False)],
+                                      dim=1), "Jacobian")
 
     def get_covariance_matrix(self, loader: Iterable) -> Tensor:
         """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
@@ -392,7 +478,7 @@ class Jacobian:
 
     def get_gram_matrix(self, loader: Iterable) -> Tensor:
         """``K[k,i,l,j] = ⟨g_{k,i}, g_{l,j}⟩`` summed over layers: ``(K, n, K, n)``."""
-        batches = list(self.batches(loader, "gram"))
+        batches = list(self.batches(loader, "gram", split=False))
         k = batches[0].k
         n = sum(b.n for b in batches)
         gram = torch.zeros(k, n, k, n, dtype=batches[0].dtype, device=batches[0].device)
@@ -426,13 +512,18 @@ class Jacobian:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         return check_finite(total / n, "mean gradient")
 
-    def accumulate(self, loader: Iterable, accumulators: list, stage: str = "statistics") -> dict:
+    def accumulate(self, loader: Iterable, accumulators: list | Callable[[], list],
+                   stage: str = "statistics") -> dict:
         """Run each accumulator (see :mod:`engine.generator.covariance`) over the loader in one
-        pass; return ``{layer: statistic / n}``."""
+        pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
+        them, called once the first batch has settled which layers take the hooks."""
+        accs = None if callable(accumulators) else accumulators
         for bj in self.batches(loader, stage):
-            for acc in accumulators:
+            if accs is None:
+                accs = accumulators()
+            for acc in accs:
                 acc.update(bj)
-        out = {acc.name: acc.result(self.n_examples) for acc in accumulators}
+        out = {acc.name: acc.result(self.n_examples) for acc in accs}
         for name, stat in out.items():
             for t in stat if isinstance(stat, tuple) else (stat,):
                 square = t.dim() >= 2 and t.shape[-1] == t.shape[-2]  # PSD: NaN reaches diag
@@ -449,7 +540,8 @@ class Jacobian:
         if self._verified:
             return
         for raw in loader:
-            self._run_batch(self._prepare(raw))
+            with torch.enable_grad():
+                self._forward_batch(self._prepare(raw))
             return
         raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
 

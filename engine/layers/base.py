@@ -31,6 +31,10 @@ class LayerKernel(ABC):
     #: Names of the module attributes holding its parameters, in the engine's order.
     param_attrs: tuple[str, ...] = ("weight", "bias")
 
+    #: Whether the output is ``f(x; W, b) = L_W(x) + b`` with ``L_W`` linear in ``x`` (Linear,
+    #: Conv, ConvTranspose): forward mode then takes ``L_W(t_x)`` for the input's tangent.
+    input_linear: bool = False
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 

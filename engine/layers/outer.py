@@ -32,11 +32,23 @@ _GRAM_MAX_ELEMENTS = 1 << 26
 
 
 class OuterKernel(LayerKernel):
-    """Base of the outer-product layers; subclasses implement :meth:`outer`."""
+    """Base of the outer-product layers; subclasses implement :meth:`inputs` and
+    :meth:`output_grads`."""
+
+    input_linear = True
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """The input side ``a (n, G, T, P)``; it does not depend on the pseudo-output, so
+        callers that see several chunks of pseudo-outputs of one batch compute it once."""
+        raise NotImplementedError
+
+    def output_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        """The output side ``g (K, n, G, T, Q)``."""
+        raise NotImplementedError
 
     def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``a (n, G, T, P)`` and ``g (K, n, G, T, Q)``."""
-        raise NotImplementedError
+        return self.inputs(x), self.output_grads(x, gy)
 
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         """Map ``(..., G, Q, P)`` outer-product gradients to the flat weight ``(..., d_w)``."""
@@ -119,11 +131,11 @@ class LinearKernel(OuterKernel):
         m = self.module
         return MatLayout(1, m.out_features, m.in_features, self.has_bias)
 
-    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
-        n = x.shape[0]
-        a = x.reshape(n, 1, -1, x.shape[-1])
-        g = gy.reshape(gy.shape[0], n, 1, -1, gy.shape[-1])
-        return a, g
+    def inputs(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], 1, -1, x.shape[-1])
+
+    def output_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        return gy.reshape(gy.shape[0], x.shape[0], 1, -1, gy.shape[-1])
 
 
 def _conv_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -166,15 +178,42 @@ class ConvKernel(OuterKernel):
             "stride": _pair(m.stride, sd, 1),
         }
 
-    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+    def inputs(self, x: Tensor) -> Tensor:
         m, sd = self.module, self.spatial_dims
         n, grp = x.shape[0], m.groups
         x, padding = _conv_input(m, x)
         cols = F.unfold(_as_2d(x, sd), **self._unfold_args(padding))  # (n, C_in·kk, T)
-        a = cols.reshape(n, grp, -1, cols.shape[-1]).transpose(2, 3)
-        k = gy.shape[0]
-        g = gy.reshape(k, n, grp, m.out_channels // grp, -1).transpose(3, 4)
-        return a, g
+        return cols.reshape(n, grp, -1, cols.shape[-1]).transpose(2, 3)
+
+    def output_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        m = self.module
+        grp = m.groups
+        return gy.reshape(gy.shape[0], x.shape[0], grp, m.out_channels // grp, -1).transpose(3, 4)
+
+    def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        """Per-example gradients as one grouped weight-gradient convolution per pseudo-output:
+        the n examples become n·G groups, so no ``(n, C_in·kk, T)`` unfolded input is built
+        (the per-example trick of Rochette, Manoel & Tramel 2019, "Efficient per-example
+        gradient computations in convolutional neural networks")."""
+        m, sd = self.module, self.spatial_dims
+        k, n = gy.shape[0], x.shape[0]
+        x, padding = _conv_input(m, x)
+        weight_grad = torch.nn.grad.conv1d_weight if sd == 1 else torch.nn.grad.conv2d_weight
+        xi = x.reshape(1, n * m.in_channels, *x.shape[2:])
+        size = (n * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+        gw = torch.stack([
+            weight_grad(xi, size, gy[i].reshape(1, n * m.out_channels, *gy.shape[3:]),
+                        stride=m.stride, padding=padding, dilation=m.dilation,
+                        groups=n * m.groups).reshape(n, -1)
+            for i in range(k)])
+        if self.has_bias:
+            return torch.cat([gw, gy.reshape(k, n, m.out_channels, -1).sum(dim=3)], dim=2)
+        return gw
+
+    def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
+        if gy[0, 0, 0].numel() == 1:  # one output position: the factored formula
+            return super().sq_grad_sum(x, gy)
+        return LayerKernel.sq_grad_sum(self, x, gy)
 
 
 class Conv1dKernel(ConvKernel):
@@ -205,21 +244,24 @@ class ConvTransposeKernel(OuterKernel):
         return module.padding_mode == "zeros" and all(
             op < s for op, s in zip(module.output_padding, module.stride))
 
-    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+    def inputs(self, x: Tensor) -> Tensor:
+        m = self.module
+        return x.reshape(x.shape[0], m.groups, m.in_channels // m.groups, -1).transpose(2, 3)
+
+    def output_grads(self, x: Tensor, gy: Tensor) -> Tensor:
         m, sd = self.module, self.spatial_dims
         n, grp, k = x.shape[0], m.groups, gy.shape[0]
-        a = x.reshape(n, grp, m.in_channels // grp, -1).transpose(2, 3)
+        positions = x[0, 0].numel()
         cols = F.unfold(_as_2d(gy.reshape(k * n, *gy.shape[2:]), sd),
                         kernel_size=_pair(m.kernel_size, sd, 1),
                         dilation=_pair(m.dilation, sd, 1),
                         padding=_pair(m.padding, sd, 0),
                         stride=_pair(m.stride, sd, 1))
-        if cols.shape[-1] != a.shape[2]:
+        if cols.shape[-1] != positions:
             raise ValueError(
                 f"ConvTranspose output of shape {tuple(gy.shape[2:])} was not produced by its "
                 "output_padding; pass output_padding to the module instead of output_size")
-        g = cols.reshape(k, n, grp, -1, cols.shape[-1]).transpose(3, 4)
-        return a, g
+        return cols.reshape(k, n, grp, -1, cols.shape[-1]).transpose(3, 4)
 
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)
@@ -236,6 +278,7 @@ class EmbeddingKernel(OuterKernel):
     """``nn.Embedding``: ``a`` is the one-hot token, so ``a·a'`` tests token equality."""
 
     param_attrs = ("weight",)
+    input_linear = False
 
     def _layout(self) -> MatLayout:
         m = self.module
@@ -245,14 +288,15 @@ class EmbeddingKernel(OuterKernel):
     def supports(cls, module: nn.Module) -> bool:
         return not module.sparse and module.max_norm is None and not module.scale_grad_by_freq
 
-    def outer(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+    def inputs(self, x: Tensor) -> Tensor:
         m = self.module
-        n, k = x.shape[0], gy.shape[0]
-        a = F.one_hot(x.reshape(n, -1), m.num_embeddings).to(gy.dtype)
+        a = F.one_hot(x.reshape(x.shape[0], -1), m.num_embeddings).to(m.weight.dtype)
         if m.padding_idx is not None:
             a[..., m.padding_idx] = 0
-        g = gy.reshape(k, n, 1, -1, m.embedding_dim)
-        return a.unsqueeze(1), g
+        return a.unsqueeze(1)
+
+    def output_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        return gy.reshape(gy.shape[0], x.shape[0], 1, -1, self.module.embedding_dim)
 
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)

@@ -3,8 +3,9 @@
 Every operation is a pass over the loader:
 
 * ``vTMv(v) = (1/n) Σ_i ‖L_iᵀ J_i v‖²`` with one Jacobian-vector product per batch
-  (forward mode, ``torch.func.jvp``): the cost does not grow with the number of outputs;
-* ``mv(v) = (1/n) Σ_i J_iᵀ H_i (J_i v)``: a JVP then a VJP;
+  (forward mode, :mod:`engine.generator.tangents`): the cost does not grow with the number of
+  outputs;
+* ``mv(v) = (1/n) Σ_i J_iᵀ H_i (J_i v)``: one forward pass carrying the tangent, one backward;
 * ``trace()`` and ``get_diag()`` exactly, from per-example gradients (never ``d × d``);
 * ``solve(v, λ)`` by (preconditioned) conjugate gradients on ``F + λI`` (Hestenes & Stiefel
   1952); any representation with ``solve`` (e.g. KFAC, diagonal) preconditions;
@@ -21,13 +22,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidInputError, UnsupportedOperationError
-from ..generator.hooks import ForwardCapture
 from ..generator.jacobian import check_finite
+from ..generator.tangents import TangentCapture
 from ..vector import PVector
 from .base import PMatAbstract
 
@@ -59,17 +61,15 @@ class PMatImplicit(PMatAbstract):
         self.examples = examples
         sampler = getattr(generator.pseudo_outputs, "generator", None)
         self._sampler_state = sampler.get_state() if sampler is not None else None
-        for raw in examples:
-            batch = generator._prepare(raw)
-            with torch.no_grad():
-                out = generator._forward(batch, ForwardCapture({}))
-            self.n_pseudo = generator.pseudo_outputs(out, batch).shape[0]
-            break
-        else:
-            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         dataset = getattr(examples, "dataset", None)
         self.n_examples = len(dataset) if hasattr(dataset, "__len__") else None
         return {"scale": torch.ones((), dtype=generator.dtype)}
+
+    @property
+    def n_pseudo(self) -> int:
+        """Pseudo-outputs per example (K), read off the first batch."""
+        self._replay()
+        return self.generator.probe(self.examples)[1]
 
     def _new(self, data: Any) -> PMatImplicit:
         out = PMatImplicit.__new__(PMatImplicit)
@@ -94,19 +94,52 @@ class PMatImplicit(PMatAbstract):
             yield gen._prepare(raw)
 
     def _jv(self, batch: tuple, tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Outputs ``(n, c)`` and ``J v`` ``(n, c)`` by forward-mode AD."""
+        """Outputs ``(n, c)`` and ``J v`` ``(n, c)`` by forward-mode AD.
+
+        The hooked layers add their parameters' share through :class:`TangentCapture`; the
+        other layers' parameters are made dual. Under ``torch.enable_grad`` the outputs keep
+        their graph to the parameters (for a following backward pass); ``J v`` never does.
+        """
         gen = self.generator
-        names = list(tangent)
+        gen.settle_paths(batch)
         named = dict(gen.model.named_parameters(remove_duplicate=False))
-        primals = {k: named[k].detach() for k in names}
-
-        def f(p):
-            return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()}, batch)
-
         try:
-            out, jv = jvp(f, (primals,), (tangent,))
+            while True:
+                hooked = {nm: gen._modules[nm] for nm in gen._kernels}
+                per_layer = {nm: {attr: tangent[pn] for (attr, _), pn in
+                                  zip(self.layer_collection[nm].params,
+                                      self.layer_collection[nm].param_names())}
+                             for nm in hooked}
+                dual = [pn for e in self.layer_collection if e.name not in hooked
+                        for pn in e.param_names()]
+                linear = {nm for nm in hooked if gen._kernels[nm].input_linear}
+                capture = TangentCapture(hooked, per_layer, linear, counted=gen._modules)
+                with fwad.dual_level(), capture:
+                    if dual:
+                        swap = {f"model.{pn}": fwad.make_dual(named[pn], tangent[pn])
+                                for pn in dual}
+                        out = functional_call(gen._wrapper, swap, batch)
+                    else:
+                        out = gen.function(*batch)
+                    out, jv = fwad.unpack_dual(out)
+                demote = {nm for nm in hooked if capture.calls.get(nm, 0) != 1}
+                if not demote:
+                    break
+                for nm in demote:  # called twice or never: forward mode through its params
+                    gen._kernels.pop(nm)
         except (NotImplementedError, RuntimeError):
+            primals = {k: named[k].detach() for k in tangent}
+
+            def f(p):
+                return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()},
+                                       batch)
+
             out, jv = _jv_by_double_backward(f, primals, tangent)
+            if torch.is_grad_enabled():
+                out = gen.function(*batch)
+        if jv is None:
+            jv = torch.zeros_like(out)
+        jv = jv.detach()
         if out.dim() == 1:
             out, jv = out.unsqueeze(1), jv.unsqueeze(1)
         return out, jv
@@ -134,22 +167,25 @@ class PMatImplicit(PMatAbstract):
     def vTMv(self, v: PVector) -> Tensor:
         tangent = self._tangent(v)
         total, n = 0.0, 0
-        for batch in self._batches():
-            out, jv = self._jv(batch, tangent)
-            w = self.generator.pseudo_outputs(out.detach(), batch)
-            proj = torch.einsum("knc,nc->kn", w, jv)
-            total = total + (proj * proj).sum()
-            n += out.shape[0]
+        with torch.no_grad():
+            for batch in self._batches():
+                out, jv = self._jv(batch, tangent)
+                w = self.generator.pseudo_outputs(out, batch)
+                proj = torch.einsum("knc,nc->kn", w, jv)
+                total = total + (proj * proj).sum()
+                n += out.shape[0]
         return check_finite(total / n * self._scale, "vTMv")
 
     def mv(self, v: PVector) -> PVector:
+        """``(1/n) Σ_i J_iᵀ H_i (J_i v)``: per batch, one forward pass carrying both the outputs'
+        graph and the tangent ``J v``, then one backward pass."""
         tangent = self._tangent(v)
         gen = self.generator
         params = self.layer_collection.parameters(gen.model)
         total, n = None, 0
         for batch in self._batches():
-            _, jv = self._jv(batch, tangent)
-            out = gen._forward(batch, ForwardCapture({}))
+            with torch.enable_grad():
+                out, jv = self._jv(batch, tangent)
             w = gen.pseudo_outputs(out.detach(), batch)
             u = torch.einsum("knc,kn->nc", w, torch.einsum("knc,nc->kn", w, jv))
             grads = torch.autograd.grad(out, params, grad_outputs=u, allow_unused=True)

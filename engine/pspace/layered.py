@@ -78,20 +78,24 @@ class PMatLayered(PMatAbstract):
         return "dense" if self.layer_collection[name].numel <= DENSE_BLOCK_LIMIT else "diag"
 
     def _compute(self, generator, examples: Iterable) -> dict[str, Block]:
-        generator.finalize_paths(examples)
-        kinds = self._policy(generator)
-        accs = []
-        for name, kind in kinds.items():
-            kernel = generator.kernel(name)
-            if kind in ("kfac", "ekfac"):
-                accs.append(KronAcc(name, self.kfac_approx))
-            elif kind == "quasidiag":
-                accs.append(QuasiDiagAcc(name, kernel.mat_layout()))
-            elif kind == "dense":
-                accs.append(DenseAcc(name))
-            else:
-                accs.append(DiagAcc(name))
-        stats = generator.accumulate(examples, accs, stage=self.name)
+        kinds: dict[str, str] = {}
+
+        def make_accumulators() -> list:  # after the first batch has settled the paths
+            kinds.update(self._policy(generator))
+            accs = []
+            for name, kind in kinds.items():
+                kernel = generator.kernel(name)
+                if kind in ("kfac", "ekfac"):
+                    accs.append(KronAcc(name, self.kfac_approx))
+                elif kind == "quasidiag":
+                    accs.append(QuasiDiagAcc(name, kernel.mat_layout()))
+                elif kind == "dense":
+                    accs.append(DenseAcc(name))
+                else:
+                    accs.append(DiagAcc(name))
+            return accs
+
+        stats = generator.accumulate(examples, make_accumulators, stage=self.name)
         blocks: dict[str, Block] = {}
         for name, kind in kinds.items():
             st = stats[name]
@@ -221,7 +225,6 @@ class PMatEKFAC(PMatLayered):
         if gen is None:
             raise InvalidInputError(
                 "update_diag needs a Jacobian generator: pass generator=Jacobian(model, ...)")
-        gen.finalize_paths(examples)
         accs = []
         for name, blk in self.data.items():
             if isinstance(blk, EKronBlock):

@@ -1,0 +1,122 @@
+"""How the generator runs its passes: chunks of pseudo-outputs, the remembered verification and
+the forward-mode tangents of the hooked layers, each against the ``torch.func`` reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+import engine.layers.outer
+from engine.generator import jacobian as jacobian_module
+from tests import reference as ref
+from tests import zoo
+from tests.engine import _structured_helpers as H
+
+pytestmark = [H.ATTN_WARNING, H.JIT_WARNING]
+
+TOL = 1e-10
+CHUNKED_CASES = ["mlp", "cnn_bn", "convtranspose", "grouped_conv", "embedding", "custom",
+                 "shared_twice"]
+
+
+def _case(name: str) -> zoo.Case:
+    for c in zoo.CASES + zoo.EXTRA_CASES:
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_one_pseudo_output_per_chunk_gives_the_same_matrices(case, monkeypatch):
+    """With chunks of one pseudo-output (a byte budget of 1), every representation that sums
+    over pseudo-outputs equals the reference, and KFAC's input factor is counted once."""
+    model, loader = zoo.build(_case(case))
+    full = ref.fisher(model, loader)
+    unchunked = engine.FIM(model, loader, "kfac")
+    monkeypatch.setattr(jacobian_module, "K_CHUNK_BYTES", 1)
+    ref.assert_close(engine.FIM(model, loader, "dense").to_torch(), full, TOL, "dense")
+    ref.assert_close(engine.FIM(model, loader, "diag").get_diag(), full.diagonal(), TOL, "diag")
+    bd = engine.FIM(model, loader, "blockdiag")
+    for name, (s, e) in ref.layer_offsets(model).items():
+        ref.assert_close(bd.data[name], full[s:e, s:e], TOL, f"block {name}")
+    kfac = engine.FIM(model, loader, "kfac")
+    for name, blk in kfac.data.items():
+        for t_chunked, t_whole in zip(blk.tensors().values(),
+                                      unchunked.data[name].tensors().values()):
+            ref.assert_close(t_chunked, t_whole, TOL, f"KFAC {name}")
+    qd = engine.FIM(model, loader, "quasidiag")
+    ref.assert_close(qd.get_diag(), full.diagonal(), TOL, "quasidiag diagonal")
+    ekfac = engine.FIM(model, loader, "ekfac").update_diag(loader)
+    ref.assert_close(ekfac.trace(), full.trace(), TOL, "EKFAC trace after update_diag")
+
+
+def test_chunks_bound_the_output_gradients_held_at_once(monkeypatch):
+    """A budget of one pseudo-output's gradients yields K chunks per batch, the first flagged."""
+    model, loader = zoo.build(_case("cnn_bn"))
+    monkeypatch.setattr(jacobian_module, "K_CHUNK_BYTES", 1)
+    gen = engine.Jacobian(model, pseudo_outputs=engine.generator.ExactFisher("classif_logits"))
+    chunks = list(gen.batches(loader))
+    c = model(next(iter(loader))[0]).shape[1]
+    assert all(bj.k == 1 for bj in chunks)
+    assert len(chunks) == c * len(loader)
+    assert sum(bj.first for bj in chunks) == len(loader)
+    assert gen.n_examples == len(loader.dataset)
+
+
+class WeightAlsoOutside(nn.Module):
+    """``fc``'s weight also scales the output: hooks alone would miss that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x))) * self.fc.weight.sum()
+
+
+def test_remembered_verification_still_moves_a_weight_used_outside(monkeypatch):
+    torch.manual_seed(0)
+    model = WeightAlsoOutside().double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    expected = ref.fisher(model, loader)
+    first = engine.FIM(model, loader, "dense")
+    assert first.paths == {"fc": "torch.func", "head": "hooks"}
+    checks = []
+    real = engine.layers.outer.OuterKernel.grad_sum
+
+    def counting(self, *args):
+        checks.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(engine.layers.outer.OuterKernel, "grad_sum", counting)
+    for rep in ("dense", "kfac", "implicit"):
+        mat = engine.FIM(model, loader, rep)
+        if rep == "implicit":
+            v = H.rand_pvector(mat, 3)
+            xv = v.get_flat_representation()
+            ref.assert_close(mat.vTMv(v), xv @ expected @ xv, TOL, "implicit vTMv")
+            ref.assert_close(mat.mv(v).get_flat_representation(), expected @ xv, TOL, "mv")
+        elif rep == "dense":
+            ref.assert_close(mat.to_torch(), expected, TOL, "dense, remembered")
+        assert mat.generator.paths == {"fc": "torch.func", "head": "hooks"}
+    assert not checks  # remembered: no second verification pass
+    other = WeightAlsoOutside().double()  # another model is checked afresh
+    assert engine.FIM(other, loader, "diag").paths == {"fc": "torch.func", "head": "hooks"}
+    assert checks
+
+
+@pytest.mark.parametrize("case", zoo.EXTRA_CASES, ids=zoo.EXTRA_CASE_IDS)
+def test_forward_mode_products_on_more_layer_configurations(case):
+    """vᵀFv and Fv of the implicit Fisher (tangents added by the hooks) on padding modes,
+    transposed and 1-d/3-d convolutions, keyword calls, in-place residuals, frozen parts."""
+    model, loader = zoo.build(case, n=7, batch_size=3)
+    full = ref.fisher(model, loader)
+    mat = engine.FIM(model, loader, "implicit")
+    v = H.rand_pvector(mat, 4)
+    xv = v.get_flat_representation()
+    ref.assert_close(mat.vTMv(v), xv @ full @ xv, TOL, "vTMv")
+    ref.assert_close(mat.mv(v).get_flat_representation(), full @ xv, TOL, "mv")
