@@ -130,8 +130,6 @@ class KronAcc(Accumulator):
         super().__init__(name)
         self.approx = approx
         self.a: Tensor | None = None
-        self.a_sum: Tensor | None = None
-        self.count = 0
         self.g: Tensor | None = None
         self.t = 1
         self.bias = False
@@ -145,12 +143,14 @@ class KronAcc(Accumulator):
             self.t = a.shape[2]
             if reduce and a.shape[2] > 1:
                 a = a.mean(dim=2, keepdim=True)
-            self.a = sum_gram(a, self.a)
+            grp, p = a.shape[1], a.shape[3]
             self.bias = kernel.mat_layout().bias
+            if self.a is None:  # the bordered matrix, filled in place (no second copy)
+                self.a = a.new_zeros(grp, p + self.bias, p + self.bias)
+            sum_gram(a, self.a[:, :p, :p])
             if self.bias:
-                s = a.sum(dim=(0, 2))
-                self.a_sum = s if self.a_sum is None else self.a_sum + s
-                self.count += a.shape[0] * a.shape[2]
+                self.a[:, :p, p] += a.sum(dim=(0, 2))
+                self.a[:, p, p] += a.shape[0] * a.shape[2]
         g = kernel.output_grads(x, gy)
         if reduce and g.shape[3] > 1:
             g = g.sum(dim=3, keepdim=True)
@@ -159,15 +159,13 @@ class KronAcc(Accumulator):
     def result(self, n: int) -> tuple[Tensor, Tensor]:
         t = 1 if self.approx == "reduce" else self.t
         lower = self.a.shape[0] == 1 and t == 1
-        a = finish_gram(self.a, lower)
+        a = self.a
         if self.bias:
-            grp, p = self.a_sum.shape
-            bordered = a.new_empty(grp, p + 1, p + 1)
-            bordered[:, :p, :p] = a
-            bordered[:, :p, p] = self.a_sum
-            bordered[:, p, :p] = self.a_sum
-            bordered[:, p, p] = self.count
-            a = bordered
+            p = a.shape[1] - 1
+            finish_gram(a[:, :p, :p], lower)
+            a[:, p, :p] = a[:, :p, p]
+        else:
+            finish_gram(a, lower)
         g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(n * t)
         return a.div_(n), g
 

@@ -33,7 +33,7 @@ FALLBACK = "torch.func"
 Progress = Callable[[int, "int | None", str], None]
 
 #: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`).
-K_CHUNK_BYTES = 1 << 25
+K_CHUNK_BYTES = 1 << 23
 
 #: Verification outcomes: ``{model: {key: (layers that passed, layers moved to torch.func)}}``.
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -54,6 +54,30 @@ class _FunctionModule(nn.Module):
 def default_function(model: nn.Module) -> Callable:
     """The model applied to the first element of each batch."""
     return lambda *batch: model(batch[0])
+
+
+#: Examples of the first batch that :meth:`Jacobian.settle_paths` runs.
+_SETTLE_EXAMPLES = 4
+
+
+def _head(batch: tuple, m: int) -> tuple:
+    """The first ``m`` examples of a batch whose tensors all share their first dimension."""
+    sizes = {t.shape[0] for t in batch if isinstance(t, Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        return batch
+    return tuple(t[:m] if isinstance(t, Tensor) and t.dim() > 0 else t for t in batch)
+
+
+def weighted_grad(out: Tensor, inputs: list[Tensor], weight: Tensor,
+                  retain_graph: bool = False) -> tuple:
+    """``∂⟨w, out⟩/∂inputs`` (a vector-Jacobian product), ``None`` for an unused input.
+
+    Differentiates the scalar ``Σ w ⊙ out`` rather than passing ``grad_outputs``: torch checks a
+    given output gradient with its symbolic-shape machinery, whose first use imports sympy
+    (seconds, and tens of MB of resident memory) — a cost no FIM should pay.
+    """
+    return torch.autograd.grad((out * weight).sum(), inputs, retain_graph=retain_graph,
+                               allow_unused=True)
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:
@@ -87,8 +111,14 @@ class BatchJacobian:
         self.layer_collection = layer_collection
         self.dtype, self.device = dtype, device
 
+    def release(self) -> None:
+        """Drop the captured tensors (the generator calls this once a split chunk is consumed)."""
+        self.captured, self.fallback = {}, {}
+
     def layer_grads(self, name: str) -> Tensor:
-        """Per-example gradients of layer ``name``: ``(K, n, d_l)``."""
+        """Per-example gradients of layer ``name``: ``(K, n, d_l)``.
+
+        (K here and below: the pseudo-outputs of this chunk.)"""
         if name in self.fallback:
             return self.fallback[name]
         if name in self.captured:
@@ -276,13 +306,19 @@ class Jacobian:
         A loop of K ordinary passes is faster on the CPU than one ``is_grads_batched`` pass
         (whose vmapped backward kernels materialise K copies of every intermediate gradient)."""
         k = weights.shape[0]
-        grads = [torch.autograd.grad(out, ys, grad_outputs=weights[i],
-                                     retain_graph=retain or i < k - 1, allow_unused=True)
-                 for i in range(k)]
-        if k == 1:
-            return list(grads[0])
-        return [None if grads[0][j] is None else torch.stack([g[j] for g in grads])
-                for j in range(len(ys))]
+        stacked: list[Tensor | None] = [None] * len(ys)
+        for i in range(k):
+            grads = weighted_grad(out, ys, weights[i], retain_graph=retain or i < k - 1)
+            for j, g in enumerate(grads):
+                if g is None:
+                    continue
+                if k == 1:
+                    stacked[j] = g.unsqueeze(0)
+                    continue
+                if stacked[j] is None:  # written in place: no list of K copies, then a stack
+                    stacked[j] = g.new_empty(k, *g.shape)
+                stacked[j][i] = g
+        return stacked
 
     def _forward_batch(self, batch: tuple) -> tuple[Tensor, Tensor, ForwardCapture]:
         """Forward pass with hooks; settles the layers' paths (see :meth:`_verify`).
@@ -316,7 +352,9 @@ class Jacobian:
         With ``split``, each chunk holds as many pseudo-outputs as fit in
         :data:`K_CHUNK_BYTES` of output gradients (at least one), so memory does not grow with
         K; chunks of one batch share :attr:`BatchJacobian.cache` and only the first has
-        ``first=True``. Without it, one chunk holds all K.
+        ``first=True``; a chunk's tensors are released when the next one is asked for, so a
+        caller must use each chunk before advancing. Without ``split``, one chunk holds all K
+        and is kept intact.
         """
         out, weights, capture = self._forward_batch(batch)
         n, k = out.shape[0], weights.shape[0]
@@ -336,15 +374,18 @@ class Jacobian:
             if ys:
                 gys = self._backward(out, ys, weights[s:e], retain=e < k)
                 for nm, x, y, gy in zip(names, xs, ys, gys):
-                    if gy is None:
-                        gy = y.new_zeros(e - s, *y.shape)
-                    elif gy.dim() == y.dim():
-                        gy = gy.unsqueeze(0)
-                    captured[nm] = (x, gy)
-            yield BatchJacobian(n, e - s, self._kernels, captured,
-                                {nm: f[s:e] for nm, f in fallback.items()},
-                                self.layer_collection, out.dtype, out.device,
-                                first=s == 0, cache=cache)
+                    captured[nm] = (x, y.new_zeros(e - s, *y.shape) if gy is None else gy)
+                del gys
+            bj = BatchJacobian(n, e - s, self._kernels, captured,
+                               {nm: f[s:e] for nm, f in fallback.items()},
+                               self.layer_collection, out.dtype, out.device,
+                               first=s == 0, cache=cache)
+            del captured
+            yield bj
+            if split:  # consumed: free this chunk's gradients before the next backward pass
+                bj.release()
+            del bj
+        cache.clear()
 
     def _verify_key(self) -> tuple:
         params = self.layer_collection.parameters(self.model)
@@ -371,7 +412,10 @@ class Jacobian:
             self._verified = True
             return
         with torch.enable_grad():
-            self._forward_batch(batch)
+            try:  # the structure shows on a few examples; their graph is small
+                self._forward_batch(_head(batch, _SETTLE_EXAMPLES))
+            except InvalidInputError:
+                self._forward_batch(batch)
 
     def _verify(self, out: Tensor, weights: Tensor, capture: ForwardCapture) -> None:
         """Check that each hooked layer's parameters are used only by the layer's own forward:
@@ -386,9 +430,8 @@ class Jacobian:
         names = list(self._kernels)
         ys = [capture.captures[nm][0].y for nm in names]
         params = [p for nm in names for _, p in self._kernels[nm].parameters()]
-        grads = torch.autograd.grad(out, ys + params,
-                                    grad_outputs=torch.einsum("k,knc->nc", r, weights),
-                                    retain_graph=True, allow_unused=True)
+        grads = weighted_grad(out, ys + params, torch.einsum("k,knc->nc", r, weights),
+                              retain_graph=True)
         gys, true = grads[:len(ys)], grads[len(ys):]
         i, failed = 0, set()
         for nm, y, gy in zip(names, ys, gys):
@@ -427,12 +470,15 @@ class Jacobian:
         try:
             for raw in loader:
                 batch = self._prepare(raw)
+                n = 0
                 for bj in self._run_batch(batch, split):
                     if bj.first:
-                        self.n_examples += bj.n
+                        n = bj.n
+                        self.n_examples += n
                     yield bj
+                    del bj
                 if bar is not None:
-                    bar.update(bj.n)
+                    bar.update(n)
                 if self.progress is not None:
                     self.progress(self.n_examples, total, stage)
         finally:
@@ -503,7 +549,7 @@ class Jacobian:
             batch = self._prepare(raw)
             out = self._forward(batch, ForwardCapture({}))
             w = self.pseudo_outputs(out.detach(), batch).sum(dim=0)
-            grads = torch.autograd.grad(out, params, grad_outputs=w, allow_unused=True)
+            grads = weighted_grad(out, params, w)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                               for g, p in zip(grads, params)])
             total = flat if total is None else total + flat

@@ -210,6 +210,18 @@ class ConvKernel(OuterKernel):
             return torch.cat([gw, gy.reshape(k, n, m.out_channels, -1).sum(dim=3)], dim=2)
         return gw
 
+    def grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
+        """The ordinary weight gradient of the summed pseudo-outputs (one convolution)."""
+        m, sd = self.module, self.spatial_dims
+        x, padding = _conv_input(m, x)
+        weight_grad = torch.nn.grad.conv1d_weight if sd == 1 else torch.nn.grad.conv2d_weight
+        g = gy.sum(dim=0)
+        gw = weight_grad(x, m.weight.shape, g, stride=m.stride, padding=padding,
+                         dilation=m.dilation, groups=m.groups).reshape(-1)
+        if self.has_bias:
+            return torch.cat([gw, g.reshape(g.shape[0], m.out_channels, -1).sum(dim=(0, 2))])
+        return gw
+
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         if gy[0, 0, 0].numel() == 1:  # one output position: the factored formula
             return super().sq_grad_sum(x, gy)

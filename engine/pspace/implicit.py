@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidInputError, UnsupportedOperationError
-from ..generator.jacobian import check_finite
+from ..generator.jacobian import check_finite, weighted_grad
 from ..generator.tangents import TangentCapture
 from ..vector import PVector
 from .base import PMatAbstract
@@ -188,7 +188,7 @@ class PMatImplicit(PMatAbstract):
                 out, jv = self._jv(batch, tangent)
             w = gen.pseudo_outputs(out.detach(), batch)
             u = torch.einsum("knc,kn->nc", w, torch.einsum("knc,nc->kn", w, jv))
-            grads = torch.autograd.grad(out, params, grad_outputs=u, allow_unused=True)
+            grads = weighted_grad(out, params, u)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                               for g, p in zip(grads, params)])
             total = flat if total is None else total + flat
