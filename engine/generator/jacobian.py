@@ -245,6 +245,11 @@ class Jacobian:
                 f"the model could not be applied to a batch with tensors of shapes {shapes}: "
                 f"{err}. Make the loader yield inputs of the shape the model expects, or pass "
                 "function= to say how to apply the model to a batch") from err
+        return self.check_outputs(out)
+
+    def check_outputs(self, out) -> Tensor:
+        """Validate the model's outputs: an ``(n, c)`` finite tensor (``(n,)`` becomes
+        ``(n, 1)``) with ``c = n_output`` when given."""
         if not isinstance(out, Tensor):
             raise InvalidInputError(
                 f"the model returned {type(out).__name__}, not a tensor: pass function= "

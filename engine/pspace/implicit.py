@@ -28,6 +28,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidInputError, UnsupportedOperationError
+from ..generator.hooks import ForwardCapture
 from ..generator.jacobian import check_finite, weighted_grad
 from ..generator.tangents import TangentCapture
 from ..vector import PVector
@@ -127,22 +128,25 @@ class PMatImplicit(PMatAbstract):
                     break
                 for nm in demote:  # called twice or never: forward mode through its params
                     gen._kernels.pop(nm)
-        except (NotImplementedError, RuntimeError):
+        except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError) as err:
             primals = {k: named[k].detach() for k in tangent}
 
             def f(p):
                 return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()},
                                        batch)
 
-            out, jv = _jv_by_double_backward(f, primals, tangent)
+            try:
+                out, jv = _jv_by_double_backward(f, primals, tangent)
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                with torch.no_grad():  # bad input: the generator's forward names the fix
+                    gen._forward(batch, ForwardCapture({}))
+                raise err from None
             if torch.is_grad_enabled():
                 out = gen.function(*batch)
         if jv is None:
             jv = torch.zeros_like(out)
-        jv = jv.detach()
-        if out.dim() == 1:
-            out, jv = out.unsqueeze(1), jv.unsqueeze(1)
-        return out, jv
+        return gen.check_outputs(out), check_finite(jv.detach().reshape(out.shape[0], -1),
+                                                    "Jacobian-vector product")
 
     def _tangent(self, v: PVector) -> dict[str, Tensor]:
         """The direction per parameter; an Embedding's ``padding_idx`` row gets no tangent, as

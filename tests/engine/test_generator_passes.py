@@ -120,3 +120,17 @@ def test_forward_mode_products_on_more_layer_configurations(case):
     xv = v.get_flat_representation()
     ref.assert_close(mat.vTMv(v), xv @ full @ xv, TOL, "vTMv")
     ref.assert_close(mat.mv(v).get_flat_representation(), full @ xv, TOL, "mv")
+
+
+def test_implicit_products_validate_the_outputs():
+    """An implicit matrix reads the loader only when operated on; its products then check the
+    outputs like every other representation and name the fix."""
+    model, loader = zoo.build(_case("mlp"))
+    mat = engine.FIM(model, loader, "implicit", n_output=7)
+    v = H.rand_pvector(mat, 1)
+    with pytest.raises(engine.InvalidInputError, match="n_output=7"):
+        mat.vTMv(v)
+    bad = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 3).double()),
+                                      batch_size=3)
+    with pytest.raises(engine.InvalidInputError, match="shapes"):
+        engine.FIM(model, bad, "implicit").mv(v)
