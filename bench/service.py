@@ -2,6 +2,7 @@
 
     python -m bench.service                    # everything
     python -m bench.service --skip-upload      # no 1 GB file
+    python -m bench.service --only-upload      # only the 1 GB upload
 
 1. Submit-to-result overhead of a trivial job (the diagonal FIM trace of a 51-parameter MLP on
    12 examples) with a warm worker: median wall time of POST + long-poll GET + GET result,
@@ -9,7 +10,9 @@
 2. Trivial jobs per second with 1 and 2 workers (``--jobs`` submitted at once, time until all
    are terminal).
 3. Upload of a 1 GB safetensors file: MB/s against the disk's own write speed (1 GB written
-   and fsynced in 1 MiB blocks), and the API's peak RSS before and after. Targets: at least
+   and fsynced in 1 MiB blocks, after the test file itself was fsynced so that its writeback
+   does not slow the probe), the API's peak RSS before and after, and the CPU seconds the API
+   and the client spent. The client sends 4 MiB chunks, as ``client`` does. Targets: at least
    half the disk's speed, flat memory.
 """
 
@@ -32,6 +35,7 @@ import engine
 from bench._stack import deployment, make_user, tiny_spec
 
 MIB = 1024**2
+UPLOAD_CHUNK = 4 * MIB
 
 
 def _in_process_ms(runs: int) -> float:
@@ -106,6 +110,8 @@ def _write_safetensors(path: Path, size: int) -> str:
             out.write(chunk)
             hasher.update(chunk)
             left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
     return "sha256:" + hasher.hexdigest()
 
 
@@ -121,6 +127,12 @@ def _disk_write_mb_s(directory: Path, size: int) -> float:
     elapsed = time.perf_counter() - started
     path.unlink()
     return size / MIB / elapsed
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int, field: str) -> int:
@@ -143,20 +155,26 @@ def upload(size: int) -> dict[str, float]:
 
             def body() -> object:
                 with path.open("rb") as f:
-                    while chunk := f.read(MIB):
+                    while chunk := f.read(UPLOAD_CHUNK):
                         yield chunk
 
+            api_cpu = _cpu_s(stack.api.pid)
+            client_cpu = time.process_time()
             started = time.perf_counter()
             response = httpx.put(f"{stack.url}/v1/blobs/{digest}", content=body(),
                                  headers=headers | {"Content-Length": str(path.stat().st_size)},
                                  timeout=600)
             elapsed = time.perf_counter() - started
+            client_cpu = time.process_time() - client_cpu
+            api_cpu = _cpu_s(stack.api.pid) - api_cpu
             response.raise_for_status()
             rss_after = _rss_kib(stack.api.pid, "VmHWM")
     return {"size_mb": round(size / MIB), "upload_mb_s": round(size / MIB / elapsed, 1),
             "disk_write_mb_s": round(disk, 1),
             "api_peak_rss_before_mb": round(rss_before / 1024, 1),
-            "api_peak_rss_after_mb": round(rss_after / 1024, 1)}
+            "api_peak_rss_after_mb": round(rss_after / 1024, 1),
+            "api_cpu_s": round(api_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+            "seconds": round(elapsed, 2)}
 
 
 def main() -> None:
@@ -164,11 +182,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--upload-mb", type=int, default=1024)
-    parser.add_argument("--skip-upload", action="store_true")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--skip-upload", action="store_true", help="leave out the upload")
+    only.add_argument("--only-upload", action="store_true", help="run only the upload")
     args = parser.parse_args()
-    print("overhead:", overhead(args.runs), flush=True)
-    for workers in (1, 2):
-        print(f"jobs/s with {workers} worker(s):", throughput(workers, args.jobs), flush=True)
+    if not args.only_upload:
+        print("overhead:", overhead(args.runs), flush=True)
+        for workers in (1, 2):
+            print(f"jobs/s with {workers} worker(s):", throughput(workers, args.jobs),
+                  flush=True)
     if not args.skip_upload:
         print("upload:", upload(args.upload_mb * MIB), flush=True)
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import uuid
 from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.errors import (
@@ -44,6 +47,10 @@ _RQ_ENDED = ("failed", "stopped", "canceled")
 #: Fields a reusing job takes from the kept job it names.
 _COMPUTE_FIELDS = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
                    "centering", "dtype", "update_diag")
+#: Finished jobs whose record and public view are kept in memory (oldest dropped first).
+_FINISHED_CACHE_SIZE = 10_000
+#: Safetensors headers of blobs kept in memory for validating submissions.
+_HEADER_CACHE_SIZE = 256
 
 
 class JobService:
@@ -70,6 +77,12 @@ class JobService:
         self.blobs = blobs
         self.artifacts = artifacts
         self.queue = queue
+        # A finished job's record never changes (every update requires a status in flight),
+        # so its last read of a status poll needs neither the database nor Redis again; nor
+        # does a blob's content, so its header is read once for all submissions naming it.
+        self._finished: dict[str, tuple[JobRecord, JobPublic]] = {}
+        self._headers: dict[str, Header] = {}
+        self._cache_lock = threading.Lock()
 
     # -- submission -------------------------------------------------------------------------
 
@@ -197,10 +210,16 @@ class JobService:
         return record
 
     def _blob_header(self, digest: str, user: User, field: str) -> Header:
-        """The validated safetensors header of a blob ``user`` uploaded."""
+        """The validated safetensors header of a blob ``user`` uploaded (remembered: a blob's
+        content never changes)."""
         if not self.records.owns_blob(user, digest) or not self.blobs.exists(digest):
             raise InvalidInputError(f"no blob {digest} uploaded by you", field)
-        return read_header(self.blobs.path(digest), field, self.settings.max_header_bytes)
+        header = self._headers.get(digest)
+        if header is None:
+            header = read_header(self.blobs.path(digest), field, self.settings.max_header_bytes)
+            with self._cache_lock:
+                _bounded_put(self._headers, digest, header, _HEADER_CACHE_SIZE)
+        return header
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -215,19 +234,43 @@ class JobService:
             raise NotFoundError(f"no job {job_id!r}", "job_id")
         return self._reconcile(record)
 
-    def view(self, job_id: str, user: User) -> tuple[JobRecord, JobPublic]:
-        """A job visible to ``user`` and its public view, as :meth:`get` then :meth:`public`
-        but with one database read and at most one light RQ read (status and meta) for a job
-        in flight; RQ's full job is loaded only when RQ failed or stopped it.
+    def _finished_view(self, job_id: str, user: User) -> tuple[JobRecord, JobPublic] | None:
+        """A finished job visible to ``user`` and its public view, from memory, without any
+        I/O (safe on the event loop); ``None`` when not remembered as finished."""
+        entry = self._finished.get(job_id)
+        if entry is None or not _visible(entry[0], user):
+            return None
+        return entry
+
+    async def read(self, job_id: str, user: User) -> tuple[JobRecord, JobPublic]:
+        """:meth:`view` for status polls: a finished job from memory on the event loop (no
+        thread, no I/O), any other in the threadpool.
 
         Raises:
             NotFoundError: Unknown job, or another user's.
         """
+        finished = self._finished_view(job_id, user)
+        if finished is not None:
+            return finished
+        return await run_in_threadpool(self.view, job_id, user)
+
+    def view(self, job_id: str, user: User) -> tuple[JobRecord, JobPublic]:
+        """A job visible to ``user`` and its public view, as :meth:`get` then :meth:`public`
+        but with one database read and at most one light RQ read (status and meta) for a job
+        in flight; RQ's full job is loaded only when RQ failed or stopped it. Finished jobs
+        are remembered (see :meth:`_finished_view`).
+
+        Raises:
+            NotFoundError: Unknown job, or another user's.
+        """
+        cached = self._finished_view(job_id, user)
+        if cached is not None:
+            return cached
         record = self.records.get_job(job_id)
         if record is None or not _visible(record, user):
             raise NotFoundError(f"no job {job_id!r}", "job_id")
         if record.status in TERMINAL:
-            return record, job_public(record, record.progress)
+            return self._remember(record, job_public(record, record.progress))
         try:
             rq_status, meta = self.queue.peek(record.id)
         except QueueUnavailableError:
@@ -236,11 +279,19 @@ class JobService:
             return record, job_public(record, record.progress)
         if rq_status in _RQ_ENDED:
             record = self._reconcile(record)
+            if record.status in TERMINAL:
+                return self._remember(record, self.public(record))
             return record, self.public(record)
         progress = record.progress
         if record.status == "running":
             progress = meta.get("progress", progress)
         return record, job_public(record, progress)
+
+    def _remember(self, record: JobRecord, view: JobPublic) -> tuple[JobRecord, JobPublic]:
+        """Keep a finished job in memory; the pair given."""
+        with self._cache_lock:
+            _bounded_put(self._finished, record.id, (record, view), _FINISHED_CACHE_SIZE)
+        return record, view
 
     def public(self, record: JobRecord) -> JobPublic:
         """The public view of a job, with live progress from RQ while it runs."""
@@ -316,6 +367,14 @@ class JobService:
         if record.status != "succeeded" or record.result is None:
             raise ConflictError(f"job {job_id} is {record.status}, no result", "job_id")
         return result_public(record)
+
+
+def _bounded_put(cache: dict[str, Any], key: str, value: Any, size: int) -> None:
+    """Store ``value`` under ``key``, dropping the oldest entry when ``cache`` holds ``size``."""
+    cache.pop(key, None)
+    if len(cache) >= size:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _visible(record: JobRecord, user: User) -> bool:

@@ -175,17 +175,19 @@ EIGH_FLOAT64_LIMIT = 4096
 
 
 def eigh(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a batch of symmetric matrices, float64 where affordable."""
+    """Eigendecomposition of a batch of symmetric matrices: float64 eigenvalues; eigenvectors in
+    float64 where affordable, else in ``m``'s dtype (no float64 copy of a large basis)."""
     work = m.double() if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m
     evals, evecs = torch.linalg.eigh(work)
-    return evals.double(), evecs.double()
+    return evals.double(), evecs
 
 
 def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
-    """``(m + shift·I)^exponent`` for a batch of symmetric PSD matrices (see :func:`eigh`)."""
+    """``(m + shift·I)^exponent`` for a batch of symmetric PSD matrices (see :func:`eigh`), in
+    the eigenvectors' dtype."""
     evals, evecs = eigh(m)
     evals = (evals.clamp_min(0) + shift.double()[..., None]) ** exponent
-    return (evecs * evals[..., None, :]) @ evecs.transpose(-1, -2)
+    return (evecs * evals.to(evecs.dtype)[..., None, :]) @ evecs.transpose(-1, -2)
 
 
 class KronBlock(Block):

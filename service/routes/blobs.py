@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentUser, StateDep
 from service.errors import NotFoundError, PayloadTooLargeError
@@ -45,10 +46,11 @@ async def put_blob(
 ) -> BlobPublic:
     """Upload a blob as the raw request body (not multipart).
 
-    The body is hashed while it is written to a temporary file, refused past the size cap
-    (413) or when its digest differs from the URL (400), then renamed into place. Memory use
-    does not depend on the size. Uploading a blob the server already holds still requires
-    the body (proof of possession) but writes nothing new.
+    The body is hashed while it is written to a temporary file (by a thread, in 1 MiB
+    pieces, while the next piece arrives), refused past the size cap (413) or when its digest
+    differs from the URL (400), then renamed into place. Memory use does not depend on the
+    size. Uploading a blob the server already holds still requires the body (proof of
+    possession) but writes nothing new.
     """
     check_digest(digest)
     cap = state.settings.max_upload_bytes
@@ -56,7 +58,7 @@ async def put_blob(
     if length is not None and length.isdigit() and int(length) > cap:
         raise PayloadTooLargeError(f"upload exceeds the limit of {cap} bytes", "body")
     size = await state.blobs.write(digest, request.stream(), cap)
-    created = state.records.add_blob(user.id, digest, size)
+    created = await run_in_threadpool(state.records.add_blob, user.id, digest, size)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/blobs/{digest}"
     return BlobPublic(digest=digest, size=size)

@@ -101,7 +101,7 @@ async def get_job(
 ) -> JobPublic:
     """Status, progress, timings, error (problem+json) and links of a job."""
     deadline = time.monotonic() + wait
-    record, view = await run_in_threadpool(state.jobs.view, job_id, user)
+    record, view = await state.jobs.read(job_id, user)
     if record.status in TERMINAL or time.monotonic() >= deadline:
         return view
     return await _long_poll(state, job_id, user, deadline)

@@ -291,9 +291,10 @@ def test_a_model_the_client_cannot_describe_gets_the_registration_message(
 # -- interruptions ----------------------------------------------------------------------------
 
 def _slow() -> tuple[nn.Module, DataLoader]:
-    """A dense FIM that takes the worker tens of seconds."""
+    """A dense FIM that takes the worker tens of seconds (d = 7,946: each batch of 50 adds a
+    rank-500 update to a 7,946² matrix, ~0.3 s on one core, 80 batches)."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10)).eval()
+    model = nn.Sequential(nn.Linear(20, 256), nn.Tanh(), nn.Linear(256, 10)).eval()
     inputs = torch.randn(4000, 20, generator=torch.Generator().manual_seed(4))
     return model, DataLoader(TensorDataset(inputs), batch_size=50)
 

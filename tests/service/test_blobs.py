@@ -1,12 +1,20 @@
-"""Uploads: streaming, digest check, size cap, HEAD, ownership, authentication."""
+"""Uploads: streaming, digest check, size cap, HEAD, ownership, authentication, and the
+store's chunked hashing and writing with cleanup on failure."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import ClientDisconnect
 
 from service.config import Settings
+from service.errors import BadRequestError, PayloadTooLargeError
+from service.storage.blobs import WRITE_CHUNK, LocalBlobStore
 from tests.service.conftest import MAX_UPLOAD, auth, digest_of
 
 
@@ -96,3 +104,40 @@ def test_healthz_and_openapi(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert "examples" in schema["components"]["schemas"]["JobCreate"]
     assert "/v1/jobs/{job_id}/cancel" in schema["paths"]
+
+
+def _pieces(body: bytes, fail_after: int | None = None) -> AsyncIterator[bytes]:
+    """``body`` in 64 KiB pieces, as the server receives it; a disconnect after
+    ``fail_after`` bytes when given."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 65536):
+            if fail_after is not None and start >= fail_after:
+                raise ClientDisconnect()
+            yield body[start:start + 65536]
+
+    return pieces()
+
+
+def test_store_streams_several_write_chunks(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    body = os.urandom(2 * WRITE_CHUNK + 12345)
+    digest = digest_of(body)
+    assert asyncio.run(store.write(digest, _pieces(body), len(body))) == len(body)
+    assert store.path(digest).read_bytes() == body
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("case", ["too-large", "disconnect", "wrong-digest"])
+def test_store_leaves_nothing_on_failure(tmp_path: Path, case: str) -> None:
+    store = LocalBlobStore(tmp_path)
+    body = os.urandom(2 * WRITE_CHUNK + 12345)
+    digest = digest_of(b"other" if case == "wrong-digest" else body)
+    cap = WRITE_CHUNK + 1 if case == "too-large" else len(body)
+    fail_after = WRITE_CHUNK + 65536 if case == "disconnect" else None
+    expected = {"too-large": PayloadTooLargeError, "disconnect": ClientDisconnect,
+                "wrong-digest": BadRequestError}[case]
+    with pytest.raises(expected):
+        asyncio.run(store.write(digest, _pieces(body, fail_after), cap))
+    assert not store.exists(digest)
+    assert os.listdir(tmp_path / "tmp") == []
