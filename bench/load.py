@@ -3,7 +3,7 @@ their status, against the API under uvicorn (``--api-workers`` processes).
 
     python -m bench.load                          # 200 clients, then 50, 60 s each
     python -m bench.load --clients 50 --seconds 5
-    python -m bench.load --api-workers 1          # one API process (default: 2 if 2 cores)
+    python -m bench.load --api-workers 1          # one API process (default: cores + 1)
 
 Each client loops: submit a trivial job, then read its status (``GET /v1/jobs/{id}``) every
 ``--think`` seconds (+-50%, clients starting at random points of the first period, so that they
@@ -296,8 +296,9 @@ def main() -> None:
     parser.add_argument("--think", type=float, default=0.5,
                         help="seconds a client waits between its requests")
     parser.add_argument("--workers", type=int, default=1, help="job workers")
-    parser.add_argument("--api-workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="uvicorn API processes (default: 2, or 1 on a single core)")
+    parser.add_argument("--api-workers", type=int, default=(os.cpu_count() or 1) + 1,
+                        help="uvicorn API processes (default: cores + 1: a process waiting on "
+                             "the database or Redis leaves its core to another)")
     args = parser.parse_args()
     with deployment(args.workers, FIMNTK_API_WORKERS=str(args.api_workers)) as stack:
         key, blobs = make_user(stack)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -259,7 +260,13 @@ class _BlobOwnerRow(_Base):
 
 class _JobRow(_Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner_id", "idempotency_key", name="uq_job_idem"),)
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_job_idem"),
+        # every submission counts the owner's jobs in flight and looks for a kept result: both
+        # stay index lookups however many jobs the owner has run (migration 0003)
+        Index("ix_jobs_owner_status", "owner_id", "status"),
+        Index("ix_jobs_kept_lookup", "owner_id", "rep_key", "kept", "status", "created_at"),
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(40), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)

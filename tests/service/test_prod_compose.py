@@ -79,6 +79,12 @@ def test_workers_get_time_to_finish_their_job(compose: dict[str, Any]) -> None:
         assert _seconds(service["stop_grace_period"]) > limit, name
 
 
+def test_the_api_wins_the_cpu_over_the_workers(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"].get("cpu_shares", 1024)  # Docker's default weight
+    for name, service in _workers(compose).items():
+        assert service.get("cpu_shares", 1024) < api, name
+
+
 def test_dockerfiles() -> None:
     api = (REPO / "docker" / "Dockerfile.api").read_text()
     worker = (REPO / "docker" / "Dockerfile.worker").read_text()

@@ -103,8 +103,9 @@ def test_migrations_are_idempotent_and_concurrent(url: str) -> None:
 def test_a_database_made_before_migrations_is_adopted(url: str) -> None:
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     _Base.metadata.create_all(engine)  # how the schema was made before Alembic...
-    with engine.begin() as connection:  # ...without the index revision 0002 adds
-        connection.execute(text("DROP INDEX ix_jobs_finished_at"))
+    with engine.begin() as connection:  # ...without the indexes revisions 0002 and 0003 add
+        for index in ("ix_jobs_finished_at", "ix_jobs_owner_status", "ix_jobs_kept_lookup"):
+            connection.execute(text(f"DROP INDEX {index}"))
     assert migrate.current_revision(engine) is None
     store = SqlRecordStore(url)
     store.create_user("bob", "b" * 64)
