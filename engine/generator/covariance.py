@@ -113,7 +113,8 @@ class DiagAcc(Accumulator):
 
     def update(self, bj: BatchJacobian) -> None:
         s = bj.layer_sq_sum(self.name)
-        self.total = s if self.total is None else self.total + s
+        if s is not None:  # None: the batch's sum comes with its last chunk
+            self.total = s if self.total is None else self.total + s
 
     def result(self, n: int) -> Tensor:
         return self.total / n
@@ -183,7 +184,9 @@ class QuasiDiagAcc(Accumulator):
         fo = folded_outer(bj, self.name)
         if fo is not None and fo[0].shape[2] == 1:
             a, g = fo[0][:, :, 0], fo[1][:, :, :, 0]  # (n, G, P+1), (K, n, G, Q)
-            g2 = (g * g).sum(0)  # (n, G, Q)
+            g2 = bj.batch_sum(("quasidiag", self.name), (g * g).sum(0))  # (n, G, Q)
+            if g2 is None:
+                return
             d = torch.einsum("ngq,ngp->gqp", g2, a * a)
             c = torch.einsum("ngq,ngp->gqp", g2, a[..., :-1])
         else:
@@ -209,9 +212,12 @@ class EigenDiagAcc(Accumulator):
         fo = folded_outer(bj, self.name)
         if fo is not None and fo[0].shape[2] == 1:
             a, g = fo[0][:, :, 0], fo[1][:, :, :, 0]
-            ra = torch.einsum("ngp,gpr->ngr", a, self.u_a)
             rg = torch.einsum("kngq,gqs->kngs", g, self.u_g)
-            s = torch.einsum("kngs,ngr->gsr", rg * rg, ra * ra)
+            rg2 = bj.batch_sum(("eigendiag", self.name), (rg * rg).sum(0))  # (n, G, Q)
+            if rg2 is None:
+                return
+            ra = torch.einsum("ngp,gpr->ngr", a, self.u_a)
+            s = torch.einsum("ngs,ngr->gsr", rg2, ra * ra)
         else:
             m = mat_grads(bj, self.name, self.layout)
             r = self.u_g.transpose(-1, -2) @ m @ self.u_a

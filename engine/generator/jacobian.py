@@ -33,7 +33,7 @@ FALLBACK = "torch.func"
 Progress = Callable[[int, "int | None", str], None]
 
 #: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`).
-K_CHUNK_BYTES = 1 << 23
+K_CHUNK_BYTES = 1 << 20
 
 #: Verification outcomes: ``{model: {key: (layers that passed, layers moved to torch.func)}}``.
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -97,19 +97,32 @@ class BatchJacobian:
         k: pseudo-outputs per example in this chunk.
         first: whether this is the batch's first chunk of pseudo-outputs (statistics of the
             inputs alone, e.g. KFAC's ``A``, are added only then).
+        last: whether this is the batch's last chunk (see :meth:`batch_sum`).
         cache: shared by the chunks of one batch (e.g. the unfolded inputs of a convolution).
     """
 
     def __init__(self, n: int, k: int, kernels: dict[str, LayerKernel],
                  captured: dict[str, tuple[Tensor, Tensor]], fallback: dict[str, Tensor],
                  layer_collection: LayerCollection, dtype: torch.dtype,
-                 device: torch.device, first: bool = True, cache: dict | None = None) -> None:
+                 device: torch.device, first: bool = True, last: bool = True,
+                 cache: dict | None = None) -> None:
         self.n, self.k = n, k
-        self.first = first
+        self.first, self.last = first, last
         self.cache = {} if cache is None else cache
         self.kernels, self.captured, self.fallback = kernels, captured, fallback
         self.layer_collection = layer_collection
         self.dtype, self.device = dtype, device
+
+    def batch_sum(self, key: object, part: Tensor) -> Tensor | None:
+        """Sum ``part`` over the chunks of this batch: ``None`` before the last chunk, then the
+        batch's total. Lets a statistic that multiplies a sum over pseudo-outputs by a costly
+        input-side term (e.g. ``Σ_i (Σ_k g²)(a²)ᵀ``) pay for that term once per batch."""
+        total = self.cache.pop(key, None)
+        total = part if total is None else total + part
+        if self.last:
+            return total
+        self.cache[key] = total
+        return None
 
     def release(self) -> None:
         """Drop the captured tensors (the generator calls this once a split chunk is consumed)."""
@@ -131,11 +144,18 @@ class BatchJacobian:
         """Per-example gradients of all layers, flat order: ``(K, n, d)``."""
         return torch.cat([self.layer_grads(e.name) for e in self.layer_collection], dim=2)
 
-    def layer_sq_sum(self, name: str) -> Tensor:
-        """``Σ_{k,i} g_{k,i}²`` for layer ``name``: ``(d_l,)``."""
+    def layer_sq_sum(self, name: str) -> Tensor | None:
+        """``Σ_{k,i} g_{k,i}²`` for layer ``name``: ``(d_l,)``; for a layer with one position per
+        example, the whole batch's sum at its last chunk and ``None`` before (see
+        :meth:`batch_sum`)."""
         if name in self.captured:
             x, gy = self.captured[name]
-            return self.kernels[name].sq_grad_sum(x, gy)
+            kernel = self.kernels[name]
+            part = kernel.sq_output_sum(x, gy)
+            if part is None:
+                return kernel.sq_grad_sum(x, gy)
+            total = self.batch_sum(("sq_output_sum", name), part)
+            return None if total is None else kernel.sq_grad_from_output_sum(x, total)
         g = self.layer_grads(name)
         return (g * g).sum(dim=(0, 1))
 
@@ -384,7 +404,7 @@ class Jacobian:
             bj = BatchJacobian(n, e - s, self._kernels, captured,
                                {nm: f[s:e] for nm, f in fallback.items()},
                                self.layer_collection, out.dtype, out.device,
-                               first=s == 0, cache=cache)
+                               first=s == 0, last=e == k, cache=cache)
             del captured
             yield bj
             if split:  # consumed: free this chunk's gradients before the next backward pass
@@ -509,10 +529,13 @@ class Jacobian:
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
         """Diagonal of the covariance, ``(d,)``."""
-        total = None
+        totals: dict[str, Tensor] = {}
         for bj in self.batches(loader, "diag"):
-            d = torch.cat([bj.layer_sq_sum(e.name) for e in self.layer_collection])
-            total = d if total is None else total + d
+            for e in self.layer_collection:
+                d = bj.layer_sq_sum(e.name)
+                if d is not None:
+                    totals[e.name] = d if e.name not in totals else totals[e.name] + d
+        total = torch.cat([totals[e.name] for e in self.layer_collection])
         return check_finite(total / self.n_examples, "Fisher diagonal")
 
     def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:

@@ -71,6 +71,16 @@ class LayerKernel(ABC):
         return chunked_sq_sum(lambda sl: self.per_example_grads(x[sl], gy[:, sl]), x.shape[0],
                               per_example_numel=gy.shape[0] * self.numel())
 
+    def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
+        """Where the diagonal factors as ``F(x, Σ_k h(gy_k))``, the output-side sum
+        ``Σ_k h(gy_k)``, to be added over chunks of pseudo-outputs and finished by
+        :meth:`sq_grad_from_output_sum`; ``None`` where it does not factor."""
+        return None
+
+    def sq_grad_from_output_sum(self, x: Tensor, total: Tensor) -> Tensor:
+        """``Σ_{k,i} g_{k,i}²`` from the output-side sum of :meth:`sq_output_sum`."""
+        raise NotImplementedError
+
     def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:
         """Inner products of per-example gradients, ``(K, n1, K, n2)``."""
         j1 = self.per_example_grads(x1, gy1)

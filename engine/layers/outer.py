@@ -92,15 +92,30 @@ class OuterKernel(LayerKernel):
         return w
 
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
+        part = self.sq_output_sum(x, gy)
+        if part is not None:
+            return self.sq_grad_from_output_sum(x, part)
         a, g = self.outer(x, gy)
-        if a.shape[2] != 1:
-            return chunked_sq_sum(lambda sl: self._grads(a[sl], g[:, sl], gy[:, sl]),
-                                  x.shape[0], per_example_numel=gy.shape[0] * self.numel())
-        w = torch.einsum("ngq,ngp->gqp", (g * g).sum(0).squeeze(2), (a * a).squeeze(2))
-        w = self.weight_from_outer(w)
+        return chunked_sq_sum(lambda sl: self._grads(a[sl], g[:, sl], gy[:, sl]),
+                              x.shape[0], per_example_numel=gy.shape[0] * self.numel())
+
+    def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
+        """With one position (``T = 1``) the gradient is ``g aᵀ`` and its square ``g² (a²)ᵀ``:
+        the output side ``Σ_k g²``, ``(n, G, Q)``. The bias gradient is ``g`` itself."""
+        if self.positions(x) != 1:
+            return None
+        g = self.output_grads(x, gy)[:, :, :, 0]
+        return (g * g).sum(dim=0)
+
+    def positions(self, x: Tensor) -> int:
+        """T: positions per example (sequence steps, pixels) of input ``x``."""
+        return self.inputs(x).shape[2]
+
+    def sq_grad_from_output_sum(self, x: Tensor, total: Tensor) -> Tensor:
+        a = self.inputs(x)[:, :, 0]
+        w = self.weight_from_outer(torch.einsum("ngq,ngp->gqp", total, a * a))
         if self.has_bias:
-            b = self.bias_grad(gy, g)
-            return torch.cat([w, (b * b).sum(dim=(0, 1))])
+            return torch.cat([w, total.sum(dim=0).reshape(-1)])
         return w
 
     def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:
@@ -227,6 +242,11 @@ class ConvKernel(OuterKernel):
             return super().sq_grad_sum(x, gy)
         return LayerKernel.sq_grad_sum(self, x, gy)
 
+    def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
+        if gy[0, 0, 0].numel() != 1:  # no unfolded input for the output side's check
+            return None
+        return super().sq_output_sum(x, gy)
+
 
 class Conv1dKernel(ConvKernel):
     spatial_dims = 1
@@ -309,6 +329,9 @@ class EmbeddingKernel(OuterKernel):
 
     def output_grads(self, x: Tensor, gy: Tensor) -> Tensor:
         return gy.reshape(gy.shape[0], x.shape[0], 1, -1, self.module.embedding_dim)
+
+    def positions(self, x: Tensor) -> int:
+        return x[0].numel()
 
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)
