@@ -174,12 +174,37 @@ def pi_correction(a: Tensor, g: Tensor) -> Tensor:
 EIGH_FLOAT64_LIMIT = 4096
 
 
-def eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+def eigh(m: Tensor, promote: bool = True) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a batch of symmetric matrices: float64 eigenvalues; eigenvectors in
-    float64 where affordable, else in ``m``'s dtype (no float64 copy of a large basis)."""
-    work = m.double() if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m
+    float64 where affordable and ``promote``, else in ``m``'s dtype (no float64 copy of a large
+    basis)."""
+    work = m.double() if promote and m.shape[-1] <= EIGH_FLOAT64_LIMIT else m
     evals, evecs = torch.linalg.eigh(work)
     return evals.double(), evecs
+
+
+_TRANSPOSE_BLOCK = 512
+
+
+def _row_major(m: Tensor) -> Tensor:
+    """``m`` (a batch of square matrices) in row-major layout, in place when it is column-major
+    (as LAPACK returns eigenvectors): a copy of an 8193² basis would cost as much memory again
+    as the factor. Swaps transposed blocks of the storage, one block of scratch at a time."""
+    if m.is_contiguous():
+        return m
+    r = m.transpose(-1, -2)
+    if not r.is_contiguous():
+        return m.contiguous()
+    n, b = r.shape[-1], _TRANSPOSE_BLOCK
+    for mat in r.reshape(-1, n, n):
+        for i in range(0, n, b):
+            diag = mat[i:i + b, i:i + b]
+            diag.copy_(diag.t().clone())
+            for j in range(i + b, n, b):
+                upper = mat[i:i + b, j:j + b].clone()
+                mat[i:i + b, j:j + b] = mat[j:j + b, i:i + b].t()
+                mat[j:j + b, i:i + b] = upper.t()
+    return r
 
 
 def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
@@ -286,11 +311,14 @@ class EKronBlock(Block):
 
     @classmethod
     def from_kron(cls, k: KronBlock) -> EKronBlock:
-        ea, ua = eigh(k.a)
-        eg, ug = eigh(k.g)
+        """The eigenbasis of ``k``'s factors, in their own dtype: only the basis is kept, and
+        :meth:`~engine.pspace.PMatEKFAC.update_diag` re-estimates the eigenvalues in it, so a
+        float32 factor needs no float64 copy (KFAC's own inverses still factor in float64)."""
+        ea, ua = eigh(k.a, promote=False)
+        eg, ug = eigh(k.g, promote=False)
         s = eg.clamp_min(0)[..., :, None] * ea.clamp_min(0)[..., None, :]
         dt = k.a.dtype
-        return cls(ua.to(dt).contiguous(), ug.to(dt).contiguous(), s.to(dt), k.layout)
+        return cls(_row_major(ua.to(dt)), _row_major(ug.to(dt)), s.to(dt), k.layout)
 
     @property
     def layout(self) -> MatLayout:
