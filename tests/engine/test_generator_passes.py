@@ -134,3 +134,23 @@ def test_implicit_products_validate_the_outputs():
                                       batch_size=3)
     with pytest.raises(engine.InvalidInputError, match="shapes"):
         engine.FIM(model, bad, "implicit").mv(v)
+
+
+@pytest.mark.parametrize("case", ["cnn_bn", "embedding", "attention", "shared_twice"])
+def test_forward_mode_products_on_part_of_the_layers(case):
+    """Layers left out of the collection contribute no tangent; the rest equal the dense
+    reference of the same collection (the hooked and the ``torch.func`` layers alike)."""
+    model, loader = zoo.build(_case(case))
+    full = engine.LayerCollection.from_model(model)
+    lc = full.sub([e.name for e in full][1:])
+    dense = engine.FIM(model, loader, "dense", layer_collection=lc).to_torch()
+    expected = ref.fisher(model, loader)
+    keep = torch.cat([torch.arange(s, e) for name, (s, e) in ref.layer_offsets(model).items()
+                      if name in {e.name for e in lc}])
+    ref.assert_close(dense, expected[keep][:, keep], TOL, "dense on the sub-collection")
+    mat = engine.FIM(model, loader, "implicit", layer_collection=lc)
+    v = engine.PVector(lc, torch.randn(lc.numel(), dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(5)))
+    xv = v.get_flat_representation()
+    ref.assert_close(mat.vTMv(v), xv @ dense @ xv, TOL, "vTMv")
+    ref.assert_close(mat.mv(v).get_flat_representation(), dense @ xv, TOL, "mv")
