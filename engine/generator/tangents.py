@@ -103,9 +103,9 @@ class TangentCapture:
                     if t_in is not None:  # L_W(t_x): the module with a zero bias
                         bias = getattr(module, "bias", None)
                         zero = {} if bias is None else {"bias": torch.zeros_like(bias)}
-                        own = own + functional_call(module, zero, (t_in, *args[1:]), kwargs)
+                        own = own.add_(functional_call(module, zero, (t_in, *args[1:]), kwargs))
             finally:
                 self._inside = False
             primal, tangent = fwad.unpack_dual(output)
-            return fwad.make_dual(primal, own if tangent is None else tangent + own)
+            return fwad.make_dual(primal, own if tangent is None else own.add_(tangent))
         return hook
