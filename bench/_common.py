@@ -314,26 +314,25 @@ def time_call(fn: Callable[[], Any], settings: Settings) -> Timing:
 
     In quick mode a warm-up longer than ``settings.slow_s`` is kept as the single measurement.
     """
-    result = None
-    for _ in range(settings.warmup):
-        result = None
+    def timed() -> tuple[float, Any]:
         gc.collect()
         _sync(settings.device)
         t0 = time.perf_counter()
-        result = fn()
+        out = fn()
         _sync(settings.device)
-        elapsed = time.perf_counter() - t0
+        return time.perf_counter() - t0, out
+
+    result = None
+    for _ in range(settings.warmup):
+        result = None
+        elapsed, result = timed()
         if settings.quick and elapsed > settings.slow_s:
             return Timing(elapsed, 1, result)
     times = []
     for _ in range(settings.repeats):
-        result = None
-        gc.collect()
-        _sync(settings.device)
-        t0 = time.perf_counter()
-        result = fn()
-        _sync(settings.device)
-        times.append(time.perf_counter() - t0)
+        result = None  # the previous result is freed before the next run
+        elapsed, result = timed()
+        times.append(elapsed)
     return Timing(statistics.median(times), len(times), result)
 
 

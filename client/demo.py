@@ -92,6 +92,7 @@ def _demo(url: str, key: str) -> int:
     from client import Client
 
     torch.manual_seed(0)
+    # .eval() is nn.Module.eval (inference mode), not Python's eval
     model = nn.Sequential(nn.Linear(_SIZES[0], _SIZES[1]), nn.Tanh(),
                           nn.Linear(_SIZES[1], _SIZES[2])).eval()
     inputs = torch.randn(_N_EXAMPLES, _SIZES[0])

@@ -108,7 +108,8 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
 
 def _warm_up() -> None:
     """Import before the first job what torch imports lazily on the first backward pass with
-    ``grad_outputs`` (sympy, through symbolic shapes: seconds), so the first job is not slow."""
+    ``grad_outputs`` (sympy, through symbolic shapes: seconds), so the first job that takes the
+    ``torch.func`` or double-backward path of the engine is not slow."""
     with contextlib.suppress(ImportError):  # another torch version: nothing to warm
         import torch.fx.experimental.symbolic_shapes  # noqa: F401  (a fixed module, no user input)
 

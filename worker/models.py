@@ -238,4 +238,4 @@ def load_model(arch: dict[str, Any], weights: Path, builders: dict[str, Builder]
     if leftover:
         raise JobInputError(f"tensors not in the weights: {leftover[:_MAX_LISTED]}",
                             "model.architecture")
-    return model.eval()
+    return model.eval()  # nn.Module.eval: inference mode (not Python's eval)

@@ -12,6 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+def count_calls(counted: dict[str, nn.Module], skip: dict[str, nn.Module],
+                calls: dict[str, int]) -> list[RemovableHandle]:
+    """Forward hooks adding each call of a module of ``counted`` (not in ``skip``, whose own
+    hooks count) to ``calls``; the handles, to remove."""
+    def counter(name: str):
+        def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    return [module.register_forward_hook(counter(name)) for name, module in counted.items()
+            if name not in skip]
 
 
 @dataclass
@@ -44,20 +58,13 @@ class ForwardCapture:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._capture_hook(name),
                                                               with_kwargs=True))
-        for name, module in self.counted.items():
-            if name not in self.modules:
-                self._handles.append(module.register_forward_hook(self._count_hook(name)))
+        self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def _count_hook(self, name: str):
-        def hook(module, inputs, output):
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return hook
 
     def _capture_hook(self, name: str):
         def hook(module, args, kwargs, output):

@@ -98,7 +98,7 @@ class BatchJacobian:
         first: whether this is the batch's first chunk of pseudo-outputs (statistics of the
             inputs alone, e.g. KFAC's ``A``, are added only then).
         last: whether this is the batch's last chunk (see :meth:`batch_sum`).
-        cache: shared by the chunks of one batch (e.g. the unfolded inputs of a convolution).
+        cache: shared by the chunks of one batch (folded inputs, sums over chunks).
     """
 
     def __init__(self, n: int, k: int, kernels: dict[str, LayerKernel],
@@ -417,9 +417,9 @@ class Jacobian:
         return (self._function_key, tuple(e.name for e in self.layer_collection),
                 tuple(id(p) for p in params))
 
-    def _apply_known(self) -> bool:
+    def _apply_known(self, key: tuple | None = None) -> bool:
         """Apply a remembered verification if it covers every hooked layer; say whether it did."""
-        known = _VERIFIED.get(self.model, {}).get(self._verify_key())
+        known = _VERIFIED.get(self.model, {}).get(key or self._verify_key())
         if known is None or not set(self._kernels) <= known[0] | known[1]:
             return False
         for nm in known[1] & set(self._kernels):
@@ -448,7 +448,8 @@ class Jacobian:
         must equal autograd's (one extra backward pass). A layer that fails (its weight also used
         elsewhere) moves to the ``torch.func`` path. The outcome is remembered per model,
         function and layer collection, so later metrics on the same model skip the check."""
-        if self._apply_known():
+        key = self._verify_key()
+        if self._apply_known(key):
             return
         gen = torch.Generator().manual_seed(0)
         r = torch.randn(weights.shape[0], generator=gen, dtype=weights.dtype).to(weights.device)
@@ -476,8 +477,8 @@ class Jacobian:
             store = _VERIFIED.setdefault(self.model, {})
         except TypeError:  # a model that cannot be weakly referenced is verified every time
             return
-        ok0, failed0 = store.get(self._verify_key(), (frozenset(), frozenset()))
-        store[self._verify_key()] = (ok0 | (set(names) - failed), failed0 | failed)
+        ok0, failed0 = store.get(key, (frozenset(), frozenset()))
+        store[key] = (ok0 | (set(names) - failed), failed0 | failed)
 
     def batches(self, loader: Iterable, stage: str = "jacobian",
                 split: bool = True) -> Iterator[BatchJacobian]:
@@ -608,16 +609,6 @@ class Jacobian:
     def kernel(self, name: str) -> LayerKernel | None:
         """The hook kernel of layer ``name`` (None on the ``torch.func`` path)."""
         return self._kernels.get(name)
-
-    def finalize_paths(self, loader: Iterable) -> None:
-        """Settle which layers take the hooks (runs the first batch once if none was seen)."""
-        if self._verified:
-            return
-        for raw in loader:
-            with torch.enable_grad():
-                self._forward_batch(self._prepare(raw))
-            return
-        raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
 
     def probe(self, loader: Iterable) -> tuple[int, int]:
         """``(c, K)``: outputs and pseudo-outputs per example, from the first batch."""

@@ -26,6 +26,8 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .hooks import count_calls
+
 
 def _primal(value):
     if isinstance(value, Tensor):
@@ -60,20 +62,13 @@ class TangentCapture:
                                                                       with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._hook(name),
                                                               with_kwargs=True))
-        for name, module in self.counted.items():
-            if name not in self.modules:
-                self._handles.append(module.register_forward_hook(self._count(name)))
+        self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def _count(self, name: str):
-        def hook(module, inputs, output):
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return hook
 
     def _strip(self, name: str):
         def pre_hook(module, args, kwargs):

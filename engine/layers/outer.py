@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerKernel, chunked_sq_sum
+from .base import LayerKernel
 from .layout import MatLayout
 
 # Largest intermediate (elements) the structured Gram may build before the Jacobian route wins.
@@ -76,9 +76,6 @@ class OuterKernel(LayerKernel):
 
     def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
         a, g = self.outer(x, gy)
-        return self._grads(a, g, gy)
-
-    def _grads(self, a: Tensor, g: Tensor, gy: Tensor) -> Tensor:
         gw = self.weight_from_outer(torch.einsum("kngtq,ngtp->kngqp", g, a))
         if self.has_bias:
             return torch.cat([gw, self.bias_grad(gy, g)], dim=2)
@@ -95,9 +92,7 @@ class OuterKernel(LayerKernel):
         part = self.sq_output_sum(x, gy)
         if part is not None:
             return self.sq_grad_from_output_sum(x, part)
-        a, g = self.outer(x, gy)
-        return chunked_sq_sum(lambda sl: self._grads(a[sl], g[:, sl], gy[:, sl]),
-                              x.shape[0], per_example_numel=gy.shape[0] * self.numel())
+        return super().sq_grad_sum(x, gy)
 
     def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
         """With one position (``T = 1``) the gradient is ``g aᵀ`` and its square ``g² (a²)ᵀ``:
@@ -236,11 +231,6 @@ class ConvKernel(OuterKernel):
         if self.has_bias:
             return torch.cat([gw, g.reshape(g.shape[0], m.out_channels, -1).sum(dim=(0, 2))])
         return gw
-
-    def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
-        if gy[0, 0, 0].numel() == 1:  # one output position: the factored formula
-            return super().sq_grad_sum(x, gy)
-        return LayerKernel.sq_grad_sum(self, x, gy)
 
     def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
         if gy[0, 0, 0].numel() != 1:  # no unfolded input for the output side's check
