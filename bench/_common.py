@@ -233,6 +233,7 @@ class Row:
     rel_err: float | None = None
     ref_tool: str = ""
     peak_mb: float | None = None
+    rss_mb: float | None = None
     status: str = "ok"
     note: str = ""
     in_target: bool = True
@@ -252,6 +253,8 @@ class Settings:
     #: quick mode: a warm-up run longer than this (s) is taken as the only measurement.
     slow_s: float = 3.0
     csv: bool = True
+    #: fresh processes whose default-allocator peak RSS is reported (median); 0: not measured.
+    rss_runs: int = 3
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None,
@@ -270,6 +273,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
                      help="measure peak memory (a subprocess per case; default: "
                           f"{'full mode only' if memory_default is None else memory_default})")
     mem.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--rss-runs", type=int, default=3,
+                   help="with --memory, also the peak RSS under glibc's default settings: the "
+                        "median of this many fresh processes (default 3; 0 skips it)")
     p.add_argument("--only", default=None,
                    help="regular expression searched in each case's 'quantity|workload|tool' key, "
                         "e.g. '^ntk' or 'diag\\|W2'")
@@ -286,7 +292,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
         threads = 1
     return Settings(quick=a.quick, repeats=max(1, repeats), warmup=max(0, a.warmup),
                     memory=memory, only=a.only, device=a.device, threads=threads or None,
-                    csv=a.csv)
+                    csv=a.csv, rss_runs=max(0, a.rss_runs))
 
 
 def _load() -> float:
@@ -387,7 +393,12 @@ def _peak_rss() -> float:
     return _maxrss_mb() if hwm is None else hwm
 
 
-def peak_memory_mb(module: str, key: str, settings: Settings) -> float | None:
+#: glibc setting of the live measure: blocks of 64 KiB and more are mapped on their own and
+#: unmapped when freed, so the resident set follows the memory in use.
+LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def peak_memory_mb(module: str, key: str, settings: Settings, live: bool = True) -> float | None:
     """Peak memory of one run of case ``key`` of ``module``, above the setup's.
 
     On CPU: a fresh Python process builds the case, runs one plain forward+backward and the
@@ -397,7 +408,14 @@ def peak_memory_mb(module: str, key: str, settings: Settings) -> float | None:
     heap, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs the case again;
     the answer is the peak RSS (``VmHWM``) minus the RSS before (``ru_maxrss`` growth where the
     mark cannot be reset).
-    On CUDA: ``torch.cuda.max_memory_allocated`` growth, in process.
+
+    ``live`` (the default) runs that process with :data:`LIVE_ALLOCATOR_ENV`: the peak is then
+    that of the memory in use (tensors, LAPACK and oneDNN workspaces), to within 0.1 MB from
+    run to run. Under glibc's defaults the heap keeps freed blocks of up to 32 MB resident and
+    places the next ones anywhere in it, so the peak RSS also counts pages that only held
+    memory freed earlier in the run: it depends on the order of allocations, and varies by tens
+    of percent between identical runs (see ``bench/README.md``).
+    On CUDA: ``torch.cuda.max_memory_allocated`` growth, in process (``live`` is moot).
     """
     cmd = [sys.executable, "-m", "bench._common", "memprobe", module, key]
     if settings.quick:
@@ -406,14 +424,27 @@ def peak_memory_mb(module: str, key: str, settings: Settings) -> float | None:
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
     root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if live:
+        env.update(LIVE_ALLOCATOR_ENV)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900, env=env)
     except subprocess.TimeoutExpired:
         return None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line).get("peak_mb")
     return None
+
+
+def rss_memory_mb(module: str, key: str, settings: Settings) -> float | None:
+    """Median over :attr:`Settings.rss_runs` fresh processes of the peak RSS under glibc's
+    default settings (see :func:`peak_memory_mb`); None on CUDA or when not asked for."""
+    if settings.device.startswith("cuda") or settings.rss_runs < 1:
+        return None
+    runs = [peak_memory_mb(module, key, settings, live=False) for _ in range(settings.rss_runs)]
+    runs = [r for r in runs if r is not None]
+    return statistics.median(runs) if runs else None
 
 
 def _memprobe(module: str, key: str, settings: Settings) -> dict:
@@ -565,6 +596,7 @@ def run_suite(cases: list[Case], settings: Settings, module: str) -> list[Row]:
         for row, case in zip(rows[-len(group):], group):
             if settings.memory and row.status == "ok":
                 row.peak_mb = peak_memory_mb(module, case.key, settings)
+                row.rss_mb = rss_memory_mb(module, case.key, settings)
             print(f"  {case.key}: {_fmt_s(row.seconds)} "
                   f"{row.status if row.status != 'ok' else ''}", flush=True)
     _fill_ratios(rows)
@@ -596,7 +628,7 @@ def table(rows: list[Row], memory: bool) -> str:
     head = ["quantity", "workload", "tool", "seconds", "× fwd+bwd",
             "ratio (tool s / fimntk s)", "rel. err (vs)"]
     if memory:
-        head.append("peak MB")
+        head += ["peak MB (live)", "peak RSS MB (glibc default, median)"]
     head += ["runs", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -607,16 +639,36 @@ def table(rows: list[Row], memory: bool) -> str:
             cells = [r.quantity, r.workload, r.tool, _fmt_s(r.seconds),
                      _fmt(r.x_fwd_bwd, ".1f"), _fmt(r.ratio, ".2f"), err]
         if memory:
-            cells.append(_fmt(r.peak_mb, ".0f"))
+            cells += [_fmt(r.peak_mb, ".1f"), _fmt(r.rss_mb, ".0f")]
         cells += [str(r.runs) if r.runs else "—", r.note]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+#: A peak within this fraction (or :data:`MEMORY_SLACK_MB`) of the lowest peer's counts as no
+#: higher: the live measure repeats to within 0.1 MB.
+MEMORY_SLACK = 0.01
+MEMORY_SLACK_MB = 0.1
+
+
+def _memory_cells(fim: Row, peers: list[Row]) -> list[str]:
+    """``fimntk MB / lowest peer MB (tool)`` and whether fimntk's live peak is no higher."""
+    measured = [r for r in peers if r.peak_mb is not None]
+    if fim.peak_mb is None or not measured:
+        return ["—", "—"]
+    low = min(measured, key=lambda r: r.peak_mb)
+    ok = fim.peak_mb <= low.peak_mb * (1 + MEMORY_SLACK) + MEMORY_SLACK_MB
+    return [f"{fim.peak_mb:.1f} / {low.peak_mb:.1f} ({low.tool})", "yes" if ok else "**no**"]
+
+
 def target_summary(rows: list[Row], targets: list[Target]) -> str:
-    """Markdown table: for each target, fimntk's time, the peer's, the speedup, met or missed."""
+    """Markdown table: for each target, fimntk's time, the peer's, the speedup, met or missed;
+    with measured peaks, fimntk's live peak memory against the lowest peer's, met or missed."""
+    memory = any(r.peak_mb is not None for r in rows)
     head = ["quantity", "workload", "target", "fimntk", "peer", "peer s",
             "speedup (peer s / fimntk s)", "met"]
+    if memory:
+        head += ["peak MB (live): fimntk / lowest peer", "memory ≤ lowest peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in targets:
         group = [r for r in rows if r.quantity == t.quantity and r.workload.split("[")[0]
@@ -631,13 +683,16 @@ def target_summary(rows: list[Row], targets: list[Target]) -> str:
             continue
         best = min(peers, key=lambda r: r.seconds)
         if fim is None:
-            lines.append(f"| {t.quantity} | {wl} | {t.describe()} | n/a | {best.tool} | "
-                         f"{_fmt_s(best.seconds)} | — | n/a |")
+            cells = [t.quantity, wl, t.describe(), "n/a", best.tool, _fmt_s(best.seconds), "—",
+                     "n/a"] + (["—", "—"] if memory else [])
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         speed = best.seconds / fim.seconds
-        met = "yes" if speed >= t.factor else "**no**"
-        lines.append(f"| {t.quantity} | {wl} | {t.describe()} | {_fmt_s(fim.seconds)} | "
-                     f"{best.tool} | {_fmt_s(best.seconds)} | {speed:.2f} | {met} |")
+        cells = [t.quantity, wl, t.describe(), _fmt_s(fim.seconds), best.tool,
+                 _fmt_s(best.seconds), f"{speed:.2f}", "yes" if speed >= t.factor else "**no**"]
+        if memory:
+            cells += _memory_cells(fim, peers)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -646,7 +701,7 @@ def write_csv(rows: list[Row], name: str, settings: Settings) -> Path:
     mode = "quick" if settings.quick else "full"
     path = OUT_DIR / f"{name}_{mode}.csv"
     cols = ["quantity", "workload", "tool", "seconds", "runs", "x_fwd_bwd", "ratio", "rel_err",
-            "ref_tool", "peak_mb", "status", "note"]
+            "ref_tool", "peak_mb", "rss_mb", "status", "note"]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)

@@ -32,21 +32,19 @@ from .jacobian import BatchJacobian
 KFAC_APPROX = ("expand", "reduce")
 
 
-def folded_outer(bj: BatchJacobian, name: str) -> tuple[Tensor, Tensor] | None:
-    """``(ã (n, G, T, P+1), g (K, n, G, T, Q))`` of a hooked outer-product layer, else None."""
+def one_position(bj: BatchJacobian, name: str) -> tuple[Tensor, Tensor] | None:
+    """``(a (n, G, P), g (K, n, G, Q))`` of a hooked outer-product layer with one position per
+    example (``T = 1``), else None. The bias is not folded into ``a``: callers add its share
+    (the ``1`` of ``ã = [a; 1]``) without building ``ã``."""
     if name not in bj.captured:
         return None
     kernel = bj.kernels[name]
     if not hasattr(kernel, "outer") or kernel.mat_layout() is None:
         return None
     x, gy = bj.captured[name]
-    a = bj.cache.get(("folded_inputs", name))
-    if a is None:
-        a = kernel.inputs(x)
-        if kernel.mat_layout().bias:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        bj.cache[("folded_inputs", name)] = a
-    return a, kernel.output_grads(x, gy)
+    if kernel.positions(x) != 1:
+        return None
+    return kernel.inputs(x)[:, :, 0], kernel.output_grads(x, gy)[:, :, :, 0]
 
 
 def mat_grads(bj: BatchJacobian, name: str, layout: MatLayout) -> Tensor:
@@ -112,12 +110,13 @@ class DiagAcc(Accumulator):
     total: Tensor | None = None
 
     def update(self, bj: BatchJacobian) -> None:
-        s = bj.layer_sq_sum(self.name)
-        if s is not None:  # None: the batch's sum comes with its last chunk
-            self.total = s if self.total is None else self.total + s
+        if self.total is None:
+            self.total = torch.zeros(bj.layer_collection[self.name].numel, dtype=bj.dtype,
+                                     device=bj.device)
+        bj.add_layer_sq_sum(self.name, self.total)
 
     def result(self, n: int) -> Tensor:
-        return self.total / n
+        return self.total.div_(n)
 
 
 class KronAcc(Accumulator):
@@ -181,23 +180,29 @@ class QuasiDiagAcc(Accumulator):
         self.c: Tensor | None = None
 
     def update(self, bj: BatchJacobian) -> None:
-        fo = folded_outer(bj, self.name)
-        if fo is not None and fo[0].shape[2] == 1:
-            a, g = fo[0][:, :, 0], fo[1][:, :, :, 0]  # (n, G, P+1), (K, n, G, Q)
+        one = one_position(bj, self.name)
+        if one is not None:
+            a, g = one  # (n, G, P), (K, n, G, Q)
             g2 = bj.batch_sum(("quasidiag", self.name), (g * g).sum(0))  # (n, G, Q)
             if g2 is None:
                 return
-            d = torch.einsum("ngq,ngp->gqp", g2, a * a)
-            c = torch.einsum("ngq,ngp->gqp", g2, a[..., :-1])
-        else:
-            m = mat_grads(bj, self.name, self.layout)
-            d = (m * m).sum(dim=(0, 1))
-            c = (m[..., :-1] * m[..., -1:]).sum(dim=(0, 1))
-        self.d = d if self.d is None else self.d + d
-        self.c = c if self.c is None else self.c + c
+            grp, q, p = g2.shape[1], g2.shape[2], a.shape[2]
+            if self.d is None:
+                self.d = a.new_zeros(grp, q, p + 1)
+                self.c = a.new_zeros(grp, q, p)
+            g2t, at = g2.permute(1, 2, 0), a.transpose(0, 1)  # (G, Q, n), (G, n, P)
+            self.d[..., :p].baddbmm_(g2t, at * at)
+            self.d[..., p] += g2.sum(dim=0)
+            self.c.baddbmm_(g2t, at)
+            return
+        m = mat_grads(bj, self.name, self.layout)
+        d = (m * m).sum(dim=(0, 1))
+        c = (m[..., :-1] * m[..., -1:]).sum(dim=(0, 1))
+        self.d = d if self.d is None else self.d.add_(d)
+        self.c = c if self.c is None else self.c.add_(c)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.d / n, self.c / n
+        return self.d.div_(n), self.c.div_(n)
 
 
 class EigenDiagAcc(Accumulator):
@@ -209,20 +214,28 @@ class EigenDiagAcc(Accumulator):
         self.s: Tensor | None = None
 
     def update(self, bj: BatchJacobian) -> None:
-        fo = folded_outer(bj, self.name)
-        if fo is not None and fo[0].shape[2] == 1:
-            a, g = fo[0][:, :, 0], fo[1][:, :, :, 0]
+        one = one_position(bj, self.name)
+        if one is not None:  # s += Σ_i (U_Gᵀ g_i)² ((U_Aᵀ ã_i)²)ᵀ, g² summed over k first
+            a, g = one
             rg = torch.einsum("kngq,gqs->kngs", g, self.u_g)
             rg2 = bj.batch_sum(("eigendiag", self.name), (rg * rg).sum(0))  # (n, G, Q)
             if rg2 is None:
                 return
-            ra = torch.einsum("ngp,gpr->ngr", a, self.u_a)
-            s = torch.einsum("ngs,ngr->gsr", rg2, ra * ra)
-        else:
-            m = mat_grads(bj, self.name, self.layout)
-            r = self.u_g.transpose(-1, -2) @ m @ self.u_a
-            s = (r * r).sum(dim=(0, 1))
-        self.s = s if self.s is None else self.s + s
+            p = a.shape[2]
+            # U_Aᵀ ã = U_A[:P]ᵀ a (+ the bias row U_A[P]): no folded ã = [a; 1] is built
+            if self.layout.bias:
+                ra = torch.baddbmm(self.u_a[:, p:], a.transpose(0, 1), self.u_a[:, :p])
+            else:
+                ra = torch.bmm(a.transpose(0, 1), self.u_a)
+            ra.square_()  # (G, n, R)
+            if self.s is None:
+                self.s = a.new_zeros(rg2.shape[1], rg2.shape[2], ra.shape[2])
+            self.s.baddbmm_(rg2.permute(1, 2, 0), ra)
+            return
+        m = mat_grads(bj, self.name, self.layout)
+        r = self.u_g.transpose(-1, -2) @ m @ self.u_a
+        s = (r * r).sum(dim=(0, 1))
+        self.s = s if self.s is None else self.s.add_(s)
 
     def result(self, n: int) -> Tensor:
-        return self.s / n
+        return self.s.div_(n)

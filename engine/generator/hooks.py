@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 
@@ -30,11 +32,36 @@ def count_calls(counted: dict[str, nn.Module], skip: dict[str, nn.Module],
 
 @dataclass
 class Capture:
-    """Input (detached) and output (in the graph) of one call of one module."""
+    """Input (detached) and output of one call of one module.
+
+    Once the forward pass is over (:meth:`ForwardCapture.release_outputs`), only the output's
+    place in the graph (its :class:`~torch.autograd.graph.GradientEdge`) is kept, not its
+    values: the gradient with respect to it is what the generator needs, and a layer's output
+    that no later operation saved for backward (a Linear or a convolution before a ReLU, which
+    saves its own result) is then freed at once instead of living until the backward passes.
+    """
 
     x: Tensor
-    y: Tensor
+    y: Tensor | None
     version: int
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    edge: GradientEdge | None
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor) -> Capture:
+        edge = get_gradient_edge(y) if y.requires_grad else None
+        return cls(x.detach(), y, y._version, y.shape, y.dtype, y.device, edge)
+
+    @property
+    def target(self) -> GradientEdge | Tensor:
+        """What ``torch.autograd.grad`` differentiates with respect to to get ``∂/∂y``."""
+        return self.y if self.edge is None else self.edge
+
+    def zeros(self, *lead: int) -> Tensor:
+        """A zero output gradient, ``(*lead, *y.shape)``."""
+        return torch.zeros(*lead, *self.shape, dtype=self.dtype, device=self.device)
 
 
 @dataclass
@@ -72,11 +99,19 @@ class ForwardCapture:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(output, Tensor) or not isinstance(x, Tensor):
                 return None
-            self.captures.setdefault(name, []).append(Capture(x.detach(), output, output._version))
+            self.captures.setdefault(name, []).append(Capture.of(x, output))
             return output.clone() if name in self.clone else None
         return hook
 
     def modified_in_place(self) -> set[str]:
         """Layers whose captured output was changed in place after the hook ran."""
         return {n for n, caps in self.captures.items()
-                if any(c.y._version != c.version for c in caps)}
+                if any(c.y is not None and c.y._version != c.version for c in caps)}
+
+    def release_outputs(self) -> None:
+        """Drop the references to the captured outputs that have a gradient edge (see
+        :class:`Capture`); call once the forward pass and :meth:`modified_in_place` are done."""
+        for caps in self.captures.values():
+            for c in caps:
+                if c.edge is not None:
+                    c.y = None

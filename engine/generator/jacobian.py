@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.func import functional_call, jacrev, vmap
 
 from ..errors import InvalidInputError
@@ -33,7 +34,7 @@ FALLBACK = "torch.func"
 Progress = Callable[[int, "int | None", str], None]
 
 #: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`).
-K_CHUNK_BYTES = 1 << 20
+K_CHUNK_BYTES = 1 << 18
 
 #: Verification outcomes: ``{model: {key: (layers that passed, layers moved to torch.func)}}``.
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -68,7 +69,7 @@ def _head(batch: tuple, m: int) -> tuple:
     return tuple(t[:m] if isinstance(t, Tensor) and t.dim() > 0 else t for t in batch)
 
 
-def weighted_grad(out: Tensor, inputs: list[Tensor], weight: Tensor,
+def weighted_grad(out: Tensor, inputs: list[Tensor | GradientEdge], weight: Tensor,
                   retain_graph: bool = False) -> tuple:
     """``∂⟨w, out⟩/∂inputs`` (a vector-Jacobian product), ``None`` for an unused input.
 
@@ -81,8 +82,11 @@ def weighted_grad(out: Tensor, inputs: list[Tensor], weight: Tensor,
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:
-    """Raise instead of returning a NaN/inf result (e.g. saturated units fed an infinite input)."""
-    if not torch.isfinite(t).all():
+    """Raise instead of returning a NaN/inf result (e.g. saturated units fed an infinite input).
+
+    The sum is finite when every entry is (no ``(numel,)`` mask is allocated); only a non-finite
+    sum, which overflow of finite entries can also give, is checked entry by entry."""
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise InvalidInputError(
             f"the {what} is non-finite (NaN or inf) although the outputs were finite: check "
             "the inputs (e.g. inf fed to a saturating unit) and the scale of the weights")
@@ -116,9 +120,11 @@ class BatchJacobian:
     def batch_sum(self, key: object, part: Tensor) -> Tensor | None:
         """Sum ``part`` over the chunks of this batch: ``None`` before the last chunk, then the
         batch's total. Lets a statistic that multiplies a sum over pseudo-outputs by a costly
-        input-side term (e.g. ``Σ_i (Σ_k g²)(a²)ᵀ``) pay for that term once per batch."""
+        input-side term (e.g. ``Σ_i (Σ_k g²)(a²)ᵀ``) pay for that term once per batch. ``part``
+        must be the caller's own fresh tensor: the first chunk's becomes the running sum, added
+        to in place."""
         total = self.cache.pop(key, None)
-        total = part if total is None else total + part
+        total = part if total is None else total.add_(part)
         if self.last:
             return total
         self.cache[key] = total
@@ -144,20 +150,23 @@ class BatchJacobian:
         """Per-example gradients of all layers, flat order: ``(K, n, d)``."""
         return torch.cat([self.layer_grads(e.name) for e in self.layer_collection], dim=2)
 
-    def layer_sq_sum(self, name: str) -> Tensor | None:
-        """``Σ_{k,i} g_{k,i}²`` for layer ``name``: ``(d_l,)``; for a layer with one position per
-        example, the whole batch's sum at its last chunk and ``None`` before (see
-        :meth:`batch_sum`)."""
+    def add_layer_sq_sum(self, name: str, out: Tensor) -> None:
+        """Add ``Σ_{k,i} g_{k,i}²`` of layer ``name`` to ``out (d_l,)`` in place; for a layer
+        with one position per example, the whole batch's sum at its last chunk and nothing
+        before (see :meth:`batch_sum`)."""
         if name in self.captured:
             x, gy = self.captured[name]
             kernel = self.kernels[name]
             part = kernel.sq_output_sum(x, gy)
             if part is None:
-                return kernel.sq_grad_sum(x, gy)
+                out.add_(kernel.sq_grad_sum(x, gy))
+                return
             total = self.batch_sum(("sq_output_sum", name), part)
-            return None if total is None else kernel.sq_grad_from_output_sum(x, total)
+            if total is not None:
+                kernel.add_sq_grad_from_output_sum(x, total, out)
+            return
         g = self.layer_grads(name)
-        return (g * g).sum(dim=(0, 1))
+        out.add_((g * g).sum(dim=(0, 1)))
 
     def layer_gram(self, name: str, other: BatchJacobian) -> Tensor:
         """``⟨g_{k,i}, g'_{l,j}⟩`` for layer ``name``: ``(K, n, K, n')``."""
@@ -325,7 +334,8 @@ class Jacobian:
             out[name] = torch.einsum("knc,ncd->knd", weights, j.to(weights.dtype))
         return out
 
-    def _backward(self, out: Tensor, ys: list[Tensor], weights: Tensor, retain: bool) -> list:
+    def _backward(self, out: Tensor, ys: list[Tensor | GradientEdge], weights: Tensor,
+                  retain: bool) -> list:
         """``∂(w_k · out)/∂y`` for each pseudo-output k: one plain backward pass per k.
 
         A loop of K ordinary passes is faster on the CPU than one ``is_grads_batched`` pass
@@ -365,6 +375,7 @@ class Jacobian:
                 self._clone |= inplace
                 continue
             break
+        capture.release_outputs()
         weights = self.pseudo_outputs(out.detach(), batch)
         if fast and not self._verified:
             self._verify(out, weights, capture)
@@ -384,13 +395,13 @@ class Jacobian:
         out, weights, capture = self._forward_batch(batch)
         n, k = out.shape[0], weights.shape[0]
         names = list(self._kernels)
-        ys = [capture.captures[nm][0].y for nm in names]
-        xs = [capture.captures[nm][0].x for nm in names]
+        caps = [capture.captures[nm][0] for nm in names]
+        ys = [c.target for c in caps]
         fallback_names = [e.name for e in self.layer_collection if e.name not in self._kernels]
         fallback = self._fallback_grads(batch, fallback_names, weights)
         step = k
         if split and ys:
-            per_k = sum(y.numel() for y in ys) * out.element_size()
+            per_k = sum(c.shape.numel() for c in caps) * out.element_size()
             step = max(1, min(k, K_CHUNK_BYTES // max(1, per_k)))
         cache: dict = {}
         for s in range(0, k, step):
@@ -398,8 +409,8 @@ class Jacobian:
             captured = {}
             if ys:
                 gys = self._backward(out, ys, weights[s:e], retain=e < k)
-                for nm, x, y, gy in zip(names, xs, ys, gys):
-                    captured[nm] = (x, y.new_zeros(e - s, *y.shape) if gy is None else gy)
+                for nm, c, gy in zip(names, caps, gys):
+                    captured[nm] = (c.x, c.zeros(e - s) if gy is None else gy)
                 del gys
             bj = BatchJacobian(n, e - s, self._kernels, captured,
                                {nm: f[s:e] for nm, f in fallback.items()},
@@ -454,20 +465,21 @@ class Jacobian:
         gen = torch.Generator().manual_seed(0)
         r = torch.randn(weights.shape[0], generator=gen, dtype=weights.dtype).to(weights.device)
         names = list(self._kernels)
-        ys = [capture.captures[nm][0].y for nm in names]
+        caps = [capture.captures[nm][0] for nm in names]
+        ys = [c.target for c in caps]
         params = [p for nm in names for _, p in self._kernels[nm].parameters()]
         grads = weighted_grad(out, ys + params, torch.einsum("k,knc->nc", r, weights),
                               retain_graph=True)
         gys, true = grads[:len(ys)], grads[len(ys):]
         i, failed = 0, set()
-        for nm, y, gy in zip(names, ys, gys):
+        for nm, c, gy in zip(names, caps, gys):
             kernel = self._kernels[nm]
             kp = kernel.parameters()
             ref = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                              for g, (_, p) in zip(true[i:i + len(kp)], kp)])
             i += len(kp)
-            gy = torch.zeros_like(y) if gy is None else gy
-            hooked = kernel.grad_sum(capture.captures[nm][0].x, gy.unsqueeze(0))
+            gy = c.zeros() if gy is None else gy
+            hooked = kernel.grad_sum(c.x, gy.unsqueeze(0))
             tol = 1e-4 if ref.dtype == torch.float32 else 1e-9
             if not torch.allclose(hooked, ref, rtol=tol * 10, atol=tol * (ref.abs().max() + 1)):
                 failed.add(nm)
@@ -530,14 +542,15 @@ class Jacobian:
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
         """Diagonal of the covariance, ``(d,)``."""
-        totals: dict[str, Tensor] = {}
+        total: Tensor | None = None
         for bj in self.batches(loader, "diag"):
-            for e in self.layer_collection:
-                d = bj.layer_sq_sum(e.name)
-                if d is not None:
-                    totals[e.name] = d if e.name not in totals else totals[e.name] + d
-        total = torch.cat([totals[e.name] for e in self.layer_collection])
-        return check_finite(total / self.n_examples, "Fisher diagonal")
+            if total is None:
+                total = torch.zeros(self.layer_collection.numel(), dtype=bj.dtype,
+                                    device=bj.device)
+                views = total.split([e.numel for e in self.layer_collection])
+            for e, view in zip(self.layer_collection, views):
+                bj.add_layer_sq_sum(e.name, view)
+        return check_finite(total.div_(self.n_examples), "Fisher diagonal")
 
     def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:
         """Per-layer diagonal blocks ``{layer: (d_l, d_l)}``."""

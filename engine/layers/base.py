@@ -74,11 +74,12 @@ class LayerKernel(ABC):
     def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
         """Where the diagonal factors as ``F(x, Σ_k h(gy_k))``, the output-side sum
         ``Σ_k h(gy_k)``, to be added over chunks of pseudo-outputs and finished by
-        :meth:`sq_grad_from_output_sum`; ``None`` where it does not factor."""
+        :meth:`add_sq_grad_from_output_sum`; ``None`` where it does not factor."""
         return None
 
-    def sq_grad_from_output_sum(self, x: Tensor, total: Tensor) -> Tensor:
-        """``Σ_{k,i} g_{k,i}²`` from the output-side sum of :meth:`sq_output_sum`."""
+    def add_sq_grad_from_output_sum(self, x: Tensor, total: Tensor, out: Tensor) -> None:
+        """Add ``Σ_{k,i} g_{k,i}²``, from the output-side sum of :meth:`sq_output_sum`, to
+        ``out (d_l,)`` in place."""
         raise NotImplementedError
 
     def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:

@@ -30,6 +30,9 @@ from .layout import MatLayout
 # Largest intermediate (elements) the structured Gram may build before the Jacobian route wins.
 _GRAM_MAX_ELEMENTS = 1 << 26
 
+#: Bytes of ``a ⊙ a`` formed at once by :meth:`OuterKernel.add_sq_grad_from_output_sum`.
+_SQUARE_CHUNK_BYTES = 1 << 18
+
 
 class OuterKernel(LayerKernel):
     """Base of the outer-product layers; subclasses implement :meth:`inputs` and
@@ -53,6 +56,11 @@ class OuterKernel(LayerKernel):
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         """Map ``(..., G, Q, P)`` outer-product gradients to the flat weight ``(..., d_w)``."""
         return gw.reshape(*gw.shape[:-3], -1)
+
+    def outer_view(self, flat_w: Tensor, groups: int, q: int, p: int) -> Tensor:
+        """The inverse of :meth:`weight_from_outer` as a view: the flat weight ``(d_w,)`` seen
+        as ``(G, Q, P)``, so that writing the view writes the flat vector."""
+        return flat_w.view(groups, q, p)
 
     def bias_grad(self, gy: Tensor, g: Tensor) -> Tensor:
         """Per-example bias gradient ``(K, n, d_b)``; by default ``Σ_t g_t``."""
@@ -91,13 +99,16 @@ class OuterKernel(LayerKernel):
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         part = self.sq_output_sum(x, gy)
         if part is not None:
-            return self.sq_grad_from_output_sum(x, part)
+            out = part.new_zeros(self.numel())
+            self.add_sq_grad_from_output_sum(x, part, out)
+            return out
         return super().sq_grad_sum(x, gy)
 
     def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
         """With one position (``T = 1``) the gradient is ``g aᵀ`` and its square ``g² (a²)ᵀ``:
-        the output side ``Σ_k g²``, ``(n, G, Q)``. The bias gradient is ``g`` itself."""
-        if self.positions(x) != 1:
+        the output side ``Σ_k g²``, ``(n, G, Q)``. The bias gradient is ``g`` itself where the
+        bias folds (not for a transposed convolution, whose bias sums ``g`` over the kernel)."""
+        if self.positions(x) != 1 or (self.has_bias and not self.bias_folds):
             return None
         g = self.output_grads(x, gy)[:, :, :, 0]
         return (g * g).sum(dim=0)
@@ -106,12 +117,20 @@ class OuterKernel(LayerKernel):
         """T: positions per example (sequence steps, pixels) of input ``x``."""
         return self.inputs(x).shape[2]
 
-    def sq_grad_from_output_sum(self, x: Tensor, total: Tensor) -> Tensor:
+    def add_sq_grad_from_output_sum(self, x: Tensor, total: Tensor, out: Tensor) -> None:
+        """``out_w += Σ_i total_iᵀ (a_i ⊙ a_i)`` per group, straight into the flat buffer (no
+        ``(G, Q, P)`` temporary, ``a ⊙ a`` in blocks of :data:`_SQUARE_CHUNK_BYTES`);
+        ``out_b += Σ_i total_i``."""
         a = self.inputs(x)[:, :, 0]
-        w = self.weight_from_outer(torch.einsum("ngq,ngp->gqp", total, a * a))
+        n, groups, q = total.shape
+        p = a.shape[-1]
+        w = self.outer_view(out[:groups * q * p], groups, q, p)
+        tt, at = total.permute(1, 2, 0), a.transpose(0, 1)
+        step = max(1, _SQUARE_CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
+        for s in range(0, n, step):  # a ⊙ a a few rows at a time
+            w.baddbmm_(tt[..., s:s + step], at[:, s:s + step].square())
         if self.has_bias:
-            return torch.cat([w, total.sum(dim=0).reshape(-1)])
-        return w
+            out[groups * q * p:].add_(total.sum(dim=0).reshape(-1))
 
     def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:
         a1, g1 = self.outer(x1, gy1)
@@ -288,6 +307,9 @@ class ConvTransposeKernel(OuterKernel):
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)
 
+    def outer_view(self, flat_w: Tensor, groups: int, q: int, p: int) -> Tensor:
+        return flat_w.view(groups, p, q).transpose(-1, -2)
+
     def bias_grad(self, gy: Tensor, g: Tensor) -> Tensor:
         return gy.reshape(*gy.shape[:3], -1).sum(dim=3)
 
@@ -325,6 +347,9 @@ class EmbeddingKernel(OuterKernel):
 
     def weight_from_outer(self, gw: Tensor) -> Tensor:
         return gw.transpose(-1, -2).reshape(*gw.shape[:-3], -1)
+
+    def outer_view(self, flat_w: Tensor, groups: int, q: int, p: int) -> Tensor:
+        return flat_w.view(groups, p, q).transpose(-1, -2)
 
     @property
     def has_bias(self) -> bool:

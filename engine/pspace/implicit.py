@@ -193,11 +193,17 @@ class PMatImplicit(PMatAbstract):
             w = gen.pseudo_outputs(out.detach(), batch)
             u = torch.einsum("knc,kn->nc", w, torch.einsum("knc,nc->kn", w, jv))
             grads = weighted_grad(out, params, u)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                              for g, p in zip(grads, params)])
-            total = flat if total is None else total + flat
+            if total is None:
+                total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                    device=params[0].device)
+                views = total.split([p.numel() for p in params])
+            for g, view in zip(grads, views):
+                if g is not None:
+                    view.add_(g.reshape(-1))
+            del grads
             n += out.shape[0]
-        return PVector(self.layer_collection, check_finite(total / n * self._scale, "product F v"))
+        total.div_(n).mul_(self._scale)
+        return PVector(self.layer_collection, check_finite(total, "product F v"))
 
     def get_diag(self) -> Tensor:
         self._replay()

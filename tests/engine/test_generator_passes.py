@@ -3,6 +3,8 @@ the forward-mode tangents of the hooked layers, each against the ``torch.func`` 
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -154,3 +156,41 @@ def test_forward_mode_products_on_part_of_the_layers(case):
     xv = v.get_flat_representation()
     ref.assert_close(mat.vTMv(v), xv @ dense @ xv, TOL, "vTMv")
     ref.assert_close(mat.mv(v).get_flat_representation(), dense @ xv, TOL, "mv")
+
+
+def test_hooked_layer_outputs_are_freed_after_the_forward_pass():
+    """The generator keeps each hooked layer's place in the graph, not its output: a Linear's
+    output that only a ReLU read (ReLU saves its own result) is gone during the backward passes.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    loader = zoo.build_model_loader(model, torch.randn(6, 5))[1]
+    first: list = []
+    alive: list[bool] = []
+
+    def keep_ref(module, inputs, output):
+        first.append(weakref.ref(output))
+
+    def watch(module, inputs, output):
+        if output.requires_grad:
+            output.register_hook(lambda g: alive.append(first[-1]() is not None))
+
+    handles = [model[0].register_forward_hook(keep_ref), model[2].register_forward_hook(watch)]
+    try:
+        diag = engine.FIM(model, loader, "diag").get_diag()
+    finally:
+        for h in handles:
+            h.remove()
+    ref.assert_close(diag, ref.fisher(model, loader).diagonal(), TOL, "diag")
+    assert alive and not any(alive), alive
+
+
+def test_finiteness_check_tells_overflow_from_non_finite_entries():
+    """The check sums first; a sum that overflows on finite entries is not an error."""
+    big = torch.full((4,), 3e38)
+    assert jacobian_module.check_finite(big, "x") is big
+    for bad in (float("nan"), float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        with pytest.raises(engine.InvalidInputError, match="non-finite"):
+            jacobian_module.check_finite(t, "x")
