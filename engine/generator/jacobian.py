@@ -168,15 +168,16 @@ class BatchJacobian:
         g = self.layer_grads(name)
         out.add_((g * g).sum(dim=(0, 1)))
 
-    def layer_gram(self, name: str, other: BatchJacobian) -> Tensor:
-        """``⟨g_{k,i}, g'_{l,j}⟩`` for layer ``name``: ``(K, n, K, n')``."""
+    def add_layer_gram(self, name: str, other: BatchJacobian, out: Tensor) -> None:
+        """Add ``⟨g_{k,i}, g'_{l,j}⟩`` of layer ``name`` to ``out (K, n, K, n')`` in place."""
         if name in self.captured and name in other.captured:
             x1, g1 = self.captured[name]
             x2, g2 = other.captured[name]
-            return self.kernels[name].gram(x1, g1, x2, g2)
+            self.kernels[name].add_gram(x1, g1, x2, g2, out)
+            return
         a = self.layer_grads(name)
         b = a if other is self else other.layer_grads(name)
-        return torch.einsum("kid,ljd->kilj", a, b)
+        out.add_(torch.einsum("kid,ljd->kilj", a, b))
 
 
 class Jacobian:
@@ -576,9 +577,10 @@ class Jacobian:
         for bi, b1 in enumerate(batches):
             for bj in range(bi + 1):
                 b2 = batches[bj]
-                block = sum(b1.layer_gram(e.name, b2) for e in self.layer_collection)
                 s1, s2 = slice(starts[bi], starts[bi + 1]), slice(starts[bj], starts[bj + 1])
-                gram[:, s1, :, s2] = block
+                block = gram[:, s1, :, s2]  # a view: each layer adds into the Gram in place
+                for e in self.layer_collection:
+                    b1.add_layer_gram(e.name, b2, block)
                 if bi != bj:
                     gram[:, s2, :, s1] = block.permute(2, 3, 0, 1)
         return check_finite(gram, "Gram matrix")

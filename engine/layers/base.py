@@ -88,6 +88,11 @@ class LayerKernel(ABC):
         j2 = j1 if x2 is x1 and gy2 is gy1 else self.per_example_grads(x2, gy2)
         return torch.einsum("kid,ljd->kilj", j1, j2)
 
+    def add_gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor, out: Tensor) -> None:
+        """Add :meth:`gram` to ``out (K, n1, K, n2)`` in place (kernels may avoid the
+        temporary)."""
+        out.add_(self.gram(x1, gy1, x2, gy2))
+
     def mat_layout(self):
         """The matrix view of the parameters (:class:`~engine.layers.layout.MatLayout`), if any."""
         return None

@@ -153,6 +153,29 @@ class OuterKernel(LayerKernel):
         return out
 
 
+    def add_gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor, out: Tensor) -> None:
+        """With one position (``T = 1``) and a folding bias the Gram of layer ``g ãᵀ`` is
+        ``(g₁·g₂)(a₁·a₂ + 1)``: per group one product of the output sides, multiplied into
+        ``out`` by ``addcmul_`` (no zero-filled, summed or added ``(K, n1, K, n2)`` temporaries);
+        otherwise :meth:`gram`."""
+        a1, g1 = self.outer(x1, gy1)
+        a2, g2 = (a1, g1) if (x2 is x1 and gy2 is gy1) else self.outer(x2, gy2)
+        k, n1, grp, t, q = g1.shape
+        n2 = a2.shape[0]
+        if (t != 1 or (self.has_bias and not self.bias_folds)
+                or k * k * n1 * n2 > _GRAM_MAX_ELEMENTS):
+            out.add_(self.gram(x1, gy1, x2, gy2))
+            return
+        aa = torch.einsum("igp,jgp->gij", a1[:, :, 0], a2[:, :, 0])  # (G, n1, n2)
+        if self.has_bias:
+            aa += 1
+        for gi in range(grp):
+            left = g1[:, :, gi, 0].reshape(k * n1, q)
+            right = left if g2 is g1 else g2[:, :, gi, 0].reshape(k * n2, q)
+            gg = (left @ right.t()).view(k, n1, k, n2)
+            out.addcmul_(gg, aa[gi][None, :, None, :])
+
+
 class LinearKernel(OuterKernel):
     """``nn.Linear`` on inputs ``(n, ..., d_in)``: positions are the middle dimensions."""
 

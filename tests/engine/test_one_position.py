@@ -1,8 +1,8 @@
-"""Layers with one position per example (``T = 1``), where the diagonal, quasi-diagonal and
-EKFAC statistics factor per batch and are written straight into their accumulators: a Conv2d
-whose output is one pixel, a grouped ConvTranspose2d on one input pixel (its flat weight is
-``(in, out/groups, k, k)``, the transpose of the ``(G, Q, P)`` view), an Embedding of one
-token (one-hot inputs) and biasless Linears. Each is checked against the torch.func Fisher.
+"""Layers with one position per example (``T = 1``), where the diagonal, quasi-diagonal, EKFAC
+and Gram statistics factor per batch and are written straight into their accumulators: a Conv2d
+whose output is one pixel (also grouped), a grouped ConvTranspose2d on one input pixel (its flat
+weight is ``(in, out/groups, k, k)``, the transpose of the ``(G, Q, P)`` view), an Embedding of
+one token (one-hot inputs) and biasless Linears. Each is checked against torch.func references.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def _convT_pixel():
                          nn.Linear(24, 3))
 
 
+def _grouped_pixel():
+    return nn.Sequential(nn.Conv2d(4, 6, 2, groups=2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(6, 3, bias=False))
+
+
 def _token():
     return nn.Sequential(nn.Embedding(7, 5), nn.Flatten(), nn.Tanh(), nn.Linear(5, 3))
 
@@ -34,6 +39,7 @@ def _token():
 MODELS = {
     "conv-pixel": (_conv_pixel, lambda g: torch.randn(11, 3, 3, 3, generator=g)),
     "convT-pixel": (_convT_pixel, lambda g: torch.randn(11, 4, 1, 1, generator=g)),
+    "grouped-pixel": (_grouped_pixel, lambda g: torch.randn(11, 4, 2, 2, generator=g)),
     "token": (_token, lambda g: torch.randint(0, 7, (11, 1), generator=g)),
 }
 CASES = pytest.mark.parametrize("name", list(MODELS))
@@ -51,6 +57,14 @@ def test_diagonal(name):
     exact = ref.fisher(model, loader).diagonal()
     ref.assert_close(engine.FIM(model, loader, "diag").get_diag(), exact, TOL, "PMatDiag")
     ref.assert_close(engine.FIM(model, loader, "implicit").get_diag(), exact, TOL, "implicit")
+
+
+@CASES
+def test_ntk(name):
+    """The Gram ``(g₁·g₂)(a₁·a₂ + 1)`` added in place, across batches (off-diagonal blocks)."""
+    model, loader = _built(name)
+    ref.assert_close(engine.GramMatrix(model, loader).to_torch(), ref.ntk(model, loader), TOL,
+                     "Gram")
 
 
 @CASES
