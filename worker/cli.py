@@ -16,8 +16,10 @@ Choice of worker class, with CUDA in mind:
 Faults: SIGTERM is RQ's warm shutdown (the running job finishes, then the worker exits; a second
 SIGTERM stops at once and the job ends ``failed``, "worker shut down"). A worker killed outright
 stops refreshing its heartbeat (:mod:`worker.heartbeat`) and the API's reaper fails its job
-("worker lost") within a bounded time. When Redis goes away, RQ retries with back-off and the
-worker carries on once it is back.
+("worker lost") within a bounded time. When Redis goes away, RQ retries with back-off while it
+waits for a job; an outage that hits RQ's bookkeeping around a job (which RQ itself answers by
+quitting) makes :func:`run_worker` wait for Redis and start the work loop again under the same
+name, so the worker carries on once Redis is back either way.
 
 Start one worker per GPU with ``--device cuda:N`` (or ``CUDA_VISIBLE_DEVICES``).
 """
@@ -27,10 +29,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
@@ -42,9 +48,42 @@ from worker.tasks import get_runner, install_runner
 
 _log = logging.getLogger(__name__)
 
+#: Errors that mean Redis is (for now) out of reach, as opposed to a bug.
+_REDIS_LOST = (RedisConnectionError, RedisTimeoutError)
+#: Longest wait between two attempts to reach Redis again, in seconds.
+_MAX_RECONNECT_WAIT_S = 30.0
+
+_T = TypeVar("_T")
+
 
 class ComputeWorker(SimpleWorker):
-    """A ``SimpleWorker`` whose stop-job command stops the running job cooperatively."""
+    """A ``SimpleWorker`` whose stop-job command stops the running job cooperatively, and which
+    remembers whether its work loop ended because Redis went away (``redis_lost``)."""
+
+    redis_lost = False
+
+    def _noting_loss(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            return call(*args, **kwargs)
+        except _REDIS_LOST:
+            self.redis_lost = True
+            raise
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        """RQ's, noting a lost Redis (RQ quits its loop on it)."""
+        self._noting_loss(super().execute_job, job, queue)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's, noting a lost Redis."""
+        self._noting_loss(super().heartbeat, timeout, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's, noting a lost Redis."""
+        self._noting_loss(super().check_for_suspension, burst)
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's, noting a lost Redis."""
+        self._noting_loss(super().run_maintenance_tasks)
 
     def _set_ip_address(self, connection: Redis) -> None:
         """RQ's lookup, tolerating servers whose CLIENT INFO redis-py cannot parse (the
@@ -66,6 +105,10 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
                max_jobs: int | None = None) -> bool:
     """Run a worker until it is stopped (or, with ``burst``, until the queues are empty).
 
+    When RQ's work loop ends because Redis went away, the worker waits for Redis (back-off up
+    to ``_MAX_RECONNECT_WAIT_S``; SIGTERM or SIGINT ends the wait) and starts a new loop under
+    the same name; ``max_jobs`` then counts from the new loop.
+
     Args:
         redis_url: URL of the Redis holding the queue.
         queues: Queue names to listen on.
@@ -83,27 +126,67 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
     runner = JobRunner(settings, device)
     install_runner(runner)
     connection = Redis.from_url(redis_url, health_check_interval=30)
-    worker = ComputeWorker(list(queues), connection=connection, serializer=JSONSerializer,
-                           name=name)
-    runner.worker_name = worker.name
+
+    def new_worker() -> ComputeWorker:
+        return ComputeWorker(list(queues), connection=connection, serializer=JSONSerializer,
+                             name=name)
+
+    worker = new_worker()
+    name = worker.name
+    runner.worker_name = name
 
     def status() -> tuple[str, str | None]:
         job = runner.current_job_id
         return ("busy" if job else "idle"), job
 
-    heartbeats = [Heartbeat(connection, queue, worker.name, settings.heartbeat_ttl_s, status,
+    heartbeats = [Heartbeat(connection, queue, name, settings.heartbeat_ttl_s, status,
                             str(runner.device)) for queue in queues]
     runner.on_job_done = lambda: _count_job(heartbeats)
-    _log.info("worker %s on %s listening on %s", worker.name, runner.device, list(queues))
+    _log.info("worker %s on %s listening on %s", name, runner.device, list(queues))
     for heartbeat in heartbeats:
         heartbeat.start()
+    worked = False
     try:
-        return worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level,
-                           with_scheduler=False)
+        while True:
+            try:
+                worked = worker.work(burst=burst, max_jobs=max_jobs,
+                                     logging_level=settings.log_level,
+                                     with_scheduler=False) or worked
+            except _REDIS_LOST:  # Redis went away while the loop was starting
+                worker.redis_lost = True
+            if not worker.redis_lost or worker._stop_requested:
+                return worked
+            _log.warning("worker %s lost Redis; starting again once it answers", name)
+            if not _wait_for_redis(connection):
+                return worked
+            with contextlib.suppress(RedisError):  # free the name for the new loop
+                worker.register_death()
+            with contextlib.suppress(RedisError):  # RQ's teardown stopped before this
+                worker.unsubscribe()
+            worker = new_worker()
     finally:
         for heartbeat in heartbeats:
             heartbeat.stop()
-        _log.info("worker %s stopped", worker.name)
+        _log.info("worker %s stopped", name)
+
+
+def _wait_for_redis(connection: Redis) -> bool:
+    """Wait, with back-off, until Redis answers; ``False`` if SIGTERM or SIGINT came first."""
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        wait_s = 0.5
+        while not stop.is_set():
+            with contextlib.suppress(RedisError):
+                if connection.ping():
+                    return True
+            stop.wait(wait_s)
+            wait_s = min(2 * wait_s, _MAX_RECONNECT_WAIT_S)
+        return False
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _warm_up() -> None:
