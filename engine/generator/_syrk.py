@@ -1,14 +1,28 @@
 """Symmetric rank-k accumulation ``M += Jᵀ J`` computing only the lower triangle.
 
-``Jᵀ J`` is symmetric, so a strip of rows ``[s, e)`` needs only columns ``[0, e)``: about half
-the flops of a full product for large d, with ordinary matrix products (torch has no ``syrk``).
+``Jᵀ J`` is symmetric, so a strip of rows ``[s, e)`` needs only columns ``[0, e)``: with s
+strips of height b = d/s the products cost ``(s + 1)/(2s)`` of a full one, with ordinary matrix
+products (torch has no ``syrk``). Narrower strips save more flops but run as smaller products;
+:func:`strip_height` balances the two (measured on one CPU core: a ``(250, 784)`` J takes 0.62×
+the time of the full product, a ``(250, 8193)`` J 0.54×).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-_BLOCK = 1024
+#: Below this size a single full product is used.
+_MIN_D = 256
+#: Bounds of the strip height.
+_MIN_STRIP, _MAX_STRIP = 128, 512
+
+
+def strip_height(d: int) -> int:
+    """Height of the strips for a ``(d, d)`` product: about d/8, within [128, 512]; d itself
+    (one full product) below 256."""
+    if d < _MIN_D:
+        return d
+    return min(max(d // 8, _MIN_STRIP), _MAX_STRIP)
 
 
 def add_lower_gram(total: Tensor | None, j: Tensor) -> Tensor:
@@ -17,10 +31,11 @@ def add_lower_gram(total: Tensor | None, j: Tensor) -> Tensor:
     d = j.shape[1]
     if total is None:
         total = j.new_zeros(d, d)
-    if d <= _BLOCK:
+    b = strip_height(d)
+    if b >= d:
         return total.addmm_(j.t(), j)
-    for s in range(0, d, _BLOCK):
-        e = min(s + _BLOCK, d)
+    for s in range(0, d, b):
+        e = min(s + b, d)
         total[s:e, :e].addmm_(j[:, s:e].t(), j[:, :e])
     return total
 
@@ -28,8 +43,9 @@ def add_lower_gram(total: Tensor | None, j: Tensor) -> Tensor:
 def symmetrize_lower(total: Tensor) -> Tensor:
     """Fill the upper strips from the lower ones, in place (diagonal blocks are complete)."""
     d = total.shape[0]
-    for s in range(0, d, _BLOCK):
-        e = min(s + _BLOCK, d)
+    b = strip_height(d)
+    for s in range(0, d, b):
+        e = min(s + b, d)
         if e < d:
             total[s:e, e:] = total[e:, s:e].t()
     return total
