@@ -301,6 +301,22 @@ class BilinearNet(nn.Module):
         return self.bil(x, torch.tanh(x))
 
 
+class RecurrentNet(nn.Module):
+    """An ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (batch first) read at its last step, then a Linear.
+
+    Recurrent layers initialise their hidden state unbatched and update it in place, which
+    ``vmap`` cannot batch: the fallback goes example by example.
+    """
+
+    def __init__(self, kind: type[nn.RNNBase], **kwargs):
+        super().__init__()
+        self.rnn = kind(3, 4, batch_first=True, **kwargs)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 def _partially_frozen():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
     model[0].bias.requires_grad_(False)
@@ -351,8 +367,18 @@ EXTRA_CASES = [
     Case("bilinear", BilinearNet, _randn(4), 3),
     Case("partially_frozen", _partially_frozen, _randn(4), 3),
     Case("keyword_call", KeywordCall, _randn(4), 3),
+    Case("lstm", lambda: RecurrentNet(nn.LSTM), _randn(3, 3), 3),
+    Case("gru_two_layers", lambda: RecurrentNet(nn.GRU, num_layers=2), _randn(3, 3), 3),
+    Case("rnn_tanh", lambda: RecurrentNet(nn.RNN, bias=False), _randn(3, 3), 3),
+    Case("prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 5),
+                                        nn.PReLU(5), nn.Linear(5, 3)), _randn(4), 3),
+    Case("embedding_bag", lambda: nn.Sequential(nn.EmbeddingBag(9, 4, mode="mean"),
+                                                nn.Linear(4, 3)),
+         lambda g, n: torch.randint(0, 9, (n, 5), generator=g), 3),
 ]
 EXTRA_CASE_IDS = [c.name for c in EXTRA_CASES]
 FALLBACK_LAYERS.update({
     "conv3d": {"0"}, "linear_subclass": {"0"}, "bilinear": {"bil"}, "partially_frozen": {"0"},
+    "lstm": {"rnn"}, "gru_two_layers": {"rnn"}, "rnn_tanh": {"rnn"}, "prelu": {"1", "3"},
+    "embedding_bag": {"0"},
 })

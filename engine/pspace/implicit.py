@@ -4,7 +4,9 @@ Every operation is a pass over the loader:
 
 * ``vTMv(v) = (1/n) Σ_i ‖L_iᵀ J_i v‖²`` with one Jacobian-vector product per batch
   (forward mode, :mod:`engine.generator.tangents`): the cost does not grow with the number of
-  outputs;
+  outputs. A model with an operation that has no forward-mode formula takes ``J v`` as the VJP
+  of a VJP (two backward passes), and one whose backward is not differentiable either (e.g.
+  ``nn.EmbeddingBag``) takes it from per-example gradients (c backward passes);
 * ``mv(v) = (1/n) Σ_i J_iᵀ H_i (J_i v)``: one forward pass carrying the tangent, one backward;
 * ``trace()`` and ``get_diag()`` exactly, from per-example gradients (never ``d × d``);
 * ``solve(v, λ)`` by (preconditioned) conjugate gradients on ``F + λI`` (Hestenes & Stiefel
@@ -29,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidInputError, UnsupportedOperationError
 from ..generator.hooks import ForwardCapture
-from ..generator.jacobian import check_finite, weighted_grad
+from ..generator.jacobian import Jacobian, check_finite, weighted_grad
 from ..generator.tangents import TangentCapture
 from ..vector import PVector
 from .base import PMatAbstract
@@ -137,16 +139,41 @@ class PMatImplicit(PMatAbstract):
 
             try:
                 out, jv = _jv_by_double_backward(f, primals, tangent)
-            except (RuntimeError, ValueError, TypeError, IndexError):
+            except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
                 with torch.no_grad():  # bad input: the generator's forward names the fix
                     gen._forward(batch, ForwardCapture({}))
-                raise err from None
-            if torch.is_grad_enabled():
+                try:
+                    jv = self._jv_by_per_example_grads(batch, tangent)
+                except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
+                    raise err from None
+                out = None
+            if out is None or torch.is_grad_enabled():
                 out = gen.function(*batch)
         if jv is None:
             jv = torch.zeros_like(out)
         return gen.check_outputs(out), check_finite(jv.detach().reshape(out.shape[0], -1),
                                                     "Jacobian-vector product")
+
+    def _jv_by_per_example_grads(self, batch: tuple, tangent: dict[str, Tensor]) -> Tensor:
+        """``J v`` ``(n, c)`` as ``(J_i)_k · v`` from per-example gradients, ``c`` outputs at a
+        time in the generator's memory-bounded chunks: the last resort for an operation with
+        neither forward-mode AD nor a differentiable backward (e.g. ``nn.EmbeddingBag``), at
+        the cost of ``c`` backward passes per batch."""
+        gen = self.generator
+        raw = Jacobian(gen.model, self.layer_collection, function=gen.function,
+                       device=gen.device)
+        flat = {e.name: torch.cat([tangent[pn].reshape(-1) for pn in e.param_names()])
+                for e in self.layer_collection}
+        parts = []
+        with torch.enable_grad():
+            for bj in raw._run_batch(batch):
+                part = None
+                for e in self.layer_collection:
+                    g = bj.layer_grads(e.name).detach()  # (K, n, d_l)
+                    term = g @ flat[e.name].to(g.dtype)
+                    part = term if part is None else part.add_(term)
+                parts.append(part)
+        return torch.cat(parts, dim=0).t()
 
     def _tangent(self, v: PVector) -> dict[str, Tensor]:
         """The direction per parameter; an Embedding's ``padding_idx`` row gets no tangent, as

@@ -146,6 +146,37 @@ def test_dropout_in_train_mode_on_the_fallback_path():
     _raises(lambda: engine.FIM(model, loader, "dense"), "eval()")
 
 
+def test_recurrent_dropout_in_train_mode_on_the_example_loop():
+    """``nn.LSTM(dropout=...)`` draws inside its own kernel, which ``vmap`` never sees (the
+    fallback loops over examples there): the loop's own check still says call eval()."""
+    model = zoo.RecurrentNet(nn.LSTM, num_layers=2, dropout=0.5).double().train()
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    _raises(lambda: engine.FIM(model, _loader(x), "dense"), "eval()")
+    model.eval()
+    assert torch.isfinite(engine.FIM(model, _loader(x), "diag").get_diag()).all()
+
+
+class _BatchCentred(nn.Module):
+    """``(x - mean over the batch) ⊙ w``: mixes the examples of a batch (torch.func path)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return (x - x.mean(dim=0)) * self.w
+
+
+def test_a_layer_mixing_the_examples_is_refused():
+    """Per-example gradients of a layer that mixes a batch do not exist: run one example at a
+    time, it would compute those of another function, so the fallback checks that they add up
+    to the batch's gradient and names the way out."""
+    model = nn.Sequential(nn.Linear(5, 4), _BatchCentred(4), nn.Tanh(),
+                          nn.Linear(4, 3)).double().eval()
+    _, loader = _mlp()
+    _raises(lambda: engine.FIM(model, loader, "diag"), "do not add up", "layer_collection")
+
+
 @pytest.mark.parametrize("sigma", [0.0, -1.0, math.nan])
 def test_regression_sigma_must_be_positive(sigma):
     model, loader = _mlp()
