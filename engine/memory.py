@@ -9,7 +9,8 @@ diag           ``d``
 quasidiag      ``d + Σ_l groups·Q·P`` (bias-row interactions)
 kfac           ``Σ_l groups·((P+1)² + Q²)`` for Kronecker layers, else a dense block
                (``d_l ≤ 4096``) or the diagonal
-ekfac          kfac plus the eigenvalues ``groups·Q·(P+1)``
+ekfac          kfac plus the eigenvalues ``groups·Q·(P+1)`` (an upper bound: an input
+               factor summed from fewer than (P+1)/2 vectors keeps a thin basis)
 mixed          per layer, its default block
 lowrank        ``K·n·d`` (K = pseudo-outputs per example, n examples)
 implicit       a few vectors of d (the matrix is never stored)

@@ -39,7 +39,7 @@ from .pspace import (
     PMatMixed,
     PMatQuasiDiag,
 )
-from .pspace._blocks import BLOCKS
+from .pspace._blocks import BLOCKS, EKronBlock
 from .vector import FVector, PVector
 
 FORMAT = 1
@@ -88,7 +88,10 @@ def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
         tensors, blocks = {}, []
         for i, e in enumerate(obj.layer_collection):
             blk = obj.data[e.name]
-            blocks.append({"layer": e.name, "kind": blk.kind, "layout": _layout_json(blk.layout)})
+            entry = {"layer": e.name, "kind": blk.kind, "layout": _layout_json(blk.layout)}
+            if isinstance(blk, EKronBlock) and blk.thin:
+                entry["rank"] = blk.u_a.shape[-1]
+            blocks.append(entry)
             for k, t in blk.tensors().items():
                 tensors[f"blocks.{i}.{k}"] = t
         meta["blocks"] = blocks
@@ -167,7 +170,9 @@ def _expect(cond: bool, path, msg: str) -> None:
         raise SerializationError(f"{path}: {msg}")
 
 
-def _block_shapes(kind: str, layout: MatLayout | None, d: int) -> dict[str, tuple[int, ...]]:
+def _block_shapes(kind: str, layout: MatLayout | None, d: int,
+                  rank: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The tensors a block holds; ``rank``: the columns of a thin EKFAC input basis."""
     if kind == "dense":
         return {"m": (d, d)}
     if kind == "diag":
@@ -175,6 +180,8 @@ def _block_shapes(kind: str, layout: MatLayout | None, d: int) -> dict[str, tupl
     g, q, c = layout.groups, layout.q, layout.cols
     if kind == "kfac":
         return {"a": (g, c, c), "g": (g, q, q)}
+    if kind == "ekfac" and rank is not None:
+        return {"u_a": (g, c, rank), "u_g": (g, q, q), "s": (g, q, rank), "rest": ()}
     if kind == "ekfac":
         return {"u_a": (g, c, c), "u_g": (g, q, q), "s": (g, q, c)}
     return {"d": (g, q, c), "c": (g, q, layout.p)}
@@ -253,7 +260,11 @@ def _load_layered(path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollecti
                 f"layout of layer {e.name!r} does not match its {e.numel} parameters")
         _expect(layout is not None or b["kind"] in ("dense", "diag"), path,
                 f"a {b['kind']} block needs a layout")
-        shapes = _block_shapes(b["kind"], layout, e.numel)
+        rank = b.get("rank")
+        _expect(rank is None or (b["kind"] == "ekfac" and isinstance(rank, int)
+                                 and 0 < rank < layout.cols), path,
+                f"block {i}: a rank is only given for a thin EKFAC basis, 0 < rank < columns")
+        shapes = _block_shapes(b["kind"], layout, e.numel, rank)
         part = {}
         for k, shape in shapes.items():
             t = tensors.get(f"blocks.{i}.{k}")

@@ -133,6 +133,7 @@ class KronAcc(Accumulator):
         self.g: Tensor | None = None
         self.t = 1
         self.bias = False
+        self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
     def update(self, bj: BatchJacobian) -> None:
         kernel = bj.kernels[self.name]
@@ -144,6 +145,7 @@ class KronAcc(Accumulator):
             if reduce and a.shape[2] > 1:
                 a = a.mean(dim=2, keepdim=True)
             grp, p = a.shape[1], a.shape[3]
+            self.rows += a.shape[0] * a.shape[2]
             self.bias = kernel.mat_layout().bias
             if self.a is None:  # the bordered matrix, filled in place (no second copy)
                 self.a = a.new_zeros(grp, p + self.bias, p + self.bias)
@@ -212,6 +214,8 @@ class EigenDiagAcc(Accumulator):
         super().__init__(name)
         self.u_a, self.u_g, self.layout = u_a, u_g, layout
         self.s: Tensor | None = None
+        self.thin = u_a.shape[-1] < u_a.shape[-2]
+        self.energy: Tensor | None = None  # Σ ‖∇W‖², for the complement of a thin basis
 
     def update(self, bj: BatchJacobian) -> None:
         one = one_position(bj, self.name)
@@ -231,11 +235,29 @@ class EigenDiagAcc(Accumulator):
             if self.s is None:
                 self.s = a.new_zeros(rg2.shape[1], rg2.shape[2], ra.shape[2])
             self.s.baddbmm_(rg2.permute(1, 2, 0), ra)
+            if self.thin:  # ‖g ãᵀ‖² = ‖g‖² ‖ã‖²
+                sq_a = (a * a).sum(-1) + self.layout.bias  # (n, G)
+                self._add_energy((rg2.sum(-1) * sq_a).sum())
             return
         m = mat_grads(bj, self.name, self.layout)
         r = self.u_g.transpose(-1, -2) @ m @ self.u_a
         s = (r * r).sum(dim=(0, 1))
         self.s = s if self.s is None else self.s.add_(s)
+        if self.thin:
+            self._add_energy((m * m).sum())
 
-    def result(self, n: int) -> Tensor:
-        return self.s.div_(n)
+    def _add_energy(self, e: Tensor) -> None:
+        self.energy = e if self.energy is None else self.energy + e
+
+    def result(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
+        """``s`` ``(G, Q, R)``; for a thin basis ``(s, rest)``, ``rest`` the energy outside the
+        basis per dimension (0 when it is below the rounding of the total)."""
+        s = self.s.div_(n)
+        if not self.thin:
+            return s
+        total = self.energy / n
+        outside = total - s.sum()
+        eps = torch.finfo(s.dtype).eps
+        if outside <= 64 * eps * total:
+            outside = torch.zeros_like(outside)
+        return s, outside / (self.layout.numel - s.numel())

@@ -295,26 +295,68 @@ class KronBlock(Block):
             "and use PMatDense, or combine their EKFAC forms")
 
 
-class EKronBlock(Block):
-    """EKFAC (George et al. 2018): ``(U_G ⊗ U_A) diag(s) (U_G ⊗ U_A)ᵀ``.
+#: Extra columns of the random test matrix of the range finder (Halko et al. 2011, §4.2).
+RANGE_OVERSAMPLING = 8
 
-    ``u_a: (groups, P+1, P+1)`` and ``u_g: (groups, Q, Q)`` are the eigenbases of the KFAC
-    factors; ``s: (groups, Q, P+1)`` the eigenvalues in that basis, initially the products of the
+
+def _range_eigh(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a batch of PSD matrices ``m (groups, c, c)`` of rank at most ``rank - 8``
+    in a thin basis ``(groups, c, rank)``: the randomized range finder of Halko, Martinsson &
+    Tropp (2011, Alg. 4.1 and 5.3), exact (to rounding) when the rank bound holds, since then
+    ``range(m Ω) = range(m)``: ``Q = qr(m Ω)``, ``Qᵀ m Q = V Λ Vᵀ``, ``U = Q V``. Costs two
+    ``c² · rank`` products instead of a ``c³`` eigendecomposition and a ``c²`` basis.
+    Deterministic (fixed seed); float64 where :func:`eigh` would promote."""
+    work = torch.float64 if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m.dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn(m.shape[-1], rank, generator=gen, dtype=work).to(m.device)
+    q = torch.linalg.qr(m.to(work) @ omega).Q
+    evals, v = torch.linalg.eigh((q.transpose(-1, -2) @ (m.to(work) @ q)).double())
+    return evals, q @ v.to(work)
+
+
+class EKronBlock(Block):
+    """EKFAC (George et al. 2018): ``(U_G ⊗ U_A) diag(s) (U_G ⊗ U_A)ᵀ [+ rest · (I − P)]``.
+
+    ``u_a: (groups, P+1, R)`` and ``u_g: (groups, Q, Q)`` are the eigenbases of the KFAC
+    factors; ``s: (groups, Q, R)`` the eigenvalues in that basis, initially the products of the
     factors' eigenvalues (= KFAC) and after ``update_diag`` the second moments
     ``E[(U_Gᵀ ∇W U_A)²]`` of the per-example gradients. Damping is exact: ``s + λ``.
+
+    When ``A`` was summed from fewer vectors than its size (a wide Linear layer on few
+    examples), its basis is thin (``R < P+1``, see :func:`_range_eigh`): ``P = U U ᵀ`` projects
+    onto the range of ``U = U_G ⊗ U_A`` and the complement, where ``A`` is zero, carries the
+    single eigenvalue ``rest`` (0 for KFAC and for ``update_diag`` on the data that built the
+    basis, where every per-example gradient lies in that range; otherwise the mean energy of the
+    gradients outside it per dimension, which keeps the trace exact). A full basis has no
+    complement and ``rest`` is ``None``.
     """
 
     kind = "ekfac"
 
-    def __init__(self, u_a: Tensor, u_g: Tensor, s: Tensor, layout: MatLayout) -> None:
+    def __init__(self, u_a: Tensor, u_g: Tensor, s: Tensor, layout: MatLayout,
+                 rest: Tensor | None = None) -> None:
         self.u_a, self.u_g, self.s, self._layout = u_a, u_g, s, layout
+        if rest is None and self.thin:
+            rest = s.new_zeros(())
+        self.rest = rest if self.thin else None
+
+    @property
+    def thin(self) -> bool:
+        return self.u_a.shape[-1] < self.u_a.shape[-2]
 
     @classmethod
-    def from_kron(cls, k: KronBlock) -> EKronBlock:
+    def from_kron(cls, k: KronBlock, rows: int | None = None) -> EKronBlock:
         """The eigenbasis of ``k``'s factors, in their own dtype: only the basis is kept, and
         :meth:`~engine.pspace.PMatEKFAC.update_diag` re-estimates the eigenvalues in it, so a
-        float32 factor needs no float64 copy (KFAC's own inverses still factor in float64)."""
-        ea, ua = eigh(k.a, promote=False)
+        float32 factor needs no float64 copy (KFAC's own inverses still factor in float64).
+
+        ``rows``: how many vectors were summed into ``A`` (per group); when that bound on its
+        rank leaves it at most half full, the basis of ``A`` is thin (:func:`_range_eigh`)."""
+        c = k.a.shape[-1]
+        if rows is not None and 2 * (rows + RANGE_OVERSAMPLING) <= c:
+            ea, ua = _range_eigh(k.a, rows + RANGE_OVERSAMPLING)
+        else:
+            ea, ua = eigh(k.a, promote=False)
         eg, ug = eigh(k.g, promote=False)
         s = eg.clamp_min(0)[..., :, None] * ea.clamp_min(0)[..., None, :]
         dt = k.a.dtype
@@ -325,11 +367,22 @@ class EKronBlock(Block):
         return self._layout
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"u_a": self.u_a, "u_g": self.u_g, "s": self.s}
+        out = {"u_a": self.u_a, "u_g": self.u_g, "s": self.s}
+        if self.thin:
+            out["rest"] = self.rest
+        return out
 
     @classmethod
     def from_tensors(cls, t, layout) -> EKronBlock:
-        return cls(t["u_a"], t["u_g"], t["s"], layout)
+        return cls(t["u_a"], t["u_g"], t["s"], layout, t.get("rest"))
+
+    def _with(self, s: Tensor, rest: Tensor | None) -> EKronBlock:
+        return EKronBlock(self.u_a, self.u_g, s, self._layout, rest)
+
+    @property
+    def _rest_dims(self) -> int:
+        """Dimensions of the complement of the thin basis."""
+        return self._layout.numel - self.s.numel()
 
     def rotate(self, m: Tensor) -> Tensor:
         """``U_Gᵀ M U_A`` for matrices ``(..., groups, Q, P+1)``."""
@@ -338,31 +391,50 @@ class EKronBlock(Block):
     def unrotate(self, m: Tensor) -> Tensor:
         return self.u_g @ m @ self.u_a.transpose(-1, -2)
 
+    def _outside(self, m: Tensor) -> Tensor:
+        """``M − M U_A U_Aᵀ``: the part of ``M`` outside the thin basis (``U_G`` is square)."""
+        return m - (m @ self.u_a) @ self.u_a.transpose(-1, -2)
+
+    def _apply(self, x: Tensor, eig: Tensor, rest: Tensor | None) -> Tensor:
+        m = self._layout.to_mat(x)
+        y = self.unrotate(eig * self.rotate(m))
+        if rest is not None and bool(rest != 0):
+            y = y + rest * self._outside(m)
+        return self._layout.from_mat(y)
+
     def mm(self, x: Tensor) -> Tensor:
-        return self._layout.from_mat(self.unrotate(self.s * self.rotate(self._layout.to_mat(x))))
+        return self._apply(x, self.s, self.rest)
 
     def trace(self) -> Tensor:
+        if self.thin:
+            return self.s.sum() + self.rest * self._rest_dims
         return self.s.sum()
 
     def frob_sq(self) -> Tensor:
-        return (self.s.double() ** 2).sum()
+        out = (self.s.double() ** 2).sum()
+        if self.thin:
+            out = out + self.rest.double() ** 2 * self._rest_dims
+        return out
 
     def diag(self) -> Tensor:
-        return self._layout.from_mat((self.u_g**2) @ self.s @ (self.u_a**2).transpose(-1, -2))
+        d = (self.u_g**2) @ self.s @ (self.u_a**2).transpose(-1, -2)
+        if self.thin:  # rest · diag(I − U_A U_Aᵀ), the same on every row (U_G is square)
+            d = d + self.rest * (1 - (self.u_a**2).sum(-1))[..., None, :]
+        return self._layout.from_mat(d)
 
     def solve(self, x: Tensor, regul: float) -> Tensor:
-        m = self.rotate(self._layout.to_mat(x))
         denom = self.s + regul
-        if regul == 0 and (denom <= 0).any():
+        rest = None if self.rest is None else self.rest + regul
+        if regul == 0 and ((denom <= 0).any() or (rest is not None and rest <= 0)):
             raise InvalidInputError("EKFAC has zero eigenvalues: use a positive regul")
-        return self._layout.from_mat(self.unrotate(m / denom))
+        return self._apply(x, 1 / denom, None if rest is None else 1 / rest)
 
     def pow(self, exponent: float, regul: float) -> EKronBlock:
-        return EKronBlock(self.u_a, self.u_g, (self.s.clamp_min(0) + regul) ** exponent,
-                          self._layout)
+        rest = None if self.rest is None else (self.rest.clamp_min(0) + regul) ** exponent
+        return self._with((self.s.clamp_min(0) + regul) ** exponent, rest)
 
     def scaled(self, s: float) -> EKronBlock:
-        return EKronBlock(self.u_a, self.u_g, self.s * s, self._layout)
+        return self._with(self.s * s, None if self.rest is None else self.rest * s)
 
     def combine(self, other: Block, sign: float) -> Block:
         if not (isinstance(other, EKronBlock) and torch.equal(other.u_a, self.u_a)
@@ -370,7 +442,8 @@ class EKronBlock(Block):
             raise UnsupportedOperationError(
                 "EKFAC matrices add only when they share their eigenbasis: convert with "
                 "to_torch() and use PMatDense")
-        return EKronBlock(self.u_a, self.u_g, self.s + sign * other.s, self._layout)
+        rest = None if self.rest is None else self.rest + sign * other.rest
+        return self._with(self.s + sign * other.s, rest)
 
 
 class QuasiDiagBlock(Block):

@@ -80,13 +80,16 @@ class PMatLayered(PMatAbstract):
     def _compute(self, generator, examples: Iterable) -> dict[str, Block]:
         kinds: dict[str, str] = {}
 
+        kron_accs: dict[str, KronAcc] = {}
+
         def make_accumulators() -> list:  # after the first batch has settled the paths
             kinds.update(self._policy(generator))
             accs = []
             for name, kind in kinds.items():
                 kernel = generator.kernel(name)
                 if kind in ("kfac", "ekfac"):
-                    accs.append(KronAcc(name, self.kfac_approx))
+                    kron_accs[name] = KronAcc(name, self.kfac_approx)
+                    accs.append(kron_accs[name])
                 elif kind == "quasidiag":
                     accs.append(QuasiDiagAcc(name, kernel.mat_layout()))
                 elif kind == "dense":
@@ -101,7 +104,8 @@ class PMatLayered(PMatAbstract):
             st = stats[name]
             if kind in ("kfac", "ekfac"):
                 blk = KronBlock(st[0], st[1], generator.kernel(name).mat_layout())
-                blocks[name] = EKronBlock.from_kron(blk) if kind == "ekfac" else blk
+                blocks[name] = (EKronBlock.from_kron(blk, kron_accs[name].rows)
+                                if kind == "ekfac" else blk)
             elif kind == "quasidiag":
                 blocks[name] = QuasiDiagBlock(st[0], st[1], generator.kernel(name).mat_layout())
             elif kind == "dense":
@@ -237,7 +241,8 @@ class PMatEKFAC(PMatLayered):
         for name, blk in list(self.data.items()):
             st = stats[name]
             if isinstance(blk, EKronBlock):
-                self.data[name] = EKronBlock(blk.u_a, blk.u_g, st, blk.layout)
+                s, rest = st if blk.thin else (st, None)
+                self.data[name] = EKronBlock(blk.u_a, blk.u_g, s, blk.layout, rest)
             elif isinstance(blk, DenseBlock):
                 self.data[name] = DenseBlock(st)
             else:

@@ -22,6 +22,16 @@ pytestmark = H.ATTN_WARNING
 TOL = 1e-10
 
 
+def complete_basis(u: torch.Tensor) -> torch.Tensor:
+    """``(groups, c, r)`` orthonormal columns completed to ``(groups, c, c)`` (first r kept)."""
+    g, c, r = u.shape
+    if r == c:
+        return u
+    extra = torch.randn(g, c, c - r, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
+    q = torch.linalg.qr(torch.cat([u, extra], dim=-1), mode="complete").Q
+    return torch.cat([u, q[..., r:]], dim=-1)
+
+
 @H.CASES
 def test_equals_kfac_before_update_diag(case):
     mat = H.fim(case, "ekfac")
@@ -32,7 +42,7 @@ def test_equals_kfac_before_update_diag(case):
     ref.assert_close(mat.trace(), kfac.trace(), TOL, "trace")
     for name, (a, g) in kfac.factors.items():
         blk = mat.data[name]
-        eye_a = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
+        eye_a = torch.eye(blk.u_a.shape[-1], dtype=a.dtype).expand(a.shape[0], -1, -1)
         eye_g = torch.eye(g.shape[-1], dtype=g.dtype).expand_as(g)
         ref.assert_close(blk.u_a.transpose(-1, -2) @ blk.u_a, eye_a, TOL, "U_A orthogonal")
         ref.assert_close(blk.u_g.transpose(-1, -2) @ blk.u_g, eye_g, TOL, "U_G orthogonal")
@@ -55,10 +65,12 @@ def test_update_diag_projects_the_exact_block_onto_the_eigenbasis(case):
         blk = mat.data[name]
         if blk.kind == "ekfac":
             view = H.view_of(mods[name])
-            u = H.kron_dense(blk.u_a, blk.u_g, view)  # X ↦ U_G X U_Aᵀ, flat coordinates
+            u_a = complete_basis(blk.u_a)  # a thin basis, completed: rest = 0 on the same data
+            u = H.kron_dense(u_a, blk.u_g, view)  # X ↦ U_G X U_Aᵀ, flat coordinates
             s = torch.diagonal(u.t() @ f_l @ u)
             ref.assert_close(e_l, (u * s) @ u.t(), TOL, f"{name} projection")
-            ref.assert_close(blk.s, s[view.flat_index()], TOL, f"{name} eigenvalues")
+            r = blk.u_a.shape[-1]
+            ref.assert_close(blk.s, s[view.flat_index()][..., :r], TOL, f"{name} eigenvalues")
             ref.assert_close(e_l.trace(), f_l.trace(), TOL, f"{name} trace")
         else:
             ref.assert_close(e_l, f_l, TOL, f"{name} exact block")
@@ -141,3 +153,61 @@ def test_column_major_bases_are_made_row_major_in_place(n):
     out = _row_major(col)
     assert out.is_contiguous() and torch.equal(out, m)
     assert out.untyped_storage().data_ptr() == storage
+
+
+def _other_data_ekfac():
+    """EKFAC of the ``norms`` model, whose Linear(100 → 6) input factor has rank ≤ 13 (a thin
+    basis), with its eigenvalues re-estimated on 17 other inputs."""
+    model, loader = H.built("norms")
+    mat = engine.FIM(model, loader, "ekfac")
+    x = torch.randn(17, 2, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    other = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=6)
+    return model, other, mat.update_diag(other)
+
+
+def test_a_low_rank_input_factor_gets_a_thin_basis():
+    """A = E[ã ãᵀ] summed from 13 vectors of size 101: its basis keeps 13 + 8 columns, found
+    by a range finder, and EKFAC still equals KFAC (the complement carries 0)."""
+    mat = H.fim("norms", "ekfac")
+    blk = mat.data["4"]
+    assert blk.thin and tuple(blk.u_a.shape) == (1, 101, 21) and float(blk.rest) == 0.0
+    a, _ = H.fim("norms", "kfac").factors["4"]
+    proj = blk.u_a @ blk.u_a.transpose(-1, -2)
+    ref.assert_close(proj @ a, a, TOL, "range(A) inside the thin basis")
+    assert sum(b.u_a.numel() for b in mat.data.values() if b.kind == "ekfac") < 101 * 101
+
+
+def test_update_diag_on_other_data_puts_the_energy_outside_the_thin_basis_in_rest():
+    """Gradients of other inputs leave the range of A: inside the basis EKFAC takes
+    ``s = diag(Uᵀ F_l U)``, outside it the mean energy per dimension ``rest`` — so the trace
+    stays exact — and every operation agrees with the dense matrix that this defines."""
+    model, other, mat = _other_data_ekfac()
+    exact = ref.fisher(model, other)
+    blk = mat.data["4"]
+    view = H.view_of(H.modules("norms")["4"])
+    off = H.offsets("norms")["4"]
+    f_l = H.block(exact, off)
+    u = H.kron_dense(complete_basis(blk.u_a), blk.u_g, view)
+    inside = torch.zeros(view.groups, view.q, view.cols, dtype=torch.bool)
+    inside[..., :blk.u_a.shape[-1]] = True
+    inside = inside.reshape(-1)[view.flat_index().reshape(-1).argsort()]
+    s = torch.diagonal(u.t() @ f_l @ u)
+    rest = (f_l.trace() - s[inside].sum()) / int((~inside).sum())
+    assert rest > 1e-3 * f_l.trace() / f_l.shape[0], "the other data should leave the basis"
+    ref.assert_close(blk.rest, rest, TOL, "rest")
+    expected = (u * torch.where(inside, s, rest)) @ u.t()
+    full = mat.to_torch()
+    ref.assert_close(H.block(full, off), expected, TOL, "thin block")
+    ref.assert_close(mat.trace(), exact.trace(), TOL, "trace is exact")
+    v = H.rand_pvector(mat, 6)
+    x = v.get_flat_representation()
+    ref.assert_close(mat.mv(v).get_flat_representation(), full @ x, TOL, "mv")
+    ref.assert_close(mat.get_diag(), full.diagonal(), TOL, "diag")
+    ref.assert_close(mat.norm(), torch.linalg.norm(full), TOL, "norm")
+    regul = 1e-3
+    damped = full + regul * torch.eye(full.shape[0], dtype=full.dtype)
+    ref.assert_close(mat.solve(v, regul).get_flat_representation(),
+                     torch.linalg.solve(damped, x), 1e-9, "solve")
+    root = mat.pow(0.5).to_torch()
+    ref.assert_close(root @ root, full, 1e-9, "sqrt squared")
+    ref.assert_close((mat - 0.25 * mat).to_torch(), 0.75 * full, TOL, "arithmetic")

@@ -43,6 +43,16 @@ def _mixed_policy(case: str, dtype=torch.float64):
                       policy={"4": "ekfac", "Linear": "quasidiag", "GroupNorm": "diag"})
 
 
+def _thin_with_rest():
+    """EKFAC with a thin input basis (layer "4") and a non-zero ``rest`` (updated on other data)."""
+    model, loader = H.built("norms")
+    x = torch.randn(9, 2, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    other = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    mat = engine.FIM(model, loader, "ekfac").update_diag(other)
+    assert mat.data["4"].thin and float(mat.data["4"].rest) > 0
+    return mat
+
+
 #: (id, builder, class): every stored representation, on zoo models that exercise its layouts.
 MATRICES = [
     ("dense-mlp", lambda: H.fim("mlp", "dense"), PMatDense),
@@ -55,6 +65,8 @@ MATRICES = [
     ("kfac_float32-cnn_bn", lambda: H.fim("cnn_bn", "kfac", torch.float32), PMatKFAC),
     ("ekfac-cnn_bn", lambda: H.fim("cnn_bn", "ekfac"), PMatEKFAC),
     ("ekfac_updated-conv1d", lambda: H.ekfac_updated("conv1d"), PMatEKFAC),
+    ("ekfac_thin-norms", lambda: H.fim("norms", "ekfac"), PMatEKFAC),
+    ("ekfac_thin_rest-norms", lambda: _thin_with_rest(), PMatEKFAC),
     ("mixed-attention", lambda: H.fim("attention", "mixed"), PMatMixed),
     ("mixed_policy-norms", lambda: _mixed_policy("norms"), PMatMixed),
     ("lowrank-sequence", lambda: H.fim("sequence", "lowrank"), PMatLowRank),
@@ -289,6 +301,41 @@ TAMPER_KFAC = [
 @pytest.mark.parametrize("tamper", TAMPER_KFAC)
 def test_rejects_a_tampered_kfac_file(tmp_path, tamper):
     doc, tensors = saved(tmp_path, H.fim("mlp", "kfac"))
+    tamper(doc, tensors)
+    write_raw(tmp_path / "bad.safetensors", doc, tensors)
+    assert_rejected(tmp_path / "bad.safetensors")
+
+
+def _thin_block(doc) -> int:
+    return next(i for i, b in enumerate(doc["blocks"]) if "rank" in b)
+
+
+def _drop_rank(doc, tensors):
+    del doc["blocks"][_thin_block(doc)]["rank"]
+
+
+def _change_rank(doc, tensors):
+    doc["blocks"][_thin_block(doc)]["rank"] -= 1
+
+
+def _rank_not_an_int(doc, tensors):
+    doc["blocks"][_thin_block(doc)]["rank"] = "21"
+
+
+def _rank_on_a_full_basis(doc, tensors):
+    doc["blocks"][0]["rank"] = 3
+
+
+def _drop_rest(doc, tensors):
+    k = f"blocks.{_thin_block(doc)}.rest"
+    del tensors[k]
+    del doc["tensors"][k]
+
+
+@pytest.mark.parametrize("tamper", [_drop_rank, _change_rank, _rank_not_an_int,
+                                    _rank_on_a_full_basis, _drop_rest])
+def test_rejects_a_tampered_thin_ekfac_file(tmp_path, tamper):
+    doc, tensors = saved(tmp_path, H.fim("norms", "ekfac"))
     tamper(doc, tensors)
     write_raw(tmp_path / "bad.safetensors", doc, tensors)
     assert_rejected(tmp_path / "bad.safetensors")
