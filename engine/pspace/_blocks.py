@@ -215,6 +215,18 @@ def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
     return (evecs * evals.to(evecs.dtype)[..., None, :]) @ evecs.transpose(-1, -2)
 
 
+def _spd_solve(f: Tensor, shift: Tensor, rhs: Tensor) -> Tensor:
+    """``(f + shift·I)⁻¹ rhs`` for a batch of PSD factors ``f (groups, c, c)``, in float64."""
+    damped = f.to(torch.float64, copy=True)
+    damped.diagonal(dim1=-2, dim2=-1).add_(shift.double()[:, None])
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if not bool((info == 0).all()):
+        del chol
+        return torch.linalg.solve(damped, rhs)
+    del damped
+    return torch.cholesky_solve(rhs, chol)
+
+
 class KronBlock(Block):
     """``G ⊗ A`` per group (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions).
 
@@ -272,15 +284,14 @@ class KronBlock(Block):
                          _sym_pow(self.g, exponent, sg).to(self.g.dtype), self._layout)
 
     def solve(self, x: Tensor, regul: float) -> Tensor:
+        """``(G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹`` in float64, by Cholesky factorizations of the
+        damped factors (damped in place on one float64 copy each, no identity built), or by LU
+        where an undamped factor is too close to singular for Cholesky."""
         sa, sg = self._damped(regul)
-        eye_a = torch.eye(self.a.shape[-1], dtype=torch.float64, device=self.a.device)
-        eye_g = torch.eye(self.g.shape[-1], dtype=torch.float64, device=self.g.device)
-        a = self.a.double() + sa[:, None, None] * eye_a
-        g = self.g.double() + sg[:, None, None] * eye_g
         m = self._layout.to_mat(x).double()
         try:
-            y = torch.linalg.solve(g, m)
-            y = torch.linalg.solve(a, y.transpose(-1, -2)).transpose(-1, -2)
+            y = _spd_solve(self.g, sg, m)
+            y = _spd_solve(self.a, sa, y.transpose(-1, -2)).transpose(-1, -2)
         except RuntimeError as err:
             raise InvalidInputError(
                 "a Kronecker factor is singular: use a positive regul") from err
