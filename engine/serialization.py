@@ -39,7 +39,7 @@ from .pspace import (
     PMatMixed,
     PMatQuasiDiag,
 )
-from .pspace._blocks import BLOCKS, EKronBlock
+from .pspace._blocks import BLOCKS, EKronBlock, KronBlock
 from .vector import FVector, PVector
 
 FORMAT = 1
@@ -91,6 +91,8 @@ def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
             entry = {"layer": e.name, "kind": blk.kind, "layout": _layout_json(blk.layout)}
             if isinstance(blk, EKronBlock) and blk.thin:
                 entry["rank"] = blk.u_a.shape[-1]
+            if isinstance(blk, KronBlock) and blk.rows is not None:
+                entry["rows"] = blk.rows
             blocks.append(entry)
             for k, t in blk.tensors().items():
                 tensors[f"blocks.{i}.{k}"] = t
@@ -273,6 +275,12 @@ def _load_layered(path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollecti
             part[k] = t
             used.add(f"blocks.{i}.{k}")
         data[e.name] = BLOCKS[b["kind"]].from_tensors(part, layout)
+        rows = b.get("rows")
+        _expect(rows is None or (b["kind"] == "kfac" and isinstance(rows, int) and rows > 0),
+                path, f"block {i}: rows (a bound on the rank of A) is a positive integer of a "
+                "KFAC block")
+        if rows is not None:
+            data[e.name].rows = rows
     _expect(used == set(tensors), path, f"extra tensors {sorted(set(tensors) - used)}")
     opts = doc.get("options") or {}
     kwargs: dict[str, Any] = {"kfac_approx": opts.get("kfac_approx", "expand")}

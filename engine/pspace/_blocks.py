@@ -215,6 +215,25 @@ def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
     return (evecs * evals.to(evecs.dtype)[..., None, :]) @ evecs.transpose(-1, -2)
 
 
+#: Extra columns of the random test matrix of the range finder (Halko et al. 2011, §4.2).
+RANGE_OVERSAMPLING = 8
+
+
+def _range_eigh(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a batch of PSD matrices ``m (groups, c, c)`` of rank at most ``rank - 8``
+    in a thin basis ``(groups, c, rank)``: the randomized range finder of Halko, Martinsson &
+    Tropp (2011, Alg. 4.1 and 5.3), exact (to rounding) when the rank bound holds, since then
+    ``range(m Ω) = range(m)``: ``Q = qr(m Ω)``, ``Qᵀ m Q = V Λ Vᵀ``, ``U = Q V``. Costs two
+    ``c² · rank`` products instead of a ``c³`` eigendecomposition and a ``c²`` basis.
+    Deterministic (fixed seed); float64 where :func:`eigh` would promote."""
+    work = torch.float64 if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m.dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn(m.shape[-1], rank, generator=gen, dtype=work).to(m.device)
+    q = torch.linalg.qr(m.to(work) @ omega).Q
+    evals, v = torch.linalg.eigh((q.transpose(-1, -2) @ (m.to(work) @ q)).double())
+    return evals, q @ v.to(work)
+
+
 def _spd_solve(f: Tensor, shift: Tensor, rhs: Tensor) -> Tensor:
     """``(f + shift·I)⁻¹ rhs`` for a batch of PSD factors ``f (groups, c, c)``, in float64."""
     damped = f.to(torch.float64, copy=True)
@@ -241,8 +260,20 @@ class KronBlock(Block):
 
     kind = "kfac"
 
-    def __init__(self, a: Tensor, g: Tensor, layout: MatLayout) -> None:
+    def __init__(self, a: Tensor, g: Tensor, layout: MatLayout, rows: int | None = None) -> None:
         self.a, self.g, self._layout = a, g, layout
+        self.rows = rows  # vectors summed into A (per group), when known: a bound on its rank
+        self._thin_a: tuple[Tensor, Tensor] | None = None
+
+    def thin_eigh_a(self) -> tuple[Tensor, Tensor] | None:
+        """Eigenpairs of ``A`` in a thin basis (:func:`_range_eigh`) when ``rows`` bounds its
+        rank to at most half its size (computed once), else None."""
+        c = self.a.shape[-1]
+        if self.rows is None or 2 * (self.rows + RANGE_OVERSAMPLING) > c:
+            return None
+        if self._thin_a is None:
+            self._thin_a = _range_eigh(self.a, self.rows + RANGE_OVERSAMPLING)
+        return self._thin_a
 
     @property
     def layout(self) -> MatLayout:
@@ -278,51 +309,58 @@ class KronBlock(Block):
         pi = pi_correction(self.a.double(), self.g.double())
         return math.sqrt(regul) * pi, math.sqrt(regul) / pi
 
+    def _thin_damped_a(self, sa: Tensor, exponent: float) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(U, d, c)`` with ``(A + sa·I)^e = U diag(d) Uᵀ + c·I`` from A's thin eigenbasis:
+        on its complement A is zero, so ``d = (λ + sa)^e − sa^e`` and ``c = sa^e``. None when
+        A has no thin basis, or ``sa^e`` would be infinite (``sa = 0``, ``e ≤ 0``)."""
+        thin = self.thin_eigh_a()
+        if thin is None or (exponent <= 0 and bool((sa <= 0).any())):
+            return None
+        evals, u = thin
+        shift = sa.double()[:, None]
+        rest = shift**exponent
+        return u, (evals.clamp_min(0) + shift) ** exponent - rest, rest[:, 0]
+
     def pow(self, exponent: float, regul: float) -> KronBlock:
         sa, sg = self._damped(regul)
-        return KronBlock(_sym_pow(self.a, exponent, sa).to(self.a.dtype),
-                         _sym_pow(self.g, exponent, sg).to(self.g.dtype), self._layout)
+        thin = self._thin_damped_a(sa, exponent)
+        if thin is None:
+            a = _sym_pow(self.a, exponent, sa)
+        else:
+            u, d, rest = thin
+            a = (u * d.to(u.dtype)[..., None, :]) @ u.transpose(-1, -2)
+            a.diagonal(dim1=-2, dim2=-1).add_(rest.to(a.dtype)[:, None])
+        return KronBlock(a.to(self.a.dtype), _sym_pow(self.g, exponent, sg).to(self.g.dtype),
+                         self._layout)
 
     def solve(self, x: Tensor, regul: float) -> Tensor:
         """``(G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹`` in float64, by Cholesky factorizations of the
         damped factors (damped in place on one float64 copy each, no identity built), or by LU
-        where an undamped factor is too close to singular for Cholesky."""
+        where an undamped factor is too close to singular for Cholesky. A damped ``A`` with a
+        thin eigenbasis is inverted through it (:meth:`_thin_damped_a`), with no ``c³`` work."""
         sa, sg = self._damped(regul)
         m = self._layout.to_mat(x).double()
         try:
             y = _spd_solve(self.g, sg, m)
-            y = _spd_solve(self.a, sa, y.transpose(-1, -2)).transpose(-1, -2)
+            thin = self._thin_damped_a(sa, -1.0)
+            if thin is None:
+                y = _spd_solve(self.a, sa, y.transpose(-1, -2)).transpose(-1, -2)
+            else:
+                u, d, rest = thin
+                u = u.double()
+                y = ((y @ u) * d[..., None, :]) @ u.transpose(-1, -2) + y * rest[:, None, None]
         except RuntimeError as err:
             raise InvalidInputError(
                 "a Kronecker factor is singular: use a positive regul") from err
         return self._layout.from_mat(y).to(x.dtype)
 
     def scaled(self, s: float) -> KronBlock:
-        return KronBlock(self.a * s, self.g, self._layout)
+        return KronBlock(self.a * s, self.g, self._layout, self.rows)
 
     def combine(self, other: Block, sign: float) -> Block:
         raise UnsupportedOperationError(
             "the sum of two KFAC matrices is not a Kronecker product: convert with to_torch() "
             "and use PMatDense, or combine their EKFAC forms")
-
-
-#: Extra columns of the random test matrix of the range finder (Halko et al. 2011, §4.2).
-RANGE_OVERSAMPLING = 8
-
-
-def _range_eigh(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of a batch of PSD matrices ``m (groups, c, c)`` of rank at most ``rank - 8``
-    in a thin basis ``(groups, c, rank)``: the randomized range finder of Halko, Martinsson &
-    Tropp (2011, Alg. 4.1 and 5.3), exact (to rounding) when the rank bound holds, since then
-    ``range(m Ω) = range(m)``: ``Q = qr(m Ω)``, ``Qᵀ m Q = V Λ Vᵀ``, ``U = Q V``. Costs two
-    ``c² · rank`` products instead of a ``c³`` eigendecomposition and a ``c²`` basis.
-    Deterministic (fixed seed); float64 where :func:`eigh` would promote."""
-    work = torch.float64 if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m.dtype
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    omega = torch.randn(m.shape[-1], rank, generator=gen, dtype=work).to(m.device)
-    q = torch.linalg.qr(m.to(work) @ omega).Q
-    evals, v = torch.linalg.eigh((q.transpose(-1, -2) @ (m.to(work) @ q)).double())
-    return evals, q @ v.to(work)
 
 
 class EKronBlock(Block):
@@ -356,18 +394,14 @@ class EKronBlock(Block):
         return self.u_a.shape[-1] < self.u_a.shape[-2]
 
     @classmethod
-    def from_kron(cls, k: KronBlock, rows: int | None = None) -> EKronBlock:
+    def from_kron(cls, k: KronBlock) -> EKronBlock:
         """The eigenbasis of ``k``'s factors, in their own dtype: only the basis is kept, and
         :meth:`~engine.pspace.PMatEKFAC.update_diag` re-estimates the eigenvalues in it, so a
         float32 factor needs no float64 copy (KFAC's own inverses still factor in float64).
-
-        ``rows``: how many vectors were summed into ``A`` (per group); when that bound on its
-        rank leaves it at most half full, the basis of ``A`` is thin (:func:`_range_eigh`)."""
-        c = k.a.shape[-1]
-        if rows is not None and 2 * (rows + RANGE_OVERSAMPLING) <= c:
-            ea, ua = _range_eigh(k.a, rows + RANGE_OVERSAMPLING)
-        else:
-            ea, ua = eigh(k.a, promote=False)
+        Where ``k.rows`` bounds the rank of ``A`` to at most half its size, the basis of ``A``
+        is thin (:meth:`KronBlock.thin_eigh_a`)."""
+        thin = k.thin_eigh_a()
+        ea, ua = thin if thin is not None else eigh(k.a, promote=False)
         eg, ug = eigh(k.g, promote=False)
         s = eg.clamp_min(0)[..., :, None] * ea.clamp_min(0)[..., None, :]
         dt = k.a.dtype

@@ -103,9 +103,9 @@ class PMatLayered(PMatAbstract):
         for name, kind in kinds.items():
             st = stats[name]
             if kind in ("kfac", "ekfac"):
-                blk = KronBlock(st[0], st[1], generator.kernel(name).mat_layout())
-                blocks[name] = (EKronBlock.from_kron(blk, kron_accs[name].rows)
-                                if kind == "ekfac" else blk)
+                blk = KronBlock(st[0], st[1], generator.kernel(name).mat_layout(),
+                                kron_accs[name].rows)
+                blocks[name] = EKronBlock.from_kron(blk) if kind == "ekfac" else blk
             elif kind == "quasidiag":
                 blocks[name] = QuasiDiagBlock(st[0], st[1], generator.kernel(name).mat_layout())
             elif kind == "dense":

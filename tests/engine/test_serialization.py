@@ -277,7 +277,15 @@ def _malformed_layer_collection(doc, tensors):
     doc["layer_collection"] = 42
 
 
+def _rows(value):
+    def fn(doc, tensors):
+        doc["blocks"][0]["rows"] = value
+    return fn
+
+
 TAMPER_KFAC = [
+    _tampered("rows_negative", _rows(-13)),
+    _tampered("rows_not_an_int", _rows("13")),
     _tampered("unsupported_format", _set("format", 99)),
     _tampered("metadata_shape", _shape_in_metadata),
     _tampered("block_shape_vs_layer_collection", _shape_in_tensor),
