@@ -39,7 +39,7 @@ def build_cases(settings: Settings) -> list[Case]:
     def add(quantity: str, tools: dict, reference: str | None = None) -> None:
         for wl in wls:
             if settings.quick and quantity == "ekfac" and wl.key == "W3":
-                continue  # eigendecompositions of the 6273² input factor: ~1 min whatever n
+                continue  # the peers' eigendecompositions of the 6273² input factor: ~1 min
             for tool, prep in tools.items():
                 note, in_target = "", True
                 if isinstance(prep, tuple):
