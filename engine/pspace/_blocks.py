@@ -219,19 +219,29 @@ def _sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
 RANGE_OVERSAMPLING = 8
 
 
+def _mm_float64(m: Tensor, x: Tensor) -> Tensor:
+    """``m @ x`` in float64 for ``m (groups, c, c)`` of any dtype and ``x (groups|1, c, k)``,
+    converting ``m`` a block of rows (about 32 MB) at a time, never whole."""
+    out = torch.empty(m.shape[0], m.shape[1], x.shape[-1], dtype=torch.float64, device=m.device)
+    step = max(1, (32 << 20) // (8 * m.shape[-1]))
+    for i in range(0, m.shape[1], step):
+        torch.matmul(m[:, i:i + step].double(), x, out=out[:, i:i + step])
+    return out
+
+
 def _range_eigh(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Eigenpairs of a batch of PSD matrices ``m (groups, c, c)`` of rank at most ``rank - 8``
-    in a thin basis ``(groups, c, rank)``: the randomized range finder of Halko, Martinsson &
-    Tropp (2011, Alg. 4.1 and 5.3), exact (to rounding) when the rank bound holds, since then
-    ``range(m Ω) = range(m)``: ``Q = qr(m Ω)``, ``Qᵀ m Q = V Λ Vᵀ``, ``U = Q V``. Costs two
-    ``c² · rank`` products instead of a ``c³`` eigendecomposition and a ``c²`` basis.
-    Deterministic (fixed seed); float64 where :func:`eigh` would promote."""
-    work = torch.float64 if m.shape[-1] <= EIGH_FLOAT64_LIMIT else m.dtype
+    in a thin float64 basis ``(groups, c, rank)``: the randomized range finder of Halko,
+    Martinsson & Tropp (2011, Alg. 4.1 and 5.3), exact (to rounding) when the rank bound holds,
+    since then ``range(m Ω) = range(m)``: ``Q = qr(m Ω)``, ``Qᵀ m Q = V Λ Vᵀ``, ``U = Q V``.
+    Costs two ``c² · rank`` products instead of a ``c³`` eigendecomposition and a ``c²`` basis,
+    in float64 without a float64 copy of ``m`` (:func:`_mm_float64`). Deterministic (fixed
+    seed)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    omega = torch.randn(m.shape[-1], rank, generator=gen, dtype=work).to(m.device)
-    q = torch.linalg.qr(m.to(work) @ omega).Q
-    evals, v = torch.linalg.eigh((q.transpose(-1, -2) @ (m.to(work) @ q)).double())
-    return evals, q @ v.to(work)
+    omega = torch.randn(m.shape[-1], rank, generator=gen, dtype=torch.float64).to(m.device)
+    q = torch.linalg.qr(_mm_float64(m, omega)).Q
+    evals, v = torch.linalg.eigh(q.transpose(-1, -2) @ _mm_float64(m, q))
+    return evals, q @ v
 
 
 def _spd_solve(f: Tensor, shift: Tensor, rhs: Tensor) -> Tensor:
