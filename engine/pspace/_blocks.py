@@ -229,17 +229,27 @@ def _mm_float64(m: Tensor, x: Tensor) -> Tensor:
     return out
 
 
-def _range_eigh(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+#: Largest relative residual ``‖(I − QQᵀ) m x‖ / ‖m x‖`` of two random probes, in units of the
+#: factor's machine epsilon, for which the range finder's basis is accepted (about 10 is seen).
+RANGE_PROBE_TOLERANCE = 1000
+
+
+def _range_eigh(m: Tensor, rank: int) -> tuple[Tensor, Tensor] | None:
     """Eigenpairs of a batch of PSD matrices ``m (groups, c, c)`` of rank at most ``rank - 8``
     in a thin float64 basis ``(groups, c, rank)``: the randomized range finder of Halko,
     Martinsson & Tropp (2011, Alg. 4.1 and 5.3), exact (to rounding) when the rank bound holds,
     since then ``range(m Ω) = range(m)``: ``Q = qr(m Ω)``, ``Qᵀ m Q = V Λ Vᵀ``, ``U = Q V``.
     Costs two ``c² · rank`` products instead of a ``c³`` eigendecomposition and a ``c²`` basis,
     in float64 without a float64 copy of ``m`` (:func:`_mm_float64`). Deterministic (fixed
-    seed)."""
+    seed). Two random probes ``m x`` must lie in ``range(Q)`` (Halko et al. §4.3): if they do
+    not, the rank bound was wrong (e.g. a tampered file) and None is returned."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    omega = torch.randn(m.shape[-1], rank, generator=gen, dtype=torch.float64).to(m.device)
-    q = torch.linalg.qr(_mm_float64(m, omega)).Q
+    omega = torch.randn(m.shape[-1], rank + 2, generator=gen, dtype=torch.float64).to(m.device)
+    q = torch.linalg.qr(_mm_float64(m, omega[:, :rank])).Q
+    probe = _mm_float64(m, omega[:, rank:])
+    outside = probe - q @ (q.transpose(-1, -2) @ probe)
+    if outside.norm() > RANGE_PROBE_TOLERANCE * torch.finfo(m.dtype).eps * probe.norm():
+        return None
     evals, v = torch.linalg.eigh(q.transpose(-1, -2) @ _mm_float64(m, q))
     return evals, q @ v
 
@@ -274,15 +284,18 @@ class KronBlock(Block):
         self.a, self.g, self._layout = a, g, layout
         self.rows = rows  # vectors summed into A (per group), when known: a bound on its rank
         self._thin_a: tuple[Tensor, Tensor] | None = None
+        self._thin_tried = False
 
     def thin_eigh_a(self) -> tuple[Tensor, Tensor] | None:
         """Eigenpairs of ``A`` in a thin basis (:func:`_range_eigh`) when ``rows`` bounds its
-        rank to at most half its size (computed once), else None."""
+        rank to at most half its size and the basis passes its probe (computed once), else
+        None."""
         c = self.a.shape[-1]
         if self.rows is None or 2 * (self.rows + RANGE_OVERSAMPLING) > c:
             return None
-        if self._thin_a is None:
+        if not self._thin_tried:
             self._thin_a = _range_eigh(self.a, self.rows + RANGE_OVERSAMPLING)
+            self._thin_tried = True
         return self._thin_a
 
     @property

@@ -313,3 +313,34 @@ def test_a_low_rank_input_factor_is_inverted_through_its_thin_basis(monkeypatch,
     assert sizes and 101 not in sizes
     engine.save(mat, tmp_path / "k.safetensors")
     assert engine.load(tmp_path / "k.safetensors").data["4"].rows == 13
+
+
+def test_a_wrong_rank_bound_is_caught_by_the_probe(tmp_path):
+    """A file claiming A was summed from 1 vector (its rank is 13): the range finder's random
+    probes fall outside the thin basis, so solve and pow take the full factorization and stay
+    equal to the π-damped Kronecker inverse."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mat = H.fim("norms", "kfac")
+    path = tmp_path / "k.safetensors"
+    engine.save(mat, path)
+    with safe_open(str(path), framework="pt") as f:
+        doc = json.loads(f.metadata()["fimntk"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    i = [b["layer"] for b in doc["blocks"]].index("4")
+    doc["blocks"][i]["rows"] = 1
+    save_file(tensors, str(path), metadata={"fimntk": json.dumps(doc)})
+    lied = engine.load(path)
+    blk = lied.data["4"]
+    assert blk.rows == 1 and blk.thin_eigh_a() is None
+    regul = 1e-2
+    v = H.rand_pvector(mat, 5)
+    ref.assert_close(lied.solve(v, regul).get_flat_representation(),
+                     mat.solve(v, regul).get_flat_representation(), 1e-9, "solve")
+    s, e = H.offsets("norms")["4"]
+    a, g = mat.factors["4"]
+    inverse = H.pi_damped_kron_inverse(a, g, H.view_of(H.modules("norms")["4"]), regul)
+    ref.assert_close(H.block(lied.inv(regul).to_torch(), (s, e)), inverse, 1e-9, "inv")
