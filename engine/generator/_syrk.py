@@ -40,12 +40,21 @@ def add_lower_gram(total: Tensor | None, j: Tensor) -> Tensor:
     return total
 
 
+#: Width of the tiles in which :func:`symmetrize_lower` copies a strip's transpose.
+_TILE = 256
+
+
 def symmetrize_lower(total: Tensor) -> Tensor:
-    """Fill the upper strips from the lower ones, in place (diagonal blocks are complete)."""
+    """Fill the upper strips from the lower ones, in place (diagonal blocks are complete).
+
+    Each strip's transpose is copied in tiles of at most ``b × 256``: a transposed copy of a
+    whole ``b × (d − e)`` strip reads with a stride of d and runs at a fraction of the memory
+    bandwidth (on one core, 6273²: 193 ms as whole strips, 30–60 ms in tiles)."""
     d = total.shape[0]
     b = strip_height(d)
     for s in range(0, d, b):
         e = min(s + b, d)
-        if e < d:
-            total[s:e, e:] = total[e:, s:e].t()
+        for t in range(e, d, _TILE):
+            u = min(t + _TILE, d)
+            total[s:e, t:u] = total[t:u, s:e].t()
     return total
