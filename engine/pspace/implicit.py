@@ -59,6 +59,9 @@ class PMatImplicit(PMatAbstract):
     """Matrix-free Fisher; ``data`` holds only a scale factor (for scalar multiplication)."""
 
     name = "implicit"
+    #: ``J v`` from per-example gradients (:meth:`_jv_by_per_example_grads`), once needed.
+    _per_example_jv = False
+    _raw_jacobian: Jacobian | None = None
 
     def _compute(self, generator, examples: Iterable) -> dict[str, Tensor]:
         self.examples = examples
@@ -105,6 +108,9 @@ class PMatImplicit(PMatAbstract):
         """
         gen = self.generator
         gen.settle_paths(batch)
+        if self._per_example_jv:  # an earlier batch needed it: skip the routes that failed there
+            jv = self._jv_by_per_example_grads(batch, tangent)
+            return self._checked(gen.function(*batch), jv)
         named = dict(gen.model.named_parameters(remove_duplicate=False))
         try:
             while True:
@@ -146,13 +152,19 @@ class PMatImplicit(PMatAbstract):
                     jv = self._jv_by_per_example_grads(batch, tangent)
                 except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
                     raise err from None
+                self._per_example_jv = True
                 out = None
             if out is None or torch.is_grad_enabled():
                 out = gen.function(*batch)
+        return self._checked(out, jv)
+
+    def _checked(self, out: Tensor, jv: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The validated outputs ``(n, c)`` and finite ``J v`` ``(n, c)`` (zero when ``None``:
+        no parameter reached the outputs)."""
         if jv is None:
             jv = torch.zeros_like(out)
-        return gen.check_outputs(out), check_finite(jv.detach().reshape(out.shape[0], -1),
-                                                    "Jacobian-vector product")
+        return self.generator.check_outputs(out), check_finite(
+            jv.detach().reshape(out.shape[0], -1), "Jacobian-vector product")
 
     def _jv_by_per_example_grads(self, batch: tuple, tangent: dict[str, Tensor]) -> Tensor:
         """``J v`` ``(n, c)`` as ``(J_i)_k · v`` from per-example gradients, ``c`` outputs at a
@@ -160,8 +172,10 @@ class PMatImplicit(PMatAbstract):
         neither forward-mode AD nor a differentiable backward (e.g. ``nn.EmbeddingBag``), at
         the cost of ``c`` backward passes per batch."""
         gen = self.generator
-        raw = Jacobian(gen.model, self.layer_collection, function=gen.function,
-                       device=gen.device)
+        if self._raw_jacobian is None:  # pseudo-outputs = the outputs themselves
+            self._raw_jacobian = Jacobian(gen.model, self.layer_collection,
+                                          function=gen.function, device=gen.device)
+        raw = self._raw_jacobian
         flat = {e.name: torch.cat([tangent[pn].reshape(-1) for pn in e.param_names()])
                 for e in self.layer_collection}
         parts = []

@@ -79,7 +79,6 @@ class PMatLayered(PMatAbstract):
 
     def _compute(self, generator, examples: Iterable) -> dict[str, Block]:
         kinds: dict[str, str] = {}
-
         kron_accs: dict[str, KronAcc] = {}
 
         def make_accumulators() -> list:  # after the first batch has settled the paths
