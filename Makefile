@@ -1,15 +1,27 @@
-# Set-up commands for a fresh machine (see README.md).
+# Set-up commands for a fresh machine (see README.md). Installs come from the lock files in
+# requirements/ (exact versions, what CI tested); pyproject.toml keeps the version ranges.
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+PIP := $(PYTHON) -m pip --disable-pip-version-check
+LATEST_VENV := .venv-latest
+COMPILE := $(PYTHON) -m piptools compile --quiet --strip-extras --no-emit-index-url \
+	--no-emit-find-links --unsafe-package torch -c requirements/torch.txt pyproject.toml
 
-.PHONY: install run test lint bench
+.PHONY: install install-server run test test-latest lint lock bench
 
+# The test and development environment: server, dev tools, this checkout in editable mode.
 install:
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -r requirements/torch.txt
+	$(PIP) install --quiet -r requirements/test.txt
+	$(PIP) install --quiet --no-deps -e .
 
-run: install
-	fimntk demo
+# What a GPU box runs: the engine, the client, the API and the worker stack.
+install-server:
+	$(PIP) install --quiet -r requirements/torch.txt
+	$(PIP) install --quiet -r requirements/server.txt
+	$(PIP) install --quiet --no-deps -e .
+
+run: install-server
+	$(PYTHON) -m fimntk demo
 
 test: install
 	$(PYTHON) -m ruff check .
@@ -18,8 +30,25 @@ test: install
 lint:
 	$(PYTHON) -m ruff check .
 
+# The newest releases pyproject.toml allows (torch stays at the tested release), in a venv of
+# their own: drift shows here before it reaches the locks.
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet -r requirements/torch.txt
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-e ".[server,dev]"
+	$(LATEST_VENV)/bin/python -m ruff check .
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Re-resolve the locks (test first; the others agree with it on every shared package).
+lock:
+	$(PIP) install --quiet pip-tools
+	$(COMPILE) --extra server --extra dev -o requirements/test.txt
+	$(COMPILE) --extra server -c requirements/test.txt -o requirements/server.txt
+	$(COMPILE) --extra server --extra bench -c requirements/test.txt -o requirements/bench.txt
+
 bench: install
-	$(PIP) install --quiet -e ".[bench]"
+	$(PIP) install --quiet -r requirements/bench.txt
 	$(PIP) install --quiet --no-deps nngeometry==0.4 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1
 	$(PIP) install --quiet einops einconv unfoldNd opt_einsum linear-operator
 	$(PYTHON) -m bench.core

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from ._common import (
+from fimntk.bench._common import (
     NotAvailableError,
     Prepared,
     TensorLoader,
@@ -68,7 +68,7 @@ def _blocks_canon(blocks: list[Tensor]) -> Tensor:
 
 # ----- fimntk --------------------------------------------------------------------------------
 def _engine():
-    return importlib.import_module("engine")
+    return importlib.import_module("fimntk.engine")
 
 
 def _resolve(rep: str) -> None:
@@ -80,7 +80,8 @@ def _resolve(rep: str) -> None:
 
 
 def fimntk(quantity: str, mc: bool = False) -> Prepare:
-    """``engine.FIM`` (or ``FIM_MonteCarlo`` with one trial) in the matching representation."""
+    """``fimntk.engine.FIM`` (or ``FIM_MonteCarlo`` with one trial) in the matching
+    representation."""
     rep = {"dense": "dense", "diag": "diag", "blockdiag": "blockdiag", "kfac": "kfac",
            "ekfac": "ekfac", "vTMv": "implicit", "mv": "implicit"}[quantity]
 

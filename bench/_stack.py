@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.embedded import free_port
+from fimntk.service.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-0123456789"
@@ -39,7 +39,7 @@ class Stack:
     def add_worker(self) -> None:
         """Start one more worker and wait until it beats."""
         log = (self.data_dir / f"worker{len(self.workers)}.log").open("ab")
-        self.workers.append(subprocess.Popen([sys.executable, "-m", "worker"], env=self.env,
+        self.workers.append(subprocess.Popen([sys.executable, "-m", "fimntk.worker"], env=self.env,
                                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                              preexec_fn=lambda: os.nice(WORKER_NICE)))
         want = len(self.workers)
@@ -74,7 +74,7 @@ def deployment(workers: int = 1, **env: str) -> Iterator[Stack]:
                     "FIMNTK_MAX_JOBS_IN_FLIGHT": "1000000", "FIMNTK_MIN_FREE_BYTES": "0",
                     "OMP_NUM_THREADS": "1", **env}
         log = (data_dir / "api.log").open("ab")
-        api = subprocess.Popen([sys.executable, "-m", "service"], env=full_env, stdout=log,
+        api = subprocess.Popen([sys.executable, "-m", "fimntk.service"], env=full_env, stdout=log,
                                stderr=subprocess.STDOUT, cwd=REPO)
         stack = Stack(f"http://127.0.0.1:{port}", full_env, data_dir, api)
         try:

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import engine  # noqa: E402
+from fimntk import engine  # noqa: E402
 
 #: The approximations of the paper, in plotting order.
 APPROX = ["diag", "quasidiag", "blockdiag", "kfac", "ekfac"]
@@ -173,7 +173,8 @@ def available(rep: str) -> bool:
 
 
 def build(rep: str, model: nn.Module, loader: list) -> engine.PMatAbstract:
-    """``engine.FIM`` in ``rep``; EKFAC gets its eigenvalue correction if not already done."""
+    """``fimntk.engine.FIM`` in ``rep``; EKFAC gets its eigenvalue correction if not already
+    done."""
     F = engine.FIM(model, loader, representation=rep, variant="classif_logits")
     if hasattr(F, "update_diag"):
         flags = [getattr(F, a) for a in ("diag_updated", "is_diag_updated", "_diag_updated",

@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import torch
 
-import engine
 from bench._stack import deployment, make_user, tiny_spec
+from fimntk import engine
 
 MIB = 1024**2
 UPLOAD_CHUNK = 4 * MIB

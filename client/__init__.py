@@ -3,7 +3,7 @@ command line.
 
 Example::
 
-    from client import Client
+    from fimntk.client import Client
 
     client = Client("http://gpu-box:8000", api_key="fk_...")   # or FIMNTK_URL / FIMNTK_API_KEY
     client.vTMv(model, loader, rep="ekfac")                    # v = the model's parameters
@@ -15,11 +15,11 @@ Importing this package does not import torch; computations do.
 
 from typing import Any
 
-from client._async import AsyncClient
-from client._config import ClientConfig
-from client._handles import RemoteFIM, RemoteNTK
-from client._sync import Client
-from client.errors import (
+from fimntk.client._async import AsyncClient
+from fimntk.client._config import ClientConfig
+from fimntk.client._handles import RemoteFIM, RemoteNTK
+from fimntk.client._sync import Client
+from fimntk.client.errors import (
     APIError,
     AuthenticationError,
     ClientError,
@@ -73,7 +73,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from client import _shipping
+        from fimntk.client import _shipping
 
         return getattr(_shipping, name)
     raise AttributeError(f"module 'client' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The asynchronous client: :class:`~client.Client` name for name, with ``await``."""
+"""The asynchronous client: :class:`~fimntk.client.Client` name for name, with ``await``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from typing import Any
 
 import httpx
 
-from client._base import RETRY_STATUSES, BaseClient, Call, Flow, T, compute_options
-from client._handles import RemoteFIM, RemoteNTK
-from client._progress import ProgressOption
-from client._sync import _write_async
-from client.errors import unreachable
+from fimntk.client._base import RETRY_STATUSES, BaseClient, Call, Flow, T, compute_options
+from fimntk.client._handles import RemoteFIM, RemoteNTK
+from fimntk.client._progress import ProgressOption
+from fimntk.client._sync import _write_async
+from fimntk.client.errors import unreachable
 
 
 class AsyncClient(BaseClient):
-    """The fimntk service from asyncio code: :class:`~client.Client`'s methods, awaited.
+    """The fimntk service from asyncio code: :class:`~fimntk.client.Client`'s methods, awaited.
 
     Args:
         url: Server URL; else ``FIMNTK_URL``, the config file, or ``http://127.0.0.1:8000``.
         api_key: API key; else ``FIMNTK_API_KEY`` or the config file.
         timeout: Default limit in seconds on waiting for a job; a computation still running
-            past it is canceled on the server and raises :class:`~client.JobTimeoutError`.
+            past it is canceled on the server and raises :class:`~fimntk.client.JobTimeoutError`.
         http_timeout: Timeout of one HTTP request.
         retries: Further tries after a connection error or a 502/503/504, with backoff.
         backoff: First pause between tries, in seconds (doubled each time).
@@ -32,7 +32,7 @@ class AsyncClient(BaseClient):
 
     Example::
 
-        from client import AsyncClient
+        from fimntk.client import AsyncClient
         async with AsyncClient("http://gpu-box:8000", api_key="fk_...") as client:
             await client.vTMv(model, loader, rep="ekfac")
             F = await client.FIM(model, loader, representation="kfac")
@@ -120,9 +120,9 @@ class AsyncClient(BaseClient):
 
         Args:
             model: An ``nn.Sequential`` of built-in layers, or a model built by a registered
-                builder (see :func:`~client.register_builder`).
+                builder (see :func:`~fimntk.client.register_builder`).
             loader: A DataLoader of ``(x,)`` or ``(x, y)`` batches, tensors ``x`` or
-                ``(x, y)``, a :class:`~client.RemoteDataset`, or a server dataset's name.
+                ``(x, y)``, a :class:`~fimntk.client.RemoteDataset`, or a server dataset's name.
             rep: Representation, as the engine's ``representation``: ``"dense"``, ``"diag"``,
                 ``"kfac"``, ``"ekfac"``, ``"implicit"``...
             metric: ``"fim"``, ``"fim_mc"``, ``"empirical_fim"`` or ``"ntk"``.
@@ -137,7 +137,7 @@ class AsyncClient(BaseClient):
         Returns:
             A 0-d tensor, as the engine returns.
         """
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -150,7 +150,7 @@ class AsyncClient(BaseClient):
                    centering: bool = False, dtype: Any = None, batch_size: int | None = None,
                    timeout: float | None = None) -> Any:
         """The Frobenius norm, a 0-d tensor. Arguments as in :meth:`trace`."""
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -163,7 +163,7 @@ class AsyncClient(BaseClient):
                        seed: int | None = None, centering: bool = False, dtype: Any = None,
                        batch_size: int | None = None, timeout: float | None = None) -> Any:
         """The diagonal ``(d,)`` of the FIM. Arguments as in :meth:`trace`."""
-        from client._compute import tensor_op
+        from fimntk.client._compute import tensor_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -181,7 +181,7 @@ class AsyncClient(BaseClient):
         defaults to the model's own parameters (Figure 1 of the paper); for the NTK an
         ``FVector`` or ``(c, n)`` tensor. Other arguments as in :meth:`trace`.
         """
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -195,7 +195,7 @@ class AsyncClient(BaseClient):
                  batch_size: int | None = None, timeout: float | None = None) -> Any:
         """:math:`M v`: a ``PVector`` for the FIM (``{name: tensor}`` without the engine), an
         ``FVector`` for the NTK. ``v`` as in :meth:`vTMv`."""
-        from client._compute import vector_op
+        from fimntk.client._compute import vector_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -210,7 +210,7 @@ class AsyncClient(BaseClient):
                     timeout: float | None = None) -> Any:
         """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0, a
         ``PVector``. ``v`` as in :meth:`vTMv`."""
-        from client._compute import vector_op
+        from fimntk.client._compute import vector_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -224,7 +224,7 @@ class AsyncClient(BaseClient):
                          batch_size: int | None = None, timeout: float | None = None) -> Any:
         """Top-k eigenvalues (descending) and eigenvectors: of a dense or low-rank FIM
         (``(d, k)`` eigenvectors) or of the NTK (``metric="ntk"``, ``(k, c, n)``)."""
-        from client._compute import eigenpairs_op
+        from fimntk.client._compute import eigenpairs_op
 
         options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
                                   seed=seed, centering=centering, dtype=dtype,
@@ -234,9 +234,9 @@ class AsyncClient(BaseClient):
 
     async def ntk(self, model: Any, loader: Any, *, dtype: Any = None,
                   batch_size: int | None = None, timeout: float | None = None) -> Any:
-        """The NTK Gram matrix ``(c, n, c, n)``, as ``engine.GramMatrix`` returns it: an
+        """The NTK Gram matrix ``(c, n, c, n)``, as ``fimntk.engine.GramMatrix`` returns it: an
         ``FMatDense`` (the tensor without the engine)."""
-        from client._compute import gram_op
+        from fimntk.client._compute import gram_op
 
         options = compute_options(rep=None, metric="ntk", variant="classif_logits", trials=1,
                                   seed=None, centering=False, dtype=dtype,
@@ -252,7 +252,7 @@ class AsyncClient(BaseClient):
         """Compute a Fisher representation once on the server and keep it there.
 
         Returns:
-            A :class:`~client.RemoteFIM` whose ``trace``, ``vTMv``, ``mv``, ``solve``,
+            A :class:`~fimntk.client.RemoteFIM` whose ``trace``, ``vTMv``, ``mv``, ``solve``,
             ``norm``, ``get_diag``, ``to_torch``, ``eigenpairs`` and ``download`` reuse it.
         """
         options = compute_options(rep=representation, metric=metric, variant=variant,
@@ -265,7 +265,7 @@ class AsyncClient(BaseClient):
         """Compute the NTK Gram matrix once on the server and keep it there.
 
         Returns:
-            A :class:`~client.RemoteNTK` (``trace``, ``norm``, ``mv``, ``vTMv``,
+            A :class:`~fimntk.client.RemoteNTK` (``trace``, ``norm``, ``mv``, ``vTMv``,
             ``eigenpairs``, ``to_torch``, ``download``).
         """
         options = compute_options(rep=None, metric="ntk", variant="classif_logits", trials=1,
@@ -285,7 +285,7 @@ class AsyncClient(BaseClient):
 
     async def upload_dataset(self, loader: Any, batch_size: int | None = None) -> Any:
         """Pack a loader or tensors once and upload it; pass the returned
-        :class:`~client.RemoteDataset` to computations instead of the loader."""
+        :class:`~fimntk.client.RemoteDataset` to computations instead of the loader."""
         return await self._run(self._upload_dataset_flow(loader, batch_size))
 
     # -- jobs -----------------------------------------------------------------------------------

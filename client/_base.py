@@ -1,9 +1,9 @@
-"""What :class:`~client.Client` and :class:`~client.AsyncClient` share, without I/O.
+"""What :class:`~fimntk.client.Client` and :class:`~fimntk.client.AsyncClient` share, without I/O.
 
 Every exchange with the server is written once, as a *flow*: a generator that yields
 :class:`Call` descriptions and receives the responses (as httpx's auth flows do). The sync and
 async clients only drive flows: send each call with retries, translate failures into
-:mod:`client.errors`, and throw a ``KeyboardInterrupt`` (or a task's cancellation) into the
+:mod:`fimntk.client.errors`, and throw a ``KeyboardInterrupt`` (or a task's cancellation) into the
 flow, which then cancels its job on the server before letting the interruption go on.
 """
 
@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from client._config import ClientConfig, cache_dir
-from client._progress import ProgressDisplay, ProgressOption
-from client.errors import (
+from fimntk import __version__
+from fimntk.client._config import ClientConfig, cache_dir
+from fimntk.client._progress import ProgressDisplay, ProgressOption
+from fimntk.client.errors import (
     JobCanceledError,
     JobFailedError,
     JobTimeoutError,
@@ -31,7 +32,7 @@ from client.errors import (
 )
 
 if TYPE_CHECKING:
-    from client._compute import Op, Prepared, Target
+    from fimntk.client._compute import Op, Prepared, Target
 
 T = TypeVar("T")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -43,7 +44,7 @@ MAX_WAIT_S = 60
 _POLL_WITH_BAR_S = 1
 _POLL_QUIET_S = 30
 _MAX_BACKOFF_S = 10.0
-USER_AGENT = "fimntk-client/0.1.0"
+USER_AGENT = f"fimntk-client/{__version__}"
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Call:
         path: Path under the server URL (or an absolute link the server gave).
         params: Query parameters.
         json: JSON body.
-        blob: Raw body, streamed (a :class:`client._shipping.Blob`).
+        blob: Raw body, streamed (a :class:`fimntk.client._shipping.Blob`).
         headers: Extra headers.
         accept: Error statuses handed to the flow instead of raised.
         read_timeout: Read timeout for a long poll.
@@ -165,13 +166,13 @@ class BaseClient:
         return str(blob.digest)
 
     def _upload_path_flow(self, data: bytes | str | Path) -> Flow[str]:
-        from client._blob import blob_of
+        from fimntk.client._blob import blob_of
 
         blob = blob_of(data)
         return (yield from self._upload_flow(blob))
 
     def _upload_dataset_flow(self, data: Any, batch_size: int | None) -> Flow[Any]:
-        from client._shipping import ship_data
+        from fimntk.client._shipping import ship_data
 
         shipped = ship_data(data, batch_size)
         try:
@@ -248,7 +249,7 @@ class BaseClient:
 
     def _collect_flow(self, job_id: str, ops: list[Op]) -> Flow[list[Any]]:
         """Read a succeeded job's result, download its tensors, convert each output."""
-        from client._shipping import load_tensor
+        from fimntk.client._shipping import load_tensor
 
         result = _json((yield Call("GET", f"/v1/jobs/{job_id}/result")))
         values = []
@@ -278,7 +279,7 @@ class BaseClient:
                       options: dict[str, Any], keep: bool = False
                       ) -> Flow[tuple[dict[str, Any], list[Any], Target]]:
         """Ship model and data, run the operations, return the job, values and target."""
-        from client._compute import prepare
+        from fimntk.client._compute import prepare
 
         timeout = options.pop("timeout", None)
         prepared: Prepared = prepare(model, data, **options)
@@ -312,7 +313,7 @@ class BaseClient:
         return cls(self, job, target)  # type: ignore[call-arg]
 
     def _download_representation_flow(self, job_id: str, path: Path | None) -> Flow[Any]:
-        from client._shipping import load_representation
+        from fimntk.client._shipping import load_representation
 
         result = _json((yield Call("GET", f"/v1/jobs/{job_id}/result")))
         href = result.get("representation_artifact")
@@ -346,7 +347,7 @@ def _iso(value: Any) -> str | None:
 def compute_options(*, rep: str | None, metric: str, variant: str, trials: int,
                     seed: int | None, centering: bool, dtype: Any, batch_size: int | None,
                     timeout: float | None) -> dict[str, Any]:
-    """The keyword arguments of the computations, as :func:`client._compute.prepare` takes
+    """The keyword arguments of the computations, as :func:`fimntk.client._compute.prepare` takes
     them."""
     return {"metric": metric, "representation": rep, "variant": variant, "trials": trials,
             "seed": seed, "centering": centering, "dtype": dtype, "batch_size": batch_size,

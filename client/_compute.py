@@ -1,6 +1,6 @@
 """Computations as job specs, without I/O: what a model, a loader and the engine's keyword
 arguments become, which operations to ask for, and how each operation's outputs turn back
-into what the engine would have returned. Imports torch (through :mod:`client._shipping`).
+into what the engine would have returned. Imports torch (through :mod:`fimntk.client._shipping`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from client import _shipping as sh
-from client._blob import Blob
-from client._shipping import DataShipment, ModelShipment
-from client.errors import DataError
+from fimntk.client import _shipping as sh
+from fimntk.client._blob import Blob
+from fimntk.client._shipping import DataShipment, ModelShipment
+from fimntk.client.errors import DataError
 
 METRICS = ("fim", "fim_mc", "empirical_fim", "ntk")
 _VECTOR_OPS = frozenset({"mv", "vTMv", "solve"})

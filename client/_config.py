@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.errors import ConfigurationError
+from fimntk.client.errors import ConfigurationError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

@@ -1,6 +1,6 @@
 """Handles on representations kept on the server: :class:`RemoteFIM` and :class:`RemoteNTK`
 mirror the engine's ``PMat*`` and ``FMatDense``. Each method is a job that reuses the kept
-representation (no recomputation). With an :class:`~client.AsyncClient`, await the methods.
+representation (no recomputation). With an :class:`~fimntk.client.AsyncClient`, await the methods.
 """
 
 from __future__ import annotations
@@ -27,33 +27,33 @@ class _Remote:
 
     def trace(self) -> Any:
         """:math:`\\mathrm{tr}(M)`, a 0-d tensor."""
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         return self._run(lambda t: scalar_op("trace", t))
 
     def norm(self) -> Any:
         """The Frobenius norm, a 0-d tensor."""
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         return self._run(lambda t: scalar_op("norm", t))
 
     def to_torch(self) -> Any:
         """The dense matrix: ``(d, d)`` for a FIM, ``(c, n, c, n)`` for the NTK."""
-        from client._compute import tensor_op
+        from fimntk.client._compute import tensor_op
 
         return self._run(lambda t: tensor_op("to_torch", t))
 
     def eigenpairs(self, k: int) -> Any:
         """Top-k eigenvalues ``(k,)`` (descending) and eigenvectors, as the engine gives them:
         ``(d, k)`` for a dense or low-rank FIM, ``(k, c, n)`` for the NTK."""
-        from client._compute import eigenpairs_op
+        from fimntk.client._compute import eigenpairs_op
 
         return self._run(lambda t: eigenpairs_op(t, k))
 
     def download(self, path: str | Path | None = None) -> Any:
         """Download the kept representation's safetensors to ``path`` (default:
-        ``~/.cache/fimntk/<job>-representation.safetensors``) and load it with ``engine.load``;
-        returns the path when the engine is not installed."""
+        ``~/.cache/fimntk/<job>-representation.safetensors``) and load it with
+        ``fimntk.engine.load``; returns the path when the engine is not installed."""
         return self._client._download_representation(self.job_id,
                                                      Path(path) if path else None)
 
@@ -77,25 +77,25 @@ class RemoteFIM(_Remote):
 
     def vTMv(self, v: Any = None) -> Any:
         """:math:`v^\\top F v`; ``v`` defaults to the model's parameters."""
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         return self._run(lambda t: scalar_op("vTMv", t, v))
 
     def mv(self, v: Any = None) -> Any:
         """:math:`F v`, a ``PVector`` (``{name: tensor}`` without the engine)."""
-        from client._compute import vector_op
+        from fimntk.client._compute import vector_op
 
         return self._run(lambda t: vector_op("mv", t, v))
 
     def solve(self, v: Any = None, regul: float = 1e-8) -> Any:
         """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0."""
-        from client._compute import vector_op
+        from fimntk.client._compute import vector_op
 
         return self._run(lambda t: vector_op("solve", t, v, regul))
 
     def get_diag(self) -> Any:
         """The diagonal, ``(d,)``."""
-        from client._compute import tensor_op
+        from fimntk.client._compute import tensor_op
 
         return self._run(lambda t: tensor_op("get_diag", t))
 
@@ -111,12 +111,12 @@ class RemoteNTK(_Remote):
 
     def vTMv(self, v: Any) -> Any:
         """:math:`v^\\top K v` for an ``FVector`` or ``(c, n)`` tensor ``v``."""
-        from client._compute import scalar_op
+        from fimntk.client._compute import scalar_op
 
         return self._run(lambda t: scalar_op("vTMv", t, v))
 
     def mv(self, v: Any) -> Any:
         """:math:`K v`, an ``FVector`` (a ``(c, n)`` tensor without the engine)."""
-        from client._compute import vector_op
+        from fimntk.client._compute import vector_op
 
         return self._run(lambda t: vector_op("mv", t, v))

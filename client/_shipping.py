@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load, save, save_file
 from torch import nn
 
-from client._blob import Blob
-from client.errors import DataError, ModelNotSupportedError
+from fimntk.client._blob import Blob
+from fimntk.client.errors import DataError, ModelNotSupportedError
 
 _ATTR = "_fimntk_builder"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -44,7 +44,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 def engine_module() -> Any:
     """The engine package, or ``None`` when it is not installed."""
     try:
-        import engine
+        from fimntk import engine
     except ImportError:
         return None
     return engine
@@ -290,7 +290,7 @@ def _positional_state(seq: nn.Sequential, prefix: str) -> Iterator[tuple[str, to
 
 @functools.cache
 def _allowed_layers() -> frozenset[str]:
-    from service.validation import ALLOWED_LAYERS
+    from fimntk.contract.vocabulary import ALLOWED_LAYERS
 
     return ALLOWED_LAYERS
 

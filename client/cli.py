@@ -3,7 +3,7 @@
 Run the service: ``serve`` (everything on one machine), ``worker`` (one per GPU), ``demo``.
 Use it: ``submit``, ``status``, ``wait``, ``result``, ``jobs``, ``cancel``; administer it:
 ``keys``. The server and key come from ``--url``/``--key``, ``FIMNTK_URL``/``FIMNTK_API_KEY``
-or the config file (see :mod:`client._config`). Commands that only read jobs need no torch.
+or the config file (see :mod:`fimntk.client._config`). Commands that only read jobs need no torch.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from client._sync import Client
-from client.errors import ClientError, JobTimeoutError, NotFoundError, PermissionDeniedError
+from fimntk.client._sync import Client
+from fimntk.client.errors import ClientError, JobTimeoutError, NotFoundError, PermissionDeniedError
 
 _DIGEST_FIELDS = "model.weights, dataset.blob and operations[].v"
 
@@ -25,7 +25,7 @@ _DIGEST_FIELDS = "model.weights, dataset.blob and operations[].v"
 # -- running the service ----------------------------------------------------------------------
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.embedded import run_embedded
+    from fimntk.service.embedded import run_embedded
 
     run_embedded(args.host, args.port, Path(args.data_dir) if args.data_dir else None,
                  args.embedded_redis)
@@ -35,8 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
-    from service.config import Settings
-    from worker.cli import run_worker
+    from fimntk.service.config import Settings
+    from fimntk.worker.cli import run_worker
 
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     redis_url = args.redis_url or settings.redis_url
@@ -49,9 +49,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from client.demo import run_demo
+    from fimntk.client.demo import run_demo
 
-    return run_demo(args.url, args.key)
+    return run_demo(args.url, args.key, Path(args.data_dir) if args.data_dir else None)
 
 
 # -- using it ---------------------------------------------------------------------------------
@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "fimntk demo --url http://gpu-box:8000 --key fk_...")
     demo.add_argument("--url", help="server URL (default: start 'fimntk serve' locally)")
     demo.add_argument("--key", help="API key (default: FIMNTK_API_KEY or the local admin key)")
+    demo.add_argument("--data-dir", help="data directory of the local server, new or made by "
+                                         "an earlier demo (default: ~/.cache/fimntk/demo)")
 
     submit = _command(
         commands, "submit", _submit,

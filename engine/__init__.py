@@ -4,8 +4,9 @@ Convention: ``F = (1/n) Σ_i E_y[∇ log p ∇ log pᵀ]`` over the n examples s
 ``(c, n, c, n)`` is not divided by n. The API follows NNGeometry (George et al., 2021).
 """
 
-from . import estimators
-from .errors import (
+from fimntk import __version__
+from fimntk.engine import estimators
+from fimntk.engine.errors import (
     FimntkError,
     InvalidInputError,
     MemoryBudgetError,
@@ -13,12 +14,12 @@ from .errors import (
     TrainModeBatchNormError,
     UnsupportedOperationError,
 )
-from .fspace import FMatDense
-from .generator import Jacobian
-from .layercollection import LayerCollection
-from .memory import estimate_memory
-from .metrics import FIM, NTK, EmpiricalFIM, FIM_empirical, FIM_MonteCarlo, GramMatrix
-from .pspace import (
+from fimntk.engine.fspace import FMatDense
+from fimntk.engine.generator import Jacobian
+from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine.memory import estimate_memory
+from fimntk.engine.metrics import FIM, NTK, EmpiricalFIM, FIM_empirical, FIM_MonteCarlo, GramMatrix
+from fimntk.engine.pspace import (
     REPRESENTATIONS,
     PMatAbstract,
     PMatBlockDiag,
@@ -32,10 +33,8 @@ from .pspace import (
     PMatQuasiDiag,
     resolve_representation,
 )
-from .serialization import load, save
-from .vector import FVector, PVector
-
-__version__ = "0.1.0"
+from fimntk.engine.serialization import load, save
+from fimntk.engine.vector import FVector, PVector
 
 __all__ = [
     "FIM",

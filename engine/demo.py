@@ -1,4 +1,5 @@
-"""Local engine demo: ``python -m engine.demo`` prints a FIM trace, a vTMv and an NTK summary."""
+"""Local engine demo: ``python -m fimntk.engine.demo`` prints a FIM trace, a vTMv and an NTK
+summary."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import FIM, NTK, PVector
+from fimntk.engine import FIM, NTK, PVector
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ it works on every representation, implicit ones included (they store no matrix):
 
 * a ``PMat*`` — anything with ``mv(PVector) -> PVector`` and ``layer_collection``; when the object
   also has ``matmat`` (or ``mm``) taking a ``(d, r)`` tensor, probes go through it in blocks;
-* an :class:`~engine.fspace.FMatDense` ``(c, n, c, n)``, seen as a ``(c·n, c·n)`` operator;
+* an :class:`~fimntk.engine.fspace.FMatDense` ``(c, n, c, n)``, seen as a ``(c·n, c·n)`` operator;
 * a dense ``(d, d)`` tensor;
 * a callable ``matmat(V: (d, r)) -> (d, r)`` with ``dim=d`` (it receives float64 CPU tensors).
 
@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
-from .fspace import FMatDense
-from .vector import FVector, PVector
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.fspace import FMatDense
+from fimntk.engine.vector import FVector, PVector
 
 __all__ = [
     "EigenEstimate",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
-from .vector import FVector
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.vector import FVector
 
 
 class FMatDense:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError
 
 
 @dataclass(frozen=True)

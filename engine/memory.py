@@ -26,11 +26,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import InvalidInputError, MemoryBudgetError
-from .layercollection import LayerCollection
-from .layers import kernel_for
-from .layers.norm import AffineNormKernel
-from .pspace.layered import DENSE_BLOCK_LIMIT
+from fimntk.engine.errors import InvalidInputError, MemoryBudgetError
+from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine.layers import kernel_for
+from fimntk.engine.layers.norm import AffineNormKernel
+from fimntk.engine.pspace.layered import DENSE_BLOCK_LIMIT
 
 #: Representations from the most to the least faithful, used to suggest a cheaper one.
 CHEAPER = ("dense", "lowrank", "blockdiag", "ekfac", "kfac", "mixed", "quasidiag", "diag",

@@ -16,13 +16,19 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
-from .fspace import FMatDense
-from .generator import EmpiricalFisher, ExactFisher, Identity, Jacobian, MonteCarloFisher
-from .generator.jacobian import Progress
-from .layercollection import LayerCollection
-from .memory import check_budget
-from .pspace import PMatAbstract, resolve_representation
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.fspace import FMatDense
+from fimntk.engine.generator import (
+    EmpiricalFisher,
+    ExactFisher,
+    Identity,
+    Jacobian,
+    MonteCarloFisher,
+)
+from fimntk.engine.generator.jacobian import Progress
+from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine.memory import check_budget
+from fimntk.engine.pspace import PMatAbstract, resolve_representation
 
 
 def _build(model: nn.Module, loader: Iterable, representation, pseudo, *, function, n_output,
@@ -64,7 +70,7 @@ def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "clas
         progress: ``progress(done, total, stage)`` callback.
         **options: representation options, e.g. ``kfac_approx="reduce"`` (KFAC, EKFAC, Mixed),
             ``policy={...}`` (Mixed), and ``memory_budget=bytes``: raise
-            :class:`~engine.errors.MemoryBudgetError` (naming the need and a cheaper
+            :class:`~fimntk.engine.errors.MemoryBudgetError` (naming the need and a cheaper
             representation) before computing anything if the result would not fit.
 
     Returns:

@@ -22,11 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import SerializationError
-from .fspace import FMatDense
-from .layercollection import LayerCollection
-from .layers.layout import MatLayout
-from .pspace import (
+from fimntk import __version__
+from fimntk.engine.errors import SerializationError
+from fimntk.engine.fspace import FMatDense
+from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.pspace import (
     PMatAbstract,
     PMatBlockDiag,
     PMatDense,
@@ -39,8 +40,8 @@ from .pspace import (
     PMatMixed,
     PMatQuasiDiag,
 )
-from .pspace._blocks import BLOCKS, EKronBlock, KronBlock
-from .vector import FVector, PVector
+from fimntk.engine.pspace._blocks import BLOCKS, EKronBlock, KronBlock
+from fimntk.engine.vector import FVector, PVector
 
 FORMAT = 1
 CONVENTION = "F = (1/n) sum_i E_y[grad log p grad log p^T]; NTK Gram (c, n, c, n) not divided by n"
@@ -116,7 +117,7 @@ def save(obj: Any, path: str | Path, metadata: dict | None = None) -> None:
     tensors, meta = _encode(obj)
     tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-    doc = {"format": FORMAT, "engine_version": _version(), "object": type(obj).__name__,
+    doc = {"format": FORMAT, "engine_version": __version__, "object": type(obj).__name__,
            "dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes),
            "convention": CONVENTION,
            "tensors": {k: list(t.shape) for k, t in tensors.items()}, **meta,
@@ -126,11 +127,6 @@ def save(obj: Any, path: str | Path, metadata: dict | None = None) -> None:
     except TypeError as err:
         raise SerializationError(f"metadata must be JSON-serialisable: {err}") from err
     save_file(tensors, str(path), metadata={"fimntk": text})
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 def _read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import InvalidInputError
-from .layercollection import LayerCollection
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.layercollection import LayerCollection
 
 
 class PVector:

@@ -1,4 +1,4 @@
-"""``python -m service``: the API of the distributed setup (the container's entry point).
+"""``python -m fimntk.service``: the API of the distributed setup (the container's entry point).
 
 Reads ``FIMNTK_*`` variables (``FIMNTK_REDIS_URL`` is required), logs JSON lines, and serves
 on ``FIMNTK_HOST``/``FIMNTK_PORT`` (default ``0.0.0.0:8000``). The schema is migrated on start.
@@ -11,9 +11,9 @@ import os
 import uvicorn
 from fastapi import FastAPI
 
-from service.config import Settings
-from service.logs import configure_logging
-from service.main import create_app
+from fimntk.service.config import Settings
+from fimntk.service.logs import configure_logging
+from fimntk.service.main import create_app
 
 
 def app() -> FastAPI:
@@ -35,7 +35,7 @@ def main() -> None:
                "port": int(os.environ.get("FIMNTK_PORT", "8000")), "log_config": None,
                "access_log": False, "timeout_graceful_shutdown": 30}
     if workers > 1:
-        uvicorn.run("service.__main__:app", factory=True, workers=workers, **options)
+        uvicorn.run("fimntk.service.__main__:app", factory=True, workers=workers, **options)
     else:
         uvicorn.run(app(), **options)
 

@@ -9,25 +9,25 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import hash_key
-from service.config import Settings
-from service.errors import AuthenticationError, PermissionDeniedError
-from service.jobs import JobService
-from service.queue import JobQueue
-from service.reaper import Reaper
-from service.storage.artifacts import ArtifactStore
-from service.storage.blobs import BlobStore
-from service.storage.records import RecordStore, User
+from fimntk.service.auth import hash_key
+from fimntk.service.config import Settings
+from fimntk.service.errors import AuthenticationError, PermissionDeniedError
+from fimntk.service.jobs import JobService
+from fimntk.service.queue import JobQueue
+from fimntk.service.reaper import Reaper
+from fimntk.service.storage.artifacts import ArtifactStore
+from fimntk.service.storage.blobs import BlobStore
+from fimntk.service.storage.records import RecordStore, User
 
 if TYPE_CHECKING:
-    from service.metrics import ServiceMetrics
+    from fimntk.service.metrics import ServiceMetrics
 
 _bearer = HTTPBearer(auto_error=False, description="API key: 'Authorization: Bearer <key>'.")
 
 
 @dataclass
 class AppState:
-    """Everything the routes use, built once by :func:`service.main.create_app`.
+    """Everything the routes use, built once by :func:`fimntk.service.main.create_app`.
 
     Attributes:
         settings: Settings.

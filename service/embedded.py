@@ -2,8 +2,9 @@
 
 Without ``FIMNTK_REDIS_URL`` it starts a local queue (a ``redis-server`` found on ``PATH``,
 else fakeredis's embedded TCP server), one worker process, SQLite in the data directory and the
-API, then prints the URL and the admin key. With ``FIMNTK_REDIS_URL`` it serves only the API of
-the distributed setup, and ``fimntk worker`` runs on each GPU box.
+API, then prints the URL and the admin key. Its logs go to ``<data_dir>/logs/`` (``api.log``,
+``worker.log``); warnings are also shown on the terminal. With ``FIMNTK_REDIS_URL`` it serves
+only the API of the distributed setup, and ``fimntk worker`` runs on each GPU box.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import uvicorn
 from redis import Redis
 from redis.exceptions import RedisError
 
-from service.auth import generate_key
-from service.config import Settings
-from service.main import create_app
+from fimntk.service.auth import generate_key
+from fimntk.service.config import Settings
+from fimntk.service.logs import configure_logging
+from fimntk.service.main import create_app
 
 _log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 15.0
@@ -98,8 +100,10 @@ def local_redis(data_dir: Path, kind: str = "auto") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def worker_process(settings: Settings, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``fimntk worker`` as a child process sharing ``settings``."""
+def worker_process(settings: Settings, redis_url: str, log: Path | None = None
+                   ) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``fimntk worker`` as a child process sharing ``settings``; its output goes to
+    ``log`` when given (appending), else to this process's stderr."""
     env = {
         **os.environ,
         "FIMNTK_DATA_DIR": str(settings.data_dir.resolve()),
@@ -107,7 +111,10 @@ def worker_process(settings: Settings, redis_url: str) -> Iterator[subprocess.Po
         "FIMNTK_REDIS_URL": redis_url,
         "FIMNTK_QUEUE_NAME": settings.queue_name,
     }
-    process = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=env)
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(log.open("ab")) if log is not None else None
+        process = subprocess.Popen([sys.executable, "-m", "fimntk.client.cli", "worker"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
     try:
         yield process
     finally:
@@ -136,22 +143,30 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     admin_key = settings.admin_key or generate_key()
     if settings.redis_url:
+        configure_logging(settings.log_format, settings.log_level)
         _serve(settings.model_copy(update={"admin_key": admin_key}), host, port, admin_key)
         return
+    logs = settings.data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    configure_logging(settings.log_format, settings.log_level, logs / "api.log",
+                      console_level="WARNING")
     with local_redis(settings.data_dir, redis_kind) as redis_url:
         embedded = settings.model_copy(update={"redis_url": redis_url, "admin_key": admin_key})
-        with worker_process(embedded, redis_url):
-            _serve(embedded, host, port, admin_key)
+        with worker_process(embedded, redis_url, logs / "worker.log"):
+            _serve(embedded, host, port, admin_key, logs)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _serve(settings: Settings, host: str, port: int, admin_key: str) -> None:
+def _serve(settings: Settings, host: str, port: int, admin_key: str,
+           logs: Path | None = None) -> None:
     app = create_app(settings)
     url = f"http://{host}:{port}"
     print(f"fimntk serving on {url}  (docs: {url}/docs)", flush=True)
     print(f"admin key: {admin_key}", flush=True)
     print(f"data dir: {settings.data_dir.resolve()}", flush=True)
+    if logs is not None:
+        print(f"logs: {logs.resolve()} (api.log, worker.log; warnings also here)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

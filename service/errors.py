@@ -16,8 +16,9 @@ Hierarchy::
         ├── QueueUnavailableError             Redis cannot be reached
         └── DatabaseUnavailableError          the database cannot be reached
 
-Errors of the database layer are translated here too: a value the database refuses (too long,
-a NUL character) is a 422, an unreachable database a 503.
+This module imports no web framework: the worker and the storage layer raise and build these
+too. :mod:`fimntk.service.problem_handlers` maps them (and the errors of the database, the
+queue and request validation) to HTTP responses, in one place.
 
 Every problem carries ``type``, ``title``, ``status``, ``detail`` and, when one field is at
 fault, ``field`` (a dotted path such as ``operations[1].v`` or a header name).
@@ -25,19 +26,7 @@ fault, ``field`` (a dotted path such as ``operations[1].v`` or a header name).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
-from sqlalchemy.exc import DataError, OperationalError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
-
-PROBLEM_MEDIA_TYPE = "application/problem+json"
-_log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -206,83 +195,3 @@ def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
         else:
             text += f".{part}" if text else str(part)
     return text or "body"
-
-
-def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    """A JSON response with the problem media type."""
-    return JSONResponse(
-        body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE, headers=headers
-    )
-
-
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at the request's path (Starlette lists only those of
-    the first route matching the path)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "__none__"})
-        if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every error the app can raise to problem+json: the one place where this happens.
-
-    Args:
-        app: The application to equip.
-    """
-
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        if isinstance(exc, UnavailableError):
-            headers = {"Retry-After": str(exc.retry_after_s)}
-        return problem_response(exc.to_problem(), headers)
-
-    @app.exception_handler(DataError)
-    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
-        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "value refused"
-        return problem_response(problem(422, "invalid-input", "Invalid input",
-                                        f"the database refused a value: {detail}"))
-
-    @app.exception_handler(OperationalError)
-    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
-        _log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                     exc.orig)
-        error = DatabaseUnavailableError("cannot reach the database; retry later")
-        return problem_response(error.to_problem(), {"Retry-After": str(error.retry_after_s)})
-
-    @app.exception_handler(RedisError)
-    async def _queue_down(request: Request, exc: RedisError) -> JSONResponse:
-        error = QueueUnavailableError(f"cannot reach the queue: {exc}")
-        return problem_response(error.to_problem(), {"Retry-After": str(error.retry_after_s)})
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        field = format_loc(first["loc"])
-        details = [
-            {"field": format_loc(e["loc"]), "message": e["msg"], "type": e["type"]} for e in errors
-        ]
-        body = problem(
-            422, "validation-error", "Validation error", f"{field}: {first['msg']}", field,
-            errors=details,
-        )
-        return problem_response(body)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        headers = dict(exc.headers) if exc.headers else {}
-        if exc.status_code == 405:
-            headers["Allow"] = ", ".join(_allowed_methods(request))
-        return problem_response(problem(exc.status_code, slug, str(exc.detail), str(exc.detail)),
-                                headers or None)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        _log.exception("unhandled error on %s %s", request.method, request.url.path)
-        body = problem(500, "internal-error", "Internal error", "unexpected error")
-        return problem_response(body)

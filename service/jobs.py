@@ -2,7 +2,7 @@
 
 The database is the source of truth for a job's status; RQ's view is consulted only to fill
 in progress and to reconcile jobs that RQ failed behind the worker's back. Jobs of workers
-that died, and queued jobs a Redis restart lost, are handled by :mod:`service.reaper`.
+that died, and queued jobs a Redis restart lost, are handled by :mod:`fimntk.service.reaper`.
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service.config import Settings
-from service.errors import (
+from fimntk.service.config import Settings
+from fimntk.service.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
     QueueUnavailableError,
     TooManyJobsError,
 )
-from service.queue import JobQueue
-from service.records_view import job_public, result_public
-from service.safetensors_header import Header, read_header
-from service.schemas import JobCreate, JobPublic, ResultPublic
-from service.storage.artifacts import ArtifactStore
-from service.storage.blobs import BlobStore
-from service.storage.records import TERMINAL, JobRecord, RecordStore, User, utcnow
-from service.validation import (
+from fimntk.service.queue import JobQueue
+from fimntk.service.records_view import job_public, result_public
+from fimntk.service.safetensors_header import Header, read_header
+from fimntk.service.schemas import JobCreate, JobPublic, ResultPublic
+from fimntk.service.storage.artifacts import ArtifactStore
+from fimntk.service.storage.blobs import BlobStore
+from fimntk.service.storage.records import TERMINAL, JobRecord, RecordStore, User, utcnow
+from fimntk.service.validation import (
     check_architecture,
     check_dataset,
     check_operations,
@@ -307,7 +307,7 @@ class JobService:
     def _reconcile(self, record: JobRecord) -> JobRecord:
         """Align a non-terminal record with RQ when RQ failed or stopped the job behind the
         worker's back. Jobs of dead workers, and queued jobs Redis lost, are the reaper's
-        (:mod:`service.reaper`)."""
+        (:mod:`fimntk.service.reaper`)."""
         if record.status in TERMINAL:
             return record
         try:

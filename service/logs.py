@@ -6,7 +6,7 @@ carries them. :func:`configure_logging` installs the formatter on the root logge
 
 Example line::
 
-    {"ts": "2025-01-01T12:00:00.123Z", "level": "INFO", "logger": "service.access",
+    {"ts": "2025-01-01T12:00:00.123Z", "level": "INFO", "logger": "fimntk.service.access",
      "message": "GET /v1/jobs/j_1 200", "request_id": "9f...", "job_id": null,
      "method": "GET", "path": "/v1/jobs/j_1", "status": 200, "duration_ms": 3.1}
 """
@@ -18,6 +18,7 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -58,14 +59,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
-    """Send every log record to stderr, as JSON lines or as text, with the context ids.
+def configure_logging(log_format: str = "json", level: str = "INFO", path: Path | None = None,
+                      console_level: str | None = None) -> None:
+    """Send every log record to stderr (or to a file), as JSON lines or as text, with the
+    context ids.
 
     Args:
         log_format: ``json`` or ``text``.
         level: Root level.
+        path: Write the records to this file (appending) instead of stderr.
+        console_level: With ``path``, also show records of this level and above on stderr, as
+            short text lines (``fimntk serve`` on a laptop: warnings on the terminal, the rest
+            in the data directory).
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if path is None
+                                else logging.FileHandler(path, encoding="utf-8"))
     handler.addFilter(ContextFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -76,6 +84,11 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    if path is not None and console_level is not None:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(console_level.upper())
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(console)
     root.setLevel(level.upper())
     # RQ and uvicorn install their own handlers; route them through the root one.
     for name in ("rq.worker", "rq", "uvicorn", "uvicorn.error", "uvicorn.access"):

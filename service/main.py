@@ -7,19 +7,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.auth import hash_key
-from service.config import Settings
-from service.deps import AppState
-from service.errors import install_error_handlers
-from service.jobs import JobService
-from service.metrics import RequestMiddleware, ServiceMetrics
-from service.openapi import install_openapi
-from service.queue import JobQueue
-from service.reaper import Reaper
-from service.routes import admin, blobs, health, jobs, results, users
-from service.storage.artifacts import open_artifact_store
-from service.storage.blobs import LocalBlobStore
-from service.storage.records import SqlRecordStore
+from fimntk import __version__
+from fimntk.service.auth import hash_key
+from fimntk.service.config import Settings
+from fimntk.service.deps import AppState
+from fimntk.service.jobs import JobService
+from fimntk.service.metrics import RequestMiddleware, ServiceMetrics
+from fimntk.service.openapi import install_openapi
+from fimntk.service.problem_handlers import install_error_handlers
+from fimntk.service.queue import JobQueue
+from fimntk.service.reaper import Reaper
+from fimntk.service.routes import admin, blobs, health, jobs, results, users
+from fimntk.service.storage.artifacts import open_artifact_store
+from fimntk.service.storage.blobs import LocalBlobStore
+from fimntk.service.storage.records import SqlRecordStore
 
 DESCRIPTION = """
 Fisher information matrices and neural tangent kernels as a shared GPU service.
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.queue.close()
         state.records.close()  # type: ignore[attr-defined]
 
-    app = FastAPI(title="fimntk", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="fimntk", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.fimntk = state
     install_error_handlers(app)
     install_openapi(app)

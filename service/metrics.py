@@ -28,14 +28,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs
-from service.errors import QueueUnavailableError
-from service.storage.records import IN_FLIGHT, TERMINAL, utcnow
+from fimntk.service import logs
+from fimntk.service.errors import QueueUnavailableError
+from fimntk.service.storage.records import IN_FLIGHT, TERMINAL, utcnow
 
 if TYPE_CHECKING:
-    from service.deps import AppState
+    from fimntk.service.deps import AppState
 
-_access = logging.getLogger("service.access")
+_access = logging.getLogger("fimntk.service.access")
 _STATUSES = (*IN_FLIGHT, *sorted(TERMINAL))
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                     60)

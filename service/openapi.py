@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.schemas import Problem
+from fimntk.service.schemas import Problem
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _COMMON = {

@@ -1,6 +1,6 @@
 """The queue: the only module of the service that talks to RQ.
 
-Jobs are enqueued by dotted path (``worker.tasks.run_job``) with the job id as their only
+Jobs are enqueued by dotted path (``fimntk.worker.tasks.run_job``) with the job id as their only
 argument and RQ's JSON serializer, so the API never imports the worker and nothing is pickled.
 Redis holds only the queue; job records live in the database.
 """
@@ -18,13 +18,13 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from service.errors import QueueUnavailableError
+from fimntk.service.errors import QueueUnavailableError
 
-TASK = "worker.tasks.run_job"
+TASK = "fimntk.worker.tasks.run_job"
 
 
 def worker_key(queue_name: str, worker_name: str) -> str:
-    """Redis key of a worker's heartbeat (see :mod:`worker.heartbeat`)."""
+    """Redis key of a worker's heartbeat (see :mod:`fimntk.worker.heartbeat`)."""
     return f"fimntk:worker:{queue_name}:{worker_name}"
 
 

@@ -3,8 +3,8 @@ lost it.
 
 RQ alone leaves the job of a worker killed with SIGKILL ``started`` until a registry cleanup
 runs, which for a ``SimpleWorker`` is only once the job's whole time limit has passed. Workers
-instead refresh a short-lived heartbeat key (:mod:`worker.heartbeat`); the reaper, a thread of
-the API, runs every ``reaper_interval_s`` and:
+instead refresh a short-lived heartbeat key (:mod:`fimntk.worker.heartbeat`); the reaper, a thread
+of the API, runs every ``reaper_interval_s`` and:
 
 * fails a ``running`` job ("worker lost") once its worker has shown, for ``heartbeat_ttl_s``
   in a row, no heartbeat naming that job. The job fails at most
@@ -26,11 +26,11 @@ import threading
 import time
 from datetime import timedelta
 
-from service.config import Settings
-from service.errors import QueueUnavailableError, problem
-from service.queue import JobQueue
-from service.storage.artifacts import ArtifactStore
-from service.storage.records import RecordStore, utcnow
+from fimntk.service.config import Settings
+from fimntk.service.errors import QueueUnavailableError, problem
+from fimntk.service.queue import JobQueue
+from fimntk.service.storage.artifacts import ArtifactStore
+from fimntk.service.storage.records import RecordStore, utcnow
 
 _log = logging.getLogger(__name__)
 

@@ -16,28 +16,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from service.errors import InvalidInputError
-from service.safetensors_header import FLOAT_DTYPES, Header
-from service.schemas import JobCreate, LayerSpec
-
-#: Built-in ``torch.nn`` layers a sequential architecture may use. A static list rather than
-#: ``getattr(torch.nn, name)``: a user's string never reaches an arbitrary attribute.
-ALLOWED_LAYERS = frozenset({
-    "Sequential", "Identity", "Flatten", "Unflatten",
-    "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-    "Embedding", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
-    "InstanceNorm1d", "InstanceNorm2d", "RMSNorm",
-    "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Tanh",
-    "Sigmoid", "Softplus", "Softsign", "Hardtanh", "Hardswish", "Hardsigmoid", "LogSigmoid",
-    "Softmax", "LogSoftmax", "Dropout", "Dropout1d", "Dropout2d",
-    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Upsample", "ZeroPad2d",
-})
-#: Builders shipped with the worker (``worker.models``); a lab adds more through
-#: ``Settings.builder_modules``.
-BUILTIN_BUILDERS = frozenset({"mlp", "cnn", "resnet"})
-#: Buffers that built-in layers put in a state dict; they are not parameters.
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+from fimntk.contract.vocabulary import ALLOWED_LAYERS, BUFFER_SUFFIXES, BUILTIN_BUILDERS
+from fimntk.service.errors import InvalidInputError
+from fimntk.service.safetensors_header import FLOAT_DTYPES, Header
+from fimntk.service.schemas import JobCreate, LayerSpec
 
 _FIM_OPS = frozenset({"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "solve"})
 _ESTIMATORS = frozenset(

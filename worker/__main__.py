@@ -1,17 +1,17 @@
-"""``python -m worker``: one worker configured from ``FIMNTK_*`` variables (the container's
+"""``python -m fimntk.worker``: one worker configured from ``FIMNTK_*`` variables (the container's
 entry point; ``fimntk worker`` offers the same with command-line options)."""
 
 from __future__ import annotations
 
-from service.config import Settings
-from worker.cli import run_worker
+from fimntk.service.config import Settings
+from fimntk.worker.cli import run_worker
 
 
 def main() -> None:
     """Run a worker on ``FIMNTK_REDIS_URL`` and ``FIMNTK_QUEUE_NAME`` until SIGTERM."""
     settings = Settings()
     if not settings.redis_url:
-        raise SystemExit("python -m worker: set FIMNTK_REDIS_URL")
+        raise SystemExit("python -m fimntk.worker: set FIMNTK_REDIS_URL")
     run_worker(settings.redis_url, [settings.queue_name], settings)
 
 

@@ -1,7 +1,7 @@
 """Writing job outputs: tensors and kept representations, as safetensors artifacts.
 
-Representations go through ``engine.save``/``engine.load`` when the engine provides them;
-tensors are written here with ``safetensors.torch.save_file`` (one tensor named ``value``).
+Representations go through ``fimntk.engine.save``/``fimntk.engine.load`` when the engine provides
+them; tensors are written here with ``safetensors.torch.save_file`` (one tensor named ``value``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-import engine
-from service.storage.artifacts import ArtifactStore
+from fimntk import engine
+from fimntk.service.storage.artifacts import ArtifactStore
 
 
 def save_tensor(store: ArtifactStore, job_id: str, name: str, tensor: torch.Tensor
@@ -46,7 +46,7 @@ def can_persist() -> bool:
 
 def save_representation(store: ArtifactStore, job_id: str, representation: Any,
                         metadata: dict[str, str]) -> str:
-    """Persist a representation with ``engine.save``.
+    """Persist a representation with ``fimntk.engine.save``.
 
     Returns:
         The artifact name.

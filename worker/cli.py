@@ -15,7 +15,7 @@ Choice of worker class, with CUDA in mind:
 
 Faults: SIGTERM is RQ's warm shutdown (the running job finishes, then the worker exits; a second
 SIGTERM stops at once and the job ends ``failed``, "worker shut down"). A worker killed outright
-stops refreshing its heartbeat (:mod:`worker.heartbeat`) and the API's reaper fails its job
+stops refreshing its heartbeat (:mod:`fimntk.worker.heartbeat`) and the API's reaper fails its job
 ("worker lost") within a bounded time. When Redis goes away, RQ retries with back-off while it
 waits for a job; an outage that hits RQ's bookkeeping around a job (which RQ itself answers by
 quitting) makes :func:`run_worker` wait for Redis and start the work loop again under the same
@@ -40,11 +40,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.config import Settings
-from service.logs import configure_logging
-from worker.heartbeat import Heartbeat
-from worker.runner import JobRunner
-from worker.tasks import get_runner, install_runner
+from fimntk.service.config import Settings
+from fimntk.service.logs import configure_logging
+from fimntk.worker.heartbeat import Heartbeat
+from fimntk.worker.runner import JobRunner
+from fimntk.worker.tasks import get_runner, install_runner
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ _log = logging.getLogger(__name__)
 _REDIS_LOST = (RedisConnectionError, RedisTimeoutError)
 #: Longest wait between two attempts to reach Redis again, in seconds.
 _MAX_RECONNECT_WAIT_S = 30.0
+#: Longest wait for a command channel's thread to end (its read error handler sleeps 2 s).
+_COMMAND_CHANNEL_JOIN_S = 10.0
 
 _T = TypeVar("_T")
 
@@ -92,6 +94,25 @@ class ComputeWorker(SimpleWorker):
             super()._set_ip_address(connection)
         except (ValueError, RedisError):
             self.ip_address = "unknown"
+
+    def unsubscribe(self) -> None:
+        """Close the command channel and wait for its thread to end.
+
+        RQ unsubscribes first and stops the thread after; the thread can then read the
+        unsubscribe reply while still running, and wait a whole minute for a subscription that
+        never comes. Stopping it first makes the reply (or, with Redis gone, the read error)
+        the thread's last step.
+        """
+        thread = self.pubsub_thread
+        if thread is None:
+            return
+        thread.stop()
+        with contextlib.suppress(RedisError):  # Redis gone: the thread's read fails instead
+            self.pubsub.unsubscribe()
+        thread.join(timeout=_COMMAND_CHANNEL_JOIN_S)
+        with contextlib.suppress(RedisError):
+            self.pubsub.close()
+        self.pubsub_thread = None
 
     def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """Called by RQ's stop-job command handler (pub/sub thread): flag the job to stop."""

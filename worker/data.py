@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from worker.errors import JobInputError
+from fimntk.worker.errors import JobInputError
 
 
 def make_loader(path: Path, params: dict[str, Any], dtype: torch.dtype, field: str,

@@ -5,7 +5,7 @@ a worker killed with SIGKILL would look alive for up to an hour. This thread ins
 ``fimntk:worker:<queue>:<name>`` (JSON: state, current job, device, host, pid, last beat) with
 a TTL of ``heartbeat_ttl_s`` every third of it, and indexes the name in the set
 ``fimntk:workers:<queue>``. When the process dies the key expires within the TTL and the API's
-reaper (:mod:`service.reaper`) fails the job it was running.
+reaper (:mod:`fimntk.service.reaper`) fails the job it was running.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from service.queue import worker_index_key, worker_key
+from fimntk.service.queue import worker_index_key, worker_key
 
 _log = logging.getLogger(__name__)
 

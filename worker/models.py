@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from service.safetensors_header import read_header
-from service.validation import ALLOWED_LAYERS
-from worker.errors import JobInputError
+from fimntk.contract.vocabulary import ALLOWED_LAYERS
+from fimntk.service.safetensors_header import read_header
+from fimntk.worker.errors import JobInputError
 
 Builder = Callable[..., nn.Module]
 

@@ -24,20 +24,20 @@ from rq.timeouts import JobTimeoutException
 from safetensors.torch import load_file
 from torch import nn
 
-import engine
-from service import logs
-from service.config import Settings
-from service.errors import problem
-from service.queue import done_channel
-from service.storage.artifacts import open_artifact_store
-from service.storage.blobs import LocalBlobStore
-from service.storage.records import JobRecord, SqlRecordStore, utcnow
-from service.validation import dataset_path
-from worker import artifacts
-from worker.cache import LRUCache
-from worker.data import make_loader
-from worker.errors import JobCanceledError, JobInputError
-from worker.models import DTYPES, load_builders, load_model
+from fimntk import engine
+from fimntk.service import logs
+from fimntk.service.config import Settings
+from fimntk.service.errors import problem
+from fimntk.service.queue import done_channel
+from fimntk.service.storage.artifacts import open_artifact_store
+from fimntk.service.storage.blobs import LocalBlobStore
+from fimntk.service.storage.records import JobRecord, SqlRecordStore, utcnow
+from fimntk.service.validation import dataset_path
+from fimntk.worker import artifacts
+from fimntk.worker.cache import LRUCache
+from fimntk.worker.data import make_loader
+from fimntk.worker.errors import JobCanceledError, JobInputError
+from fimntk.worker.models import DTYPES, load_builders, load_model
 
 _log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ..layers.layout import MatLayout
-from ._syrk import add_lower_gram, symmetrize_lower
-from .jacobian import BatchJacobian
+from fimntk.engine.generator._syrk import add_lower_gram, symmetrize_lower
+from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.layers.layout import MatLayout
 
 KFAC_APPROX = ("expand", "reduce")
 

@@ -1,9 +1,9 @@
 """The Jacobian generator: per-example gradients of pseudo-outputs, a batch at a time.
 
 For each batch the generator runs one forward pass with hooks on the fast-path modules, forms the
-pseudo-output weights ``(K, n, c)`` (see :mod:`engine.generator.outputs`) and runs one backward
-pass per pseudo-output to the captured module outputs, yielded in memory-bounded chunks. Kernels
-then turn ``(input, output gradient)`` into per-layer quantities. Layers without a kernel —
+pseudo-output weights ``(K, n, c)`` (see :mod:`fimntk.engine.generator.outputs`) and runs one
+backward pass per pseudo-output to the captured module outputs, yielded in memory-bounded chunks.
+Kernels then turn ``(input, output gradient)`` into per-layer quantities. Layers without a kernel —
 custom modules, attention's ``in_proj_weight``, a module used twice in one forward, tied weights,
 parameters used outside their module's own forward — take the ``torch.func`` path: per-example
 Jacobians via ``vmap(jacrev(functional_call))``, or ``jacrev`` example by example where ``vmap``
@@ -21,13 +21,13 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.func import functional_call, jacrev, vmap
 
-from ..errors import InvalidInputError
-from ..layercollection import LayerCollection
-from ..layers import LayerKernel, kernel_for
-from ..layers.norm import BatchNormKernel
-from ._syrk import add_lower_gram, symmetrize_lower
-from .hooks import ForwardCapture
-from .outputs import Identity, PseudoOutputs
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.generator._syrk import add_lower_gram, symmetrize_lower
+from fimntk.engine.generator.hooks import ForwardCapture
+from fimntk.engine.generator.outputs import Identity, PseudoOutputs
+from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine.layers import LayerKernel, kernel_for
+from fimntk.engine.layers.norm import BatchNormKernel
 
 HOOKS = "hooks"
 FALLBACK = "torch.func"
@@ -668,8 +668,8 @@ class Jacobian:
 
     def accumulate(self, loader: Iterable, accumulators: list | Callable[[], list],
                    stage: str = "statistics") -> dict:
-        """Run each accumulator (see :mod:`engine.generator.covariance`) over the loader in one
-        pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
+        """Run each accumulator (see :mod:`fimntk.engine.generator.covariance`) over the loader in
+        one pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
         them, called once the first batch has settled which layers take the hooks."""
         accs = None if callable(accumulators) else accumulators
         for bj in self.batches(loader, stage):

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError
 
 VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
 

@@ -13,8 +13,8 @@ absent weight tangent (one wasted convolution per layer); other layers (normalis
 dual as usual (``torch.func``-style).
 
 Only valid for layers the generator hooks (called once, parameters used only by their own
-forward; see :meth:`engine.generator.Jacobian.settle_paths`). Reference: forward-mode automatic
-differentiation, Griewank & Walther (2008), "Evaluating Derivatives", ch. 3.
+forward; see :meth:`fimntk.engine.generator.Jacobian.settle_paths`). Reference: forward-mode
+automatic differentiation, Griewank & Walther (2008), "Evaluating Derivatives", ch. 3.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .hooks import count_calls
+from fimntk.engine.generator.hooks import count_calls
 
 
 def _primal(value):

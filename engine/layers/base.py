@@ -94,7 +94,8 @@ class LayerKernel(ABC):
         out.add_(self.gram(x1, gy1, x2, gy2))
 
     def mat_layout(self):
-        """The matrix view of the parameters (:class:`~engine.layers.layout.MatLayout`), if any."""
+        """The matrix view of the parameters (:class:`~fimntk.engine.layers.layout.MatLayout`), if
+        any."""
         return None
 
     def numel(self) -> int:

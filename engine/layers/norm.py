@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import TrainModeBatchNormError
-from .base import LayerKernel
-from .layout import MatLayout
+from fimntk.engine.errors import TrainModeBatchNormError
+from fimntk.engine.layers.base import LayerKernel
+from fimntk.engine.layers.layout import MatLayout
 
 
 class AffineNormKernel(LayerKernel):

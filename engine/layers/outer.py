@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerKernel
-from .layout import MatLayout
+from fimntk.engine.layers.base import LayerKernel
+from fimntk.engine.layers.layout import MatLayout
 
 # Largest intermediate (elements) the structured Gram may build before the Jacobian route wins.
 _GRAM_MAX_ELEMENTS = 1 << 26

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LayerKernel
-from .norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
-from .outer import (
+from fimntk.engine.layers.base import LayerKernel
+from fimntk.engine.layers.norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
+from fimntk.engine.layers.outer import (
     Conv1dKernel,
     ConvKernel,
     ConvTranspose1dKernel,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ..errors import InvalidInputError
-from .base import PMatAbstract
-from .blockdiag import PMatBlockDiag
-from .dense import PMatDense
-from .diag import PMatDiag
-from .implicit import PMatImplicit
-from .layered import PMatEKFAC, PMatKFAC, PMatLayered, PMatMixed, PMatQuasiDiag
-from .lowrank import PMatLowRank
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.pspace.blockdiag import PMatBlockDiag
+from fimntk.engine.pspace.dense import PMatDense
+from fimntk.engine.pspace.diag import PMatDiag
+from fimntk.engine.pspace.implicit import PMatImplicit
+from fimntk.engine.pspace.layered import PMatEKFAC, PMatKFAC, PMatLayered, PMatMixed, PMatQuasiDiag
+from fimntk.engine.pspace.lowrank import PMatLowRank
 
 REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
     cls.name: cls for cls in (PMatDense, PMatDiag, PMatBlockDiag, PMatQuasiDiag, PMatKFAC,

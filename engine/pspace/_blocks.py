@@ -1,9 +1,9 @@
 """Per-layer blocks of the layered representations (KFAC, EKFAC, QuasiDiag, Mixed).
 
 Each block acts on its layer's slice ``x`` of a flat vector, with the operations of
-:class:`~engine.pspace.base.PMatAbstract` restricted to one layer. Factorisations run in float64
-(a float32 solve on large Kronecker factors loses digits) and results come back in the block's
-dtype.
+:class:`~fimntk.engine.pspace.base.PMatAbstract` restricted to one layer. Factorisations run in
+float64 (a float32 solve on large Kronecker factors loses digits) and results come back in the
+block's dtype.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError, UnsupportedOperationError
-from ..layers.layout import MatLayout
-from .base import spd_solve
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
+from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.pspace.base import spd_solve
 
 
 class Block(ABC):
@@ -270,7 +270,7 @@ class KronBlock(Block):
     """``G ⊗ A`` per group (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions).
 
     With the layer's gradient seen as the matrix ``X = [∇W | ∇b]`` of shape ``(groups, Q, P+1)``
-    (:class:`~engine.layers.layout.MatLayout`), the block acts as ``X ↦ G X A`` with
+    (:class:`~fimntk.engine.layers.layout.MatLayout`), the block acts as ``X ↦ G X A`` with
     ``A: (groups, P+1, P+1)`` and ``G: (groups, Q, Q)``.
 
     ``solve(x, λ)`` and ``pow(e, λ)`` damp the factors, not the product:
@@ -419,7 +419,7 @@ class EKronBlock(Block):
     @classmethod
     def from_kron(cls, k: KronBlock) -> EKronBlock:
         """The eigenbasis of ``k``'s factors, in their own dtype: only the basis is kept, and
-        :meth:`~engine.pspace.PMatEKFAC.update_diag` re-estimates the eigenvalues in it, so a
+        :meth:`~fimntk.engine.pspace.PMatEKFAC.update_diag` re-estimates the eigenvalues in it, so a
         float32 factor needs no float64 copy (KFAC's own inverses still factor in float64).
         Where ``k.rows`` bounds the rank of ``A`` to at most half its size, the basis of ``A``
         is thin (:meth:`KronBlock.thin_eigh_a`)."""

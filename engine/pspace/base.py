@@ -1,6 +1,6 @@
 """The base of parameter-space matrices (``PMat*``): the operations and their contracts.
 
-Every representation offers, on a :class:`~engine.vector.PVector` ``v`` of d entries:
+Every representation offers, on a :class:`~fimntk.engine.vector.PVector` ``v`` of d entries:
 
 * ``mv(v)`` → ``M v`` (PVector); ``vTMv(v)`` → ``vᵀ M v`` (0-d tensor);
 * ``trace()``, ``norm()`` (Frobenius; alias ``frobenius_norm``), ``get_diag()`` → ``(d,)``;
@@ -9,7 +9,7 @@ Every representation offers, on a :class:`~engine.vector.PVector` ``v`` of d ent
   the same representation (where the representation is closed under inversion);
 * ``+``/``-`` with the same representation, ``*`` by a scalar.
 
-A metric such as :func:`engine.FIM` fills a representation from a Jacobian generator; the
+A metric such as :func:`fimntk.engine.FIM` fills a representation from a Jacobian generator; the
 matrix remembers which path each layer took in :attr:`paths`.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError, UnsupportedOperationError
-from ..layercollection import LayerCollection
-from ..vector import PVector
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
+from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine.vector import PVector
 
 
 class PMatAbstract(ABC):
@@ -32,7 +32,7 @@ class PMatAbstract(ABC):
 
     Args:
         layer_collection: the layout of the d parameters.
-        generator: a :class:`~engine.generator.jacobian.Jacobian` to compute the matrix from.
+        generator: a :class:`~fimntk.engine.generator.jacobian.Jacobian` to compute the matrix from.
         data: the stored tensors, when not computed (e.g. when loading a file).
         examples: the loader the generator iterates over.
     """

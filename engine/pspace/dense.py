@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..vector import PVector
-from .base import PMatAbstract, frobenius, spd_solve
+from fimntk.engine.pspace.base import PMatAbstract, frobenius, spd_solve
+from fimntk.engine.vector import PVector
 
 
 class PMatDense(PMatAbstract):

@@ -3,7 +3,7 @@
 Every operation is a pass over the loader:
 
 * ``vTMv(v) = (1/n) Σ_i ‖L_iᵀ J_i v‖²`` with one Jacobian-vector product per batch
-  (forward mode, :mod:`engine.generator.tangents`): the cost does not grow with the number of
+  (forward mode, :mod:`fimntk.engine.generator.tangents`): the cost does not grow with the number of
   outputs. A model with an operation that has no forward-mode formula takes ``J v`` as the VJP
   of a VJP (two backward passes), and one whose backward is not differentiable either (e.g.
   ``nn.EmbeddingBag``) takes it from per-example gradients (c backward passes);
@@ -29,12 +29,12 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..errors import InvalidInputError, UnsupportedOperationError
-from ..generator.hooks import ForwardCapture
-from ..generator.jacobian import Jacobian, check_finite, weighted_grad
-from ..generator.tangents import TangentCapture
-from ..vector import PVector
-from .base import PMatAbstract
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
+from fimntk.engine.generator.hooks import ForwardCapture
+from fimntk.engine.generator.jacobian import Jacobian, check_finite, weighted_grad
+from fimntk.engine.generator.tangents import TangentCapture
+from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.vector import PVector
 
 #: Largest dense object (elements) that ``norm``/``to_torch`` will build.
 MAX_DENSE_ELEMENTS = 1 << 28

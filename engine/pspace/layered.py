@@ -1,7 +1,8 @@
 """Representations made of one block per layer: KFAC, EKFAC, QuasiDiag and Mixed.
 
 A layered matrix is block-diagonal across layers; each layer's block has its own structure
-(:mod:`engine.pspace._blocks`). Which structure a layer gets is the representation's *policy*:
+(:mod:`fimntk.engine.pspace._blocks`). Which structure a layer gets is the representation's
+*policy*:
 
 ========================  ===========================================================
 representation            block per layer
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
-from ..generator.covariance import (
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.generator.covariance import (
     KFAC_APPROX,
     DenseAcc,
     DiagAcc,
@@ -34,9 +35,8 @@ from ..generator.covariance import (
     KronAcc,
     QuasiDiagAcc,
 )
-from ..layers.norm import AffineNormKernel
-from ..vector import PVector
-from ._blocks import (
+from fimntk.engine.layers.norm import AffineNormKernel
+from fimntk.engine.pspace._blocks import (
     Block,
     DenseBlock,
     DiagBlock,
@@ -44,7 +44,8 @@ from ._blocks import (
     KronBlock,
     QuasiDiagBlock,
 )
-from .base import PMatAbstract
+from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.vector import PVector
 
 #: Largest layer (parameters) that gets an exact dense block where its structure is unknown.
 DENSE_BLOCK_LIMIT = 4096
@@ -191,8 +192,8 @@ class PMatKFAC(PMatLayered):
     Per Linear/Conv/Embedding layer ``F_l ≈ G ⊗ A`` in the ``[W | b]`` matrix view, with
     ``A = (1/n) Σ ã ãᵀ`` (inputs with a 1 appended for the bias) and ``G = (1/n) Σ_k g gᵀ``
     (output gradients of the pseudo-outputs); positions follow ``kfac_approx`` ("expand", default,
-    or "reduce"; :mod:`engine.generator.covariance`). Other layers get exact blocks. ``solve``,
-    ``inv`` and ``pow`` damp the factors with the π-correction.
+    or "reduce"; :mod:`fimntk.engine.generator.covariance`). Other layers get exact blocks.
+    ``solve``, ``inv`` and ``pow`` damp the factors with the π-correction.
     """
 
     name = "kfac"
@@ -256,7 +257,7 @@ class PMatQuasiDiag(PMatLayered):
     """Quasi-diagonal (Ollivier 2015): the diagonal plus each bias's interactions with its row.
 
     Layers with a bias and a matrix view (Linear, Conv, Embedding has none, normalisation layers)
-    get a :class:`~engine.pspace._blocks.QuasiDiagBlock`; the others their diagonal.
+    get a :class:`~fimntk.engine.pspace._blocks.QuasiDiagBlock`; the others their diagonal.
     """
 
     name = "quasidiag"

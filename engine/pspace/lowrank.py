@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError, UnsupportedOperationError
-from ..vector import PVector
-from .base import PMatAbstract, spd_solve
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
+from fimntk.engine.pspace.base import PMatAbstract, spd_solve
+from fimntk.engine.vector import PVector
 
 
 class PMatLowRank(PMatAbstract):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import AdminUser, AppState, StateDep
-from service.errors import QueueUnavailableError
-from service.reaper import max_detection_s
-from service.schemas import (
+from fimntk.service.deps import AdminUser, AppState, StateDep
+from fimntk.service.errors import QueueUnavailableError
+from fimntk.service.reaper import max_detection_s
+from fimntk.service.schemas import (
     AdminStatus,
     FailureSummary,
     Problem,
@@ -15,7 +15,7 @@ from service.schemas import (
     ReaperStatus,
     WorkerStatus,
 )
-from service.storage.records import IN_FLIGHT, TERMINAL, JobFilter
+from fimntk.service.storage.records import IN_FLIGHT, TERMINAL, JobFilter
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CurrentUser, StateDep
-from service.errors import NotFoundError, PayloadTooLargeError
-from service.schemas import BlobPublic, Problem
-from service.storage.blobs import check_digest
+from fimntk.service.deps import CurrentUser, StateDep
+from fimntk.service.errors import NotFoundError, PayloadTooLargeError
+from fimntk.service.schemas import BlobPublic, Problem
+from fimntk.service.storage.blobs import check_digest
 
 router = APIRouter(prefix="/v1/blobs", tags=["blobs"])
 

@@ -12,9 +12,9 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import AppState, CurrentUser, StateDep
-from service.queue import done_channel
-from service.schemas import (
+from fimntk.service.deps import AppState, CurrentUser, StateDep
+from fimntk.service.queue import done_channel
+from fimntk.service.schemas import (
     IsoDatetime,
     JobCreate,
     JobPublic,
@@ -23,8 +23,8 @@ from service.schemas import (
     Metric,
     Problem,
 )
-from service.schemas import Representation as RepresentationName
-from service.storage.records import TERMINAL, JobFilter, User
+from fimntk.service.schemas import Representation as RepresentationName
+from fimntk.service.storage.records import TERMINAL, JobFilter, User
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -109,8 +109,8 @@ async def get_job(
 
 async def _long_poll(state: AppState, job_id: str, user: User, deadline: float) -> JobPublic:
     """Wait for the job to end or the deadline: woken by the worker's message on the job's
-    channel (see :func:`service.queue.done_channel`), and re-reading the record at least every
-    ``_POLL_INTERVAL_S`` for what no worker announces (cancel, reaper). Without pub/sub, polls
+    channel (see :func:`fimntk.service.queue.done_channel`), and re-reading the record at least
+    every ``_POLL_INTERVAL_S`` for what no worker announces (cancel, reaper). Without pub/sub, polls
     (quickly at first, for quick jobs)."""
     pubsub = None
     client = aioredis.Redis.from_url(state.queue.url, socket_connect_timeout=2)

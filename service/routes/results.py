@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.deps import CurrentUser, StateDep
-from service.schemas import Problem, ResultPublic
+from fimntk.service.deps import CurrentUser, StateDep
+from fimntk.service.schemas import Problem, ResultPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
 

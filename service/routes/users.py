@@ -6,10 +6,10 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from service.auth import generate_key, hash_key
-from service.deps import AdminUser, StateDep
-from service.errors import ConflictError, NotFoundError
-from service.schemas import Problem, UserCreate, UserCreated, UserPublic, UsersPublic
+from fimntk.service.auth import generate_key, hash_key
+from fimntk.service.deps import AdminUser, StateDep
+from fimntk.service.errors import ConflictError, NotFoundError
+from fimntk.service.schemas import Problem, UserCreate, UserCreated, UserPublic, UsersPublic
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 

@@ -2,7 +2,7 @@
 
 An artifact is a safetensors file ``<job id>/<name>.safetensors``: in a local (or network)
 directory with :class:`LocalArtifactStore`, or in an S3-compatible bucket shared by workers on
-several boxes with :class:`service.storage.s3.S3ArtifactStore`; :func:`open_artifact_store`
+several boxes with :class:`fimntk.service.storage.s3.S3ArtifactStore`; :func:`open_artifact_store`
 picks one from the settings. Writers produce a temporary local file and publish it with
 :meth:`ArtifactStore.publish` (a rename, or one PUT), so readers never see a half-written file.
 """
@@ -17,10 +17,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import NotFoundError
+from fimntk.service.errors import NotFoundError
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from fimntk.service.config import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -73,7 +73,7 @@ def open_artifact_store(settings: Settings) -> ArtifactStore:
     """The artifact store the settings name: S3 for ``s3://`` URLs, else the data directory."""
     url = settings.artifact_url
     if url and url.startswith("s3://"):
-        from service.storage.s3 import S3ArtifactStore
+        from fimntk.service.storage.s3 import S3ArtifactStore
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         return S3ArtifactStore(bucket, prefix, settings.data_dir / "artifact-cache",

@@ -95,7 +95,7 @@ def main() -> None:
     """Migrate the database of ``FIMNTK_DATABASE_URL`` (or the default SQLite file)."""
     from sqlalchemy import create_engine
 
-    from service.config import Settings
+    from fimntk.service.config import Settings
 
     engine = create_engine(Settings().resolved_database_url)
     upgrade(engine)

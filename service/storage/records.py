@@ -3,8 +3,8 @@
 :class:`SqlRecordStore` works on any SQLAlchemy URL: SQLite (the default, zero setup) is put in
 WAL mode so that the API and workers on the same machine can write concurrently; PostgreSQL
 (``postgresql://...``, through psycopg 3) serves deployments with workers on several boxes.
-The schema is created and upgraded by Alembic migrations (:mod:`service.storage.migrate`) when
-a store opens. Records are returned as plain dataclasses, never as live ORM objects, so callers
+The schema is created and upgraded by Alembic migrations (:mod:`fimntk.service.storage.migrate`)
+when a store opens. Records are returned as plain dataclasses, never as live ORM objects, so callers
 hold no session.
 """
 
@@ -42,9 +42,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from service.config import normalise_database_url
-from service.errors import BadRequestError
-from service.storage import migrate
+from fimntk.service.config import normalise_database_url
+from fimntk.service.errors import BadRequestError
+from fimntk.service.storage import migrate
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 IN_FLIGHT = ("queued", "running")

@@ -23,10 +23,10 @@ import uvicorn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import Client
-from service.config import Settings
-from service.embedded import free_port
-from service.main import create_app
+from fimntk.client import Client
+from fimntk.service.config import Settings
+from fimntk.service.embedded import free_port
+from fimntk.service.main import create_app
 from tests.service.conftest import REDIS_URL, start_worker, stop_worker
 
 ADMIN_KEY = "client-test-admin-key-0123456789"

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import engine
-from client import cli
-from client.errors import NotFoundError
+from fimntk import engine
+from fimntk.client import cli
+from fimntk.client.errors import NotFoundError
 from tests.client.conftest import BATCH, Server, make_loader, make_model
 from tests.service.conftest import REPO
 

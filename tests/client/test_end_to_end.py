@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
-from client import (
+from fimntk import engine
+from fimntk.client import (
     AsyncClient,
     Client,
     DataError,
@@ -29,7 +29,7 @@ from client import (
     RemoteDataset,
     register_builder,
 )
-from client import _shipping as sh
+from fimntk.client import _shipping as sh
 from tests.client.builders import two_tower
 from tests.client.conftest import BATCH, Server, make_loader, make_model
 

@@ -7,8 +7,8 @@ import inspect
 import subprocess
 import sys
 
-import client
-from client import AsyncClient, Client
+from fimntk import client
+from fimntk.client import AsyncClient, Client
 
 EXPORTED = [
     "APIError", "AsyncClient", "AuthenticationError", "Client", "ClientConfig", "ClientError",

@@ -12,18 +12,18 @@ from safetensors.torch import load
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import (
+from fimntk.client import (
     DataError,
     ModelNotSupportedError,
     RemoteDataset,
     describe_as,
     register_builder,
 )
-from client import _shipping as sh
-from service.validation import BUILTIN_BUILDERS
+from fimntk.client import _shipping as sh
+from fimntk.service.validation import BUILTIN_BUILDERS
+from fimntk.worker.data import make_loader
+from fimntk.worker.models import load_builders, load_model
 from tests.client.builders import two_tower
-from worker.data import make_loader
-from worker.models import load_builders, load_model
 
 pytestmark = pytest.mark.timeout(60)
 

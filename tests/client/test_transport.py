@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client import (
+from fimntk.client import (
     AsyncClient,
     Client,
     ClientConfig,
@@ -20,9 +20,9 @@ from client import (
     ServerUnreachableError,
     ServiceUnavailableError,
 )
-from client._progress import ProgressDisplay
-from client.errors import APIError
-from service.embedded import free_port
+from fimntk.client._progress import ProgressDisplay
+from fimntk.client.errors import APIError
+from fimntk.service.embedded import free_port
 
 pytestmark = pytest.mark.timeout(60)
 JOB = {"id": "j_1", "status": "queued"}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engine
+from fimntk import engine
 from tests import reference as ref
 from tests import zoo
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
-from engine import InvalidInputError, TrainModeBatchNormError
+from fimntk import engine
+from fimntk.engine import InvalidInputError, TrainModeBatchNormError
 from tests import zoo
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine
-from engine import PMatEKFAC, UnsupportedOperationError
+from fimntk import engine
+from fimntk.engine import PMatEKFAC, UnsupportedOperationError
 from tests import reference as ref
 from tests.engine import _structured_helpers as H
 
@@ -145,7 +145,7 @@ def test_update_diag_needs_a_generator():
 def test_column_major_bases_are_made_row_major_in_place(n):
     """LAPACK's column-major eigenvectors become row-major without a second copy of the basis
     (blocks of the storage are swapped), with exactly the same values."""
-    from engine.pspace._blocks import _row_major
+    from fimntk.engine.pspace._blocks import _row_major
 
     m = torch.randn(2, n, n, dtype=torch.float64)
     col = m.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-import engine
-from engine import estimators
-from engine.estimators import (
+from fimntk import engine
+from fimntk.engine import estimators
+from fimntk.engine.estimators import (
     EigenEstimate,
     Estimate,
     SpectralDensity,
@@ -25,7 +25,7 @@ from engine.estimators import (
     lanczos_eigenpairs,
     slq_density,
 )
-from engine.pspace import PMatDense
+from fimntk.engine.pspace import PMatDense
 from tests import zoo
 
 F64 = torch.float64

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import engine
-import engine.layers.outer
-from engine.generator import jacobian as jacobian_module
+from fimntk import engine
+from fimntk.engine.generator import jacobian as jacobian_module
 from tests import reference as ref
 from tests import zoo
 from tests.engine import _structured_helpers as H

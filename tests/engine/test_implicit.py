@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
-from engine import PMatImplicit, PVector, UnsupportedOperationError
+from fimntk import engine
+from fimntk.engine import PMatImplicit, PVector, UnsupportedOperationError
 from tests import reference as ref
 from tests import zoo
 from tests.engine import _structured_helpers as H

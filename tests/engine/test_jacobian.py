@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-import engine
-from engine.generator import FALLBACK, HOOKS
+from fimntk import engine
+from fimntk.engine.generator import FALLBACK, HOOKS
 from tests import reference as ref
 from tests import zoo
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-import engine
-from engine import PMatDiag, PMatKFAC, PVector, UnsupportedOperationError
+from fimntk import engine
+from fimntk.engine import PMatDiag, PMatKFAC, PVector, UnsupportedOperationError
 from tests import reference as ref
 from tests import zoo
 from tests.engine import _structured_helpers as H
@@ -296,7 +296,7 @@ def test_a_low_rank_input_factor_is_inverted_through_its_thin_basis(monkeypatch,
     """norms' Linear(100 → 6) has A summed from 13 vectors: solve and pow go through A's thin
     eigenbasis (no factorization of the 101² factor; their values are checked above against
     the π-damped Kronecker inverse), and the rank bound survives a file round trip."""
-    from engine.pspace import _blocks
+    from fimntk.engine.pspace import _blocks
 
     mat = H.fim("norms", "kfac")
     blk = mat.data["4"]

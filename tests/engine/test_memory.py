@@ -1,4 +1,4 @@
-"""Memory planning: ``engine.estimate_memory`` and ``FIM(..., memory_budget=bytes)``.
+"""Memory planning: ``fimntk.engine.estimate_memory`` and ``FIM(..., memory_budget=bytes)``.
 
 The estimate must equal the bytes the representation actually stores, measured as the sum of the
 tensors' sizes in its saved file (EKFAC: as if every input basis were full; a thin one stores
@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import engine
-from engine import MemoryBudgetError, estimate_memory
+from fimntk import engine
+from fimntk.engine import MemoryBudgetError, estimate_memory
 from tests.engine import _structured_helpers as H
 
 pytestmark = H.ATTN_WARNING

@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
-import engine.metrics
-from engine import FMatDense, FVector, PVector
+from fimntk import engine
+from fimntk.engine import FMatDense, FVector, PVector
 from tests import reference as ref
 from tests import zoo
 

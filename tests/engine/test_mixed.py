@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import engine
-from engine import PMatKFAC, PMatMixed, UnsupportedOperationError
+from fimntk import engine
+from fimntk.engine import PMatKFAC, PMatMixed, UnsupportedOperationError
 from tests import reference as ref
 from tests import zoo
 from tests.engine import _structured_helpers as H

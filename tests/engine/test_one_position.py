@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import engine
+from fimntk import engine
 from tests import reference as ref
 from tests import zoo
 

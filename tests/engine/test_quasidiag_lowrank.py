@@ -12,8 +12,8 @@ import functools
 import pytest
 import torch
 
-import engine
-from engine import PMatLowRank, PMatQuasiDiag, UnsupportedOperationError
+from fimntk import engine
+from fimntk.engine import PMatLowRank, PMatQuasiDiag, UnsupportedOperationError
 from tests import reference as ref
 from tests.engine import _structured_helpers as H
 

@@ -11,8 +11,8 @@ import functools
 import pytest
 import torch
 
-import engine
-from engine import PMatBlockDiag, PMatDense, PMatDiag, PVector, UnsupportedOperationError
+from fimntk import engine
+from fimntk.engine import PMatBlockDiag, PMatDense, PMatDiag, PVector, UnsupportedOperationError
 from tests import reference as ref
 from tests import zoo
 

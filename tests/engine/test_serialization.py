@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import engine
-from engine import (
+from fimntk import engine
+from fimntk.engine import (
     FMatDense,
     FVector,
     PMatBlockDiag,

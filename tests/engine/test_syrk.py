@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
-from engine.generator._syrk import add_lower_gram, strip_height, symmetrize_lower
+from fimntk import engine
+from fimntk.engine.generator._syrk import add_lower_gram, strip_height, symmetrize_lower
 from tests import reference as ref
 from tests.engine import _structured_helpers as H
 

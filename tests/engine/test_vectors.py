@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine
-from engine import FVector, LayerCollection, PVector
+from fimntk import engine
+from fimntk.engine import FVector, LayerCollection, PVector
 from tests import reference as ref
 from tests import zoo
 

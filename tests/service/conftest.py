@@ -23,8 +23,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from service.config import Settings
-from service.main import create_app
+from fimntk.service.config import Settings
+from fimntk.service.main import create_app
 
 REDIS_URL = os.environ.get("FIMNTK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -115,7 +115,7 @@ def _cleanup_redis(redis_client: redis.Redis, settings: Settings) -> None:
     """Delete the keys of this session's queue and jobs, nothing else."""
     names = list(redis_client.scan_iter(match=f"rq:*{settings.queue_name}*"))
     names += list(redis_client.scan_iter(match="rq:*j_*"))
-    from service.storage.records import JobFilter, SqlRecordStore
+    from fimntk.service.storage.records import JobFilter, SqlRecordStore
 
     records = SqlRecordStore(settings.resolved_database_url)
     ours = {r.id for r in records.list_jobs(JobFilter(), None, 10_000)[0]}
@@ -137,7 +137,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "PYTHONPATH": str(REPO),
     }
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "fimntk.client.cli", "worker"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import redis
 
-from service.config import Settings
-from service.embedded import free_port
+from fimntk.service.config import Settings
+from fimntk.service.embedded import free_port
 
 POSTGRES_ADMIN_URL = os.environ.get("FIMNTK_TEST_POSTGRES_URL",
                                     "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -128,9 +128,10 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def start_worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    """Start ``python -m worker`` with ``settings`` (and extra environment)."""
+    """Start ``python -m fimntk.worker`` with ``settings`` (and extra environment)."""
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "worker"], env=worker_env(settings, **extra),
+        return subprocess.Popen([sys.executable, "-m", "fimntk.worker"],
+                                env=worker_env(settings, **extra),
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.demo import safetensors_bytes
-from service.embedded import free_port
+from fimntk.client.demo import safetensors_bytes
+from fimntk.service.embedded import free_port
 from tests.service.conftest import REPO, digest_of
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +32,7 @@ def test_serve_runs_a_job(tmp_path: Path, queue: str) -> None:
     env.pop("FIMNTK_DATABASE_URL", None)
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--data-dir",
+        [sys.executable, "-m", "fimntk.client.cli", "serve", "--port", str(port), "--data-dir",
          str(tmp_path / "data"), "--embedded-redis", queue],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"

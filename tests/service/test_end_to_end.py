@@ -10,8 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load
 
-import engine
-from service.validation import OPERATIONS
+from fimntk import engine
+from fimntk.service.validation import OPERATIONS
 from tests.service.conftest import auth, wait_job
 from tests.service.models import BATCH, Uploaded, upload_all
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import Settings
+from fimntk.service.config import Settings
 from tests.service.conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -88,8 +88,8 @@ def test_the_api_wins_the_cpu_over_the_workers(compose: dict[str, Any]) -> None:
 def test_dockerfiles() -> None:
     api = (REPO / "docker" / "Dockerfile.api").read_text()
     worker = (REPO / "docker" / "Dockerfile.worker").read_text()
-    assert 'CMD ["python", "-m", "service"]' in api
+    assert 'CMD ["python", "-m", "fimntk.service"]' in api
     assert worker.startswith("# ") and "FROM nvidia/cuda:" in worker
-    assert 'CMD ["python", "-m", "worker"]' in worker
+    assert 'CMD ["python", "-m", "fimntk.worker"]' in worker
     for text in (api, worker):
         assert "USER fimntk" in text

@@ -24,10 +24,10 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
-from service.config import Settings
-from service.main import create_app
-from service.reaper import max_detection_s
-from service.storage.artifacts import LocalArtifactStore
+from fimntk.service.config import Settings
+from fimntk.service.main import create_app
+from fimntk.service.reaper import max_detection_s
+from fimntk.service.storage.artifacts import LocalArtifactStore
 from tests.service.conftest import ADMIN_KEY, REDIS_URL, auth, st_bytes, wait_job
 from tests.service.models import BATCH, Uploaded, upload_all
 from tests.service.prod import (
@@ -253,7 +253,7 @@ class _FullDisk(LocalArtifactStore):
 
 def test_disk_full_while_writing_an_artifact(shared: Stack, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
-    from worker.runner import JobRunner
+    from fimntk.worker.runner import JobRunner
 
     job = shared.submit(representation="diag", operations=[{"op": "get_diag"}])
     runner = JobRunner(shared.settings)  # runs the job in-process, with the full disk

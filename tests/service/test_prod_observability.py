@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import logs
-from service.config import Settings
+from fimntk.service import logs
+from fimntk.service.config import Settings
 from tests.service.conftest import ADMIN_KEY, auth, wait_job
 from tests.service.models import BATCH, upload_all
 from tests.service.prod import wait_for
@@ -91,10 +91,10 @@ def test_admin_status(client: TestClient, users: dict[str, str],
 
 
 def test_request_ids_in_json_logs(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="service.access"):
+    with caplog.at_level(logging.INFO, logger="fimntk.service.access"):
         response = client.get("/v1/jobs", headers=auth(ADMIN_KEY) | {"X-Request-ID": "req-42"})
     assert response.headers["x-request-id"] == "req-42"
-    record = next(r for r in caplog.records if r.name == "service.access")
+    record = next(r for r in caplog.records if r.name == "fimntk.service.access")
     logs.ContextFilter().filter(record)
     line = json.loads(logs.JsonFormatter().format(record))
     assert line["request_id"] == "req-42"

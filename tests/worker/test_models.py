@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.validation import BUILTIN_BUILDERS
-from worker.cache import LRUCache
-from worker.data import make_loader
-from worker.errors import JobInputError
-from worker.models import (
+from fimntk.service.validation import BUILTIN_BUILDERS
+from fimntk.worker.cache import LRUCache
+from fimntk.worker.data import make_loader
+from fimntk.worker.errors import JobInputError
+from fimntk.worker.models import (
     BUILTIN_BUILDERS as WORKER_BUILDERS,
 )
-from worker.models import (
+from fimntk.worker.models import (
     build_on_meta,
     check_against_weights,
     load_builders,

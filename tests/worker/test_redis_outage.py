@@ -5,7 +5,7 @@ RQ retries on its own only while it waits for a job; an error in the bookkeeping
 stops a private redis-server at exactly that moment, from inside the job, and restarts it a
 second later without persistence: the worker must wait, start its loop again and run the next
 job, leaving no thread of the first loop behind. Without the restart in
-:func:`worker.cli.run_worker` it returns after the first job.
+:func:`fimntk.worker.cli.run_worker` it returns after the first job.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from redis.client import PubSubWorkerThread
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-import worker.cli
-import worker.tasks
-from service.config import Settings
-from service.queue import TASK
+from fimntk.worker import cli as worker_cli
+from fimntk.worker import tasks as worker_tasks
+from fimntk.service.config import Settings
+from fimntk.service.queue import TASK
 from tests.service.prod import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,13 +85,13 @@ def test_worker_runs_on_after_redis_restarts_during_bookkeeping(
     settings = Settings(data_dir=tmp_path / "data", redis_url=server.url, queue_name=queue_name,
                         heartbeat_ttl_s=1.5)
     runner = _OutageRunner(server, queue_name)
-    monkeypatch.setattr(worker.cli, "JobRunner", lambda *_: runner)
-    monkeypatch.setattr(worker.cli, "configure_logging", lambda *_: None)
-    monkeypatch.setattr(worker.tasks, "_runner", None)
+    monkeypatch.setattr(worker_cli, "JobRunner", lambda *_: runner)
+    monkeypatch.setattr(worker_cli, "configure_logging", lambda *_: None)
+    monkeypatch.setattr(worker_tasks, "_runner", None)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     _enqueue(server.url, queue_name, "first")
     try:
-        worked = worker.cli.run_worker(server.url, [queue_name], settings, max_jobs=1)
+        worked = worker_cli.run_worker(server.url, [queue_name], settings, max_jobs=1)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -1,1 +1,1 @@
-"""Alembic migrations of the record database (see :mod:`service.storage.migrate`)."""
+"""Alembic migrations of the record database (see :mod:`fimntk.service.storage.migrate`)."""

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection handed over by :mod:`service.storage.migrate`,
+"""Alembic environment: runs on the connection handed over by :mod:`fimntk.service.storage.migrate`,
 or on ``sqlalchemy.url`` when alembic is run from the command line."""
 
 from __future__ import annotations
