@@ -25,10 +25,12 @@ run: install-server
 
 test: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # The newest releases pyproject.toml allows (torch stays at the tested release), in a venv of
 # their own: drift shows here before it reaches the locks.

@@ -55,8 +55,9 @@ class TensorLoader(DataLoader):
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int) -> None:
         super().__init__(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-        self._batches = [(x[i:i + batch_size], y[i:i + batch_size])
-                         for i in range(0, len(x), batch_size)]
+        self._batches = [
+            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
+        ]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return iter(self._batches)
@@ -91,8 +92,14 @@ def mlp_mnist() -> nn.Module:
 def cnn_small() -> nn.Module:
     """W3's CNN on 3×32×32: conv3x3(3→16)-relu-conv3x3(16→32)-relu-maxpool2-linear: 67,818."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 14 * 14, 10))
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 14 * 14, 10),
+    )
 
 
 @dataclass(frozen=True)
@@ -121,8 +128,7 @@ class Workload:
         """The same workload on fewer examples (quick mode); the name says so."""
         if n >= self.n:
             return self
-        return replace(self, name=f"{self.name}[n={n}]", n=n,
-                       batch_size=min(self.batch_size, n))
+        return replace(self, name=f"{self.name}[n={n}]", n=n, batch_size=min(self.batch_size, n))
 
     @property
     def key(self) -> str:
@@ -130,19 +136,30 @@ class Workload:
 
 
 W1 = Workload("W1", "MLP 64-64-64-10 tanh (8,970 params)", 1000, 250, (64,), 10, mlp_small)
-W2 = Workload("W2", "MLP 784-256-256-10 relu (269,322 params)", 2000, 250, (784,), 10,
-              mlp_mnist)
-W3 = Workload("W3", "CNN conv16-conv32-maxpool-linear on 3x32x32 (67,818 params)", 512, 128,
-              (3, 32, 32), 10, cnn_small)
-W4 = Workload("W4", "NTK of W1's MLP on 200 examples (2000x2000 Gram)", 200, 200, (64,), 10,
-              mlp_small)
+W2 = Workload("W2", "MLP 784-256-256-10 relu (269,322 params)", 2000, 250, (784,), 10, mlp_mnist)
+W3 = Workload(
+    "W3",
+    "CNN conv16-conv32-maxpool-linear on 3x32x32 (67,818 params)",
+    512,
+    128,
+    (3, 32, 32),
+    10,
+    cnn_small,
+)
+W4 = Workload(
+    "W4", "NTK of W1's MLP on 200 examples (2000x2000 Gram)", 200, 200, (64,), 10, mlp_small
+)
 WORKLOADS = {w.name: w for w in (W1, W2, W3, W4)}
 
 
 def weight_mask(model: nn.Module) -> Tensor:
     """Boolean mask over the flat parameter vector: True on weights, False on biases."""
-    return torch.cat([torch.full((p.numel(),), not name.endswith("bias"), dtype=torch.bool)
-                      for name, p in model.named_parameters()])
+    return torch.cat(
+        [
+            torch.full((p.numel(),), not name.endswith("bias"), dtype=torch.bool)
+            for name, p in model.named_parameters()
+        ]
+    )
 
 
 def random_vector(model: nn.Module, seed: int = 7) -> Tensor:
@@ -155,7 +172,7 @@ def split_like(model: nn.Module, flat: Tensor) -> list[Tensor]:
     """A flat vector as a list shaped like ``model.parameters()``."""
     out, start = [], 0
     for p in model.parameters():
-        out.append(flat[start:start + p.numel()].reshape(p.shape).to(p))
+        out.append(flat[start : start + p.numel()].reshape(p.shape).to(p))
         start += p.numel()
     return out
 
@@ -257,32 +274,56 @@ class Settings:
     rss_runs: int = 3
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None,
-               memory_default: bool | None = True) -> Settings:
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, memory_default: bool | None = True
+) -> Settings:
     """Command line (and environment) to :class:`Settings`; ``memory_default=None``: measure
     peak memory in full mode only."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true",
-                   default=os.environ.get(QUICK_ENV, "") not in ("", "0"),
-                   help=f"smaller n, fewer runs (or set {QUICK_ENV}=1)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed runs per case (default 3, quick 1; or {REPEATS_ENV})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        default=os.environ.get(QUICK_ENV, "") not in ("", "0"),
+        help=f"smaller n, fewer runs (or set {QUICK_ENV}=1)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed runs per case (default 3, quick 1; or {REPEATS_ENV})",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before (default 1)")
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--memory", dest="memory", action="store_true", default=memory_default,
-                     help="measure peak memory (a subprocess per case; default: "
-                          f"{'full mode only' if memory_default is None else memory_default})")
+    mem.add_argument(
+        "--memory",
+        dest="memory",
+        action="store_true",
+        default=memory_default,
+        help="measure peak memory (a subprocess per case; default: "
+        f"{'full mode only' if memory_default is None else memory_default})",
+    )
     mem.add_argument("--no-memory", dest="memory", action="store_false")
-    p.add_argument("--rss-runs", type=int, default=3,
-                   help="with --memory, also the peak RSS under glibc's default settings: the "
-                        "median of this many fresh processes (default 3; 0 skips it)")
-    p.add_argument("--only", default=None,
-                   help="regular expression searched in each case's 'quantity|workload|tool' key, "
-                        "e.g. '^ntk' or 'diag\\|W2'")
+    p.add_argument(
+        "--rss-runs",
+        type=int,
+        default=3,
+        help="with --memory, also the peak RSS under glibc's default settings: the "
+        "median of this many fresh processes (default 3; 0 skips it)",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        help="regular expression searched in each case's 'quantity|workload|tool' key, "
+        "e.g. '^ntk' or 'diag\\|W2'",
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads; default: torch's own, or 1 when other processes "
-                        "load the machine (load average ≥ 1); 0 forces torch's own")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads; default: torch's own, or 1 when other processes "
+        "load the machine (load average ≥ 1); 0 forces torch's own",
+    )
     p.add_argument("--no-csv", dest="csv", action="store_false")
     a = p.parse_args(argv)
     repeats = a.repeats or int(os.environ.get(REPEATS_ENV, 0)) or (1 if a.quick else 3)
@@ -290,9 +331,17 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
     threads = a.threads
     if threads is None and a.device == "cpu" and _load() >= 1.0:
         threads = 1
-    return Settings(quick=a.quick, repeats=max(1, repeats), warmup=max(0, a.warmup),
-                    memory=memory, only=a.only, device=a.device, threads=threads or None,
-                    csv=a.csv, rss_runs=max(0, a.rss_runs))
+    return Settings(
+        quick=a.quick,
+        repeats=max(1, repeats),
+        warmup=max(0, a.warmup),
+        memory=memory,
+        only=a.only,
+        device=a.device,
+        threads=threads or None,
+        csv=a.csv,
+        rss_runs=max(0, a.rss_runs),
+    )
 
 
 def _load() -> float:
@@ -320,6 +369,7 @@ def time_call(fn: Callable[[], Any], settings: Settings) -> Timing:
 
     In quick mode a warm-up longer than ``settings.slow_s`` is kept as the single measurement.
     """
+
     def timed() -> tuple[float, Any]:
         gc.collect()
         _sync(settings.device)
@@ -352,8 +402,9 @@ def fwd_bwd(model: nn.Module, loader: TensorLoader) -> None:
 def fwd_bwd_seconds(workload: Workload, settings: Settings) -> float:
     """The baseline: median time of one plain forward+backward pass over the workload's data."""
     model, loader = workload.model(settings.device), workload.loader(settings.device)
-    fast = replace(settings, repeats=max(settings.repeats, 5), warmup=max(settings.warmup, 1),
-                   quick=False)
+    fast = replace(
+        settings, repeats=max(settings.repeats, 5), warmup=max(settings.warmup, 1), quick=False
+    )
     return time_call(lambda: fwd_bwd(model, loader), fast).seconds
 
 
@@ -550,12 +601,14 @@ def run_suite(cases: list[Case], settings: Settings, module: str) -> list[Row]:
         wl = group[0].workload
         if wl.name not in baselines:
             baselines[wl.name] = fwd_bwd_seconds(wl, settings)
-            print(f"# {wl.name}: {wl.description}, n={wl.n}, batch {wl.batch_size}: "
-                  f"fwd+bwd {baselines[wl.name] * 1e3:.1f} ms", flush=True)
+            print(
+                f"# {wl.name}: {wl.description}, n={wl.n}, batch {wl.batch_size}: "
+                f"fwd+bwd {baselines[wl.name] * 1e3:.1f} ms",
+                flush=True,
+            )
         entries = []
         for case in group:
-            row = Row(case.quantity, wl.name, case.tool, note=case.note,
-                      in_target=case.in_target)
+            row = Row(case.quantity, wl.name, case.tool, note=case.note, in_target=case.in_target)
             rows.append(row)
             entry = _Entry(case, row)
             try:
@@ -593,19 +646,24 @@ def run_suite(cases: list[Case], settings: Settings, module: str) -> list[Row]:
         for g in [g for g, last in last_use.items() if last == gi]:
             refs.pop(g, None)
         gc.collect()
-        for row, case in zip(rows[-len(group):], group):
+        for row, case in zip(rows[-len(group) :], group):
             if settings.memory and row.status == "ok":
                 row.peak_mb = peak_memory_mb(module, case.key, settings)
                 row.rss_mb = rss_memory_mb(module, case.key, settings)
-            print(f"  {case.key}: {_fmt_s(row.seconds)} "
-                  f"{row.status if row.status != 'ok' else ''}", flush=True)
+            print(
+                f"  {case.key}: {_fmt_s(row.seconds)} {row.status if row.status != 'ok' else ''}",
+                flush=True,
+            )
     _fill_ratios(rows)
     return rows
 
 
 def _fill_ratios(rows: list[Row]) -> None:
-    fim = {(r.quantity, r.workload): r.seconds for r in rows
-           if r.tool == FIMNTK and r.seconds is not None}
+    fim = {
+        (r.quantity, r.workload): r.seconds
+        for r in rows
+        if r.tool == FIMNTK and r.seconds is not None
+    }
     for r in rows:
         base = fim.get((r.quantity, r.workload))
         if r.seconds is not None and base:
@@ -625,8 +683,15 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(rows: list[Row], memory: bool) -> str:
     """Markdown table of the rows."""
-    head = ["quantity", "workload", "tool", "seconds", "× fwd+bwd",
-            "ratio (tool s / fimntk s)", "rel. err (vs)"]
+    head = [
+        "quantity",
+        "workload",
+        "tool",
+        "seconds",
+        "× fwd+bwd",
+        "ratio (tool s / fimntk s)",
+        "rel. err (vs)",
+    ]
     if memory:
         head += ["peak MB (live)", "peak RSS MB (glibc default, median)"]
     head += ["runs", "note"]
@@ -636,8 +701,15 @@ def table(rows: list[Row], memory: bool) -> str:
             cells = [r.quantity, r.workload, r.tool, r.status, "—", "—", "—"]
         else:
             err = "—" if r.rel_err is None else f"{r.rel_err:.1e} ({r.ref_tool})"
-            cells = [r.quantity, r.workload, r.tool, _fmt_s(r.seconds),
-                     _fmt(r.x_fwd_bwd, ".1f"), _fmt(r.ratio, ".2f"), err]
+            cells = [
+                r.quantity,
+                r.workload,
+                r.tool,
+                _fmt_s(r.seconds),
+                _fmt(r.x_fwd_bwd, ".1f"),
+                _fmt(r.ratio, ".2f"),
+                err,
+            ]
         if memory:
             cells += [_fmt(r.peak_mb, ".1f"), _fmt(r.rss_mb, ".0f")]
         cells += [str(r.runs) if r.runs else "—", r.note]
@@ -665,31 +737,63 @@ def target_summary(rows: list[Row], targets: list[Target]) -> str:
     """Markdown table: for each target, fimntk's time, the peer's, the speedup, met or missed;
     with measured peaks, fimntk's live peak memory against the lowest peer's, met or missed."""
     memory = any(r.peak_mb is not None for r in rows)
-    head = ["quantity", "workload", "target", "fimntk", "peer", "peer s",
-            "speedup (peer s / fimntk s)", "met"]
+    head = [
+        "quantity",
+        "workload",
+        "target",
+        "fimntk",
+        "peer",
+        "peer s",
+        "speedup (peer s / fimntk s)",
+        "met",
+    ]
     if memory:
         head += ["peak MB (live): fimntk / lowest peer", "memory ≤ lowest peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in targets:
-        group = [r for r in rows if r.quantity == t.quantity and r.workload.split("[")[0]
-                 == t.workload and r.seconds is not None]
+        group = [
+            r
+            for r in rows
+            if r.quantity == t.quantity
+            and r.workload.split("[")[0] == t.workload
+            and r.seconds is not None
+        ]
         if not group:
             continue
         wl = group[0].workload
         fim = next((r for r in group if r.tool == FIMNTK), None)
-        peers = [r for r in group if r.tool != FIMNTK and r.in_target
-                 and (t.against is None or r.tool == t.against)]
+        peers = [
+            r
+            for r in group
+            if r.tool != FIMNTK and r.in_target and (t.against is None or r.tool == t.against)
+        ]
         if not peers:
             continue
         best = min(peers, key=lambda r: r.seconds)
         if fim is None:
-            cells = [t.quantity, wl, t.describe(), "n/a", best.tool, _fmt_s(best.seconds), "—",
-                     "n/a"] + (["—", "—"] if memory else [])
+            cells = [
+                t.quantity,
+                wl,
+                t.describe(),
+                "n/a",
+                best.tool,
+                _fmt_s(best.seconds),
+                "—",
+                "n/a",
+            ] + (["—", "—"] if memory else [])
             lines.append("| " + " | ".join(cells) + " |")
             continue
         speed = best.seconds / fim.seconds
-        cells = [t.quantity, wl, t.describe(), _fmt_s(fim.seconds), best.tool,
-                 _fmt_s(best.seconds), f"{speed:.2f}", "yes" if speed >= t.factor else "**no**"]
+        cells = [
+            t.quantity,
+            wl,
+            t.describe(),
+            _fmt_s(fim.seconds),
+            best.tool,
+            _fmt_s(best.seconds),
+            f"{speed:.2f}",
+            "yes" if speed >= t.factor else "**no**",
+        ]
         if memory:
             cells += _memory_cells(fim, peers)
         lines.append("| " + " | ".join(cells) + " |")
@@ -700,8 +804,21 @@ def write_csv(rows: list[Row], name: str, settings: Settings) -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     mode = "quick" if settings.quick else "full"
     path = OUT_DIR / f"{name}_{mode}.csv"
-    cols = ["quantity", "workload", "tool", "seconds", "runs", "x_fwd_bwd", "ratio", "rel_err",
-            "ref_tool", "peak_mb", "rss_mb", "status", "note"]
+    cols = [
+        "quantity",
+        "workload",
+        "tool",
+        "seconds",
+        "runs",
+        "x_fwd_bwd",
+        "ratio",
+        "rel_err",
+        "ref_tool",
+        "peak_mb",
+        "rss_mb",
+        "status",
+        "note",
+    ]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -710,17 +827,22 @@ def write_csv(rows: list[Row], name: str, settings: Settings) -> Path:
     return path
 
 
-def report(rows: list[Row], targets: list[Target], settings: Settings, name: str,
-           title: str) -> None:
+def report(
+    rows: list[Row], targets: list[Target], settings: Settings, name: str, title: str
+) -> None:
     """Print the results table and the target summary; write the CSV."""
     mode = "quick" if settings.quick else "full"
     load = _load()
-    print(f"\n## {title} ({mode} mode; torch {torch.__version__}, {settings.device}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load {load:.1f}; median "
-          f"of {settings.repeats} run(s) after {settings.warmup} warm-up)\n")
-    print("ratio = tool seconds / fimntk seconds (above 1: fimntk is faster); "
-          "rel. err = ‖tool − reference‖/‖reference‖ on the quantity (reference in brackets); "
-          "× fwd+bwd = seconds / one plain forward+backward pass over the same data.\n")
+    print(
+        f"\n## {title} ({mode} mode; torch {torch.__version__}, {settings.device}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load {load:.1f}; median "
+        f"of {settings.repeats} run(s) after {settings.warmup} warm-up)\n"
+    )
+    print(
+        "ratio = tool seconds / fimntk seconds (above 1: fimntk is faster); "
+        "rel. err = ‖tool − reference‖/‖reference‖ on the quantity (reference in brackets); "
+        "× fwd+bwd = seconds / one plain forward+backward pass over the same data.\n"
+    )
     print(table(rows, settings.memory))
     summary = target_summary(rows, targets)
     if summary.count("\n") > 1:
@@ -737,15 +859,28 @@ def check_load(settings: Settings) -> None:
     300×); hence one thread by default on a loaded machine."""
     load, cores = _load(), os.cpu_count() or 1
     if load >= 1.0:
-        print(f"NOTE: load average {load:.1f} on {cores} cores before the start: timings are "
-              f"noisy; torch threads = {torch.get_num_threads()}"
-              + (" (chosen: 1 on a loaded machine; --threads N to override)"
-                 if settings.threads == 1 else ""), file=sys.stderr, flush=True)
+        print(
+            f"NOTE: load average {load:.1f} on {cores} cores before the start: timings are "
+            f"noisy; torch threads = {torch.get_num_threads()}"
+            + (
+                " (chosen: 1 on a loaded machine; --threads N to override)"
+                if settings.threads == 1
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def main(module: str, name: str, title: str, build_cases: Callable[[Settings], list[Case]],
-         targets: list[Target], argv: Sequence[str] | None = None,
-         memory_default: bool | None = True) -> list[Row]:
+def main(
+    module: str,
+    name: str,
+    title: str,
+    build_cases: Callable[[Settings], list[Case]],
+    targets: list[Target],
+    argv: Sequence[str] | None = None,
+    memory_default: bool | None = True,
+) -> list[Row]:
     """Parse the command line, run the cases, print the report; return the rows."""
     settings = parse_args(title, argv, memory_default)
     if settings.threads:

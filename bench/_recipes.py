@@ -58,8 +58,11 @@ def _n_params(model: nn.Module) -> int:
 
 def _layer_sizes(model: nn.Module) -> list[int]:
     """Parameter counts of the modules owning parameters, in order (the block layout)."""
-    return [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()
-            if any(True for _ in m.parameters(recurse=False))]
+    return [
+        sum(p.numel() for p in m.parameters(recurse=False))
+        for m in model.modules()
+        if any(True for _ in m.parameters(recurse=False))
+    ]
 
 
 def _blocks_canon(blocks: list[Tensor]) -> Tensor:
@@ -82,8 +85,15 @@ def _resolve(rep: str) -> None:
 def fimntk(quantity: str, mc: bool = False) -> Prepare:
     """``fimntk.engine.FIM`` (or ``FIM_MonteCarlo`` with one trial) in the matching
     representation."""
-    rep = {"dense": "dense", "diag": "diag", "blockdiag": "blockdiag", "kfac": "kfac",
-           "ekfac": "ekfac", "vTMv": "implicit", "mv": "implicit"}[quantity]
+    rep = {
+        "dense": "dense",
+        "diag": "diag",
+        "blockdiag": "blockdiag",
+        "kfac": "kfac",
+        "ekfac": "ekfac",
+        "vTMv": "implicit",
+        "mv": "implicit",
+    }[quantity]
 
     def prepare(model: nn.Module, loader: TensorLoader) -> Prepared:
         engine = _engine()
@@ -133,6 +143,7 @@ def fimntk_ntk() -> Prepare:
     def prepare(model: nn.Module, loader: TensorLoader) -> Prepared:
         engine = _engine()
         return Prepared(lambda: engine.GramMatrix(model, loader), lambda g: g.to_torch())
+
     return prepare
 
 
@@ -143,9 +154,15 @@ def nngeometry(quantity: str, mc: bool = False) -> Prepare:
     def prepare(model: nn.Module, loader: TensorLoader) -> Prepared:
         metrics = _import("nngeometry.metrics")
         obj = _import("nngeometry.object")
-        rep = {"dense": obj.PMatDense, "diag": obj.PMatDiag, "blockdiag": obj.PMatBlockDiag,
-               "kfac": obj.PMatKFAC, "ekfac": obj.PMatEKFAC, "vTMv": obj.PMatImplicit,
-               "mv": obj.PMatImplicit}[quantity]
+        rep = {
+            "dense": obj.PMatDense,
+            "diag": obj.PMatDiag,
+            "blockdiag": obj.PMatBlockDiag,
+            "kfac": obj.PMatKFAC,
+            "ekfac": obj.PMatEKFAC,
+            "vTMv": obj.PMatImplicit,
+            "mv": obj.PMatImplicit,
+        }[quantity]
         v = random_vector(model)
         mask = weight_mask(model)
 
@@ -158,10 +175,12 @@ def nngeometry(quantity: str, mc: bool = False) -> Prepare:
             return obj.PVector(mat.generator.layer_collection, vector_repr=flat)
 
         if quantity in ("vTMv", "mv"):
+
             def run_implicit():
                 mat = build()
                 out = mat.vTMv(pvec(mat, v)) if quantity == "vTMv" else mat.mv(pvec(mat, v))
                 return out
+
             if quantity == "vTMv":
                 return Prepared(run_implicit, lambda r: torch.as_tensor(r).reshape(1))
             return Prepared(run_implicit, lambda r: r.to_torch())
@@ -178,8 +197,7 @@ def nngeometry(quantity: str, mc: bool = False) -> Prepare:
             if quantity == "diag":
                 return mat.get_diag()
             if quantity == "blockdiag":
-                return _blocks_canon([mat.data[k]
-                                      for k in mat.generator.layer_collection.layers])
+                return _blocks_canon([mat.data[k] for k in mat.generator.layer_collection.layers])
             if quantity == "kfac":
                 return mat.mv(pvec(mat, v * mask)).to_torch()[mask]
             return mat.mv(pvec(mat, v)).to_torch()
@@ -193,6 +211,7 @@ def nngeometry_ntk() -> Prepare:
     def prepare(model: nn.Module, loader: TensorLoader) -> Prepared:
         gram = _import("nngeometry.gram")
         return Prepared(lambda: gram.GramMatrix(model, loader), lambda g: g.data)
+
     return prepare
 
 
@@ -240,14 +259,17 @@ def backpack(quantity: str) -> Prepare:
                     total = d if total is None else total + d
                 model.zero_grad(set_to_none=True)
                 return total / n
+
             return Prepared(run_diag, lambda r: r)
 
         if quantity == "dense":
+
             def run_dense():
                 total = None
                 for v in _backpack_sqrt_ggn(bp, ext, model, lossf, loader):
                     total = v.t() @ v if total is None else total.addmm_(v.t(), v)
                 return total / n
+
             return Prepared(run_dense, lambda r: r)
 
         if quantity == "blockdiag":
@@ -262,6 +284,7 @@ def backpack(quantity: str) -> Prepare:
                         else:
                             blocks[i].addmm_(vl.t(), vl)
                 return [b / n for b in blocks]
+
             return Prepared(run_blocks, _blocks_canon)
         raise NotAvailableError(f"no BackPACK recipe for {quantity}")
 
@@ -308,8 +331,9 @@ def backpack_kfac(exact: bool) -> Prepare:
                 for h in hooks:
                     h.remove()
             model.zero_grad(set_to_none=True)
-            return [(g / (n * locations[id(m)]), a / n_batches)
-                    for m, (g, a) in zip(layers, factors)]
+            return [
+                (g / (n * locations[id(m)]), a / n_batches) for m, (g, a) in zip(layers, factors)
+            ]
 
         def canon(factors) -> Tensor:
             vs = split_like(model, v * mask)
@@ -346,6 +370,7 @@ def backpack_ntk() -> Prepare:
             model.zero_grad(set_to_none=True)
             j = torch.cat(jacs, dim=1)
             return torch.einsum("knd,lmd->knlm", j, j)
+
         return Prepared(run, lambda g: g)
 
     return prepare
@@ -370,7 +395,7 @@ def backpack_implicit(quantity: str) -> Prepare:
                 out = model(x)
                 jv = rop.R_op(out, params, vs)[0]
                 p = torch.softmax(out.detach(), dim=1)
-                total += ((p * jv * jv).sum() - ((p * jv).sum(dim=1) ** 2).sum())
+                total += (p * jv * jv).sum() - ((p * jv).sum(dim=1) ** 2).sum()
             return total / n
 
         def run_mv():
@@ -393,6 +418,7 @@ def backpack_implicit(quantity: str) -> Prepare:
 def _single(model: nn.Module):
     def f(params: dict, x: Tensor) -> Tensor:
         return functional_call(model, params, (x.unsqueeze(0),)).squeeze(0)
+
     return f
 
 
@@ -412,9 +438,11 @@ def func_jacobians(model: nn.Module, loader: TensorLoader) -> Iterator[tuple[Ten
         c = logits.shape[1]
         step = max(1, JACOBIAN_CHUNK_BYTES // (c * d * x.element_size()))
         for s in range(0, x.shape[0], step):
-            jac = jac_fn(params, x[s:s + step])
-            yield (torch.cat([j.flatten(start_dim=2) for j in jac.values()], dim=2),
-                   logits[s:s + step])
+            jac = jac_fn(params, x[s : s + step])
+            yield (
+                torch.cat([j.flatten(start_dim=2) for j in jac.values()], dim=2),
+                logits[s : s + step],
+            )
 
 
 def fisher_rows(jac: Tensor, logits: Tensor) -> Tensor:
@@ -471,6 +499,7 @@ def func_ntk() -> Prepare:
             jac = [j.flatten(2) for j in jac.values()]
             out = torch.stack([torch.einsum("Naf,Mbf->NMab", j1, j1) for j1 in jac]).sum(0)
             return out
+
         return Prepared(run, lambda k: k.permute(2, 0, 3, 1))
 
     return prepare
@@ -494,7 +523,7 @@ def func_implicit(quantity: str) -> Prepare:
             for x, _ in loader:
                 out, jv = jvp(batch_fn(x), (params,), (tangents,))
                 p = torch.softmax(out, dim=1)
-                total += ((p * jv * jv).sum() - ((p * jv).sum(dim=1) ** 2).sum())
+                total += (p * jv * jv).sum() - ((p * jv).sum(dim=1) ** 2).sum()
             return total / n
 
         def run_mv():
@@ -533,15 +562,21 @@ def curvlinops(quantity: str, mc: bool = False) -> Prepare:
         common = {"check_deterministic": False, "num_data": loader.n}
 
         if quantity in ("mv", "vTMv"):
+
             def run_ggn():
                 op = cl.GGNLinearOperator(model, lossf, params, loader, **common)
                 mv = op @ v
                 return v @ mv if quantity == "vTMv" else mv
+
             return Prepared(run_ggn, lambda r: r.reshape(-1))
 
         cls = cl.EKFACLinearOperator if quantity == "ekfac" else cl.KFACLinearOperator
-        kwargs = {"fisher_type": "mc" if mc else "type-2", "separate_weight_and_bias": False,
-                  "num_per_example_loss_terms": 1, **common}
+        kwargs = {
+            "fisher_type": "mc" if mc else "type-2",
+            "separate_weight_and_bias": False,
+            "num_per_example_loss_terms": 1,
+            **common,
+        }
 
         def run():
             op = cls(model, lossf, params, loader, **kwargs)

@@ -39,14 +39,22 @@ class Stack:
     def add_worker(self) -> None:
         """Start one more worker and wait until it beats."""
         log = (self.data_dir / f"worker{len(self.workers)}.log").open("ab")
-        self.workers.append(subprocess.Popen([sys.executable, "-m", "fimntk.worker"], env=self.env,
-                                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                             preexec_fn=lambda: os.nice(WORKER_NICE)))
+        self.workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "fimntk.worker"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                preexec_fn=lambda: os.nice(WORKER_NICE),
+            )
+        )
         want = len(self.workers)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status = httpx.get(f"{self.url}/v1/admin/status",
-                               headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+            status = httpx.get(
+                f"{self.url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+            ).json()
             if len(status["workers"]) >= want:
                 return
             time.sleep(0.2)
@@ -67,15 +75,29 @@ def deployment(workers: int = 1, **env: str) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="fimntk-bench-") as tmp:
         data_dir = Path(tmp)
         port = free_port()
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "FIMNTK_DATA_DIR": tmp,
-                    "FIMNTK_REDIS_URL": redis_url, "FIMNTK_QUEUE_NAME": queue,
-                    "FIMNTK_ADMIN_KEY": ADMIN_KEY, "FIMNTK_PORT": str(port),
-                    "FIMNTK_HOST": "127.0.0.1", "FIMNTK_LOG_LEVEL": "WARNING",
-                    "FIMNTK_MAX_JOBS_IN_FLIGHT": "1000000", "FIMNTK_MIN_FREE_BYTES": "0",
-                    "OMP_NUM_THREADS": "1", **env}
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "FIMNTK_DATA_DIR": tmp,
+            "FIMNTK_REDIS_URL": redis_url,
+            "FIMNTK_QUEUE_NAME": queue,
+            "FIMNTK_ADMIN_KEY": ADMIN_KEY,
+            "FIMNTK_PORT": str(port),
+            "FIMNTK_HOST": "127.0.0.1",
+            "FIMNTK_LOG_LEVEL": "WARNING",
+            "FIMNTK_MAX_JOBS_IN_FLIGHT": "1000000",
+            "FIMNTK_MIN_FREE_BYTES": "0",
+            "OMP_NUM_THREADS": "1",
+            **env,
+        }
         log = (data_dir / "api.log").open("ab")
-        api = subprocess.Popen([sys.executable, "-m", "fimntk.service"], env=full_env, stdout=log,
-                               stderr=subprocess.STDOUT, cwd=REPO)
+        api = subprocess.Popen(
+            [sys.executable, "-m", "fimntk.service"],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         stack = Stack(f"http://127.0.0.1:{port}", full_env, data_dir, api)
         try:
             deadline = time.monotonic() + 60
@@ -103,7 +125,7 @@ def deployment(workers: int = 1, **env: str) -> Iterator[Stack]:
             names = [*client.scan_iter(match=f"*{queue}*")]
             names += [f"rq:{kind}:{j}" for j in stack.jobs for kind in ("job", "results")]
             for chunk in range(0, len(names), 1000):
-                client.delete(*names[chunk:chunk + 1000])
+                client.delete(*names[chunk : chunk + 1000])
 
 
 def make_user(stack: Stack) -> tuple[str, dict[str, str]]:
@@ -116,13 +138,16 @@ def make_user(stack: Stack) -> tuple[str, dict[str, str]]:
 
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     key = httpx.post(f"{stack.url}/v1/users", json={"name": "bench"}, headers=admin).json()[
-        "api_key"]
+        "api_key"
+    ]
     headers = {"Authorization": f"Bearer {key}"}
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     blobs = {}
-    for name, tensors in (("weights", model.state_dict()),
-                          ("dataset", {"inputs": torch.randn(12, 4)})):
+    for name, tensors in (
+        ("weights", model.state_dict()),
+        ("dataset", {"inputs": torch.randn(12, 4)}),
+    ):
         body = save({k: v.contiguous() for k, v in tensors.items()})
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         httpx.put(f"{stack.url}/v1/blobs/{digest}", content=body, headers=headers)
@@ -130,12 +155,22 @@ def make_user(stack: Stack) -> tuple[str, dict[str, str]]:
     return key, blobs
 
 
-TINY_ARCH = {"kind": "sequential", "layers": [{"type": "Linear", "args": [4, 6]}, {"type": "Tanh"},
-                                              {"type": "Linear", "args": [6, 3]}]}
+TINY_ARCH = {
+    "kind": "sequential",
+    "layers": [
+        {"type": "Linear", "args": [4, 6]},
+        {"type": "Tanh"},
+        {"type": "Linear", "args": [6, 3]},
+    ],
+}
 
 
 def tiny_spec(blobs: dict[str, str]) -> dict[str, object]:
     """A trivial job: the trace of the diagonal FIM of a 51-parameter MLP on 12 examples."""
-    return {"model": {"weights": blobs["weights"], "architecture": TINY_ARCH}, "metric": "fim",
-            "representation": "diag", "dataset": {"blob": blobs["dataset"], "batch_size": 12},
-            "operations": [{"op": "trace"}]}
+    return {
+        "model": {"weights": blobs["weights"], "architecture": TINY_ARCH},
+        "metric": "fim",
+        "representation": "diag",
+        "dataset": {"blob": blobs["dataset"], "batch_size": 12},
+        "operations": [{"op": "trace"}],
+    }

@@ -65,11 +65,22 @@ EXACT_EXTRA = ["implicit"]
 #: Scalable approximations (BlockDiag stores the exact d_l × d_l layer blocks).
 SCALABLE = ["diag", "quasidiag", "kfac", "ekfac"]
 VECTORS = ["random", "grad"]
-LABEL = {"diag": "Diag", "quasidiag": "QuasiDiag", "blockdiag": "BlockDiag", "kfac": "KFAC",
-         "ekfac": "EKFAC", "implicit": "Implicit"}
-STYLE = {"diag": ("tab:blue", "o"), "quasidiag": ("tab:cyan", "v"),
-         "blockdiag": ("tab:green", "s"), "kfac": ("tab:red", "D"),
-         "ekfac": ("tab:purple", "^"), "implicit": ("black", "x")}
+LABEL = {
+    "diag": "Diag",
+    "quasidiag": "QuasiDiag",
+    "blockdiag": "BlockDiag",
+    "kfac": "KFAC",
+    "ekfac": "EKFAC",
+    "implicit": "Implicit",
+}
+STYLE = {
+    "diag": ("tab:blue", "o"),
+    "quasidiag": ("tab:cyan", "v"),
+    "blockdiag": ("tab:green", "s"),
+    "kfac": ("tab:red", "D"),
+    "ekfac": ("tab:purple", "^"),
+    "implicit": ("black", "x"),
+}
 TINY = 1e-17  # floor for log plots of errors that are exactly zero up to round-off
 
 
@@ -133,7 +144,7 @@ def ggn_mv_reference(model: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torc
     tangents, start = {}, 0
     for n in names:
         k = params[n].numel()
-        tangents[n] = v[start:start + k].reshape(params[n].shape)
+        tangents[n] = v[start : start + k].reshape(params[n].shape)
         start += k
 
     def f(p):
@@ -177,9 +188,17 @@ def build(rep: str, model: nn.Module, loader: list) -> engine.PMatAbstract:
     done."""
     F = engine.FIM(model, loader, representation=rep, variant="classif_logits")
     if hasattr(F, "update_diag"):
-        flags = [getattr(F, a) for a in ("diag_updated", "is_diag_updated", "_diag_updated",
-                                         "corrected", "eigenvalues_corrected")
-                 if isinstance(getattr(F, a, None), bool)]
+        flags = [
+            getattr(F, a)
+            for a in (
+                "diag_updated",
+                "is_diag_updated",
+                "_diag_updated",
+                "corrected",
+                "eigenvalues_corrected",
+            )
+            if isinstance(getattr(F, a, None), bool)
+        ]
         if not any(flags):
             F.update_diag(loader)
     return F
@@ -196,12 +215,21 @@ def safe(fn, note: list, what: str):
 
 
 # ----- one checkpoint --------------------------------------------------------------------------
-def evaluate(ckpt: str, model32: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: list[str],
-             lam_rel: list[float], n_random: int, seed: int, rows: list[dict],
-             cg_solve: bool = True) -> dict:
+def evaluate(
+    ckpt: str,
+    model32: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reps: list[str],
+    lam_rel: list[float],
+    n_random: int,
+    seed: int,
+    rows: list[dict],
+    cg_solve: bool = True,
+) -> dict:
     model = copy.deepcopy(model32).double().eval()
     xd = x.double()
-    loader = [(xd[i:i + 100], y[i:i + 100]) for i in range(0, len(y), 100)]
+    loader = [(xd[i : i + 100], y[i : i + 100]) for i in range(0, len(y), 100)]
     lc = engine.LayerCollection.from_model(model)
     d = lc.numel()
 
@@ -214,8 +242,9 @@ def evaluate(ckpt: str, model32: nn.Module, x: torch.Tensor, y: torch.Tensor, re
     lams = [a * mean_eig for a in lam_rel]
 
     gen = torch.Generator().manual_seed(seed + 1)
-    vecs = {("random", i): torch.randn(d, generator=gen, dtype=torch.float64)
-            for i in range(n_random)}
+    vecs = {
+        ("random", i): torch.randn(d, generator=gen, dtype=torch.float64) for i in range(n_random)
+    }
     vecs["grad", 0] = mean_loss_gradient(model, xd, y)
     # Exact damped solves: one Cholesky factorisation per λ for all the vectors at once.
     rhs = torch.stack(list(vecs.values()), dim=1)
@@ -227,15 +256,26 @@ def evaluate(ckpt: str, model32: nn.Module, x: torch.Tensor, y: torch.Tensor, re
         fv = M @ v
         check = max(check, ((fv - ggn_mv_reference(model, xd, v)).norm() / fv.norm()).item())
         ref[k] = {"mv": fv, "vTMv": torch.dot(v, fv).item(), "solve": [x[:, j] for x in sols]}
-    print(f"  [{ckpt}] d={d}, n={len(y)}, dense F + exact solves {time.perf_counter() - t0:.1f}s,"
-          f" tr F={tr:.4g}, dense F vs engine-free jvp/vjp Fv: max rel err {check:.1e}")
+    print(
+        f"  [{ckpt}] d={d}, n={len(y)}, dense F + exact solves {time.perf_counter() - t0:.1f}s,"
+        f" tr F={tr:.4g}, dense F vs engine-free jvp/vjp Fv: max rel err {check:.1e}"
+    )
     if check > 1e-8:
         print(f"  WARNING: the engine's dense F disagrees with the jvp/vjp reference ({check:.1e})")
 
     def add(rep, metric, value, vec=("", 0), lam=float("nan"), lrel=float("nan")):
-        rows.append({"checkpoint": ckpt, "representation": rep, "metric": metric,
-                     "vector": vec[0], "draw": vec[1], "lambda": lam, "lambda_rel": lrel,
-                     "value": value})
+        rows.append(
+            {
+                "checkpoint": ckpt,
+                "representation": rep,
+                "metric": metric,
+                "vector": vec[0],
+                "draw": vec[1],
+                "lambda": lam,
+                "lambda_rel": lrel,
+                "value": value,
+            }
+        )
 
     add("dense", "reference_check", check)
     add("dense", "build_s", t_dense)
@@ -264,20 +304,37 @@ def evaluate_rep(rep, F, lc, M, tr, vecs, ref, lams, lam_rel, add, note, cg_solv
             add(rep, "frobenius_relerr", ((dense - M).norm() / M.norm()).item())
     for k, v in vecs.items():
         pv = engine.PVector(lc, vector_repr=v)
-        add(rep, "vTMv_relerr", rel_err(safe(lambda pv=pv: F.vTMv(pv), note, "vTMv"),
-                                        ref[k]["vTMv"]), k)
+        add(
+            rep,
+            "vTMv_relerr",
+            rel_err(safe(lambda pv=pv: F.vTMv(pv), note, "vTMv"), ref[k]["vTMv"]),
+            k,
+        )
         mv = safe(lambda pv=pv: F.mv(pv).get_flat_representation(), note, "mv")
-        add(rep, "mv_cos", cosine(mv, ref[k]["mv"]) if isinstance(mv, torch.Tensor)
-            else float("nan"), k)
+        add(
+            rep,
+            "mv_cos",
+            cosine(mv, ref[k]["mv"]) if isinstance(mv, torch.Tensor) else float("nan"),
+            k,
+        )
         for i, (lam, lr, sref) in enumerate(zip(lams, lam_rel, ref[k]["solve"])):
             # Conjugate gradients (implicit) make a pass over the data per iteration: check one
             # vector at the largest damping only, where CG converges in a few tens of iterations.
             if exact and (not cg_solve or i != len(lams) - 1 or k[0] != "grad"):
                 continue
-            s = safe(lambda F=F, pv=pv, lam=lam: F.solve(pv, regul=lam).get_flat_representation(),
-                     note, f"solve(λ={lam:.2g})")
-            add(rep, "solve_cos", cosine(s, sref) if isinstance(s, torch.Tensor)
-                else float("nan"), k, lam, lr)
+            s = safe(
+                lambda F=F, pv=pv, lam=lam: F.solve(pv, regul=lam).get_flat_representation(),
+                note,
+                f"solve(λ={lam:.2g})",
+            )
+            add(
+                rep,
+                "solve_cos",
+                cosine(s, sref) if isinstance(s, torch.Tensor) else float("nan"),
+                k,
+                lam,
+                lr,
+            )
             info = getattr(F, "last_solve_info", None)
             if exact and info:
                 note.append(f"CG solve: {info}")
@@ -298,15 +355,16 @@ def train(args) -> tuple[list[tuple[str, nn.Module]], list[dict], tuple]:
         perm = torch.randperm(len(ytr), generator=gen)
         total = 0.0
         for i in range(0, len(ytr), args.batch_size):
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             opt.zero_grad()
             loss = Fn.cross_entropy(model(xtr[idx]), ytr[idx])
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         model.eval()
-        log.append({"epoch": epoch, "train_loss": total / len(ytr),
-                    "test_acc": accuracy(model, xte, yte)})
+        log.append(
+            {"epoch": epoch, "train_loss": total / len(ytr), "test_acc": accuracy(model, xte, yte)}
+        )
         if epoch == mid and epoch != args.epochs:
             ckpts.append((f"mid (ep {epoch})", copy.deepcopy(model)))
     ckpts.append((f"end (ep {args.epochs})", copy.deepcopy(model)))
@@ -315,9 +373,15 @@ def train(args) -> tuple[list[tuple[str, nn.Module]], list[dict], tuple]:
 
 # ----- summaries, verdicts ---------------------------------------------------------------------
 def values(rows, rep, metric, vector=None, ckpt=None):
-    return [r["value"] for r in rows if r["representation"] == rep and r["metric"] == metric
-            and (vector is None or r["vector"] == vector)
-            and (ckpt is None or r["checkpoint"] == ckpt) and not math.isnan(r["value"])]
+    return [
+        r["value"]
+        for r in rows
+        if r["representation"] == rep
+        and r["metric"] == metric
+        and (vector is None or r["vector"] == vector)
+        and (ckpt is None or r["checkpoint"] == ckpt)
+        and not math.isnan(r["value"])
+    ]
 
 
 def mean(xs):
@@ -347,8 +411,10 @@ def cell_ranks(rows, reps, metric, higher_better) -> dict[str, list[int]]:
 
 def verdicts(rows, present: list[str]) -> list[str]:
     out = []
-    for group_name, group in (("the paper's five", APPROX),
-                              ("the scalable ones, i.e. without BlockDiag", SCALABLE)):
+    for group_name, group in (
+        ("the paper's five", APPROX),
+        ("the scalable ones, i.e. without BlockDiag", SCALABLE),
+    ):
         reps = [r for r in group if r in present]
         if len(reps) < 2:
             continue
@@ -359,21 +425,42 @@ def verdicts(rows, present: list[str]) -> list[str]:
         ranks = cell_ranks(rows, reps, "solve_cos", higher_better=True)
         wins = {r: sum(1 for x in ranks[r] if x == 1) for r in reps}
         ncell = len(ranks[reps[0]])
-        out.append(_verdict("KFAC best for inverse operations (solve)", "kfac", best_inv, reps,
-                            f"mean cos(solve) {fmt_map(inv)}; best in "
-                            f"{fmt_map(wins, '{:d}')} of {ncell} (ckpt, v, λ) cells"))
+        out.append(
+            _verdict(
+                "KFAC best for inverse operations (solve)",
+                "kfac",
+                best_inv,
+                reps,
+                f"mean cos(solve) {fmt_map(inv)}; best in "
+                f"{fmt_map(wins, '{:d}')} of {ncell} (ckpt, v, λ) cells",
+            )
+        )
         # Forward operations: mean rank over vTMv relative error and 1 − cos(Fv).
         r1 = cell_ranks(rows, reps, "vTMv_relerr", higher_better=False)
         r2 = cell_ranks(rows, reps, "mv_cos", higher_better=True)
         fwd = {r: mean(r1[r] + r2[r]) for r in reps}
         best_fwd = min(fwd, key=fwd.get)
-        out.append(_verdict("EKFAC best for forward operations (vTMv, Fv)", "ekfac", best_fwd,
-                            reps, f"mean rank over vTMv error and cos(Fv) cells {fmt_map(fwd)}"))
+        out.append(
+            _verdict(
+                "EKFAC best for forward operations (vTMv, Fv)",
+                "ekfac",
+                best_fwd,
+                reps,
+                f"mean rank over vTMv error and cos(Fv) cells {fmt_map(fwd)}",
+            )
+        )
         # Trace: KFAC's relative error the largest.
         trc = {r: mean(values(rows, r, "trace_relerr")) for r in reps}
         worst = max(trc, key=trc.get)
-        out.append(_verdict("KFAC's trace least accurate", "kfac", worst, reps,
-                            f"mean trace rel. error {fmt_map(trc, '{:.1e}')}"))
+        out.append(
+            _verdict(
+                "KFAC's trace least accurate",
+                "kfac",
+                worst,
+                reps,
+                f"mean trace rel. error {fmt_map(trc, '{:.1e}')}",
+            )
+        )
     return out or ["  UNDETERMINED: fewer than two of the paper's representations were compared"]
 
 
@@ -394,9 +481,12 @@ def summary_rows(rows, ckpts, reps) -> list[dict]:
         for rep in reps:
             if not values(rows, rep, "build_s", ckpt=ck):
                 continue
-            row = {"checkpoint": ck, "representation": rep,
-                   "trace_relerr": mean(values(rows, rep, "trace_relerr", ckpt=ck)),
-                   "frobenius_relerr": mean(values(rows, rep, "frobenius_relerr", ckpt=ck))}
+            row = {
+                "checkpoint": ck,
+                "representation": rep,
+                "trace_relerr": mean(values(rows, rep, "trace_relerr", ckpt=ck)),
+                "frobenius_relerr": mean(values(rows, rep, "frobenius_relerr", ckpt=ck)),
+            }
             for v in VECTORS:
                 row[f"vTMv_relerr_{v}"] = mean(values(rows, rep, "vTMv_relerr", v, ck))
                 row[f"mv_cos_{v}"] = mean(values(rows, rep, "mv_cos", v, ck))
@@ -407,11 +497,17 @@ def summary_rows(rows, ckpts, reps) -> list[dict]:
 
 
 def print_table(summary: list[dict]) -> None:
-    cols = [("trace_relerr", "trace err", "{:.1e}"), ("frobenius_relerr", "frob err", "{:.2f}"),
-            ("vTMv_relerr_random", "vTMv err r", "{:.1e}"),
-            ("vTMv_relerr_grad", "vTMv err g", "{:.1e}"), ("mv_cos_random", "cos Fv r", "{:.4f}"),
-            ("mv_cos_grad", "cos Fv g", "{:.4f}"), ("solve_cos_random", "cos slv r", "{:.4f}"),
-            ("solve_cos_grad", "cos slv g", "{:.4f}"), ("build_s", "build s", "{:.2f}")]
+    cols = [
+        ("trace_relerr", "trace err", "{:.1e}"),
+        ("frobenius_relerr", "frob err", "{:.2f}"),
+        ("vTMv_relerr_random", "vTMv err r", "{:.1e}"),
+        ("vTMv_relerr_grad", "vTMv err g", "{:.1e}"),
+        ("mv_cos_random", "cos Fv r", "{:.4f}"),
+        ("mv_cos_grad", "cos Fv g", "{:.4f}"),
+        ("solve_cos_random", "cos slv r", "{:.4f}"),
+        ("solve_cos_grad", "cos slv g", "{:.4f}"),
+        ("build_s", "build s", "{:.2f}"),
+    ]
     head = f"{'checkpoint':<12} {'repr':<10} " + " ".join(f"{c[1]:>10}" for c in cols)
     print(head)
     print("-" * len(head))
@@ -439,8 +535,14 @@ def plot(rows, ckpts, reps, out: Path) -> list[Path]:
 
     def line(ax, rep, ys):
         color, marker = STYLE[rep]
-        ax.plot(xs, ys, marker=marker, color=color, label=LABEL[rep],
-                ls="--" if rep in EXACT_EXTRA else "-")
+        ax.plot(
+            xs,
+            ys,
+            marker=marker,
+            color=color,
+            label=LABEL[rep],
+            ls="--" if rep in EXACT_EXTRA else "-",
+        )
 
     def finish(ax, title, ylabel, log=True):
         ax.set_xticks(list(xs), ckpts)
@@ -460,8 +562,10 @@ def plot(rows, ckpts, reps, out: Path) -> list[Path]:
     for ax, v in zip(axes[1:], VECTORS):
         finish(ax, f"vᵀFv, v = {v}: relative error", "relative error (lower is better)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Forward quantities vs exact Fisher (values at 1e-17 are exact up to "
-                 "round-off)", fontsize=10)
+    fig.suptitle(
+        "Forward quantities vs exact Fisher (values at 1e-17 are exact up to round-off)",
+        fontsize=10,
+    )
     fig.tight_layout()
     paths.append(out / "trace_vtmv.png")
     fig.savefig(paths[-1], dpi=110)
@@ -479,24 +583,40 @@ def plot(rows, ckpts, reps, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(len(VECTORS), len(ckpts), figsize=(4.6 * len(ckpts), 7.5),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(VECTORS),
+        len(ckpts),
+        figsize=(4.6 * len(ckpts), 7.5),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     for i, v in enumerate(VECTORS):
         for j, ck in enumerate(ckpts):
             ax = axes[i][j]
             for rep in reps:
                 by_lam: dict[float, list[float]] = {}
                 for r in rows:
-                    if (r["representation"] == rep and r["metric"] == "solve_cos"
-                            and r["vector"] == v and r["checkpoint"] == ck
-                            and not math.isnan(r["value"])):
+                    if (
+                        r["representation"] == rep
+                        and r["metric"] == "solve_cos"
+                        and r["vector"] == v
+                        and r["checkpoint"] == ck
+                        and not math.isnan(r["value"])
+                    ):
                         by_lam.setdefault(r["lambda_rel"], []).append(r["value"])
                 pts = sorted((lam, mean(vs)) for lam, vs in by_lam.items())
                 if pts:
                     color, marker = STYLE[rep]
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=4,
-                            color=color, label=LABEL[rep],
-                            ls="--" if rep in EXACT_EXTRA else "-")
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker=marker,
+                        ms=4,
+                        color=color,
+                        label=LABEL[rep],
+                        ls="--" if rep in EXACT_EXTRA else "-",
+                    )
             ax.set_xscale("log")
             ax.set_title(f"{ck}, v = {v}", fontsize=10)
             ax.grid(alpha=0.3)
@@ -525,27 +645,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer examples, epochs and λ (<1 min)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "accuracy")
-    p.add_argument("--n-fisher", type=int, default=None,
-                   help="training examples the Fisher is computed on (default 500, quick 200)")
+    p.add_argument(
+        "--n-fisher",
+        type=int,
+        default=None,
+        help="training examples the Fisher is computed on (default 500, quick 200)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default 10, quick 4")
     p.add_argument("--width", type=int, default=8, help="channels of the CNN (d ≈ 43·w²)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reps", default=",".join(APPROX + EXACT_EXTRA),
-                   help="comma-separated representations to compare")
-    p.add_argument("--n-random", type=int, default=None,
-                   help="random directions v, metrics averaged over them (default 4, quick 2)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: this workload is mostly small kernels, "
-                        "and on a busy machine extra threads make it several times slower)")
+    p.add_argument(
+        "--reps",
+        default=",".join(APPROX + EXACT_EXTRA),
+        help="comma-separated representations to compare",
+    )
+    p.add_argument(
+        "--n-random",
+        type=int,
+        default=None,
+        help="random directions v, metrics averaged over them (default 4, quick 2)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: this workload is mostly small kernels, "
+        "and on a busy machine extra threads make it several times slower)",
+    )
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     args.n_fisher = args.n_fisher or (200 if args.quick else 500)
     args.epochs = args.epochs or (4 if args.quick else 10)
     args.n_random = args.n_random or (2 if args.quick else 4)
-    lam_rel = ([1e-3, 1e-1, 10.0, 1e3] if args.quick
-               else [10.0 ** (k / 2) for k in range(-8, 7)])
+    lam_rel = [1e-3, 1e-1, 10.0, 1e3] if args.quick else [10.0 ** (k / 2) for k in range(-8, 7)]
 
     torch.set_num_threads(max(1, args.threads))
     start = time.perf_counter()
@@ -564,14 +698,26 @@ def main(argv: list[str] | None = None) -> int:
         print("note: --quick skips the conjugate-gradient solve of the implicit Fisher")
 
     ckpts, log, (xtr, ytr) = train(args)
-    print(f"trained SmallResNet(width={args.width}) for {args.epochs} epochs on digits: "
-          f"test accuracy {log[0]['test_acc']:.3f} → {log[-1]['test_acc']:.3f} "
-          f"({time.perf_counter() - start:.1f}s)")
-    x, y = xtr[:args.n_fisher], ytr[:args.n_fisher]
+    print(
+        f"trained SmallResNet(width={args.width}) for {args.epochs} epochs on digits: "
+        f"test accuracy {log[0]['test_acc']:.3f} → {log[-1]['test_acc']:.3f} "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
+    x, y = xtr[: args.n_fisher], ytr[: args.n_fisher]
     rows: list[dict] = []
     for name, model in ckpts:
-        evaluate(name, model, x, y, reps, lam_rel, args.n_random, args.seed, rows,
-                 cg_solve=not args.quick)
+        evaluate(
+            name,
+            model,
+            x,
+            y,
+            reps,
+            lam_rel,
+            args.n_random,
+            args.seed,
+            rows,
+            cg_solve=not args.quick,
+        )
     names = [n for n, _ in ckpts]
     present = [r for r in reps if any(row["representation"] == r for row in rows)]
 

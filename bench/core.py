@@ -48,31 +48,47 @@ def build_cases(settings: Settings) -> list[Case]:
                 prep, note = prep
             cases.append(Case(quantity, wl, tool, prep, note=note))
 
-    add("dense", w["W1"], {
-        "fimntk": r.fimntk("dense"),
-        "nngeometry": r.nngeometry("dense"),
-        "BackPACK": (r.backpack("dense"), "SqrtGGNExact, Σ VᵀV"),
-        "torch.func": (r.func("dense"), "vmap(jacrev), Σ (LᵀJ)ᵀ(LᵀJ)"),
-    })
+    add(
+        "dense",
+        w["W1"],
+        {
+            "fimntk": r.fimntk("dense"),
+            "nngeometry": r.nngeometry("dense"),
+            "BackPACK": (r.backpack("dense"), "SqrtGGNExact, Σ VᵀV"),
+            "torch.func": (r.func("dense"), "vmap(jacrev), Σ (LᵀJ)ᵀ(LᵀJ)"),
+        },
+    )
     for key in ("W2", "W3"):
-        add("diag", w[key], {
-            "fimntk": r.fimntk("diag"),
-            "nngeometry": r.nngeometry("diag"),
-            "BackPACK": (r.backpack("diag"), "DiagGGNExact"),
-            "torch.func": (r.func("diag"), "vmap(jacrev), Σ (LᵀJ)²"),
-        })
-    add("blockdiag", w["W1"], {
-        "fimntk": r.fimntk("blockdiag"),
-        "nngeometry": r.nngeometry("blockdiag"),
-        "BackPACK": (r.backpack("blockdiag"), "SqrtGGNExact, per-layer VᵀV"),
-        "torch.func": (r.func("blockdiag"), "vmap(jacrev), per-layer blocks"),
-    })
-    add("ntk", w["W4"], {
-        "fimntk": r.fimntk_ntk(),
-        "nngeometry": r.nngeometry_ntk(),
-        "BackPACK": (r.backpack_ntk(), "BatchGrad per output, JJᵀ"),
-        "torch.func": (r.func_ntk(), "NTK tutorial: jacobian contraction"),
-    })
+        add(
+            "diag",
+            w[key],
+            {
+                "fimntk": r.fimntk("diag"),
+                "nngeometry": r.nngeometry("diag"),
+                "BackPACK": (r.backpack("diag"), "DiagGGNExact"),
+                "torch.func": (r.func("diag"), "vmap(jacrev), Σ (LᵀJ)²"),
+            },
+        )
+    add(
+        "blockdiag",
+        w["W1"],
+        {
+            "fimntk": r.fimntk("blockdiag"),
+            "nngeometry": r.nngeometry("blockdiag"),
+            "BackPACK": (r.backpack("blockdiag"), "SqrtGGNExact, per-layer VᵀV"),
+            "torch.func": (r.func("blockdiag"), "vmap(jacrev), per-layer blocks"),
+        },
+    )
+    add(
+        "ntk",
+        w["W4"],
+        {
+            "fimntk": r.fimntk_ntk(),
+            "nngeometry": r.nngeometry_ntk(),
+            "BackPACK": (r.backpack_ntk(), "BatchGrad per output, JJᵀ"),
+            "torch.func": (r.func_ntk(), "NTK tutorial: jacobian contraction"),
+        },
+    )
     return cases
 
 

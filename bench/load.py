@@ -71,8 +71,7 @@ def process_cpu_s(pid: int) -> float:
 def _server_buckets(stack: Stack) -> dict[str, dict[float, float]]:
     """Cumulative bucket counts of the API's request-duration histogram, by route (summed
     over methods); with several API processes, those of the one that answers."""
-    text = httpx.get(f"{stack.url}/metrics",
-                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    text = httpx.get(f"{stack.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         if family.name != "fimntk_http_request_duration_seconds":
@@ -86,8 +85,9 @@ def _server_buckets(stack: Stack) -> dict[str, dict[float, float]]:
     return buckets
 
 
-def _server_p99_ms(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]],
-                   route: str) -> str:
+def _server_p99_ms(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], route: str
+) -> str:
     """Upper bound of the bucket holding the 99th percentile of ``route`` between two
     scrapes: the time spent inside the API, without the network or the generator."""
     counts = {le: n - before.get(route, {}).get(le, 0.0) for le, n in after.get(route, {}).items()}
@@ -113,8 +113,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50_ms": _pct(values, 0.5), "p99_ms": _pct(values, 0.99),
-            "max_ms": _pct(values, 1.0)}
+    return {
+        "n": len(values),
+        "p50_ms": _pct(values, 0.5),
+        "p99_ms": _pct(values, 0.99),
+        "max_ms": _pct(values, 1.0),
+    }
 
 
 class _Connection:
@@ -152,8 +156,7 @@ class _Connection:
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
-        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body \
-            else ""
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
         writer.write(f"{method} {path} HTTP/1.1\r\n{self._head}{extra}\r\n".encode() + body)
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
         length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
@@ -169,12 +172,19 @@ class _Connection:
             self._streams = None
 
 
-_FAILURES = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-             ValueError, IndexError)
+_FAILURES = (
+    OSError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    TimeoutError,
+    ValueError,
+    IndexError,
+)
 
 
-async def _client(url: str, key: str, spec: dict[str, object], until: float, think: float,
-                  samples: _Samples) -> None:
+async def _client(
+    url: str, key: str, spec: dict[str, object], until: float, think: float, samples: _Samples
+) -> None:
     """One client: submit, poll until terminal, again. Starts at a random point of the first
     think time and waits ``think`` +-50% between requests, so that the clients do not send
     their requests in lockstep bursts."""
@@ -222,16 +232,25 @@ async def _loop_lag(until: float, lag: list[float]) -> None:
         lag.append(time.perf_counter() - started - _LAG_TICK_S)
 
 
-async def _gather(url: str, key: str, spec: dict[str, object], clients: int, seconds: float,
-                  think: float, samples: _Samples) -> None:
+async def _gather(
+    url: str,
+    key: str,
+    spec: dict[str, object],
+    clients: int,
+    seconds: float,
+    think: float,
+    samples: _Samples,
+) -> None:
     until = time.monotonic() + seconds
-    await asyncio.gather(_loop_lag(until, samples.lag),
-                         *(_client(url, key, spec, until, think, samples)
-                           for _ in range(clients)))
+    await asyncio.gather(
+        _loop_lag(until, samples.lag),
+        *(_client(url, key, spec, until, think, samples) for _ in range(clients)),
+    )
 
 
-def run(stack: Stack, key: str, spec: dict[str, object], clients: int, seconds: float,
-        think: float) -> dict[str, object]:
+def run(
+    stack: Stack, key: str, spec: dict[str, object], clients: int, seconds: float, think: float
+) -> dict[str, object]:
     """One load run of ``clients`` clients for ``seconds``; its report."""
     samples = _Samples()
     worker_pids = [w.pid for w in stack.workers]
@@ -251,20 +270,25 @@ def run(stack: Stack, key: str, spec: dict[str, object], clients: int, seconds: 
     after = _server_buckets(stack)
     requests = len(samples.reads) + len(samples.submits)
     return {
-        "clients": clients, "seconds": round(elapsed, 1), "requests": requests,
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "requests": requests,
         "req_per_s": round(requests / elapsed, 1),
-        "status_read": _summary(samples.reads), "submit": _summary(samples.submits),
+        "status_read": _summary(samples.reads),
+        "submit": _summary(samples.submits),
         "errors": dict(samples.errors) or "none",
-        "cpu_cores_used": {"generator": round(own_cpu / elapsed, 2),
-                           "api": round(api_cpu / elapsed, 2),
-                           "workers": round(workers_cpu / elapsed, 2),
-                           "whole_machine": round(machine / elapsed, 2),
-                           "of": os.cpu_count()},
-        "inside_api_p99": {"status_read": _server_p99_ms(buckets, after,
-                                                         "GET /v1/jobs/{job_id}"),
-                           "submit": _server_p99_ms(buckets, after, "POST /v1/jobs")},
-        "generator_loop_lag": {"p50_ms": _pct(samples.lag, 0.5),
-                               "p99_ms": _pct(samples.lag, 0.99)},
+        "cpu_cores_used": {
+            "generator": round(own_cpu / elapsed, 2),
+            "api": round(api_cpu / elapsed, 2),
+            "workers": round(workers_cpu / elapsed, 2),
+            "whole_machine": round(machine / elapsed, 2),
+            "of": os.cpu_count(),
+        },
+        "inside_api_p99": {
+            "status_read": _server_p99_ms(buckets, after, "GET /v1/jobs/{job_id}"),
+            "submit": _server_p99_ms(buckets, after, "POST /v1/jobs"),
+        },
+        "generator_loop_lag": {"p50_ms": _pct(samples.lag, 0.5), "p99_ms": _pct(samples.lag, 0.99)},
     }
 
 
@@ -273,40 +297,57 @@ def _verdict(report: dict[str, object]) -> str:
     reads, lag, cpu = report["status_read"], report["generator_loop_lag"], report["cpu_cores_used"]
     assert isinstance(reads, dict) and isinstance(lag, dict) and isinstance(cpu, dict)
     met = reads["p99_ms"] < TARGET_P99_MS and report["errors"] == "none"
-    text = (f"target (no errors, p99 status read < {TARGET_P99_MS:g} ms) "
-            f"{'met' if met else 'MISSED'}")
+    text = (
+        f"target (no errors, p99 status read < {TARGET_P99_MS:g} ms) {'met' if met else 'MISSED'}"
+    )
     if met:
         return text
     ours = cpu["generator"] + cpu["api"] + cpu["workers"]
     if cpu["whole_machine"] >= 0.9 * cpu["of"]:
-        text += (f"; the CPU was saturated ({cpu['whole_machine']} of {cpu['of']} cores busy, "
-                 f"{cpu['whole_machine'] - ours:.2f} of them by Redis, the kernel and processes "
-                 "outside this benchmark), so requests queued for a core")
+        text += (
+            f"; the CPU was saturated ({cpu['whole_machine']} of {cpu['of']} cores busy, "
+            f"{cpu['whole_machine'] - ours:.2f} of them by Redis, the kernel and processes "
+            "outside this benchmark), so requests queued for a core"
+        )
     if lag["p99_ms"] >= TARGET_P99_MS / 5:
-        text += (f"; the generator's own event loop ran up to {lag['p99_ms']} ms late (p99), "
-                 "so part of the measured latency is the load generator's")
+        text += (
+            f"; the generator's own event loop ran up to {lag['p99_ms']} ms late (p99), "
+            "so part of the measured latency is the load generator's"
+        )
     return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[200, 50],
-                        help="client counts, one run each on the same deployment")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        nargs="+",
+        default=[200, 50],
+        help="client counts, one run each on the same deployment",
+    )
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--think", type=float, default=0.5,
-                        help="seconds a client waits between its requests")
+    parser.add_argument(
+        "--think", type=float, default=0.5, help="seconds a client waits between its requests"
+    )
     parser.add_argument("--workers", type=int, default=1, help="job workers")
-    parser.add_argument("--api-workers", type=int, default=(os.cpu_count() or 1) + 1,
-                        help="uvicorn API processes (default: cores + 1: a process waiting on "
-                             "the database or Redis leaves its core to another)")
+    parser.add_argument(
+        "--api-workers",
+        type=int,
+        default=(os.cpu_count() or 1) + 1,
+        help="uvicorn API processes (default: cores + 1: a process waiting on "
+        "the database or Redis leaves its core to another)",
+    )
     args = parser.parse_args()
     with deployment(args.workers, FIMNTK_API_WORKERS=str(args.api_workers)) as stack:
         key, blobs = make_user(stack)
         for clients in args.clients:
             report = run(stack, key, tiny_spec(blobs), clients, args.seconds, args.think)
-            print(f"--- {clients} clients, {args.api_workers} API process(es), "
-                  f"{args.workers} worker(s), {os.cpu_count()} CPU cores shared with the "
-                  "generator")
+            print(
+                f"--- {clients} clients, {args.api_workers} API process(es), "
+                f"{args.workers} worker(s), {os.cpu_count()} CPU cores shared with the "
+                "generator"
+            )
             for name, value in report.items():
                 print(f"{name:>20}: {value}")
             print(f"{'verdict':>20}: {_verdict(report)}", flush=True)

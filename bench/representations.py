@@ -22,8 +22,11 @@ from fimntk.bench._common import W2, W3, Case, Settings, Target, Workload, main
 
 TITLE = "fimntk representations: KFAC, EKFAC, diagonal, implicit products"
 
-TARGETS = [Target(q, w) for q in ("kfac", "ekfac", "diag", "diag-mc", "kfac-mc", "vTMv", "mv")
-           for w in ("W2", "W3")]
+TARGETS = [
+    Target(q, w)
+    for q in ("kfac", "ekfac", "diag", "diag-mc", "kfac-mc", "vTMv", "mv")
+    for w in ("W2", "W3")
+]
 
 
 def _workloads(settings: Settings) -> list[Workload]:
@@ -49,56 +52,95 @@ def build_cases(settings: Settings) -> list[Case]:
                     # Σ_t s_t s_tᵀ: another approximation, so not a like-for-like speed peer
                     note += "; conv G = bias GGN, not KFC (not in target)"
                     in_target = False
-                cases.append(Case(quantity, wl, tool, prep, note=note, reference=reference,
-                                  in_target=in_target))
+                cases.append(
+                    Case(
+                        quantity,
+                        wl,
+                        tool,
+                        prep,
+                        note=note,
+                        reference=reference,
+                        in_target=in_target,
+                    )
+                )
 
-    add("kfac", {
-        "fimntk": r.fimntk("kfac"),
-        "nngeometry": r.nngeometry("kfac"),
-        "BackPACK": (r.backpack_kfac(exact=True), "KFLR; weights only (bias kept apart)"),
-        "curvlinops": (r.curvlinops("kfac"), "type-2, joint bias"),
-    })
-    add("kfac-mc", {
-        "fimntk": r.fimntk("kfac", mc=True),
-        "nngeometry": r.nngeometry("kfac", mc=True),
-        "BackPACK": (r.backpack_kfac(exact=False), "KFAC (MC); weights only"),
-        "curvlinops": (r.curvlinops("kfac", mc=True), "mc, 1 sample, joint bias"),
-    }, reference="kfac")
-    add("ekfac", {
-        "fimntk": r.fimntk("ekfac"),
-        "nngeometry": (r.nngeometry("ekfac"), "PMatEKFAC + update_diag"),
-        "curvlinops": (r.curvlinops("ekfac"), "type-2, joint bias"),
-    })
-    add("diag", {
-        "fimntk": r.fimntk("diag"),
-        "nngeometry": r.nngeometry("diag"),
-        "BackPACK": (r.backpack("diag"), "DiagGGNExact"),
-    })
-    add("diag-mc", {
-        "fimntk": r.fimntk("diag", mc=True),
-        "nngeometry": r.nngeometry("diag", mc=True),
-        "BackPACK": (r.backpack("diag-mc"), "DiagGGNMC"),
-    }, reference="diag")
-    add("vTMv", {
-        "fimntk": r.fimntk("vTMv"),
-        "nngeometry": (r.nngeometry("vTMv"), "PMatImplicit"),
-        "torch.func": (r.func_implicit("vTMv"), "jvp; Σ (Jv)ᵀH(Jv)"),
-        "BackPACK": (r.backpack_implicit("vTMv"), "R_op (double backward)"),
-        "curvlinops": (r.curvlinops("vTMv"), "GGNLinearOperator, v·(Gv)"),
-    })
-    add("mv", {
-        "fimntk": r.fimntk("mv"),
-        "nngeometry": (r.nngeometry("mv"), "PMatImplicit"),
-        "torch.func": (r.func_implicit("mv"), "jvp + vjp"),
-        "BackPACK": (r.backpack_implicit("mv"), "ggn_vector_product"),
-        "curvlinops": (r.curvlinops("mv"), "GGNLinearOperator"),
-    })
+    add(
+        "kfac",
+        {
+            "fimntk": r.fimntk("kfac"),
+            "nngeometry": r.nngeometry("kfac"),
+            "BackPACK": (r.backpack_kfac(exact=True), "KFLR; weights only (bias kept apart)"),
+            "curvlinops": (r.curvlinops("kfac"), "type-2, joint bias"),
+        },
+    )
+    add(
+        "kfac-mc",
+        {
+            "fimntk": r.fimntk("kfac", mc=True),
+            "nngeometry": r.nngeometry("kfac", mc=True),
+            "BackPACK": (r.backpack_kfac(exact=False), "KFAC (MC); weights only"),
+            "curvlinops": (r.curvlinops("kfac", mc=True), "mc, 1 sample, joint bias"),
+        },
+        reference="kfac",
+    )
+    add(
+        "ekfac",
+        {
+            "fimntk": r.fimntk("ekfac"),
+            "nngeometry": (r.nngeometry("ekfac"), "PMatEKFAC + update_diag"),
+            "curvlinops": (r.curvlinops("ekfac"), "type-2, joint bias"),
+        },
+    )
+    add(
+        "diag",
+        {
+            "fimntk": r.fimntk("diag"),
+            "nngeometry": r.nngeometry("diag"),
+            "BackPACK": (r.backpack("diag"), "DiagGGNExact"),
+        },
+    )
+    add(
+        "diag-mc",
+        {
+            "fimntk": r.fimntk("diag", mc=True),
+            "nngeometry": r.nngeometry("diag", mc=True),
+            "BackPACK": (r.backpack("diag-mc"), "DiagGGNMC"),
+        },
+        reference="diag",
+    )
+    add(
+        "vTMv",
+        {
+            "fimntk": r.fimntk("vTMv"),
+            "nngeometry": (r.nngeometry("vTMv"), "PMatImplicit"),
+            "torch.func": (r.func_implicit("vTMv"), "jvp; Σ (Jv)ᵀH(Jv)"),
+            "BackPACK": (r.backpack_implicit("vTMv"), "R_op (double backward)"),
+            "curvlinops": (r.curvlinops("vTMv"), "GGNLinearOperator, v·(Gv)"),
+        },
+    )
+    add(
+        "mv",
+        {
+            "fimntk": r.fimntk("mv"),
+            "nngeometry": (r.nngeometry("mv"), "PMatImplicit"),
+            "torch.func": (r.func_implicit("mv"), "jvp + vjp"),
+            "BackPACK": (r.backpack_implicit("mv"), "ggn_vector_product"),
+            "curvlinops": (r.curvlinops("mv"), "GGNLinearOperator"),
+        },
+    )
     return cases
 
 
 def run(argv: Sequence[str] | None = None):
-    return main("bench.representations", "representations", TITLE, build_cases, TARGETS, argv,
-                memory_default=None)
+    return main(
+        "bench.representations",
+        "representations",
+        TITLE,
+        build_cases,
+        TARGETS,
+        argv,
+        memory_default=None,
+    )
 
 
 if __name__ == "__main__":

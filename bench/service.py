@@ -41,8 +41,9 @@ UPLOAD_CHUNK = 4 * MIB
 def _in_process_ms(runs: int) -> float:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)),
-                                       batch_size=12)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=12
+    )
     times = []
     for _ in range(runs + 3):
         started = time.perf_counter()
@@ -70,9 +71,12 @@ def overhead(runs: int) -> dict[str, float]:
                     times.append(time.perf_counter() - started)
     service_ms = statistics.median(times) * 1000
     local_ms = _in_process_ms(runs)
-    return {"service_median_ms": round(service_ms, 1), "in_process_median_ms": round(local_ms, 2),
-            "overhead_median_ms": round(service_ms - local_ms, 1),
-            "service_p90_ms": round(sorted(times)[int(0.9 * len(times))] * 1000, 1)}
+    return {
+        "service_median_ms": round(service_ms, 1),
+        "in_process_median_ms": round(local_ms, 2),
+        "overhead_median_ms": round(service_ms - local_ms, 1),
+        "service_p90_ms": round(sorted(times)[int(0.9 * len(times))] * 1000, 1),
+    }
 
 
 def throughput(workers: int, jobs: int) -> float:
@@ -161,20 +165,27 @@ def upload(size: int) -> dict[str, float]:
             api_cpu = _cpu_s(stack.api.pid)
             client_cpu = time.process_time()
             started = time.perf_counter()
-            response = httpx.put(f"{stack.url}/v1/blobs/{digest}", content=body(),
-                                 headers=headers | {"Content-Length": str(path.stat().st_size)},
-                                 timeout=600)
+            response = httpx.put(
+                f"{stack.url}/v1/blobs/{digest}",
+                content=body(),
+                headers=headers | {"Content-Length": str(path.stat().st_size)},
+                timeout=600,
+            )
             elapsed = time.perf_counter() - started
             client_cpu = time.process_time() - client_cpu
             api_cpu = _cpu_s(stack.api.pid) - api_cpu
             response.raise_for_status()
             rss_after = _rss_kib(stack.api.pid, "VmHWM")
-    return {"size_mb": round(size / MIB), "upload_mb_s": round(size / MIB / elapsed, 1),
-            "disk_write_mb_s": round(disk, 1),
-            "api_peak_rss_before_mb": round(rss_before / 1024, 1),
-            "api_peak_rss_after_mb": round(rss_after / 1024, 1),
-            "api_cpu_s": round(api_cpu, 2), "client_cpu_s": round(client_cpu, 2),
-            "seconds": round(elapsed, 2)}
+    return {
+        "size_mb": round(size / MIB),
+        "upload_mb_s": round(size / MIB / elapsed, 1),
+        "disk_write_mb_s": round(disk, 1),
+        "api_peak_rss_before_mb": round(rss_before / 1024, 1),
+        "api_peak_rss_after_mb": round(rss_after / 1024, 1),
+        "api_cpu_s": round(api_cpu, 2),
+        "client_cpu_s": round(client_cpu, 2),
+        "seconds": round(elapsed, 2),
+    }
 
 
 def main() -> None:
@@ -189,8 +200,7 @@ def main() -> None:
     if not args.only_upload:
         print("overhead:", overhead(args.runs), flush=True)
         for workers in (1, 2):
-            print(f"jobs/s with {workers} worker(s):", throughput(workers, args.jobs),
-                  flush=True)
+            print(f"jobs/s with {workers} worker(s):", throughput(workers, args.jobs), flush=True)
     if not args.skip_upload:
         print("upload:", upload(args.upload_mb * MIB), flush=True)
 

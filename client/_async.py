@@ -39,14 +39,28 @@ class AsyncClient(BaseClient):
             await F.trace()
     """
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, *,
-                 timeout: float | None = None, http_timeout: float = 30.0, retries: int = 4,
-                 backoff: float = 0.5, progress: ProgressOption = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(url, api_key, timeout=timeout, http_timeout=http_timeout,
-                         retries=retries, backoff=backoff, progress=progress)
-        self._http = httpx.AsyncClient(base_url=self.url, transport=transport,
-                                  timeout=http_timeout)
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | None = None,
+        http_timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        progress: ProgressOption = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            url,
+            api_key,
+            timeout=timeout,
+            http_timeout=http_timeout,
+            retries=retries,
+            backoff=backoff,
+            progress=progress,
+        )
+        self._http = httpx.AsyncClient(base_url=self.url, transport=transport, timeout=http_timeout)
 
     async def close(self) -> None:
         """Close the connections."""
@@ -84,8 +98,14 @@ class AsyncClient(BaseClient):
             if call.blob is not None:
                 body = call.blob.data if call.blob.data is not None else _aiter(call.blob.chunks())
             request = self._http.build_request(
-                call.method, call.path, params=call.params, json=call.json, content=body,
-                headers=self._headers(call), timeout=self._timeout(call))
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                content=body,
+                headers=self._headers(call),
+                timeout=self._timeout(call),
+            )
             try:
                 response = await self._http.send(request, stream=True)
                 try:
@@ -112,10 +132,21 @@ class AsyncClient(BaseClient):
 
     # -- one-shot computations ------------------------------------------------------------------
 
-    async def trace(self, model: Any, loader: Any, *, rep: str | None = None, metric: str = "fim",
-                    variant: str = "classif_logits", trials: int = 1, seed: int | None = None,
-                    centering: bool = False, dtype: Any = None, batch_size: int | None = None,
-                    timeout: float | None = None) -> Any:
+    async def trace(
+        self,
+        model: Any,
+        loader: Any,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """:math:`\\mathrm{tr}(M)` of the FIM (``rep=``) or the NTK (``metric="ntk"``).
 
         Args:
@@ -139,42 +170,103 @@ class AsyncClient(BaseClient):
         """
         from fimntk.client._compute import scalar_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(model, loader, lambda t: scalar_op("trace", t),
-                                                   options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: scalar_op("trace", t), options)
+        )
 
-    async def norm(self, model: Any, loader: Any, *, rep: str | None = None, metric: str = "fim",
-                   variant: str = "classif_logits", trials: int = 1, seed: int | None = None,
-                   centering: bool = False, dtype: Any = None, batch_size: int | None = None,
-                   timeout: float | None = None) -> Any:
+    async def norm(
+        self,
+        model: Any,
+        loader: Any,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """The Frobenius norm, a 0-d tensor. Arguments as in :meth:`trace`."""
         from fimntk.client._compute import scalar_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(model, loader, lambda t: scalar_op("norm", t),
-                                                   options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: scalar_op("norm", t), options)
+        )
 
-    async def get_diag(self, model: Any, loader: Any, *, rep: str | None = None,
-                       metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
-                       seed: int | None = None, centering: bool = False, dtype: Any = None,
-                       batch_size: int | None = None, timeout: float | None = None) -> Any:
+    async def get_diag(
+        self,
+        model: Any,
+        loader: Any,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """The diagonal ``(d,)`` of the FIM. Arguments as in :meth:`trace`."""
         from fimntk.client._compute import tensor_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(model, loader,
-                                                   lambda t: tensor_op("get_diag", t), options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: tensor_op("get_diag", t), options)
+        )
 
-    async def vTMv(self, model: Any, loader: Any, v: Any = None, *, rep: str | None = None,
-                   metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
-                   seed: int | None = None, centering: bool = False, dtype: Any = None,
-                   batch_size: int | None = None, timeout: float | None = None) -> Any:
+    async def vTMv(
+        self,
+        model: Any,
+        loader: Any,
+        v: Any = None,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """:math:`v^\\top M v`, a 0-d tensor.
 
         ``v`` is a ``PVector``, a flat ``(d,)`` tensor or ``{parameter name: tensor}``, and
@@ -183,94 +275,215 @@ class AsyncClient(BaseClient):
         """
         from fimntk.client._compute import scalar_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(model, loader,
-                                                   lambda t: scalar_op("vTMv", t, v), options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: scalar_op("vTMv", t, v), options)
+        )
 
-    async def mv(self, model: Any, loader: Any, v: Any = None, *, rep: str | None = None,
-                 metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
-                 seed: int | None = None, centering: bool = False, dtype: Any = None,
-                 batch_size: int | None = None, timeout: float | None = None) -> Any:
+    async def mv(
+        self,
+        model: Any,
+        loader: Any,
+        v: Any = None,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """:math:`M v`: a ``PVector`` for the FIM (``{name: tensor}`` without the engine), an
         ``FVector`` for the NTK. ``v`` as in :meth:`vTMv`."""
         from fimntk.client._compute import vector_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(model, loader, lambda t: vector_op("mv", t, v),
-                                                   options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: vector_op("mv", t, v), options)
+        )
 
-    async def solve(self, model: Any, loader: Any, v: Any = None, regul: float = 1e-8, *,
-                    rep: str | None = None, metric: str = "fim", variant: str = "classif_logits",
-                    trials: int = 1, seed: int | None = None, centering: bool = False,
-                    dtype: Any = None, batch_size: int | None = None,
-                    timeout: float | None = None) -> Any:
+    async def solve(
+        self,
+        model: Any,
+        loader: Any,
+        v: Any = None,
+        regul: float = 1e-8,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0, a
         ``PVector``. ``v`` as in :meth:`vTMv`."""
         from fimntk.client._compute import vector_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(
-                  model, loader, lambda t: vector_op("solve", t, v, regul), options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: vector_op("solve", t, v, regul), options)
+        )
 
-    async def eigenpairs(self, model: Any, loader: Any, k: int, *, rep: str | None = None,
-                         metric: str = "fim", variant: str = "classif_logits", trials: int = 1,
-                         seed: int | None = None, centering: bool = False, dtype: Any = None,
-                         batch_size: int | None = None, timeout: float | None = None) -> Any:
+    async def eigenpairs(
+        self,
+        model: Any,
+        loader: Any,
+        k: int,
+        *,
+        rep: str | None = None,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Top-k eigenvalues (descending) and eigenvectors: of a dense or low-rank FIM
         (``(d, k)`` eigenvectors) or of the NTK (``metric="ntk"``, ``(k, c, n)``)."""
         from fimntk.client._compute import eigenpairs_op
 
-        options = compute_options(rep=rep, metric=metric, variant=variant, trials=trials,
-                                  seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
-        return await self._run(self._one_shot_flow(model, loader, lambda t: eigenpairs_op(t, k),
-                                                   options))
+        options = compute_options(
+            rep=rep,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
+        return await self._run(
+            self._one_shot_flow(model, loader, lambda t: eigenpairs_op(t, k), options)
+        )
 
-    async def ntk(self, model: Any, loader: Any, *, dtype: Any = None,
-                  batch_size: int | None = None, timeout: float | None = None) -> Any:
+    async def ntk(
+        self,
+        model: Any,
+        loader: Any,
+        *,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """The NTK Gram matrix ``(c, n, c, n)``, as ``fimntk.engine.GramMatrix`` returns it: an
         ``FMatDense`` (the tensor without the engine)."""
         from fimntk.client._compute import gram_op
 
-        options = compute_options(rep=None, metric="ntk", variant="classif_logits", trials=1,
-                                  seed=None, centering=False, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
+        options = compute_options(
+            rep=None,
+            metric="ntk",
+            variant="classif_logits",
+            trials=1,
+            seed=None,
+            centering=False,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
         return await self._run(self._one_shot_flow(model, loader, gram_op, options))
 
     # -- handles --------------------------------------------------------------------------------
 
-    async def FIM(self, model: Any, loader: Any, representation: str, *, metric: str = "fim",
-                  variant: str = "classif_logits", trials: int = 1, seed: int | None = None,
-                  centering: bool = False, dtype: Any = None, batch_size: int | None = None,
-                  timeout: float | None = None) -> RemoteFIM:
+    async def FIM(
+        self,
+        model: Any,
+        loader: Any,
+        representation: str,
+        *,
+        metric: str = "fim",
+        variant: str = "classif_logits",
+        trials: int = 1,
+        seed: int | None = None,
+        centering: bool = False,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> RemoteFIM:
         """Compute a Fisher representation once on the server and keep it there.
 
         Returns:
             A :class:`~fimntk.client.RemoteFIM` whose ``trace``, ``vTMv``, ``mv``, ``solve``,
             ``norm``, ``get_diag``, ``to_torch``, ``eigenpairs`` and ``download`` reuse it.
         """
-        options = compute_options(rep=representation, metric=metric, variant=variant,
-                                  trials=trials, seed=seed, centering=centering, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
+        options = compute_options(
+            rep=representation,
+            metric=metric,
+            variant=variant,
+            trials=trials,
+            seed=seed,
+            centering=centering,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
         return await self._run(self._handle_flow(RemoteFIM, model, loader, options))
 
-    async def NTK(self, model: Any, loader: Any, *, dtype: Any = None,
-                  batch_size: int | None = None, timeout: float | None = None) -> RemoteNTK:
+    async def NTK(
+        self,
+        model: Any,
+        loader: Any,
+        *,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> RemoteNTK:
         """Compute the NTK Gram matrix once on the server and keep it there.
 
         Returns:
             A :class:`~fimntk.client.RemoteNTK` (``trace``, ``norm``, ``mv``, ``vTMv``,
             ``eigenpairs``, ``to_torch``, ``download``).
         """
-        options = compute_options(rep=None, metric="ntk", variant="classif_logits", trials=1,
-                                  seed=None, centering=False, dtype=dtype,
-                                  batch_size=batch_size, timeout=timeout)
+        options = compute_options(
+            rep=None,
+            metric="ntk",
+            variant="classif_logits",
+            trials=1,
+            seed=None,
+            centering=False,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+        )
         return await self._run(self._handle_flow(RemoteNTK, model, loader, options))
 
     # -- data -----------------------------------------------------------------------------------
@@ -290,8 +503,9 @@ class AsyncClient(BaseClient):
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def submit(self, spec: dict[str, Any], idempotency_key: str | None = None
-                     ) -> dict[str, Any]:
+    async def submit(
+        self, spec: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         """Submit a job spec (the JSON of ``POST /v1/jobs``); returns the job."""
         return await self._run(self._submit_flow(spec, idempotency_key))
 
@@ -299,8 +513,9 @@ class AsyncClient(BaseClient):
         """A job: status, progress, timings, error."""
         return await self._run(self._json_flow(Call("GET", f"/v1/jobs/{job_id}")))
 
-    async def wait(self, job_id: str, timeout: float | None = None,
-                   cancel: bool = False) -> dict[str, Any]:
+    async def wait(
+        self, job_id: str, timeout: float | None = None, cancel: bool = False
+    ) -> dict[str, Any]:
         """Long-poll a job until it succeeds, fails or is canceled; returns the job.
 
         With ``cancel``, a Ctrl-C during the wait, or the timeout, also cancels the job on the
@@ -319,14 +534,31 @@ class AsyncClient(BaseClient):
         """Download an artifact (a result tensor's ``href``) to ``path``."""
         return await self._run(self._download_flow(href, Path(path)))
 
-    async def jobs(self, *, status: str | None = None, metric: str | None = None,
-                   representation: str | None = None, model: str | None = None,
-                   dataset: str | None = None, created_after: Any = None,
-                   created_before: Any = None, limit: int = 50,
-                   cursor: str | None = None) -> dict[str, Any]:
+    async def jobs(
+        self,
+        *,
+        status: str | None = None,
+        metric: str | None = None,
+        representation: str | None = None,
+        model: str | None = None,
+        dataset: str | None = None,
+        created_after: Any = None,
+        created_before: Any = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
         """A page of jobs, newest first: ``{"items": [...], "next_cursor": ...}``."""
-        call = self._jobs_call(status, metric, representation, model, dataset, created_after,
-                               created_before, limit, cursor)
+        call = self._jobs_call(
+            status,
+            metric,
+            representation,
+            model,
+            dataset,
+            created_after,
+            created_before,
+            limit,
+            cursor,
+        )
         return await self._run(self._json_flow(call))
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
@@ -353,9 +585,9 @@ class AsyncClient(BaseClient):
 
     async def health(self) -> dict[str, Any]:
         """``/healthz`` (no key needed)."""
-        return await self._run(self._json_flow(Call("GET", "/healthz", auth=False,
-                                                    accept=frozenset({503}))))
-
+        return await self._run(
+            self._json_flow(Call("GET", "/healthz", auth=False, accept=frozenset({503})))
+        )
 
 
 async def _aiter(chunks: Any) -> Any:

@@ -103,9 +103,17 @@ class BaseClient:
             ``True``/``False``; or a callable receiving each polled job.
     """
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, *,
-                 timeout: float | None = None, http_timeout: float = 30.0, retries: int = 4,
-                 backoff: float = 0.5, progress: ProgressOption = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | None = None,
+        http_timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        progress: ProgressOption = None,
+    ) -> None:
         self.config = ClientConfig.resolve(url, api_key)
         self.timeout = timeout
         self.http_timeout = http_timeout
@@ -183,15 +191,15 @@ class BaseClient:
                 blob.discard()
         return shipped.dataset
 
-    def _submit_flow(self, spec: dict[str, Any], idempotency_key: str | None = None
-                     ) -> Flow[dict[str, Any]]:
+    def _submit_flow(
+        self, spec: dict[str, Any], idempotency_key: str | None = None
+    ) -> Flow[dict[str, Any]]:
         """``POST /v1/jobs`` with an idempotency key, so that a retried submission is one job."""
         key = idempotency_key or uuid.uuid4().hex
         response = yield Call("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
         return _json(response)
 
-    def _wait_flow(self, job_id: str, timeout: float | None, cancel: bool
-                   ) -> Flow[dict[str, Any]]:
+    def _wait_flow(self, job_id: str, timeout: float | None, cancel: bool) -> Flow[dict[str, Any]]:
         """Long-poll a job to a terminal status, showing its progress.
 
         With ``cancel``, a ``KeyboardInterrupt`` (or the cancellation of an async task) during
@@ -204,8 +212,9 @@ class BaseClient:
             while True:
                 left = MAX_WAIT_S if deadline is None else deadline - time.monotonic()
                 wait = max(0, min(poll, MAX_WAIT_S, int(left)))
-                response = yield Call("GET", f"/v1/jobs/{job_id}", params={"wait": wait},
-                                      read_timeout=wait)
+                response = yield Call(
+                    "GET", f"/v1/jobs/{job_id}", params={"wait": wait}, read_timeout=wait
+                )
                 job = _json(response)
                 display.update(job)
                 if job["status"] in TERMINAL:
@@ -220,8 +229,11 @@ class BaseClient:
             display.close()
         if cancel:
             yield from self._cancel_quietly(job_id, display, "timed out")
-        raise JobTimeoutError(f"job {job_id} still {job['status']} after {timeout} s"
-                              + (" (canceled on the server)" if cancel else ""), job_id)
+        raise JobTimeoutError(
+            f"job {job_id} still {job['status']} after {timeout} s"
+            + (" (canceled on the server)" if cancel else ""),
+            job_id,
+        )
 
     def _cancel_quietly(self, job_id: str, display: ProgressDisplay, why: str) -> Flow[None]:
         try:
@@ -234,8 +246,11 @@ class BaseClient:
     def _succeeded_flow(self, job_id: str, timeout: float | None) -> Flow[dict[str, Any]]:
         job = yield from self._wait_flow(job_id, timeout, cancel=True)
         if job["status"] == "failed":
-            problem = job.get("error") or {"status": 500, "title": "Job failed",
-                                           "detail": "no error recorded"}
+            problem = job.get("error") or {
+                "status": 500,
+                "title": "Job failed",
+                "detail": "no error recorded",
+            }
             raise JobFailedError(problem, job_id)
         if job["status"] == "canceled":
             raise JobCanceledError(job_id)
@@ -263,8 +278,9 @@ class BaseClient:
             values.append(op.convert(outputs))
         return values
 
-    def _run_ops_flow(self, spec: dict[str, Any], ops: list[Op], blobs: list[Any],
-                      timeout: float | None) -> Flow[tuple[dict[str, Any], list[Any]]]:
+    def _run_ops_flow(
+        self, spec: dict[str, Any], ops: list[Op], blobs: list[Any], timeout: float | None
+    ) -> Flow[tuple[dict[str, Any], list[Any]]]:
         for blob in blobs:
             yield from self._upload_flow(blob)
         job = yield from self._submit_flow(spec)
@@ -275,9 +291,14 @@ class BaseClient:
     def _limit(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _compute_flow(self, model: Any, data: Any, make_ops: Callable[[Target], list[Op]],
-                      options: dict[str, Any], keep: bool = False
-                      ) -> Flow[tuple[dict[str, Any], list[Any], Target]]:
+    def _compute_flow(
+        self,
+        model: Any,
+        data: Any,
+        make_ops: Callable[[Target], list[Op]],
+        options: dict[str, Any],
+        keep: bool = False,
+    ) -> Flow[tuple[dict[str, Any], list[Any], Target]]:
         """Ship model and data, run the operations, return the job, values and target."""
         from fimntk.client._compute import prepare
 
@@ -286,19 +307,21 @@ class BaseClient:
         try:
             ops = make_ops(prepared.target)
             job, values = yield from self._run_ops_flow(
-                prepared.spec(ops, keep), ops, prepared.blobs(ops), timeout)
+                prepared.spec(ops, keep), ops, prepared.blobs(ops), timeout
+            )
         finally:
             prepared.discard()
         return job, values, prepared.target
 
-    def _one_shot_flow(self, model: Any, data: Any, make_op: Callable[[Target], Op],
-                       options: dict[str, Any]) -> Flow[Any]:
-        _, values, _ = yield from self._compute_flow(model, data, lambda t: [make_op(t)],
-                                                     options)
+    def _one_shot_flow(
+        self, model: Any, data: Any, make_op: Callable[[Target], Op], options: dict[str, Any]
+    ) -> Flow[Any]:
+        _, values, _ = yield from self._compute_flow(model, data, lambda t: [make_op(t)], options)
         return values[0]
 
-    def _reuse_flow(self, handle: Any, make_op: Callable[[Target], Op],
-                    timeout: float | None = None) -> Flow[Any]:
+    def _reuse_flow(
+        self, handle: Any, make_op: Callable[[Target], Op], timeout: float | None = None
+    ) -> Flow[Any]:
         """One operation on a kept representation (no recomputation)."""
         op = make_op(handle.target)
         spec = {"reuse": handle.job_id, "operations": [op.to_json()]}
@@ -306,10 +329,10 @@ class BaseClient:
         _, values = yield from self._run_ops_flow(spec, [op], blobs, timeout)
         return values[0]
 
-    def _handle_flow(self, cls: type[T], model: Any, data: Any, options: dict[str, Any]
-                     ) -> Flow[T]:
-        job, _, target = yield from self._compute_flow(model, data, lambda t: [], options,
-                                                       keep=True)
+    def _handle_flow(self, cls: type[T], model: Any, data: Any, options: dict[str, Any]) -> Flow[T]:
+        job, _, target = yield from self._compute_flow(
+            model, data, lambda t: [], options, keep=True
+        )
         return cls(self, job, target)  # type: ignore[call-arg]
 
     def _download_representation_flow(self, job_id: str, path: Path | None) -> Flow[Any]:
@@ -318,10 +341,14 @@ class BaseClient:
         result = _json((yield Call("GET", f"/v1/jobs/{job_id}/result")))
         href = result.get("representation_artifact")
         if not href:
-            raise NotFoundError({
-                "status": 404, "title": "Not kept on disk",
-                "detail": f"job {job_id} kept its representation in the worker's memory only "
-                          "(this representation cannot be saved as safetensors)"})
+            raise NotFoundError(
+                {
+                    "status": 404,
+                    "title": "Not kept on disk",
+                    "detail": f"job {job_id} kept its representation in the worker's memory only "
+                    "(this representation cannot be saved as safetensors)",
+                }
+            )
         target = path or cache_dir() / f"{job_id}-representation.safetensors"
         yield from self._download_flow(href, target)
         return load_representation(target)
@@ -329,14 +356,30 @@ class BaseClient:
     # -- the job API's calls --------------------------------------------------------------------
 
     @staticmethod
-    def _jobs_call(status: str | None, metric: str | None, representation: str | None,
-                   model: str | None, dataset: str | None, created_after: Any,
-                   created_before: Any, limit: int, cursor: str | None) -> Call:
-        params = _drop_none({
-            "status": status, "metric": metric, "representation": representation,
-            "model": model, "dataset": dataset, "limit": limit, "cursor": cursor,
-            "created_after": _iso(created_after), "created_before": _iso(created_before),
-        })
+    def _jobs_call(
+        status: str | None,
+        metric: str | None,
+        representation: str | None,
+        model: str | None,
+        dataset: str | None,
+        created_after: Any,
+        created_before: Any,
+        limit: int,
+        cursor: str | None,
+    ) -> Call:
+        params = _drop_none(
+            {
+                "status": status,
+                "metric": metric,
+                "representation": representation,
+                "model": model,
+                "dataset": dataset,
+                "limit": limit,
+                "cursor": cursor,
+                "created_after": _iso(created_after),
+                "created_before": _iso(created_before),
+            }
+        )
         return Call("GET", "/v1/jobs", params=params)
 
 
@@ -344,12 +387,28 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def compute_options(*, rep: str | None, metric: str, variant: str, trials: int,
-                    seed: int | None, centering: bool, dtype: Any, batch_size: int | None,
-                    timeout: float | None) -> dict[str, Any]:
+def compute_options(
+    *,
+    rep: str | None,
+    metric: str,
+    variant: str,
+    trials: int,
+    seed: int | None,
+    centering: bool,
+    dtype: Any,
+    batch_size: int | None,
+    timeout: float | None,
+) -> dict[str, Any]:
     """The keyword arguments of the computations, as :func:`fimntk.client._compute.prepare` takes
     them."""
-    return {"metric": metric, "representation": rep, "variant": variant, "trials": trials,
-            "seed": seed, "centering": centering, "dtype": dtype, "batch_size": batch_size,
-            "timeout": timeout}
-
+    return {
+        "metric": metric,
+        "representation": rep,
+        "variant": variant,
+        "trials": trials,
+        "seed": seed,
+        "centering": centering,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "timeout": timeout,
+    }

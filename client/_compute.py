@@ -60,10 +60,17 @@ class Prepared:
 
     def spec(self, ops: list[Op], keep: bool) -> dict[str, Any]:
         """The job spec."""
-        model = {"weights": self.target.shipment.weights.digest,
-                 "architecture": self.target.shipment.architecture}
-        return {"model": model, "dataset": self.data.dataset.to_spec(), **self.fields,
-                "operations": [op.to_json() for op in ops], "keep": keep}
+        model = {
+            "weights": self.target.shipment.weights.digest,
+            "architecture": self.target.shipment.architecture,
+        }
+        return {
+            "model": model,
+            "dataset": self.data.dataset.to_spec(),
+            **self.fields,
+            "operations": [op.to_json() for op in ops],
+            "keep": keep,
+        }
 
     def discard(self) -> None:
         """Delete temporary files."""
@@ -71,9 +78,19 @@ class Prepared:
             blob.discard()
 
 
-def prepare(model: nn.Module, data: Any, *, metric: str, representation: str | None,
-            variant: str, trials: int, seed: int | None, centering: bool, dtype: Any,
-            batch_size: int | None) -> Prepared:
+def prepare(
+    model: nn.Module,
+    data: Any,
+    *,
+    metric: str,
+    representation: str | None,
+    variant: str,
+    trials: int,
+    seed: int | None,
+    centering: bool,
+    dtype: Any,
+    batch_size: int | None,
+) -> Prepared:
     """Describe the model, pack the data and check the engine's keyword arguments.
 
     Raises:
@@ -85,8 +102,10 @@ def prepare(model: nn.Module, data: Any, *, metric: str, representation: str | N
     if metric == "ntk" and representation is not None:
         raise DataError("the NTK has no representation: leave rep= out for metric='ntk'")
     if metric != "ntk" and representation is None:
-        raise DataError(f"metric {metric!r} needs a representation, as the engine does: "
-                        "e.g. rep='kfac' (or 'dense', 'diag', 'ekfac', 'implicit', ...)")
+        raise DataError(
+            f"metric {metric!r} needs a representation, as the engine does: "
+            "e.g. rep='kfac' (or 'dense', 'diag', 'ekfac', 'implicit', ...)"
+        )
     if trials != 1 and metric != "fim_mc":
         raise DataError("trials= applies to metric='fim_mc' only")
     if centering and metric != "empirical_fim":
@@ -109,6 +128,7 @@ def prepare(model: nn.Module, data: Any, *, metric: str, representation: str | N
 
 # -- operations -------------------------------------------------------------------------------
 
+
 def scalar_op(name: str, target: Target, v: Any = None) -> Op:
     """``trace``, ``norm`` or ``vTMv``: a 0-d tensor in the job's dtype."""
     vector = _vector(target, v) if name == "vTMv" else None
@@ -127,14 +147,20 @@ def vector_op(name: str, target: Target, v: Any, regul: float | None = None) -> 
         spec["regul"] = float(regul)
     if target.metric == "ntk":
         return Op(spec, _vector(target, v), lambda out: sh.fvector(out["value"]))
-    return Op(spec, _vector(target, v),
-              lambda out: sh.pvector(out["value"], target.model, target.shipment))
+    return Op(
+        spec,
+        _vector(target, v),
+        lambda out: sh.pvector(out["value"], target.model, target.shipment),
+    )
 
 
 def eigenpairs_op(target: Target, k: int) -> Op:
     """``eigenpairs``: ``(eigenvalues (k,), eigenvectors)`` as the engine returns them."""
-    return Op({"op": "eigenpairs", "k": int(k)}, None,
-              lambda out: (out["eigenvalues"], out["eigenvectors"]))
+    return Op(
+        {"op": "eigenpairs", "k": int(k)},
+        None,
+        lambda out: (out["eigenvalues"], out["eigenvectors"]),
+    )
 
 
 def gram_op(target: Target) -> Op:
@@ -146,4 +172,3 @@ def _vector(target: Target, v: Any) -> Blob:
     if target.metric == "ntk":
         return sh.vector_blob(sh.function_vector(v))
     return sh.vector_blob(sh.flat_vector(v, target.model, target.shipment))
-

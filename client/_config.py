@@ -86,7 +86,8 @@ class ClientConfig:
         resolved_url = lookup(url, "FIMNTK_URL", "url") or DEFAULT_URL
         if not resolved_url.startswith(("http://", "https://")):
             raise ConfigurationError(
-                f"server URL {resolved_url!r} must start with http:// or https://")
+                f"server URL {resolved_url!r} must start with http:// or https://"
+            )
         return cls(resolved_url.rstrip("/"), lookup(api_key, "FIMNTK_API_KEY", "api_key"))
 
     def require_key(self) -> str:
@@ -98,6 +99,7 @@ class ClientConfig:
         if not self.api_key:
             raise ConfigurationError(
                 "no API key: give one (api_key=... in Python, --key on the command line), set "
-                f"FIMNTK_API_KEY, or put api_key = \"...\" in {config_path()} (a lab admin "
-                "makes keys with 'fimntk keys create NAME')")
+                f'FIMNTK_API_KEY, or put api_key = "..." in {config_path()} (a lab admin '
+                "makes keys with 'fimntk keys create NAME')"
+            )
         return self.api_key

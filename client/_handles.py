@@ -54,8 +54,7 @@ class _Remote:
         """Download the kept representation's safetensors to ``path`` (default:
         ``~/.cache/fimntk/<job>-representation.safetensors``) and load it with
         ``fimntk.engine.load``; returns the path when the engine is not installed."""
-        return self._client._download_representation(self.job_id,
-                                                     Path(path) if path else None)
+        return self._client._download_representation(self.job_id, Path(path) if path else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(job={self.job_id!r}, metric={self.job['metric']!r})"

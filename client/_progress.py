@@ -21,8 +21,11 @@ class ProgressDisplay:
 
     def __init__(self, option: ProgressOption, job_id: str) -> None:
         self.callback = option if callable(option) else None
-        self.enabled = bool(option) if option is not None and not callable(option) else (
-            option is None and sys.stderr.isatty())
+        self.enabled = (
+            bool(option)
+            if option is not None and not callable(option)
+            else (option is None and sys.stderr.isatty())
+        )
         self.job_id = job_id
         self._bar: Any = None
         self._stage: str | None = None
@@ -44,8 +47,14 @@ class ProgressDisplay:
             self._close_bar()
             from tqdm import tqdm
 
-            self._bar = tqdm(total=progress.get("total"), desc=f"{self.job_id[:12]} {stage}",
-                             unit="ex", file=sys.stderr, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=progress.get("total"),
+                desc=f"{self.job_id[:12]} {stage}",
+                unit="ex",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
             self._stage = stage
         total = progress.get("total")
         if total is not None and self._bar.total != total:

@@ -33,8 +33,12 @@ from fimntk.client._blob import Blob
 from fimntk.client.errors import DataError, ModelNotSupportedError
 
 _ATTR = "_fimntk_builder"
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                torch.float64: "float64"}
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
 _SKIPPED_ARGS = frozenset({"self", "device", "dtype"})
 #: Registered builders, by name: their functions let the client check a model's shapes.
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -52,6 +56,7 @@ def engine_module() -> Any:
 
 # -- blobs ------------------------------------------------------------------------------------
 
+
 def tensors_blob(tensors: dict[str, torch.Tensor]) -> Blob:
     """Safetensors bytes of CPU copies of ``tensors``, as a blob."""
     return Blob.from_bytes(save({k: _cpu(v) for k, v in tensors.items()}))
@@ -62,6 +67,7 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # -- models -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelShipment:
@@ -140,7 +146,8 @@ def describe_as(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     except _UndescribableError as exc:
         raise ModelNotSupportedError(
             f"builder {name!r}: argument {exc} is not a JSON value; the server calls "
-            f"builders with JSON keyword arguments only") from None
+            f"builders with JSON keyword arguments only"
+        ) from None
     object.__setattr__(model, _ATTR, (name, json_kwargs))
     return model
 
@@ -158,14 +165,15 @@ def _not_supported(model: nn.Module, reason: str) -> ModelNotSupportedError:
         "torch.nn layers (Linear, Conv2d, LayerNorm, ReLU, ...; the server's allowlist). "
         "Any other model must be registered as a builder, under one name on both sides:\n"
         "  1. on the server (lab admin): in an importable module, say lab_models.py,\n"
-        f"         BUILDERS = {{\"{snake}\": build_{snake}}}   # a function returning the model\n"
+        f'         BUILDERS = {{"{snake}": build_{snake}}}   # a function returning the model\n'
         "     and start the API and every worker with "
         "FIMNTK_BUILDER_MODULES='[\"lab_models\"]';\n"
         "  2. in your code, build the model through the same function, registered:\n"
         "         from client import register_builder\n"
-        f"         build = register_builder(\"{snake}\", build_{snake})\n"
+        f'         build = register_builder("{snake}", build_{snake})\n'
         "         model = build(...)   # keyword arguments must be JSON values\n"
-        f"     or tag a model you already built: describe_as(model, \"{snake}\", **kwargs).")
+        f'     or tag a model you already built: describe_as(model, "{snake}", **kwargs).'
+    )
 
 
 def ship_model(model: nn.Module) -> ModelShipment:
@@ -195,8 +203,9 @@ def ship_model(model: nn.Module) -> ModelShipment:
         architecture = {"kind": "sequential", "layers": layers}
         state = dict(_positional_state(model, ""))
     else:
-        raise _not_supported(model, "it is not an nn.Sequential, and it was not built by a "
-                                    "registered builder")
+        raise _not_supported(
+            model, "it is not an nn.Sequential, and it was not built by a registered builder"
+        )
     if dtype != "float32":
         architecture["dtype"] = dtype
     weights = Blob.from_bytes(save({k: _cpu(v).clone() for k, v in state.items()}))
@@ -213,9 +222,11 @@ def _layout(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
                 continue
             if not p.requires_grad:
                 raise _not_supported(
-                    model, f"parameter {module_name + '.' if module_name else ''}{attr} is "
-                           "frozen (requires_grad=False), and the server differentiates every "
-                           "parameter; unfreeze it")
+                    model,
+                    f"parameter {module_name + '.' if module_name else ''}{attr} is "
+                    "frozen (requires_grad=False), and the server differentiates every "
+                    "parameter; unfreeze it",
+                )
             seen.add(id(p))
             layout.append((f"{module_name}.{attr}" if module_name else attr, tuple(p.shape)))
     if not layout:
@@ -229,7 +240,8 @@ def _dtype(model: nn.Module) -> str:
     if len(names) != 1 or None in names:
         raise ModelNotSupportedError(
             f"parameters must share one floating dtype (float16, bfloat16, float32 or "
-            f"float64); found {sorted(str(d) for d in dtypes)}")
+            f"float64); found {sorted(str(d) for d in dtypes)}"
+        )
     (name,) = names
     assert name is not None
     return name
@@ -242,8 +254,9 @@ def _check_unshared(model: nn.Module) -> None:
         for attr, p in module.named_parameters(recurse=False):
             where = f"{module_name}.{attr}"
             if id(p) in owners and owners[id(p)] != where:
-                raise _not_supported(model, f"parameter {where} is shared with "
-                                            f"{owners[id(p)]} (tied weights)")
+                raise _not_supported(
+                    model, f"parameter {where} is shared with {owners[id(p)]} (tied weights)"
+                )
             owners[id(p)] = where
 
 
@@ -260,7 +273,8 @@ def _check_builder(model: nn.Module, name: str, kwargs: dict[str, Any]) -> None:
         diff = sorted(set(want.items()) ^ set(have.items()))[:5]
         raise ModelNotSupportedError(
             f"the model no longer matches builder {name!r} with {kwargs}: state dicts differ "
-            f"at {diff}; build it again through the builder")
+            f"at {diff}; build it again through the builder"
+        )
 
 
 def _describe_sequential(seq: nn.Sequential, path: str) -> list[dict[str, Any]]:
@@ -301,12 +315,16 @@ def _describe_layer(module: nn.Module, where: str) -> dict[str, Any]:
     if name not in _allowed_layers() or getattr(nn, name, None) is not type(module):
         raise _UndescribableError(
             f"layer {where} is a {type(module).__module__}.{type(module).__qualname__}, not a "
-            "built-in torch.nn layer that the server allows")
+            "built-in torch.nn layer that the server allows"
+        )
     cls = type(module)
     kwargs: dict[str, Any] = {}
     for arg, param in inspect.signature(cls.__init__).parameters.items():
-        if (arg in _SKIPPED_ARGS or arg.startswith("_")
-                or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)):
+        if (
+            arg in _SKIPPED_ARGS
+            or arg.startswith("_")
+            or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        ):
             continue
         if arg == "bias" and isinstance(param.default, bool):
             value: Any = getattr(module, "bias", None) is not None
@@ -317,17 +335,20 @@ def _describe_layer(module: nn.Module, where: str) -> dict[str, Any]:
         try:
             value = _json_value(value)
         except _UndescribableError as exc:
-            raise _UndescribableError(f"layer {where} ({name}): {arg}={exc} is not a JSON value") \
-                from None
+            raise _UndescribableError(
+                f"layer {where} ({name}): {arg}={exc} is not a JSON value"
+            ) from None
         if value != _default_json(param.default):
             kwargs[arg] = value
-    if kwargs.get("bias") is False and _rebuilds(module, {k: v for k, v in kwargs.items()
-                                                          if k != "bias"}):
+    if kwargs.get("bias") is False and _rebuilds(
+        module, {k: v for k, v in kwargs.items() if k != "bias"}
+    ):
         del kwargs["bias"]  # no bias anyway (affine=False): keep the spec portable
     if not _rebuilds(module, kwargs):
         raise _UndescribableError(
             f"layer {where} ({name}) differs from {name}(**{kwargs}) rebuilt from its "
-            "constructor arguments (an attribute changed after construction?)")
+            "constructor arguments (an attribute changed after construction?)"
+        )
     spec: dict[str, Any] = {"type": name}
     if kwargs:
         spec["kwargs"] = kwargs
@@ -367,6 +388,7 @@ def _json_value(value: Any) -> Any:
 
 
 # -- data -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RemoteDataset:
@@ -449,29 +471,34 @@ def ship_data(data: Any, batch_size: int | None = None) -> DataShipment:
 def _batch_parts(batch: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(batch, torch.Tensor):
         return (batch,)
-    if isinstance(batch, tuple | list) and 1 <= len(batch) <= 2 and all(
-            isinstance(t, torch.Tensor) for t in batch):
+    if (
+        isinstance(batch, tuple | list)
+        and 1 <= len(batch) <= 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+    ):
         return tuple(batch)
     kind = type(batch).__name__
     size = f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
     raise DataError(
         f"a batch is a {kind}{size}; the server's loader yields (inputs,) or (inputs, "
         "targets) tensors, and the model is applied as model(inputs): reshape your loader "
-        "to that form")
+        "to that form"
+    )
 
 
 def _collect(data: Any) -> tuple[tuple[torch.Tensor, ...], int]:
     """Concatenated ``(inputs[, targets])`` and the batch size to rebuild batches with."""
     if isinstance(data, torch.Tensor) or (
-            isinstance(data, tuple | list) and data and all(
-                isinstance(t, torch.Tensor) for t in data)):
+        isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor) for t in data)
+    ):
         parts = _batch_parts(data)
         if parts[0].dim() == 0 or parts[0].shape[0] == 0:
             raise DataError("no examples: the inputs tensor is empty")
         return parts, 32
     if not isinstance(data, Iterable):
-        raise DataError(f"expected a DataLoader, tensors or a RemoteDataset, got "
-                        f"{type(data).__name__}")
+        raise DataError(
+            f"expected a DataLoader, tensors or a RemoteDataset, got {type(data).__name__}"
+        )
     batches: list[tuple[torch.Tensor, ...]] = []
     for batch in data:
         parts = _batch_parts(batch)
@@ -488,6 +515,7 @@ def _collect(data: Any) -> tuple[tuple[torch.Tensor, ...], int]:
 
 
 # -- vectors and results ----------------------------------------------------------------------
+
 
 def flat_vector(v: Any, model: nn.Module, shipment: ModelShipment) -> torch.Tensor:
     """A parameter-space vector as a flat ``(d,)`` tensor in the engine's order.
@@ -513,8 +541,9 @@ def flat_vector(v: Any, model: nn.Module, shipment: ModelShipment) -> torch.Tens
             raise DataError(f"the vector has no entry for parameters {missing[:5]}")
         return torch.cat([torch.as_tensor(v[n]).reshape(-1) for n, _ in shipment.layout])
     if not isinstance(v, torch.Tensor):
-        raise DataError(f"expected a PVector, a tensor or a dict of tensors, got "
-                        f"{type(v).__name__}")
+        raise DataError(
+            f"expected a PVector, a tensor or a dict of tensors, got {type(v).__name__}"
+        )
     if v.numel() != d:
         raise DataError(f"the vector has {v.numel()} entries; the model has {d} parameters")
     return v.reshape(-1)
@@ -527,8 +556,7 @@ def function_vector(v: Any) -> torch.Tensor:
         DataError: Not a ``(c, n)`` vector.
     """
     if v is None:
-        raise DataError("the NTK acts on function space: give v as an FVector or a (c, n) "
-                        "tensor")
+        raise DataError("the NTK acts on function space: give v as an FVector or a (c, n) tensor")
     if hasattr(v, "get_flat_representation"):
         v = v.get_flat_representation()
     if not isinstance(v, torch.Tensor):
@@ -550,7 +578,7 @@ def pvector(flat: torch.Tensor, model: nn.Module, shipment: ModelShipment) -> An
     out, start = {}, 0
     for name, shape in shipment.layout:
         n = _numel(shape)
-        out[name] = flat[start:start + n].reshape(shape)
+        out[name] = flat[start : start + n].reshape(shape)
         start += n
     return out
 

@@ -24,11 +24,13 @@ _DIGEST_FIELDS = "model.weights, dataset.blob and operations[].v"
 
 # -- running the service ----------------------------------------------------------------------
 
+
 def _serve(args: argparse.Namespace) -> int:
     from fimntk.service.embedded import run_embedded
 
-    run_embedded(args.host, args.port, Path(args.data_dir) if args.data_dir else None,
-                 args.embedded_redis)
+    run_embedded(
+        args.host, args.port, Path(args.data_dir) if args.data_dir else None, args.embedded_redis
+    )
     return 0
 
 
@@ -43,8 +45,15 @@ def _worker(args: argparse.Namespace) -> int:
     if not redis_url:
         raise SystemExit("fimntk worker: give --redis-url or set FIMNTK_REDIS_URL")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_worker(redis_url, args.queues or [settings.queue_name], settings, device=args.device,
-               name=args.name, burst=args.burst, max_jobs=args.max_jobs)
+    run_worker(
+        redis_url,
+        args.queues or [settings.queue_name],
+        settings,
+        device=args.device,
+        name=args.name,
+        burst=args.burst,
+        max_jobs=args.max_jobs,
+    )
     return 0
 
 
@@ -55,6 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # -- using it ---------------------------------------------------------------------------------
+
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, args.key, retries=args.retries)
@@ -90,8 +100,10 @@ def _load_spec(path: Path) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise SystemExit("fimntk submit: YAML specs need PyYAML (pip install pyyaml), "
-                             "or write the spec as JSON") from None
+            raise SystemExit(
+                "fimntk submit: YAML specs need PyYAML (pip install pyyaml), "
+                "or write the spec as JSON"
+            ) from None
         spec = yaml.safe_load(text)
     else:
         spec = json.loads(text)
@@ -140,11 +152,15 @@ def _show_job(job: dict[str, Any]) -> None:
     total = progress.get("total")
     done = f"{progress.get('done', 0)}/{total}" if total else str(progress.get("done", 0))
     rows = [
-        ("id", job["id"]), ("status", job["status"]),
-        ("metric", job["metric"]), ("representation", job.get("representation") or "-"),
-        ("model", job["model"]), ("dataset", job["dataset"]),
+        ("id", job["id"]),
+        ("status", job["status"]),
+        ("metric", job["metric"]),
+        ("representation", job.get("representation") or "-"),
+        ("model", job["model"]),
+        ("dataset", job["dataset"]),
         ("progress", f"{progress.get('stage', '-')} {done}"),
-        ("created", _when(job.get("created_at"))), ("started", _when(job.get("started_at"))),
+        ("created", _when(job.get("created_at"))),
+        ("started", _when(job.get("started_at"))),
         ("finished", _when(job.get("finished_at"))),
         ("kept", "yes" if job.get("kept") else "no"),
     ]
@@ -161,21 +177,28 @@ def _show_job(job: dict[str, Any]) -> None:
 
 def _problem_line(problem: dict[str, Any]) -> str:
     field = f" [field: {problem['field']}]" if problem.get("field") else ""
-    return f"{problem.get('title', 'Error')} ({problem.get('status')}): " \
-           f"{problem.get('detail', '')}{field}"
+    return (
+        f"{problem.get('title', 'Error')} ({problem.get('status')}): "
+        f"{problem.get('detail', '')}{field}"
+    )
 
 
 def _admin_overview(client: Client, as_json: bool) -> int:
     try:
         status = client.admin_status()
     except NotFoundError:
-        print("this server has no admin overview (GET /v1/admin/status answered 404): it runs "
-              "an older fimntk; give a job id ('fimntk status ID') or update the server",
-              file=sys.stderr)
+        print(
+            "this server has no admin overview (GET /v1/admin/status answered 404): it runs "
+            "an older fimntk; give a job id ('fimntk status ID') or update the server",
+            file=sys.stderr,
+        )
         return 1
     except PermissionDeniedError:
-        print("'fimntk status' without an id is the admin overview and needs the admin key; "
-              "for a job, give its id: 'fimntk status ID'", file=sys.stderr)
+        print(
+            "'fimntk status' without an id is the admin overview and needs the admin key; "
+            "for a job, give its id: 'fimntk status ID'",
+            file=sys.stderr,
+        )
         return 1
     if as_json:
         _print_json(status)
@@ -189,28 +212,48 @@ def _show_overview(status: dict[str, Any]) -> None:
     if queue:
         reach = "reachable" if queue.get("reachable", True) else "UNREACHABLE"
         depth = queue.get("depth")
-        print(f"queue {queue.get('name', '?')}: {reach}, "
-              f"{'?' if depth is None else depth} waiting")
+        print(f"queue {queue.get('name', '?')}: {reach}, {'?' if depth is None else depth} waiting")
     jobs = status.get("jobs")
     if isinstance(jobs, dict):
         print("jobs: " + "  ".join(f"{k} {v}" for k, v in jobs.items()))
     workers = status.get("workers")
     if isinstance(workers, list):
         print(f"\nworkers ({len(workers)}):")
-        _table([[w.get("name"), w.get("state"), w.get("job_id") or "-", w.get("device") or "-",
-                 w.get("host") or "-", _when(w.get("last_heartbeat")), w.get("jobs_done", "-")]
-                for w in workers],
-               ["NAME", "STATE", "JOB", "DEVICE", "HOST", "LAST HEARTBEAT", "DONE"])
+        _table(
+            [
+                [
+                    w.get("name"),
+                    w.get("state"),
+                    w.get("job_id") or "-",
+                    w.get("device") or "-",
+                    w.get("host") or "-",
+                    _when(w.get("last_heartbeat")),
+                    w.get("jobs_done", "-"),
+                ]
+                for w in workers
+            ],
+            ["NAME", "STATE", "JOB", "DEVICE", "HOST", "LAST HEARTBEAT", "DONE"],
+        )
     failures = status.get("recent_failures")
     if failures == []:
         print("\nrecent failures: none")
     elif isinstance(failures, list):
         print(f"\nrecent failures ({len(failures)}):")
-        _table([[f.get("id"), f.get("owner"), f.get("metric"), f.get("representation") or "-",
-                 f.get("worker") or "-", _when(f.get("finished_at")),
-                 _shorten(_problem_line(f["error"]) if f.get("error") else "-", 60)]
-                for f in failures],
-               ["ID", "OWNER", "METRIC", "REP", "WORKER", "FINISHED", "ERROR"])
+        _table(
+            [
+                [
+                    f.get("id"),
+                    f.get("owner"),
+                    f.get("metric"),
+                    f.get("representation") or "-",
+                    f.get("worker") or "-",
+                    _when(f.get("finished_at")),
+                    _shorten(_problem_line(f["error"]) if f.get("error") else "-", 60),
+                ]
+                for f in failures
+            ],
+            ["ID", "OWNER", "METRIC", "REP", "WORKER", "FINISHED", "ERROR"],
+        )
     known = {"queue", "jobs", "workers", "recent_failures"}
     for key, value in status.items():
         if key not in known:
@@ -229,8 +272,7 @@ def _wait(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_job(client: Client, job_id: str, timeout: float | None, cancel: bool
-              ) -> dict[str, Any]:
+def _wait_job(client: Client, job_id: str, timeout: float | None, cancel: bool) -> dict[str, Any]:
     try:
         return client.wait(job_id, timeout=timeout, cancel=cancel)
     except JobTimeoutError as exc:
@@ -238,8 +280,9 @@ def _wait_job(client: Client, job_id: str, timeout: float | None, cancel: bool
     except KeyboardInterrupt:
         if cancel:
             raise SystemExit(f"interrupted: job {job_id} canceled") from None
-        raise SystemExit(f"stopped waiting; job {job_id} goes on "
-                         f"('fimntk cancel {job_id}' cancels it)") from None
+        raise SystemExit(
+            f"stopped waiting; job {job_id} goes on ('fimntk cancel {job_id}' cancels it)"
+        ) from None
 
 
 def _report_unfinished(job: dict[str, Any], as_json: bool) -> int:
@@ -293,17 +336,23 @@ def _jobs(args: argparse.Namespace) -> int:
     cursor = None
     with _client(args) as client:
         while True:
-            page = client.jobs(status=args.status, metric=args.metric,
-                               representation=args.representation, model=args.model,
-                               dataset=args.dataset, created_after=args.since,
-                               created_before=args.until, limit=min(args.limit, 200),
-                               cursor=cursor)
+            page = client.jobs(
+                status=args.status,
+                metric=args.metric,
+                representation=args.representation,
+                model=args.model,
+                dataset=args.dataset,
+                created_after=args.since,
+                created_before=args.until,
+                limit=min(args.limit, 200),
+                cursor=cursor,
+            )
             items += page["items"]
             cursor = page.get("next_cursor")
             if not cursor or (not args.all and len(items) >= args.limit):
                 break
     if not args.all:
-        items = items[:args.limit]
+        items = items[: args.limit]
     if args.json:
         _print_json(items)
         return 0
@@ -314,8 +363,17 @@ def _jobs(args: argparse.Namespace) -> int:
     for job in items:
         progress = job.get("progress") or {}
         note = _problem_line(job["error"]) if job.get("error") else progress.get("stage", "")
-        rows.append([job["id"], job["status"], job["metric"], job.get("representation") or "-",
-                     _when(job.get("created_at")), _duration(job), _shorten(note, 50)])
+        rows.append(
+            [
+                job["id"],
+                job["status"],
+                job["metric"],
+                job.get("representation") or "-",
+                _when(job.get("created_at")),
+                _duration(job),
+                _shorten(note, 50),
+            ]
+        )
     _table(rows, ["ID", "STATUS", "METRIC", "REP", "CREATED", "TIME", "STAGE / ERROR"])
     return 0
 
@@ -328,12 +386,14 @@ def _cancel(args: argparse.Namespace) -> int:
     elif job["status"] == "canceled":
         print(f"{job['id']} canceled")
     else:
-        print(f"{job['id']} stopping (was {job['status']}); 'fimntk wait {job['id']}' "
-              "to see it end")
+        print(
+            f"{job['id']} stopping (was {job['status']}); 'fimntk wait {job['id']}' to see it end"
+        )
     return 0
 
 
 # -- administering it -------------------------------------------------------------------------
+
 
 def _keys_create(args: argparse.Namespace) -> int:
     with _client(args) as client:
@@ -343,8 +403,11 @@ def _keys_create(args: argparse.Namespace) -> int:
         return 0
     print(f"user {user['id']} ({user['name']})")
     print(f"api key: {user['api_key']}")
-    print("Shown once. Hand it over; its owner sets FIMNTK_API_KEY, or api_key in "
-          "~/.config/fimntk/config.toml.", file=sys.stderr)
+    print(
+        "Shown once. Hand it over; its owner sets FIMNTK_API_KEY, or api_key in "
+        "~/.config/fimntk/config.toml.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -354,9 +417,19 @@ def _keys_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(users)
         return 0
-    _table([[u["id"], u["name"], "admin" if u["is_admin"] else "",
-             "revoked" if u["revoked"] else "active", _when(u.get("created_at"))]
-            for u in users], ["ID", "NAME", "ROLE", "KEY", "CREATED"])
+    _table(
+        [
+            [
+                u["id"],
+                u["name"],
+                "admin" if u["is_admin"] else "",
+                "revoked" if u["revoked"] else "active",
+                _when(u.get("created_at")),
+            ]
+            for u in users
+        ],
+        ["ID", "NAME", "ROLE", "KEY", "CREATED"],
+    )
     return 0
 
 
@@ -371,6 +444,7 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 # -- formatting -------------------------------------------------------------------------------
+
 
 def _table(rows: list[list[Any]], headers: list[str]) -> None:
     cells = [headers, *[["" if c is None else str(c) for c in row] for row in rows]]
@@ -402,17 +476,28 @@ def _duration(job: dict[str, Any]) -> str:
 
 
 def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 # -- the parser -------------------------------------------------------------------------------
 
-def _command(commands: Any, name: str, func: Callable[[argparse.Namespace], int],
-             help_text: str, example: str, parents: Sequence[argparse.ArgumentParser] = ()
-             ) -> argparse.ArgumentParser:
+
+def _command(
+    commands: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+    example: str,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
     parser = commands.add_parser(
-        name, help=help_text, description=help_text, parents=list(parents),
-        epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        name,
+        help=help_text,
+        description=help_text,
+        parents=list(parents),
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.set_defaults(func=func)
     return parser
 
@@ -420,80 +505,137 @@ def _command(commands: Any, name: str, func: Callable[[argparse.Namespace], int]
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fimntk``."""
     parser = argparse.ArgumentParser(
-        prog="fimntk", description=__doc__.splitlines()[0] if __doc__ else None,
+        prog="fimntk",
+        description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="example:\n  fimntk serve                  # then, from a laptop:\n"
-               "  FIMNTK_URL=http://gpu-box:8000 FIMNTK_API_KEY=fk_... fimntk jobs",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  FIMNTK_URL=http://gpu-box:8000 FIMNTK_API_KEY=fk_... fimntk jobs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument("--url", help="server URL (default: FIMNTK_URL, the config file, "
-                                      "or http://127.0.0.1:8000)")
+    remote.add_argument(
+        "--url", help="server URL (default: FIMNTK_URL, the config file, or http://127.0.0.1:8000)"
+    )
     remote.add_argument("--key", help="API key (default: FIMNTK_API_KEY or the config file)")
-    remote.add_argument("--retries", type=int, default=4,
-                        help="tries after a connection error or 503 (default: 4)")
+    remote.add_argument(
+        "--retries", type=int, default=4, help="tries after a connection error or 503 (default: 4)"
+    )
     remote.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    serve = _command(commands, "serve", _serve, "run API, queue and worker on this machine",
-                     "fimntk serve --port 8000 --data-dir /srv/fimntk")
+    serve = _command(
+        commands,
+        "serve",
+        _serve,
+        "run API, queue and worker on this machine",
+        "fimntk serve --port 8000 --data-dir /srv/fimntk",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", help="data directory (default: FIMNTK_DATA_DIR)")
-    serve.add_argument("--embedded-redis", choices=["auto", "redis-server", "fakeredis"],
-                       default="auto", help="local queue when FIMNTK_REDIS_URL is unset")
+    serve.add_argument(
+        "--embedded-redis",
+        choices=["auto", "redis-server", "fakeredis"],
+        default="auto",
+        help="local queue when FIMNTK_REDIS_URL is unset",
+    )
 
-    worker = _command(commands, "worker", _worker, "run one worker (one per GPU)",
-                      "fimntk worker --redis-url redis://queue-box:6379/0 --device cuda:1")
+    worker = _command(
+        commands,
+        "worker",
+        _worker,
+        "run one worker (one per GPU)",
+        "fimntk worker --redis-url redis://queue-box:6379/0 --device cuda:1",
+    )
     worker.add_argument("--redis-url", help="Redis URL (default: FIMNTK_REDIS_URL)")
-    worker.add_argument("--queue", action="append", dest="queues",
-                        help="queue name, repeatable (default: FIMNTK_QUEUE_NAME)")
+    worker.add_argument(
+        "--queue",
+        action="append",
+        dest="queues",
+        help="queue name, repeatable (default: FIMNTK_QUEUE_NAME)",
+    )
     worker.add_argument("--device", help="e.g. cuda:0 (default: FIMNTK_DEVICE, else auto)")
     worker.add_argument("--data-dir", help="data directory (default: FIMNTK_DATA_DIR)")
     worker.add_argument("--name", help="worker name, unique per Redis")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
 
-    demo = _command(commands, "demo", _demo, "run demo jobs end to end with the Python client",
-                    "fimntk demo --url http://gpu-box:8000 --key fk_...")
+    demo = _command(
+        commands,
+        "demo",
+        _demo,
+        "run demo jobs end to end with the Python client",
+        "fimntk demo --url http://gpu-box:8000 --key fk_...",
+    )
     demo.add_argument("--url", help="server URL (default: start 'fimntk serve' locally)")
     demo.add_argument("--key", help="API key (default: FIMNTK_API_KEY or the local admin key)")
-    demo.add_argument("--data-dir", help="data directory of the local server, new or made by "
-                                         "an earlier demo (default: ~/.cache/fimntk/demo)")
+    demo.add_argument(
+        "--data-dir",
+        help="data directory of the local server, new or made by "
+        "an earlier demo (default: ~/.cache/fimntk/demo)",
+    )
 
     submit = _command(
-        commands, "submit", _submit,
+        commands,
+        "submit",
+        _submit,
         f"submit a job spec (JSON or YAML, the body of POST /v1/jobs); in {_DIGEST_FIELDS} "
         "a value '@FILE' uploads FILE (relative to the spec) and puts its digest there",
         "fimntk submit job.yaml --wait      # job.yaml: model: {weights: '@model.safetensors', "
-        "...}", [remote])
+        "...}",
+        [remote],
+    )
     submit.add_argument("spec", metavar="SPEC", help="job spec, .json, .yaml or .yml")
-    submit.add_argument("--wait", action="store_true",
-                        help="wait for the job (Ctrl-C cancels it) and print its result")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job (Ctrl-C cancels it) and print its result",
+    )
     submit.add_argument("--timeout", type=float, help="with --wait: give up after seconds")
 
-    status = _command(commands, "status", _status,
-                      "a job's status; without an id, the admin overview (queue, workers, "
-                      "recent failures)", "fimntk status j_0123abcd...", [remote])
+    status = _command(
+        commands,
+        "status",
+        _status,
+        "a job's status; without an id, the admin overview (queue, workers, recent failures)",
+        "fimntk status j_0123abcd...",
+        [remote],
+    )
     status.add_argument("job_id", metavar="ID", nargs="?", help="job id")
 
-    wait = _command(commands, "wait", _wait,
-                    "wait for a job, with a progress bar on a terminal (Ctrl-C stops waiting, "
-                    "the job goes on); exit status 0 when it succeeded",
-                    "fimntk wait j_0123abcd... --timeout 600", [remote])
+    wait = _command(
+        commands,
+        "wait",
+        _wait,
+        "wait for a job, with a progress bar on a terminal (Ctrl-C stops waiting, "
+        "the job goes on); exit status 0 when it succeeded",
+        "fimntk wait j_0123abcd... --timeout 600",
+        [remote],
+    )
     wait.add_argument("job_id", metavar="ID", help="job id")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
 
-    result = _command(commands, "result", _result,
-                      "a succeeded job's outputs; --out DIR downloads its tensors (and kept "
-                      "representation) as safetensors", "fimntk result j_0123abcd... --out "
-                      "results/", [remote])
+    result = _command(
+        commands,
+        "result",
+        _result,
+        "a succeeded job's outputs; --out DIR downloads its tensors (and kept "
+        "representation) as safetensors",
+        "fimntk result j_0123abcd... --out results/",
+        [remote],
+    )
     result.add_argument("job_id", metavar="ID", help="job id")
     result.add_argument("--out", metavar="DIR", help="download tensors and result.json here")
 
-    jobs = _command(commands, "jobs", _jobs, "list jobs, newest first (the admin sees all)",
-                    "fimntk jobs --status failed --since 2025-01-01 --limit 20", [remote])
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed",
-                                           "canceled"])
+    jobs = _command(
+        commands,
+        "jobs",
+        _jobs,
+        "list jobs, newest first (the admin sees all)",
+        "fimntk jobs --status failed --since 2025-01-01 --limit 20",
+        [remote],
+    )
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
     jobs.add_argument("--metric", choices=["fim", "fim_mc", "empirical_fim", "ntk"])
     jobs.add_argument("--representation", "--rep", dest="representation")
     jobs.add_argument("--model", help="weights digest")
@@ -503,22 +645,45 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     jobs.add_argument("--all", action="store_true", help="every matching job")
 
-    cancel = _command(commands, "cancel", _cancel, "cancel a queued or running job",
-                      "fimntk cancel j_0123abcd...", [remote])
+    cancel = _command(
+        commands,
+        "cancel",
+        _cancel,
+        "cancel a queued or running job",
+        "fimntk cancel j_0123abcd...",
+        [remote],
+    )
     cancel.add_argument("job_id", metavar="ID", help="job id")
 
-    keys = _command(commands, "keys", lambda a: 0, "API keys (admin key needed)",
-                    "fimntk keys create alice")
+    keys = _command(
+        commands, "keys", lambda a: 0, "API keys (admin key needed)", "fimntk keys create alice"
+    )
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = _command(key_commands, "create", _keys_create,
-                      "create a user and print its API key (shown once)",
-                      "fimntk keys create alice", [remote])
+    create = _command(
+        key_commands,
+        "create",
+        _keys_create,
+        "create a user and print its API key (shown once)",
+        "fimntk keys create alice",
+        [remote],
+    )
     create.add_argument("name", metavar="NAME", help="who the key is for")
-    _command(key_commands, "list", _keys_list, "list users and whether their key works",
-             "fimntk keys list", [remote])
-    revoke = _command(key_commands, "revoke", _keys_revoke,
-                      "revoke a user's key at once (their jobs and results stay)",
-                      "fimntk keys revoke u_0123abcd", [remote])
+    _command(
+        key_commands,
+        "list",
+        _keys_list,
+        "list users and whether their key works",
+        "fimntk keys list",
+        [remote],
+    )
+    revoke = _command(
+        key_commands,
+        "revoke",
+        _keys_revoke,
+        "revoke a user's key at once (their jobs and results stay)",
+        "fimntk keys revoke u_0123abcd",
+        [remote],
+    )
     revoke.add_argument("user_id", metavar="USER_ID", help="user id (see 'fimntk keys list')")
     return parser
 

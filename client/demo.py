@@ -36,8 +36,11 @@ def safetensors_bytes(tensors: dict[str, tuple[list[int], list[float]]]) -> byte
     data = bytearray()
     for name, (shape, values) in tensors.items():
         raw = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": shape,
-                        "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -62,8 +65,20 @@ def _local_server(data_dir: Path) -> Iterator[tuple[str, str]]:
     print(f"Starting a local fimntk server on {url} (logs in {logs})", flush=True)
     with (logs / "serve.log").open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fimntk.client.cli", "serve", "--port", str(port),
-             "--data-dir", str(data_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "fimntk.client.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_healthy(url, process, logs)
         yield url, key
@@ -76,8 +91,10 @@ def _fresh(data_dir: Path) -> None:
     """Empty ``data_dir`` if an earlier demo made it; refuse any other non-empty folder."""
     marker = data_dir / ".fimntk-demo"
     if data_dir.is_dir() and any(data_dir.iterdir()) and not marker.exists():
-        raise SystemExit(f"fimntk demo: {data_dir} is not empty and no earlier demo made it; "
-                         "give a new or empty --data-dir")
+        raise SystemExit(
+            f"fimntk demo: {data_dir} is not empty and no earlier demo made it; "
+            "give a new or empty --data-dir"
+        )
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     marker.touch()
@@ -87,14 +104,18 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], logs: Path) -> Non
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"fimntk demo: the local server stopped (exit {process.returncode});"
-                             f" see {logs / 'serve.log'}")
+            raise SystemExit(
+                f"fimntk demo: the local server stopped (exit {process.returncode});"
+                f" see {logs / 'serve.log'}"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return
         time.sleep(0.3)
-    raise SystemExit(f"fimntk demo: the local server did not answer within {_START_TIMEOUT_S:.0f}"
-                     f" s; see {logs / 'serve.log'}")
+    raise SystemExit(
+        f"fimntk demo: the local server did not answer within {_START_TIMEOUT_S:.0f}"
+        f" s; see {logs / 'serve.log'}"
+    )
 
 
 def run_demo(url: str | None, key: str | None, data_dir: Path | None = None) -> int:
@@ -135,8 +156,10 @@ class _Steps:
         print(f"[{self.done}/{self.total}] {label} ...", flush=True)
         clock = time.monotonic()
         value = call()
-        print(f"[{self.done}/{self.total}] {label}: done in {time.monotonic() - clock:.1f} s",
-              flush=True)
+        print(
+            f"[{self.done}/{self.total}] {label}: done in {time.monotonic() - clock:.1f} s",
+            flush=True,
+        )
         return value
 
 
@@ -150,39 +173,72 @@ def _demo(url: str, key: str) -> int:
 
     torch.manual_seed(0)
     # .eval() is nn.Module.eval (inference mode), not Python's eval
-    model = nn.Sequential(nn.Linear(_SIZES[0], _SIZES[1]), nn.Tanh(),
-                          nn.Linear(_SIZES[1], _SIZES[2])).eval()
+    model = nn.Sequential(
+        nn.Linear(_SIZES[0], _SIZES[1]), nn.Tanh(), nn.Linear(_SIZES[1], _SIZES[2])
+    ).eval()
     inputs = torch.randn(_N_EXAMPLES, _SIZES[0])
     loader = DataLoader(TensorDataset(inputs), batch_size=16)
     small = DataLoader(TensorDataset(inputs[:16]), batch_size=16)
     d = sum(p.numel() for p in model.parameters())
-    print(f"Model: MLP {_SIZES[0]}-{_SIZES[1]}-{_SIZES[2]} ({d} parameters), "
-          f"{_N_EXAMPLES} random inputs in batches of 16")
+    print(
+        f"Model: MLP {_SIZES[0]}-{_SIZES[1]}-{_SIZES[2]} ({d} parameters), "
+        f"{_N_EXAMPLES} random inputs in batches of 16"
+    )
     steps = _Steps(6)
     rows: list[tuple[str, Any, Callable[[Any], Any] | None]] = []
     with Client(url, key, timeout=600) as client:
         print(f"Server {url}: {client.health()['status']}")
-        rows.append(("trace of F, KFAC", steps.run("trace of the KFAC Fisher",
-                                                   lambda: client.trace(model, loader,
-                                                                        rep="kfac")),
-                     lambda e: e.FIM(model, loader, "kfac").trace()))
-        rows.append(("θᵀFθ, EKFAC", steps.run("θᵀFθ with EKFAC",
-                                               lambda: client.vTMv(model, loader, rep="ekfac")),
-                     _ekfac_vTMv(model, loader)))
-        F = steps.run("dense Fisher, kept on the server",
-                      lambda: client.FIM(model, loader, representation="dense"))
-        rows.append(("trace of F, dense", F.trace(),
-                     lambda e: e.FIM(model, loader, "dense").trace()))
-        rows.append(("θᵀFθ, dense", steps.run("θᵀFθ on the kept Fisher", F.vTMv),
-                     lambda e: e.FIM(model, loader, "dense").vTMv(e.PVector.from_model(model))))
-        rows.append(("‖(F + 1e-3 I)⁻¹θ‖, dense",
-                     steps.run("solve on the kept Fisher", lambda: F.solve(regul=1e-3).norm()),
-                     lambda e: e.FIM(model, loader, "dense").solve(
-                         e.PVector.from_model(model), regul=1e-3).norm()))
-        rows.append(("NTK top eigenvalue",
-                     steps.run("NTK of 16 examples, top eigenvalues",
-                               lambda: client.NTK(model, small).eigenpairs(3)[0][0]),
-                     lambda e: e.GramMatrix(model, small).eigenpairs(3)[0][0]))
+        rows.append(
+            (
+                "trace of F, KFAC",
+                steps.run(
+                    "trace of the KFAC Fisher", lambda: client.trace(model, loader, rep="kfac")
+                ),
+                lambda e: e.FIM(model, loader, "kfac").trace(),
+            )
+        )
+        rows.append(
+            (
+                "θᵀFθ, EKFAC",
+                steps.run("θᵀFθ with EKFAC", lambda: client.vTMv(model, loader, rep="ekfac")),
+                _ekfac_vTMv(model, loader),
+            )
+        )
+        F = steps.run(
+            "dense Fisher, kept on the server",
+            lambda: client.FIM(model, loader, representation="dense"),
+        )
+        rows.append(
+            ("trace of F, dense", F.trace(), lambda e: e.FIM(model, loader, "dense").trace())
+        )
+        rows.append(
+            (
+                "θᵀFθ, dense",
+                steps.run("θᵀFθ on the kept Fisher", F.vTMv),
+                lambda e: e.FIM(model, loader, "dense").vTMv(e.PVector.from_model(model)),
+            )
+        )
+        rows.append(
+            (
+                "‖(F + 1e-3 I)⁻¹θ‖, dense",
+                steps.run("solve on the kept Fisher", lambda: F.solve(regul=1e-3).norm()),
+                lambda e: (
+                    e.FIM(model, loader, "dense")
+                    .solve(e.PVector.from_model(model), regul=1e-3)
+                    .norm()
+                ),
+            )
+        )
+        rows.append(
+            (
+                "NTK top eigenvalue",
+                steps.run(
+                    "NTK of 16 examples, top eigenvalues",
+                    lambda: client.NTK(model, small).eigenpairs(3)[0][0],
+                ),
+                lambda e: e.GramMatrix(model, small).eigenpairs(3)[0][0],
+            )
+        )
     return _report(rows, _engine())
 
 
@@ -201,8 +257,13 @@ def _report(rows: list[tuple[str, Any, Callable[[Any], Any] | None]], engine: An
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     print()
     for i, row in enumerate(table):
-        print("  " + "  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
-                               for j, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  "
+            + "  ".join(
+                cell.ljust(w) if j == 0 else cell.rjust(w)
+                for j, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
     print()

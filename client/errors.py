@@ -148,14 +148,21 @@ class JobCanceledError(APIError):
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        super().__init__({"status": 409, "title": "Job canceled",
-                          "detail": f"job {job_id} was canceled"})
+        super().__init__(
+            {"status": 409, "title": "Job canceled", "detail": f"job {job_id} was canceled"}
+        )
 
 
 _BY_STATUS: dict[int, type[APIError]] = {
-    400: InvalidInputError, 401: AuthenticationError, 403: PermissionDeniedError,
-    404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: InvalidInputError,
-    429: TooManyJobsError, 503: ServiceUnavailableError,
+    400: InvalidInputError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: InvalidInputError,
+    429: TooManyJobsError,
+    503: ServiceUnavailableError,
 }
 
 
@@ -171,11 +178,17 @@ def error_from_response(response: httpx.Response) -> APIError:
         body = None
     if not isinstance(body, dict) or "detail" not in body:
         text = response.text.strip()[:500] or response.reason_phrase
-        body = {"status": response.status_code, "title": response.reason_phrase or "Error",
-                "detail": text}
+        body = {
+            "status": response.status_code,
+            "title": response.reason_phrase or "Error",
+            "detail": text,
+        }
     elif not isinstance(body["detail"], str):  # a framework error, not a problem document
-        body = {"status": response.status_code, "title": response.reason_phrase or "Error",
-                "detail": str(body["detail"])}
+        body = {
+            "status": response.status_code,
+            "title": response.reason_phrase or "Error",
+            "detail": str(body["detail"]),
+        }
     body.setdefault("status", response.status_code)
     cls = _BY_STATUS.get(response.status_code, APIError)
     return cls(body)

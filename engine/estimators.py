@@ -108,8 +108,9 @@ class EigenEstimate:
         if self.layer_collection is None:
             raise InvalidInputError("these eigenvectors do not come from a PMat: no layout")
         vecs = self.eigenvectors if dtype is None else self.eigenvectors.to(dtype)
-        return [PVector(self.layer_collection, vecs[:, i].contiguous())
-                for i in range(vecs.shape[1])]
+        return [
+            PVector(self.layer_collection, vecs[:, i].contiguous()) for i in range(vecs.shape[1])
+        ]
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,11 @@ class SpectralDensity:
         """``tr f(M) ≈ (d / n_v) Σ_l Σ_j τ_lj f(θ_lj)`` (Ubaru, Chen & Saad 2017), with the
         standard error across probes. Exact per probe for polynomials of degree < 2m."""
         mask = self.weights > 0
-        vals = torch.where(mask, f(torch.where(mask, self.nodes, torch.ones_like(self.nodes))),
-                           torch.zeros_like(self.nodes))
+        vals = torch.where(
+            mask,
+            f(torch.where(mask, self.nodes, torch.ones_like(self.nodes))),
+            torch.zeros_like(self.nodes),
+        )
         samples = self.dim * (self.weights * vals).sum(dim=1)
         return _mean_estimate(samples, 0)
 
@@ -207,13 +211,14 @@ class _Operator:
         """``M V`` for ``V`` of shape ``(d, r)`` in float64, by blocks of at most ``_BLOCK``."""
         outs = []
         for start in range(0, V.shape[1], _BLOCK):
-            block = V[:, start:start + _BLOCK].to(device=self.device, dtype=self.dtype)
+            block = V[:, start : start + _BLOCK].to(device=self.device, dtype=self.dtype)
             out = self.fn(block)
             if not isinstance(out, Tensor) or tuple(out.shape) != tuple(block.shape):
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise InvalidInputError(
                     f"the operator mapped a {tuple(block.shape)} block to {got}; "
-                    "matmat must return a tensor of the same shape")
+                    "matmat must return a tensor of the same shape"
+                )
             outs.append(out.to(device=self.device, dtype=_F64))
         return torch.cat(outs, dim=1)
 
@@ -249,6 +254,7 @@ def _dtype_device(M: Any) -> tuple[torch.dtype, torch.device]:
 def _mv_loop(mv: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     def fn(V: Tensor) -> Tensor:
         return torch.stack([mv(V[:, j].contiguous()) for j in range(V.shape[1])], dim=1)
+
     return fn
 
 
@@ -258,15 +264,24 @@ def _as_operator(M: Any, dim: int | None = None) -> _Operator:
         if M.dim() != 2 or M.shape[0] != M.shape[1] or not M.is_floating_point():
             raise InvalidInputError(
                 f"a tensor operator must be a square floating (d, d) matrix; got "
-                f"{tuple(M.shape)} of {M.dtype}")
+                f"{tuple(M.shape)} of {M.dtype}"
+            )
         op = _Operator(M.shape[0], M.dtype, M.device, lambda V: M @ V)
     elif isinstance(M, FMatDense):
         c, n = M.shape[:2]
-        op = _Operator(c * n, M.data.dtype, M.data.device, _mv_loop(
-            lambda x: M.mv(FVector(x.reshape(c, n))).get_flat_representation().reshape(-1)))
+        op = _Operator(
+            c * n,
+            M.data.dtype,
+            M.data.device,
+            _mv_loop(
+                lambda x: M.mv(FVector(x.reshape(c, n))).get_flat_representation().reshape(-1)
+            ),
+        )
     elif getattr(M, "layer_collection", None) is not None and (
-            callable(getattr(M, "matmat", None)) or callable(getattr(M, "mm", None))
-            or callable(getattr(M, "mv", None))):
+        callable(getattr(M, "matmat", None))
+        or callable(getattr(M, "mm", None))
+        or callable(getattr(M, "mv", None))
+    ):
         lc = M.layer_collection
         dtype, device = _dtype_device(M)
         block = getattr(M, "matmat", None) or getattr(M, "mm", None)
@@ -283,7 +298,8 @@ def _as_operator(M: Any, dim: int | None = None) -> _Operator:
         raise InvalidInputError(
             f"cannot take products with a {type(M).__name__}: pass a PMat (or any object with "
             "mv(PVector) and layer_collection), an FMatDense, a (d, d) tensor, or a callable "
-            "matmat(V: (d, r)) -> (d, r) with dim=d")
+            "matmat(V: (d, r)) -> (d, r) with dim=d"
+        )
     if dim is not None and _check_int("dim", dim, 1) != op.dim:
         raise InvalidInputError(f"dim={dim} but the operator has size {op.dim}")
     return op
@@ -310,7 +326,8 @@ def _generator(seed: Any) -> torch.Generator:
 def _check_distribution(distribution: str) -> str:
     if distribution not in _DISTRIBUTIONS:
         raise InvalidInputError(
-            f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+            f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}"
+        )
     return distribution
 
 
@@ -330,8 +347,14 @@ def _mean_estimate(samples: Tensor, n_matvecs: int) -> Estimate:
 
 
 # ----- trace and diagonal -----------------------------------------------------------------------
-def hutchinson_trace(M: Any, n_samples: int = 100, seed: int = 0,
-                     distribution: str = "rademacher", *, dim: int | None = None) -> Estimate:
+def hutchinson_trace(
+    M: Any,
+    n_samples: int = 100,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    *,
+    dim: int | None = None,
+) -> Estimate:
     """Hutchinson's trace estimator (Hutchinson 1989).
 
     .. math::
@@ -369,8 +392,14 @@ def hutchinson_trace(M: Any, n_samples: int = 100, seed: int = 0,
     return _mean_estimate(torch.cat(samples), n_samples)
 
 
-def hutchpp_trace(M: Any, n_matvecs: int = 99, seed: int = 0,
-                  distribution: str = "rademacher", *, dim: int | None = None) -> Estimate:
+def hutchpp_trace(
+    M: Any,
+    n_matvecs: int = 99,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    *,
+    dim: int | None = None,
+) -> Estimate:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021, "Hutch++: Optimal stochastic trace
     estimation"): the trace of a sketched top subspace exactly, plus Hutchinson on the rest.
 
@@ -421,8 +450,14 @@ def hutchpp_trace(M: Any, n_matvecs: int = 99, seed: int = 0,
     return Estimate(top + rest.estimate, rest.stderr, 2 * k + s)
 
 
-def hutchinson_diag(M: Any, n_samples: int = 100, seed: int = 0,
-                    distribution: str = "rademacher", *, dim: int | None = None) -> Estimate:
+def hutchinson_diag(
+    M: Any,
+    n_samples: int = 100,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    *,
+    dim: int | None = None,
+) -> Estimate:
     """The stochastic diagonal estimator of Bekas, Kokiopoulou & Saad (2007).
 
     .. math::
@@ -471,8 +506,9 @@ def hutchinson_diag(M: Any, n_samples: int = 100, seed: int = 0,
 
 
 # ----- Lanczos ----------------------------------------------------------------------------------
-def _lanczos(op: _Operator, v0: Tensor, n_iter: int, restart: torch.Generator | None = None
-             ) -> tuple[Tensor, Tensor, Tensor, int]:
+def _lanczos(
+    op: _Operator, v0: Tensor, n_iter: int, restart: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """Lanczos with full (twice-applied) reorthogonalisation, in float64.
 
     Returns ``alpha (m,)``, ``beta (m − 1,)`` (the tridiagonal ``T = Vᵀ M V``), the basis
@@ -487,8 +523,8 @@ def _lanczos(op: _Operator, v0: Tensor, n_iter: int, restart: torch.Generator | 
     V[:, 0] = v0 / torch.linalg.vector_norm(v0)
     scale, m = 0.0, n_iter
     for j in range(n_iter):
-        w = op.matmat(V[:, j:j + 1])[:, 0]
-        basis = V[:, :j + 1]
+        w = op.matmat(V[:, j : j + 1])[:, 0]
+        basis = V[:, : j + 1]
         for _ in range(2):  # "twice is enough" (Parlett 1998)
             h = basis.t() @ w
             w = w - basis @ h
@@ -512,15 +548,16 @@ def _lanczos(op: _Operator, v0: Tensor, n_iter: int, restart: torch.Generator | 
             m = j + 1
             break
         V[:, j + 1] = fresh / norm
-    return alpha[:m], beta[:m - 1], V[:, :m], m
+    return alpha[:m], beta[: m - 1], V[:, :m], m
 
 
 def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
     return torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
 
 
-def lanczos_eigenpairs(M: Any, k: int = 5, n_iter: int | None = None, seed: int = 0, *,
-                       dim: int | None = None) -> EigenEstimate:
+def lanczos_eigenpairs(
+    M: Any, k: int = 5, n_iter: int | None = None, seed: int = 0, *, dim: int | None = None
+) -> EigenEstimate:
     """The k largest eigenpairs of a symmetric M by the Lanczos method (Lanczos 1950).
 
     After m steps from a random start, ``M V_m = V_m T_m + β_m v_{m+1} e_mᵀ`` with ``T_m``
@@ -573,9 +610,16 @@ def lanczos_eigenpairs(M: Any, k: int = 5, n_iter: int | None = None, seed: int 
 
 
 # ----- spectral density -------------------------------------------------------------------------
-def slq_density(M: Any, n_probes: int = 10, n_iter: int = 30, seed: int = 0,
-                grid: Tensor | Sequence[float] | None = None, sigma: float | None = None, *,
-                dim: int | None = None) -> SpectralDensity:
+def slq_density(
+    M: Any,
+    n_probes: int = 10,
+    n_iter: int = 30,
+    seed: int = 0,
+    grid: Tensor | Sequence[float] | None = None,
+    sigma: float | None = None,
+    *,
+    dim: int | None = None,
+) -> SpectralDensity:
     """The spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Lin, Saad &
     Yang 2016), as used for network Hessians by Ghorbani, Krishnan & Xiao (2019).
 
@@ -633,9 +677,11 @@ def slq_density(M: Any, n_probes: int = 10, n_iter: int = 30, seed: int = 0,
     if grid is None:
         grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, 1000, dtype=_F64)
     grid = grid.to(op.device)
-    per_probe = torch.stack([  # (n_probes, G), one probe at a time to bound memory
-        (w[:, None] * torch.exp(-0.5 * ((grid[None, :] - t[:, None]) / sigma) ** 2)).sum(dim=0)
-        for t, w in zip(nodes, weights)]) / (sigma * math.sqrt(2 * math.pi))
+    per_probe = torch.stack(
+        [  # (n_probes, G), one probe at a time to bound memory
+            (w[:, None] * torch.exp(-0.5 * ((grid[None, :] - t[:, None]) / sigma) ** 2)).sum(dim=0)
+            for t, w in zip(nodes, weights)
+        ]
+    ) / (sigma * math.sqrt(2 * math.pi))
     est = _mean_estimate(per_probe, n_matvecs)
-    return SpectralDensity(grid, est.estimate, est.stderr, nodes, weights, sigma, op.dim,
-                           n_matvecs)
+    return SpectralDensity(grid, est.estimate, est.stderr, nodes, weights, sigma, op.dim, n_matvecs)

@@ -40,7 +40,8 @@ class FMatDense:
         if tuple(t.shape) != tuple(self.data.shape[:2]):
             raise InvalidInputError(
                 f"the FVector has shape {tuple(t.shape)}; this matrix needs "
-                f"{tuple(self.data.shape[:2])}")
+                f"{tuple(self.data.shape[:2])}"
+            )
         return FVector((self._flat() @ t.reshape(-1)).reshape(t.shape))
 
     def vTMv(self, v: FVector) -> Tensor:

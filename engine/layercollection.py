@@ -50,13 +50,19 @@ class LayerEntry:
         return any(a == "bias" for a, _ in self.params)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "type": self.module_type,
-                "params": [[a, list(s)] for a, s in self.params]}
+        return {
+            "name": self.name,
+            "type": self.module_type,
+            "params": [[a, list(s)] for a, s in self.params],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> LayerEntry:
-        return cls(str(d["name"]), str(d["type"]),
-                   tuple((str(a), tuple(int(x) for x in s)) for a, s in d["params"]))
+        return cls(
+            str(d["name"]),
+            str(d["type"]),
+            tuple((str(a), tuple(int(x) for x in s)) for a, s in d["params"]),
+        )
 
 
 class LayerCollection:
@@ -95,7 +101,8 @@ class LayerCollection:
         if len(lc) == 0:
             raise InvalidInputError(
                 "the model has no parameters to differentiate (none with requires_grad=True): "
-                "unfreeze some parameters or pass a layer_collection that names them")
+                "unfreeze some parameters or pass a layer_collection that names them"
+            )
         return lc
 
     def sub(self, names: Iterable[str]) -> LayerCollection:
@@ -104,7 +111,8 @@ class LayerCollection:
         unknown = [n for n in wanted if n not in self.layers]
         if unknown:
             raise InvalidInputError(
-                f"unknown layer(s) {unknown}; known layers are {list(self.layers)}")
+                f"unknown layer(s) {unknown}; known layers are {list(self.layers)}"
+            )
         keep = set(wanted)
         return LayerCollection(e for n, e in self.layers.items() if n in keep)
 

@@ -33,8 +33,17 @@ from fimntk.engine.layers.norm import AffineNormKernel
 from fimntk.engine.pspace.layered import DENSE_BLOCK_LIMIT
 
 #: Representations from the most to the least faithful, used to suggest a cheaper one.
-CHEAPER = ("dense", "lowrank", "blockdiag", "ekfac", "kfac", "mixed", "quasidiag", "diag",
-           "implicit")
+CHEAPER = (
+    "dense",
+    "lowrank",
+    "blockdiag",
+    "ekfac",
+    "kfac",
+    "mixed",
+    "quasidiag",
+    "diag",
+    "implicit",
+)
 
 
 def _layer_sizes(model: nn.Module, lc: LayerCollection) -> dict[str, dict[str, int]]:
@@ -67,13 +76,21 @@ def _layer_sizes(model: nn.Module, lc: LayerCollection) -> dict[str, dict[str, i
     return out
 
 
-def estimate_elements(model: nn.Module, representation: str, n_output: int,
-                      n_examples: int | None = None, n_pseudo: int | None = None,
-                      layer_collection: LayerCollection | None = None) -> int:
+def estimate_elements(
+    model: nn.Module,
+    representation: str,
+    n_output: int,
+    n_examples: int | None = None,
+    n_pseudo: int | None = None,
+    layer_collection: LayerCollection | None = None,
+) -> int:
     """Number of stored elements; see :func:`estimate_memory`."""
     lc = layer_collection or LayerCollection.from_model(model)
-    rep = representation.lower().removeprefix("pmat") if isinstance(representation, str) \
+    rep = (
+        representation.lower().removeprefix("pmat")
+        if isinstance(representation, str)
         else getattr(representation, "name", "")
+    )
     sizes = _layer_sizes(model, lc)
     d = lc.numel()
     k = n_pseudo or n_output
@@ -96,10 +113,15 @@ def estimate_elements(model: nn.Module, representation: str, n_output: int,
     raise InvalidInputError(f"unknown representation {representation!r}")
 
 
-def estimate_memory(model: nn.Module, representation: str, n_output: int,
-                    n_examples: int | None = None, dtype: torch.dtype | None = None,
-                    n_pseudo: int | None = None,
-                    layer_collection: LayerCollection | None = None) -> int:
+def estimate_memory(
+    model: nn.Module,
+    representation: str,
+    n_output: int,
+    n_examples: int | None = None,
+    dtype: torch.dtype | None = None,
+    n_pseudo: int | None = None,
+    layer_collection: LayerCollection | None = None,
+) -> int:
     """Bytes a representation of ``model``'s Fisher (or its NTK, ``"ntk"``) will store.
 
     Args:
@@ -119,16 +141,24 @@ def estimate_memory(model: nn.Module, representation: str, n_output: int,
     if dtype is None:
         dtype = next(model.parameters()).dtype
     size = torch.empty((), dtype=dtype).element_size()
-    return size * estimate_elements(model, representation, n_output, n_examples, n_pseudo,
-                                    layer_collection)
+    return size * estimate_elements(
+        model, representation, n_output, n_examples, n_pseudo, layer_collection
+    )
 
 
-def check_budget(model: nn.Module, representation: str, budget: int, n_output: int,
-                 n_examples: int | None = None, n_pseudo: int | None = None,
-                 layer_collection: LayerCollection | None = None) -> int:
+def check_budget(
+    model: nn.Module,
+    representation: str,
+    budget: int,
+    n_output: int,
+    n_examples: int | None = None,
+    n_pseudo: int | None = None,
+    layer_collection: LayerCollection | None = None,
+) -> int:
     """Raise :class:`MemoryBudgetError` naming the need and a cheaper representation that fits."""
-    need = estimate_memory(model, representation, n_output, n_examples, None, n_pseudo,
-                           layer_collection)
+    need = estimate_memory(
+        model, representation, n_output, n_examples, None, n_pseudo, layer_collection
+    )
     if need <= budget:
         return need
     rep = representation.lower().removeprefix("pmat")
@@ -136,17 +166,22 @@ def check_budget(model: nn.Module, representation: str, budget: int, n_output: i
     fits = None
     for alt in CHEAPER[start:]:
         try:
-            alt_need = estimate_memory(model, alt, n_output, n_examples, None, n_pseudo,
-                                       layer_collection)
+            alt_need = estimate_memory(
+                model, alt, n_output, n_examples, None, n_pseudo, layer_collection
+            )
         except InvalidInputError:
             continue
         if alt_need <= budget:
             fits = (alt, alt_need)
             break
-    hint = (f"; '{fits[0]}' needs {_fmt(fits[1])} and fits" if fits
-            else "; no representation fits: raise the budget or use fewer layers")
+    hint = (
+        f"; '{fits[0]}' needs {_fmt(fits[1])} and fits"
+        if fits
+        else "; no representation fits: raise the budget or use fewer layers"
+    )
     raise MemoryBudgetError(
-        f"representation '{rep}' needs {_fmt(need)}, over the budget of {_fmt(budget)}{hint}")
+        f"representation '{rep}' needs {_fmt(need)}, over the budget of {_fmt(budget)}{hint}"
+    )
 
 
 def _fmt(n: int) -> str:

@@ -31,15 +31,35 @@ from fimntk.engine.memory import check_budget
 from fimntk.engine.pspace import PMatAbstract, resolve_representation
 
 
-def _build(model: nn.Module, loader: Iterable, representation, pseudo, *, function, n_output,
-           layer_collection, device, verbose, progress, options) -> PMatAbstract:
+def _build(
+    model: nn.Module,
+    loader: Iterable,
+    representation,
+    pseudo,
+    *,
+    function,
+    n_output,
+    layer_collection,
+    device,
+    verbose,
+    progress,
+    options,
+) -> PMatAbstract:
     cls = resolve_representation(representation)
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = options.pop("memory_budget", None)
     lc = layer_collection or LayerCollection.from_model(model)
-    gen = Jacobian(model, lc, function=function, n_output=n_output, pseudo_outputs=pseudo,
-                   device=device, verbose=verbose, progress=progress)
+    gen = Jacobian(
+        model,
+        lc,
+        function=function,
+        n_output=n_output,
+        pseudo_outputs=pseudo,
+        device=device,
+        verbose=verbose,
+        progress=progress,
+    )
     if budget is not None:
         c, k = gen.probe(loader)
         dataset = getattr(loader, "dataset", None)
@@ -48,11 +68,20 @@ def _build(model: nn.Module, loader: Iterable, representation, pseudo, *, functi
     return cls(lc, generator=gen, examples=loader, **options)
 
 
-def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "classif_logits",
-        device: str | torch.device | None = None, function: Callable | None = None,
-        layer_collection: LayerCollection | None = None, verbose: bool = False,
-        n_output: int | None = None, sigma: float = 1.0,
-        progress: Progress | None = None, **options) -> PMatAbstract:
+def FIM(
+    model: nn.Module,
+    loader: Iterable,
+    representation,
+    variant: str = "classif_logits",
+    device: str | torch.device | None = None,
+    function: Callable | None = None,
+    layer_collection: LayerCollection | None = None,
+    verbose: bool = False,
+    n_output: int | None = None,
+    sigma: float = 1.0,
+    progress: Progress | None = None,
+    **options,
+) -> PMatAbstract:
     """The Fisher Information Matrix with the expectation over ``y`` computed exactly.
 
     Args:
@@ -81,17 +110,37 @@ def FIM(model: nn.Module, loader: Iterable, representation, variant: str = "clas
         F = FIM(model, loader, representation="kfac")
         F.vTMv(PVector.from_model(model))
     """
-    return _build(model, loader, representation, ExactFisher(variant, sigma), function=function,
-                  n_output=n_output, layer_collection=layer_collection, device=device,
-                  verbose=verbose, progress=progress, options=options)
+    return _build(
+        model,
+        loader,
+        representation,
+        ExactFisher(variant, sigma),
+        function=function,
+        n_output=n_output,
+        layer_collection=layer_collection,
+        device=device,
+        verbose=verbose,
+        progress=progress,
+        options=options,
+    )
 
 
-def FIM_MonteCarlo(model: nn.Module, loader: Iterable, representation,
-                   variant: str = "classif_logits", trials: int = 1,
-                   device: str | torch.device | None = None, function: Callable | None = None,
-                   layer_collection: LayerCollection | None = None, verbose: bool = False,
-                   n_output: int | None = None, sigma: float = 1.0, seed: int | None = None,
-                   progress: Progress | None = None, **options) -> PMatAbstract:
+def FIM_MonteCarlo(
+    model: nn.Module,
+    loader: Iterable,
+    representation,
+    variant: str = "classif_logits",
+    trials: int = 1,
+    device: str | torch.device | None = None,
+    function: Callable | None = None,
+    layer_collection: LayerCollection | None = None,
+    verbose: bool = False,
+    n_output: int | None = None,
+    sigma: float = 1.0,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    **options,
+) -> PMatAbstract:
     """The Fisher with the expectation over ``y`` replaced by ``trials`` samples per example.
 
     Unbiased: ``E[F_MC] = F``. ``seed`` makes the draws reproducible. Other arguments as in
@@ -102,18 +151,36 @@ def FIM_MonteCarlo(model: nn.Module, loader: Iterable, representation,
         gen.manual_seed(int(seed))
     else:
         gen.seed()
-    return _build(model, loader, representation,
-                  MonteCarloFisher(variant, trials, sigma, gen), function=function,
-                  n_output=n_output, layer_collection=layer_collection, device=device,
-                  verbose=verbose, progress=progress, options=options)
+    return _build(
+        model,
+        loader,
+        representation,
+        MonteCarloFisher(variant, trials, sigma, gen),
+        function=function,
+        n_output=n_output,
+        layer_collection=layer_collection,
+        device=device,
+        verbose=verbose,
+        progress=progress,
+        options=options,
+    )
 
 
-def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
-                 variant: str = "classif_logits", centering: bool = False,
-                 device: str | torch.device | None = None, function: Callable | None = None,
-                 layer_collection: LayerCollection | None = None, verbose: bool = False,
-                 n_output: int | None = None, sigma: float = 1.0,
-                 progress: Progress | None = None, **options) -> PMatAbstract:
+def EmpiricalFIM(
+    model: nn.Module,
+    loader: Iterable,
+    representation,
+    variant: str = "classif_logits",
+    centering: bool = False,
+    device: str | torch.device | None = None,
+    function: Callable | None = None,
+    layer_collection: LayerCollection | None = None,
+    verbose: bool = False,
+    n_output: int | None = None,
+    sigma: float = 1.0,
+    progress: Progress | None = None,
+    **options,
+) -> PMatAbstract:
     """The empirical Fisher ``(1/n) Σ_i ∇ log p(y_i|x_i) ∇ log p(y_i|x_i)ᵀ`` at the true targets.
 
     The loader must yield ``(x, y)``. With ``centering=True`` the mean gradient ``ḡ`` is
@@ -121,9 +188,19 @@ def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
     general — see Kunstner, Balles & Hennig (2019), "Limitations of the empirical Fisher".
     """
     pseudo = EmpiricalFisher(variant, sigma)
-    mat = _build(model, loader, representation, pseudo, function=function, n_output=n_output,
-                 layer_collection=layer_collection, device=device, verbose=verbose,
-                 progress=progress, options=options)
+    mat = _build(
+        model,
+        loader,
+        representation,
+        pseudo,
+        function=function,
+        n_output=n_output,
+        layer_collection=layer_collection,
+        device=device,
+        verbose=verbose,
+        progress=progress,
+        options=options,
+    )
     if centering:
         centered = mat.centered(mat.generator.get_mean_gradient(loader))
         centered.generator, centered.paths = mat.generator, mat.paths
@@ -134,10 +211,16 @@ def EmpiricalFIM(model: nn.Module, loader: Iterable, representation,
 FIM_empirical = EmpiricalFIM
 
 
-def GramMatrix(model: nn.Module, loader: Iterable, layer_collection: LayerCollection | None = None,
-               device: str | torch.device | None = None, function: Callable | None = None,
-               verbose: bool = False, n_output: int | None = None,
-               progress: Progress | None = None) -> FMatDense:
+def GramMatrix(
+    model: nn.Module,
+    loader: Iterable,
+    layer_collection: LayerCollection | None = None,
+    device: str | torch.device | None = None,
+    function: Callable | None = None,
+    verbose: bool = False,
+    n_output: int | None = None,
+    progress: Progress | None = None,
+) -> FMatDense:
     """The finite-width NTK Gram matrix ``K[k, i, l, j] = ⟨∂_θ f_k(x_i), ∂_θ f_l(x_j)⟩``.
 
     Computed per layer from activations and output gradients where the layer allows it (Linear:
@@ -149,8 +232,16 @@ def GramMatrix(model: nn.Module, loader: Iterable, layer_collection: LayerCollec
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     lc = layer_collection or LayerCollection.from_model(model)
-    gen = Jacobian(model, lc, function=function, n_output=n_output, pseudo_outputs=Identity(),
-                   device=device, verbose=verbose, progress=progress)
+    gen = Jacobian(
+        model,
+        lc,
+        function=function,
+        n_output=n_output,
+        pseudo_outputs=Identity(),
+        device=device,
+        verbose=verbose,
+        progress=progress,
+    )
     return FMatDense(gen.get_gram_matrix(loader), paths=gen.paths)
 
 

@@ -47,41 +47,55 @@ FORMAT = 1
 CONVENTION = "F = (1/n) sum_i E_y[grad log p grad log p^T]; NTK Gram (c, n, c, n) not divided by n"
 _LAYERED = {c.__name__: c for c in (PMatKFAC, PMatEKFAC, PMatQuasiDiag, PMatMixed)}
 _SIMPLE = {c.__name__: c for c in (PMatDense, PMatDiag, PMatLowRank)}
-_BLOCK_KINDS = {"PMatKFAC": ("kfac", "dense", "diag"), "PMatEKFAC": ("ekfac", "dense", "diag"),
-                "PMatQuasiDiag": ("quasidiag", "diag")}
+_BLOCK_KINDS = {
+    "PMatKFAC": ("kfac", "dense", "diag"),
+    "PMatEKFAC": ("ekfac", "dense", "diag"),
+    "PMatQuasiDiag": ("quasidiag", "diag"),
+}
 OBJECTS = ("PVector", "FVector", "FMatDense", "PMatBlockDiag", *_SIMPLE, *_LAYERED)
 
 
 def _layout_json(layout: MatLayout | None) -> dict | None:
     if layout is None:
         return None
-    return {"groups": layout.groups, "q": layout.q, "p": layout.p, "bias": layout.bias,
-            "transposed": layout.transposed}
+    return {
+        "groups": layout.groups,
+        "q": layout.q,
+        "p": layout.p,
+        "bias": layout.bias,
+        "transposed": layout.transposed,
+    }
 
 
 def _layout_from(d: dict | None) -> MatLayout | None:
     if d is None:
         return None
-    return MatLayout(int(d["groups"]), int(d["q"]), int(d["p"]), bool(d["bias"]),
-                     bool(d["transposed"]))
+    return MatLayout(
+        int(d["groups"]), int(d["q"]), int(d["p"]), bool(d["bias"]), bool(d["transposed"])
+    )
 
 
 def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
     """Tensors and object-specific metadata of ``obj``."""
     if isinstance(obj, PVector):
         return {"vector": obj.get_flat_representation()}, {
-            "layer_collection": obj.layer_collection.to_json()}
+            "layer_collection": obj.layer_collection.to_json()
+        }
     if isinstance(obj, FVector):
         return {"vector": obj.get_flat_representation()}, {}
     if isinstance(obj, FMatDense):
         return {"gram": obj.data}, {"paths": obj.paths}
     if isinstance(obj, PMatImplicit):
         raise SerializationError(
-            "an implicit matrix stores nothing to save: save a computed representation instead")
+            "an implicit matrix stores nothing to save: save a computed representation instead"
+        )
     if not isinstance(obj, PMatAbstract):
         raise SerializationError(f"cannot save a {type(obj).__name__}; saveable: {OBJECTS}")
-    meta: dict[str, Any] = {"layer_collection": obj.layer_collection.to_json(),
-                            "representation": obj.name, "paths": obj.paths}
+    meta: dict[str, Any] = {
+        "layer_collection": obj.layer_collection.to_json(),
+        "representation": obj.name,
+        "paths": obj.paths,
+    }
     if isinstance(obj, PMatBlockDiag):
         names = [e.name for e in obj.layer_collection]
         return {f"blocks.{i}": obj.data[n] for i, n in enumerate(names)}, meta
@@ -98,8 +112,7 @@ def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
             for k, t in blk.tensors().items():
                 tensors[f"blocks.{i}.{k}"] = t
         meta["blocks"] = blocks
-        meta["options"] = {"kfac_approx": obj.kfac_approx,
-                           "policy": getattr(obj, "policy", None)}
+        meta["options"] = {"kfac_approx": obj.kfac_approx, "policy": getattr(obj, "policy", None)}
         if isinstance(obj, PMatEKFAC):
             meta["options"]["diag_updated"] = obj.diag_updated
         return tensors, meta
@@ -117,11 +130,16 @@ def save(obj: Any, path: str | Path, metadata: dict | None = None) -> None:
     tensors, meta = _encode(obj)
     tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-    doc = {"format": FORMAT, "engine_version": __version__, "object": type(obj).__name__,
-           "dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes),
-           "convention": CONVENTION,
-           "tensors": {k: list(t.shape) for k, t in tensors.items()}, **meta,
-           "user": metadata or {}}
+    doc = {
+        "format": FORMAT,
+        "engine_version": __version__,
+        "object": type(obj).__name__,
+        "dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes),
+        "convention": CONVENTION,
+        "tensors": {k: list(t.shape) for k, t in tensors.items()},
+        **meta,
+        "user": metadata or {},
+    }
     try:
         text = json.dumps(doc)
     except TypeError as err:
@@ -150,15 +168,18 @@ def _read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     if not isinstance(declared, dict) or set(declared) != set(tensors):
         raise SerializationError(
             f"{path}: the metadata lists tensors {sorted(declared or {})} but the file holds "
-            f"{sorted(tensors)}")
+            f"{sorted(tensors)}"
+        )
     for k, t in tensors.items():
         if list(t.shape) != list(declared[k]):
             raise SerializationError(
-                f"{path}: tensor {k!r} has shape {list(t.shape)}, metadata says {declared[k]}")
+                f"{path}: tensor {k!r} has shape {list(t.shape)}, metadata says {declared[k]}"
+            )
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     want = doc.get("dtype")
     if (isinstance(want, str) and dtypes != {want}) or (
-            isinstance(want, list) and dtypes != set(want)):
+        isinstance(want, list) and dtypes != set(want)
+    ):
         raise SerializationError(f"{path}: tensors are {sorted(dtypes)}, metadata says {want}")
     return doc, tensors
 
@@ -168,8 +189,9 @@ def _expect(cond: bool, path, msg: str) -> None:
         raise SerializationError(f"{path}: {msg}")
 
 
-def _block_shapes(kind: str, layout: MatLayout | None, d: int,
-                  rank: int | None = None) -> dict[str, tuple[int, ...]]:
+def _block_shapes(
+    kind: str, layout: MatLayout | None, d: int, rank: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """The tensors a block holds; ``rank``: the columns of a thin EKFAC input basis."""
     if kind == "dense":
         return {"m": (d, d)}
@@ -222,8 +244,11 @@ def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
         data = {}
         for i, e in enumerate(lc):
             t = tensors.get(f"blocks.{i}")
-            _expect(t is not None and tuple(t.shape) == (e.numel, e.numel), path,
-                    f"block of layer {e.name!r} missing or not ({e.numel}, {e.numel})")
+            _expect(
+                t is not None and tuple(t.shape) == (e.numel, e.numel),
+                path,
+                f"block of layer {e.name!r} missing or not ({e.numel}, {e.numel})",
+            )
             data[e.name] = t
         _expect(len(tensors) == len(lc), path, "extra tensors")
         obj = PMatBlockDiag(lc, data=data)
@@ -241,40 +266,66 @@ def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
     return obj
 
 
-def _load_layered(path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollection,
-                  cls: type[PMatLayered]) -> PMatLayered:
+def _load_layered(
+    path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollection, cls: type[PMatLayered]
+) -> PMatLayered:
     blocks = doc.get("blocks")
-    _expect(isinstance(blocks, list) and len(blocks) == len(lc)
-            and all(isinstance(b, dict) for b in blocks), path, "one block per layer expected")
+    _expect(
+        isinstance(blocks, list)
+        and len(blocks) == len(lc)
+        and all(isinstance(b, dict) for b in blocks),
+        path,
+        "one block per layer expected",
+    )
     allowed = _BLOCK_KINDS.get(cls.__name__)
-    _expect(allowed is None or all(b.get("kind") in allowed for b in blocks), path,
-            f"a {cls.__name__} holds only {allowed} blocks")
+    _expect(
+        allowed is None or all(b.get("kind") in allowed for b in blocks),
+        path,
+        f"a {cls.__name__} holds only {allowed} blocks",
+    )
     data, used = {}, set()
     for i, (e, b) in enumerate(zip(lc, blocks)):
-        _expect(b.get("layer") == e.name and b.get("kind") in BLOCKS, path,
-                f"block {i} does not describe layer {e.name!r}")
+        _expect(
+            b.get("layer") == e.name and b.get("kind") in BLOCKS,
+            path,
+            f"block {i} does not describe layer {e.name!r}",
+        )
         layout = _layout_from(b.get("layout"))
-        _expect(layout is None or layout.numel == e.numel, path,
-                f"layout of layer {e.name!r} does not match its {e.numel} parameters")
-        _expect(layout is not None or b["kind"] in ("dense", "diag"), path,
-                f"a {b['kind']} block needs a layout")
+        _expect(
+            layout is None or layout.numel == e.numel,
+            path,
+            f"layout of layer {e.name!r} does not match its {e.numel} parameters",
+        )
+        _expect(
+            layout is not None or b["kind"] in ("dense", "diag"),
+            path,
+            f"a {b['kind']} block needs a layout",
+        )
         rank = b.get("rank")
-        _expect(rank is None or (b["kind"] == "ekfac" and isinstance(rank, int)
-                                 and 0 < rank < layout.cols), path,
-                f"block {i}: a rank is only given for a thin EKFAC basis, 0 < rank < columns")
+        _expect(
+            rank is None
+            or (b["kind"] == "ekfac" and isinstance(rank, int) and 0 < rank < layout.cols),
+            path,
+            f"block {i}: a rank is only given for a thin EKFAC basis, 0 < rank < columns",
+        )
         shapes = _block_shapes(b["kind"], layout, e.numel, rank)
         part = {}
         for k, shape in shapes.items():
             t = tensors.get(f"blocks.{i}.{k}")
-            _expect(t is not None and tuple(t.shape) == shape, path,
-                    f"tensor blocks.{i}.{k} missing or not of shape {shape}")
+            _expect(
+                t is not None and tuple(t.shape) == shape,
+                path,
+                f"tensor blocks.{i}.{k} missing or not of shape {shape}",
+            )
             part[k] = t
             used.add(f"blocks.{i}.{k}")
         data[e.name] = BLOCKS[b["kind"]].from_tensors(part, layout)
         rows = b.get("rows")
-        _expect(rows is None or (b["kind"] == "kfac" and isinstance(rows, int) and rows > 0),
-                path, f"block {i}: rows (a bound on the rank of A) is a positive integer of a "
-                "KFAC block")
+        _expect(
+            rows is None or (b["kind"] == "kfac" and isinstance(rows, int) and rows > 0),
+            path,
+            f"block {i}: rows (a bound on the rank of A) is a positive integer of a KFAC block",
+        )
         if rows is not None:
             data[e.name].rows = rows
     _expect(used == set(tensors), path, f"extra tensors {sorted(set(tensors) - used)}")

@@ -23,8 +23,12 @@ class PVector:
         dict_repr: alternatively ``{layer: tuple of tensors shaped like the parameters}``.
     """
 
-    def __init__(self, layer_collection: LayerCollection, vector_repr: Tensor | None = None,
-                 dict_repr: dict[str, tuple[Tensor, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        layer_collection: LayerCollection,
+        vector_repr: Tensor | None = None,
+        dict_repr: dict[str, tuple[Tensor, ...]] | None = None,
+    ) -> None:
         self.layer_collection = layer_collection
         d = layer_collection.numel()
         if vector_repr is None:
@@ -39,38 +43,53 @@ class PVector:
         if vector_repr.dim() != 1 or vector_repr.numel() != d:
             raise InvalidInputError(
                 f"a PVector of this layer collection has {d} entries; got a tensor of shape "
-                f"{tuple(vector_repr.shape)}")
+                f"{tuple(vector_repr.shape)}"
+            )
         self._flat = vector_repr
 
     @classmethod
-    def from_model(cls, model: nn.Module,
-                   layer_collection: LayerCollection | None = None) -> PVector:
+    def from_model(
+        cls, model: nn.Module, layer_collection: LayerCollection | None = None
+    ) -> PVector:
         """A copy of the model's current parameters."""
         lc = layer_collection or LayerCollection.from_model(model)
         return cls(lc, torch.cat([p.detach().reshape(-1) for p in lc.parameters(model)]).clone())
 
     @classmethod
-    def from_model_grad(cls, model: nn.Module,
-                        layer_collection: LayerCollection | None = None) -> PVector:
+    def from_model_grad(
+        cls, model: nn.Module, layer_collection: LayerCollection | None = None
+    ) -> PVector:
         """The model's ``.grad`` fields (zeros where a gradient is missing)."""
         lc = layer_collection or LayerCollection.from_model(model)
-        parts = [torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
-                 for p in lc.parameters(model)]
+        parts = [
+            torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
+            for p in lc.parameters(model)
+        ]
         return cls(lc, torch.cat(parts).detach().clone())
 
     @classmethod
-    def random(cls, layer_collection: LayerCollection, *, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PVector:
+    def random(
+        cls,
+        layer_collection: LayerCollection,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> PVector:
         """Standard normal entries."""
         v = torch.randn(layer_collection.numel(), generator=generator, dtype=dtype)
         return cls(layer_collection, v.to(device))
 
     @classmethod
-    def zeros_like_collection(cls, layer_collection: LayerCollection,
-                              dtype: torch.dtype = torch.float32,
-                              device: str | torch.device = "cpu") -> PVector:
-        return cls(layer_collection, torch.zeros(layer_collection.numel(), dtype=dtype,
-                                                 device=device))
+    def zeros_like_collection(
+        cls,
+        layer_collection: LayerCollection,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> PVector:
+        return cls(
+            layer_collection, torch.zeros(layer_collection.numel(), dtype=dtype, device=device)
+        )
 
     def get_flat_representation(self) -> Tensor:
         """The flat tensor ``(d,)`` (not a copy)."""
@@ -89,7 +108,7 @@ class PVector:
                 n = 1
                 for s in shape:
                     n *= s
-                parts.append(self._flat[start:start + n].reshape(shape))
+                parts.append(self._flat[start : start + n].reshape(shape))
                 start += n
             out[e.name] = tuple(parts)
         return out
@@ -100,7 +119,7 @@ class PVector:
             start = 0
             for p in self.layer_collection.parameters(model):
                 n = p.numel()
-                p.copy_(self._flat[start:start + n].reshape(p.shape))
+                p.copy_(self._flat[start : start + n].reshape(p.shape))
                 start += n
 
     def _check(self, other: PVector) -> None:
@@ -166,7 +185,8 @@ class FVector:
     def __init__(self, vector_repr: Tensor) -> None:
         if vector_repr.dim() != 2:
             raise InvalidInputError(
-                f"an FVector is a (c, n) tensor; got shape {tuple(vector_repr.shape)}")
+                f"an FVector is a (c, n) tensor; got shape {tuple(vector_repr.shape)}"
+            )
         self._t = vector_repr
 
     def get_flat_representation(self) -> Tensor:

@@ -31,9 +31,13 @@ def main() -> None:
     caches expire).
     """
     workers = int(os.environ.get("FIMNTK_API_WORKERS", "1"))
-    options = {"host": os.environ.get("FIMNTK_HOST", "0.0.0.0"),
-               "port": int(os.environ.get("FIMNTK_PORT", "8000")), "log_config": None,
-               "access_log": False, "timeout_graceful_shutdown": 30}
+    options = {
+        "host": os.environ.get("FIMNTK_HOST", "0.0.0.0"),
+        "port": int(os.environ.get("FIMNTK_PORT", "8000")),
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
     if workers > 1:
         uvicorn.run("fimntk.service.__main__:app", factory=True, workers=workers, **options)
     else:

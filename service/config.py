@@ -115,5 +115,5 @@ def normalise_database_url(url: str) -> str:
     """Use psycopg 3 for ``postgresql://`` (and Heroku-style ``postgres://``) URLs."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url

@@ -73,8 +73,19 @@ def local_redis(data_dir: Path, kind: str = "auto") -> Iterator[str]:
         workdir = data_dir / "redis"
         workdir.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
             stdout=subprocess.DEVNULL,
         )
         try:
@@ -100,8 +111,9 @@ def local_redis(data_dir: Path, kind: str = "auto") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def worker_process(settings: Settings, redis_url: str, log: Path | None = None
-                   ) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    settings: Settings, redis_url: str, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``fimntk worker`` as a child process sharing ``settings``; its output goes to
     ``log`` when given (appending), else to this process's stderr."""
     env = {
@@ -113,8 +125,12 @@ def worker_process(settings: Settings, redis_url: str, log: Path | None = None
     }
     with contextlib.ExitStack() as files:
         out = files.enter_context(log.open("ab")) if log is not None else None
-        process = subprocess.Popen([sys.executable, "-m", "fimntk.client.cli", "worker"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fimntk.client.cli", "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
     try:
         yield process
     finally:
@@ -126,8 +142,12 @@ def worker_process(settings: Settings, redis_url: str, log: Path | None = None
             process.wait()
 
 
-def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | None = None,
-                 redis_kind: str = "auto") -> None:
+def run_embedded(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_dir: Path | None = None,
+    redis_kind: str = "auto",
+) -> None:
     """Serve the API; without a configured Redis, also a local queue and a worker.
 
     Args:
@@ -148,8 +168,9 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
         return
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    configure_logging(settings.log_format, settings.log_level, logs / "api.log",
-                      console_level="WARNING")
+    configure_logging(
+        settings.log_format, settings.log_level, logs / "api.log", console_level="WARNING"
+    )
     with local_redis(settings.data_dir, redis_kind) as redis_url:
         embedded = settings.model_copy(update={"redis_url": redis_url, "admin_key": admin_key})
         with worker_process(embedded, redis_url, logs / "worker.log"):
@@ -160,8 +181,9 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _serve(settings: Settings, host: str, port: int, admin_key: str,
-           logs: Path | None = None) -> None:
+def _serve(
+    settings: Settings, host: str, port: int, admin_key: str, logs: Path | None = None
+) -> None:
     app = create_app(settings)
     url = f"http://{host}:{port}"
     print(f"fimntk serving on {url}  (docs: {url}/docs)", flush=True)

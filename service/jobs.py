@@ -45,8 +45,18 @@ _log = logging.getLogger(__name__)
 #: RQ statuses of a job RQ ended without the worker recording it (see ``_reconcile``).
 _RQ_ENDED = ("failed", "stopped", "canceled")
 #: Fields a reusing job takes from the kept job it names.
-_COMPUTE_FIELDS = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
-                   "centering", "dtype", "update_diag")
+_COMPUTE_FIELDS = (
+    "model",
+    "dataset",
+    "metric",
+    "representation",
+    "variant",
+    "trials",
+    "seed",
+    "centering",
+    "dtype",
+    "update_diag",
+)
 #: Finished jobs whose record and public view are kept in memory (oldest dropped first).
 _FINISHED_CACHE_SIZE = 10_000
 #: Safetensors headers of blobs kept in memory for validating submissions.
@@ -177,20 +187,25 @@ class JobService:
         weights = self._blob_header(spec.model.weights, user, "model.weights")
         n_params = check_weights(weights, "model.weights")
         if spec.dataset.blob is not None:
-            check_dataset(self._blob_header(spec.dataset.blob, user, "dataset.blob"),
-                          "dataset.blob")
+            check_dataset(
+                self._blob_header(spec.dataset.blob, user, "dataset.blob"), "dataset.blob"
+            )
         else:
             assert spec.dataset.name is not None
             path = dataset_path(self.settings.datasets_dir, spec.dataset.name)
-            check_dataset(read_header(path, "dataset.name", self.settings.max_header_bytes),
-                          "dataset.name")
+            check_dataset(
+                read_header(path, "dataset.name", self.settings.max_header_bytes), "dataset.name"
+            )
         check_operations(spec)
         for i, operation in enumerate(spec.operations):
             vector = getattr(operation, "v", None)
             if vector is not None:
                 expected = None if spec.metric == "ntk" else n_params
-                check_vector(self._blob_header(vector, user, f"operations[{i}].v"),
-                             f"operations[{i}].v", expected)
+                check_vector(
+                    self._blob_header(vector, user, f"operations[{i}].v"),
+                    f"operations[{i}].v",
+                    expected,
+                )
         data = spec.model_dump(mode="json")
         if data["representation"] == "ekfac" and data["update_diag"] is None:
             data["update_diag"] = True
@@ -316,12 +331,16 @@ class JobService:
             return record
         if rq_status in _RQ_ENDED:
             canceled = record.cancel_requested
-            changes: dict[str, Any] = {"status": "canceled" if canceled else "failed",
-                                       "finished_at": utcnow()}
+            changes: dict[str, Any] = {
+                "status": "canceled" if canceled else "failed",
+                "finished_at": utcnow(),
+            }
             if not canceled:
                 detail = exc_line or "the queue failed the job"
                 changes["error"] = {
-                    "type": "/problems/worker-lost", "title": "Worker lost", "status": 500,
+                    "type": "/problems/worker-lost",
+                    "title": "Worker lost",
+                    "status": 500,
                     "detail": f"the worker stopped without finishing the job: {detail}",
                 }
             self.records.update_job(record.id, only_if_status=("queued", "running"), **changes)
@@ -348,7 +367,10 @@ class JobService:
         if record.status == "queued":
             self.queue.cancel_queued(job_id)
             done = self.records.update_job(
-                job_id, only_if_status=("queued",), status="canceled", finished_at=utcnow(),
+                job_id,
+                only_if_status=("queued",),
+                status="canceled",
+                finished_at=utcnow(),
                 progress={"done": 0, "total": None, "stage": "canceled"},
             )
             if done:

@@ -59,8 +59,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def configure_logging(log_format: str = "json", level: str = "INFO", path: Path | None = None,
-                      console_level: str | None = None) -> None:
+def configure_logging(
+    log_format: str = "json",
+    level: str = "INFO",
+    path: Path | None = None,
+    console_level: str | None = None,
+) -> None:
     """Send every log record to stderr (or to a file), as JSON lines or as text, with the
     context ids.
 
@@ -72,14 +76,20 @@ def configure_logging(log_format: str = "json", level: str = "INFO", path: Path 
             short text lines (``fimntk serve`` on a laptop: warnings on the terminal, the rest
             in the data directory).
     """
-    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if path is None
-                                else logging.FileHandler(path, encoding="utf-8"))
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr)
+        if path is None
+        else logging.FileHandler(path, encoding="utf-8")
+    )
     handler.addFilter(ContextFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s job=%(job_id)s] %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s job=%(job_id)s] %(message)s"
+            )
+        )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -37,10 +37,27 @@ if TYPE_CHECKING:
 
 _access = logging.getLogger("fimntk.service.access")
 _STATUSES = (*IN_FLIGHT, *sorted(TERMINAL))
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                    60)
-_JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
-                21600, 86400)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_JOB_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    7200,
+    21600,
+    86400,
+)
 
 
 class ServiceMetrics:
@@ -52,15 +69,26 @@ class ServiceMetrics:
 
     def __init__(self, state: AppState) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("fimntk_http_requests", "HTTP requests answered.",
-                                ("method", "route", "status"), registry=self.registry)
-        self.latency = Histogram("fimntk_http_request_duration_seconds",
-                                 "Time to answer HTTP requests.", ("method", "route"),
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "fimntk_http_requests",
+            "HTTP requests answered.",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fimntk_http_request_duration_seconds",
+            "Time to answer HTTP requests.",
+            ("method", "route"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.job_duration = Histogram(
-            "fimntk_job_duration_seconds", "Start-to-end time of finished jobs.",
-            ("metric", "representation", "status"), buckets=_JOB_BUCKETS,
-            registry=None)  # collected by _LiveCollector, after it reads new finished jobs
+            "fimntk_job_duration_seconds",
+            "Start-to-end time of finished jobs.",
+            ("metric", "representation", "status"),
+            buckets=_JOB_BUCKETS,
+            registry=None,
+        )  # collected by _LiveCollector, after it reads new finished jobs
         self._live = _LiveCollector(state, self)
         self.registry.register(self._live)
 
@@ -84,8 +112,9 @@ class _LiveCollector(Collector):
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("fimntk_dependency_up", "Whether a dependency answers.",
-                               labels=["dependency"])
+        up = GaugeMetricFamily(
+            "fimntk_dependency_up", "Whether a dependency answers.", labels=["dependency"]
+        )
         queue_ok = True
         try:
             depth: int | None = self.state.queue.depth()
@@ -94,10 +123,10 @@ class _LiveCollector(Collector):
             queue_ok, depth, workers = False, None, {}
         up.add_metric(["redis"], float(queue_ok))
         if depth is not None:
-            yield GaugeMetricFamily("fimntk_queue_depth", "Jobs waiting on the queue.",
-                                    value=depth)
-        by_state = GaugeMetricFamily("fimntk_workers", "Live workers (by heartbeat).",
-                                     labels=["state"])
+            yield GaugeMetricFamily("fimntk_queue_depth", "Jobs waiting on the queue.", value=depth)
+        by_state = GaugeMetricFamily(
+            "fimntk_workers", "Live workers (by heartbeat).", labels=["state"]
+        )
         for state in ("idle", "busy"):
             by_state.add_metric([state], sum(w.get("state") == state for w in workers.values()))
         yield by_state
@@ -126,7 +155,8 @@ class _LiveCollector(Collector):
                     continue
                 seconds = (job.finished_at - job.started_at).total_seconds()
                 self.metrics.job_duration.labels(
-                    job.metric, job.representation or "none", job.status).observe(seconds)
+                    job.metric, job.representation or "none", job.status
+                ).observe(seconds)
 
 
 class RequestMiddleware:
@@ -168,9 +198,18 @@ class RequestMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(scope["method"], route, status, seconds)
             if route not in ("/metrics", "/healthz", "/readyz"):
-                _access.info("%s %s %d", scope["method"], scope["path"], status,
-                             extra={"request_id": rid, "method": scope["method"],
-                                    "path": scope["path"],
-                                    "route": route, "status": status,
-                                    "duration_ms": round(seconds * 1000, 2)})
+                _access.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={
+                        "request_id": rid,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 2),
+                    },
+                )
             logs.request_id.reset(token)

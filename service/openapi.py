@@ -38,11 +38,13 @@ def install_openapi(app: FastAPI) -> None:
 
 def problem_openapi(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document with problem+json errors."""
-    document = get_openapi(title=app.title, version=app.version,
-                           description=app.description, routes=app.routes)
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
     components = document.setdefault("components", {}).setdefault("schemas", {})
-    components.setdefault("Problem", Problem.model_json_schema(
-        ref_template="#/components/schemas/{model}"))
+    components.setdefault(
+        "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     for path, operations in document.get("paths", {}).items():
@@ -53,9 +55,12 @@ def problem_openapi(app: FastAPI) -> dict[str, Any]:
             for code, description in _COMMON.items():
                 responses.setdefault(code, {"description": description})
             if "503" in responses:
-                responses["503"]["headers"] = {"Retry-After": {
-                    "description": "Seconds to wait before retrying.",
-                    "schema": {"type": "integer"}}}
+                responses["503"]["headers"] = {
+                    "Retry-After": {
+                        "description": "Seconds to wait before retrying.",
+                        "schema": {"type": "integer"},
+                    }
+                }
             for code, response in responses.items():
                 if code[:1] in ("4", "5"):
                     response["content"] = {"application/problem+json": {"schema": _PROBLEM_REF}}

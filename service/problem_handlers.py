@@ -67,13 +67,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:
         detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "value refused"
-        return problem_response(problem(422, "invalid-input", "Invalid input",
-                                        f"the database refused a value: {detail}"))
+        return problem_response(
+            problem(
+                422, "invalid-input", "Invalid input", f"the database refused a value: {detail}"
+            )
+        )
 
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
-        _log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                     exc.orig)
+        _log.warning(
+            "database unavailable on %s %s: %s", request.method, request.url.path, exc.orig
+        )
         error = DatabaseUnavailableError("cannot reach the database; retry later")
         return problem_response(error.to_problem(), {"Retry-After": str(error.retry_after_s)})
 
@@ -91,7 +95,11 @@ def install_error_handlers(app: FastAPI) -> None:
             {"field": format_loc(e["loc"]), "message": e["msg"], "type": e["type"]} for e in errors
         ]
         body = problem(
-            422, "validation-error", "Validation error", f"{field}: {first['msg']}", field,
+            422,
+            "validation-error",
+            "Validation error",
+            f"{field}: {first['msg']}",
+            field,
             errors=details,
         )
         return problem_response(body)
@@ -102,8 +110,9 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else {}
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return problem_response(problem(exc.status_code, slug, str(exc.detail), str(exc.detail)),
-                                headers or None)
+        return problem_response(
+            problem(exc.status_code, slug, str(exc.detail), str(exc.detail)), headers or None
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

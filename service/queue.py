@@ -48,8 +48,9 @@ class JobQueue:
     """
 
     def __init__(self, redis_url: str, queue_name: str) -> None:
-        self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                    health_check_interval=30)
+        self.redis = Redis.from_url(
+            redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        )
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
         self.name = queue_name
         self.url = redis_url
@@ -116,8 +117,13 @@ class JobQueue:
         """
         try:
             self.queue.enqueue_call(
-                TASK, args=(job_id,), job_id=job_id, timeout=timeout_s,
-                result_ttl=ttl_s, failure_ttl=ttl_s, description=f"fimntk job {job_id}",
+                TASK,
+                args=(job_id,),
+                job_id=job_id,
+                timeout=timeout_s,
+                result_ttl=ttl_s,
+                failure_ttl=ttl_s,
+                description=f"fimntk job {job_id}",
             )
         except RedisError as exc:
             raise QueueUnavailableError(f"cannot reach the queue: {exc}") from exc

@@ -50,8 +50,9 @@ class Reaper:
         artifacts: Artifact store (partial artifacts of reaped jobs are deleted).
     """
 
-    def __init__(self, settings: Settings, records: RecordStore, queue: JobQueue,
-                 artifacts: ArtifactStore) -> None:
+    def __init__(
+        self, settings: Settings, records: RecordStore, queue: JobQueue, artifacts: ArtifactStore
+    ) -> None:
         self.settings = settings
         self.records = records
         self.queue = queue
@@ -79,8 +80,7 @@ class Reaper:
                 continue
             orphans.add(job.id)
             since = self._orphan_since.setdefault(job.id, now)
-            if now - since >= self.settings.heartbeat_ttl_s and self._fail_lost(job.id,
-                                                                                job.worker):
+            if now - since >= self.settings.heartbeat_ttl_s and self._fail_lost(job.id, job.worker):
                 done["lost"].append(job.id)
         self._orphan_since = {k: v for k, v in self._orphan_since.items() if k in orphans}
         horizon = utcnow() - timedelta(seconds=self.settings.requeue_after_s)
@@ -88,25 +88,36 @@ class Reaper:
             for job in self.records.jobs_with_status("queued"):
                 if job.created_at > horizon or self.queue.knows(job.id):
                     continue
-                _log.warning("job %s is queued but unknown to Redis: enqueueing it again",
-                             job.id, extra={"job_id": job.id})
-                self.queue.enqueue(job.id, int(job.spec["timeout_s"]),
-                                   self.settings.result_ttl_s)
+                _log.warning(
+                    "job %s is queued but unknown to Redis: enqueueing it again",
+                    job.id,
+                    extra={"job_id": job.id},
+                )
+                self.queue.enqueue(job.id, int(job.spec["timeout_s"]), self.settings.result_ttl_s)
                 done["requeued"].append(job.id)
         except QueueUnavailableError:
             pass
         return done
 
     def _fail_lost(self, job_id: str, worker: str | None) -> bool:
-        detail = (f"the worker {worker} stopped sending heartbeats while running the job "
-                  f"(killed or crashed); submit the job again")
+        detail = (
+            f"the worker {worker} stopped sending heartbeats while running the job "
+            f"(killed or crashed); submit the job again"
+        )
         failed = self.records.update_job(
-            job_id, only_if_status=("running",), status="failed", finished_at=utcnow(),
+            job_id,
+            only_if_status=("running",),
+            status="failed",
+            finished_at=utcnow(),
             error=problem(500, "worker-lost", "Worker lost", detail),
         )
         if failed:
-            _log.warning("job %s failed: worker %s lost", job_id, worker,
-                         extra={"job_id": job_id, "worker": worker})
+            _log.warning(
+                "job %s failed: worker %s lost",
+                job_id,
+                worker,
+                extra={"job_id": job_id, "worker": worker},
+            )
             self.artifacts.delete_job(job_id)
         self._orphan_since.pop(job_id, None)
         return failed

@@ -62,7 +62,9 @@ def result_public(record: JobRecord) -> ResultPublic:
         for name, value in entry["outputs"].items():
             if isinstance(value, dict):
                 outputs[name] = TensorRef(
-                    name=value["artifact"], shape=value["shape"], dtype=value["dtype"],
+                    name=value["artifact"],
+                    shape=value["shape"],
+                    dtype=value["dtype"],
                     href=artifact_href(record.id, value["artifact"]),
                 )
             else:

@@ -39,8 +39,9 @@ class _Strict(BaseModel):
 class LayerSpec(_Strict):
     """One built-in ``torch.nn`` layer, by type and constructor arguments."""
 
-    type: str = Field(description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.",
-                      examples=["Linear"])
+    type: str = Field(
+        description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.", examples=["Linear"]
+    )
     args: list[JsonValue] = Field(default_factory=list, examples=[[4, 8]])
     kwargs: dict[str, JsonValue] = Field(default_factory=dict, examples=[{"bias": True}])
     layers: list[LayerSpec] | None = Field(
@@ -67,9 +68,7 @@ class BuilderArchitecture(_Strict):
     dtype: ParamDtype = "float32"
 
 
-Architecture = Annotated[
-    SequentialArchitecture | BuilderArchitecture, Field(discriminator="kind")
-]
+Architecture = Annotated[SequentialArchitecture | BuilderArchitecture, Field(discriminator="kind")]
 
 
 class ModelSpec(_Strict):
@@ -84,8 +83,9 @@ class DatasetSpec(_Strict):
     the server's data directory) and the loader parameters."""
 
     blob: Digest | None = None
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
-                             examples=["mnist-1k"])
+    name: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", examples=["mnist-1k"]
+    )
     batch_size: int = Field(default=32, ge=1, le=65536)
     subset: int | None = Field(default=None, ge=1, description="Use this many examples.")
     seed: int = Field(default=0, description="Seed of the subset draw.")
@@ -198,8 +198,18 @@ class SlqDensityOp(_Op):
 
 
 Operation = Annotated[
-    TraceOp | NormOp | GetDiagOp | ToTorchOp | VTMvOp | MvOp | SolveOp | EigenpairsOp
-    | HutchinsonTraceOp | HutchppTraceOp | HutchinsonDiagOp | LanczosEigenpairsOp
+    TraceOp
+    | NormOp
+    | GetDiagOp
+    | ToTorchOp
+    | VTMvOp
+    | MvOp
+    | SolveOp
+    | EigenpairsOp
+    | HutchinsonTraceOp
+    | HutchppTraceOp
+    | HutchinsonDiagOp
+    | LanczosEigenpairsOp
     | SlqDensityOp,
     Field(discriminator="op"),
 ]
@@ -376,8 +386,9 @@ class BlobPublic(BaseModel):
 class UserCreate(_Strict):
     """A new API user (admin only)."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                      examples=["alice"])
+    name: str = Field(
+        min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["alice"]
+    )
 
 
 class UserCreated(BaseModel):
@@ -459,7 +470,8 @@ class AdminStatus(BaseModel):
 
 
 _ISO_DATETIME = re.compile(
-    r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$")
+    r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
+)
 
 
 def _iso_only(value: Any) -> Any:

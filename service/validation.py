@@ -140,8 +140,7 @@ def check_weights(header: Header, field: str) -> int:
     if not header.tensors:
         raise InvalidInputError("weights hold no tensors", field)
     return sum(
-        info.numel for name, info in header.tensors.items()
-        if not name.endswith(BUFFER_SUFFIXES)
+        info.numel for name, info in header.tensors.items() if not name.endswith(BUFFER_SUFFIXES)
     )
 
 
@@ -231,8 +230,17 @@ def representation_key(spec: dict[str, Any]) -> str:
     Returns:
         A hex SHA-256.
     """
-    keys = ("model", "dataset", "metric", "representation", "variant", "trials", "seed",
-            "centering", "dtype", "update_diag")
+    keys = (
+        "model",
+        "dataset",
+        "metric",
+        "representation",
+        "variant",
+        "trials",
+        "seed",
+        "centering",
+        "dtype",
+        "update_diag",
+    )
     material = {k: spec.get(k) for k in keys}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-

@@ -33,8 +33,9 @@ def jacobian(model: nn.Module, loader) -> torch.Tensor:
             return functional_call(model, p, (x,))
 
         jac = jacrev(f)(params)  # name -> (n, c, *shape)
-        out.append(torch.cat([jac[k].reshape(x.shape[0], jac[k].shape[1], -1) for k in names],
-                             dim=2))
+        out.append(
+            torch.cat([jac[k].reshape(x.shape[0], jac[k].shape[1], -1) for k in names], dim=2)
+        )
     return torch.cat(out, dim=0)
 
 
@@ -55,8 +56,9 @@ def output_fisher(out: torch.Tensor, variant: str, sigma: float = 1.0) -> torch.
     return torch.eye(c, dtype=out.dtype).expand(n, c, c) / sigma**2
 
 
-def fisher(model: nn.Module, loader, variant: str = "classif_logits",
-           sigma: float = 1.0) -> torch.Tensor:
+def fisher(
+    model: nn.Module, loader, variant: str = "classif_logits", sigma: float = 1.0
+) -> torch.Tensor:
     """Dense ``F = (1/n) Σ_i J_iᵀ H_i J_i``: ``(d, d)``."""
     j = jacobian(model, loader)
     h = output_fisher(outputs(model, loader), variant, sigma)
@@ -99,6 +101,7 @@ def block_mask(model: nn.Module) -> torch.Tensor:
 
 # ----- additions for the engine core tests ----------------------------------------------------
 
+
 def layer_offsets(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{layer: (start, end)}`` in the documented flat order, computed without the engine."""
     out, start, seen = {}, 0, set()
@@ -129,20 +132,26 @@ def scores(out: torch.Tensor, y: torch.Tensor, variant: str, sigma: float = 1.0)
     return (y.reshape(n, c).to(out.dtype) - out) / sigma**2
 
 
-def empirical_fisher_variant(model: nn.Module, loader, variant: str = "classif_logits",
-                             sigma: float = 1.0, centering: bool = False) -> torch.Tensor:
+def empirical_fisher_variant(
+    model: nn.Module,
+    loader,
+    variant: str = "classif_logits",
+    sigma: float = 1.0,
+    centering: bool = False,
+) -> torch.Tensor:
     """``(1/n) Σ_i g_i g_iᵀ`` with ``g_i = J_iᵀ ∇_f log p(y_i|f_i)`` for any variant."""
     j = jacobian(model, loader)
-    g = torch.einsum("nc,ncd->nd", scores(outputs(model, loader), targets(loader), variant,
-                                          sigma), j)
+    g = torch.einsum(
+        "nc,ncd->nd", scores(outputs(model, loader), targets(loader), variant, sigma), j
+    )
     if centering:
         g = g - g.mean(dim=0)
     return g.t() @ g / g.shape[0]
 
 
-def mc_fisher_expected_sq_error(model: nn.Module, loader, trials: int,
-                                variant: str = "classif_logits",
-                                sigma: float = 1.0) -> torch.Tensor:
+def mc_fisher_expected_sq_error(
+    model: nn.Module, loader, trials: int, variant: str = "classif_logits", sigma: float = 1.0
+) -> torch.Tensor:
     """``E‖F_MC − F‖_F²`` of the Monte Carlo Fisher with ``trials`` draws per example.
 
     The draws are independent, so the error is a variance:
@@ -171,8 +180,9 @@ def mc_fisher_expected_sq_error(model: nn.Module, loader, trials: int,
     return (g4 - fi_sq).sum() / (n**2 * trials)
 
 
-def mean_kl(out_p: torch.Tensor, out_q: torch.Tensor, variant: str = "classif_logits",
-            sigma: float = 1.0) -> torch.Tensor:
+def mean_kl(
+    out_p: torch.Tensor, out_q: torch.Tensor, variant: str = "classif_logits", sigma: float = 1.0
+) -> torch.Tensor:
     """``(1/n) Σ_i KL(p(·|f_i) ‖ q(·|f'_i))`` for outputs of shape ``(n, c)``."""
     if variant == "classif_logits":
         lp, lq = torch.log_softmax(out_p, dim=1), torch.log_softmax(out_q, dim=1)
@@ -184,8 +194,9 @@ def mean_kl(out_p: torch.Tensor, out_q: torch.Tensor, variant: str = "classif_lo
     return ((out_p - out_q) ** 2).sum(dim=1).mean() / (2 * sigma**2)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-10,
-                 what: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-10, what: str = ""
+) -> None:
     """``max|actual − expected| ≤ tol · max(max|expected|, tiny)``, shapes equal."""
     actual = torch.as_tensor(actual)
     expected = torch.as_tensor(expected)

@@ -15,9 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 #: Top-level modules of the web framework.
 WEB = frozenset({"fastapi", "starlette", "uvicorn"})
 #: Top-level modules of the server stack the base (laptop) install does not have.
-SERVER = WEB | frozenset({"rq", "redis", "sqlalchemy", "alembic", "psycopg", "boto3",
-                          "botocore", "prometheus_client", "pydantic_settings", "fakeredis",
-                          "httptools", "uvloop"})
+SERVER = WEB | frozenset(
+    {
+        "rq",
+        "redis",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "boto3",
+        "botocore",
+        "prometheus_client",
+        "pydantic_settings",
+        "fakeredis",
+        "httptools",
+        "uvloop",
+    }
+)
 
 _DESCRIBE_A_MODEL = """
 import torch
@@ -42,10 +55,18 @@ CASES = {
 
 def loaded_top_level(code: str) -> set[str]:
     """Top-level module names in ``sys.modules`` after running ``code`` in a new interpreter."""
-    probe = (f"{code}\nimport sys, json\n"
-             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                         text=True, check=True, timeout=120)
+    probe = (
+        f"{code}\nimport sys, json\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

@@ -105,34 +105,63 @@ def _mlp():
 
 
 def _cnn_bn():
-    return _randomize_bn(nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 3, 3, stride=2), nn.Tanh(), Flatten(), nn.Linear(3 * 2 * 2, 3)))
+    return _randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(4, 3, 3, stride=2),
+            nn.Tanh(),
+            Flatten(),
+            nn.Linear(3 * 2 * 2, 3),
+        )
+    )
 
 
 def _norms():
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(), Flatten(),
-        nn.Linear(4 * 5 * 5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),
+        Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+        nn.LayerNorm(6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    )
 
 
 def _conv1d():
-    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=2, dilation=2), nn.Tanh(),
-                         nn.Conv1d(3, 3, 2, stride=2, padding_mode="circular", padding=1),
-                         nn.Tanh(), Flatten(), nn.Linear(3 * 5, 3))
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=2, dilation=2),
+        nn.Tanh(),
+        nn.Conv1d(3, 3, 2, stride=2, padding_mode="circular", padding=1),
+        nn.Tanh(),
+        Flatten(),
+        nn.Linear(3 * 5, 3),
+    )
 
 
 def _convT():
-    return nn.Sequential(nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1),
-                         nn.Tanh(), nn.ConvTranspose2d(4, 2, 2, groups=2, dilation=2), nn.Tanh(),
-                         Flatten(), nn.Linear(2 * 8 * 8, 3))
+    return nn.Sequential(
+        nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1),
+        nn.Tanh(),
+        nn.ConvTranspose2d(4, 2, 2, groups=2, dilation=2),
+        nn.Tanh(),
+        Flatten(),
+        nn.Linear(2 * 8 * 8, 3),
+    )
 
 
 def _grouped():
-    return nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, dilation=1, groups=2, padding=1),
-                         nn.Tanh(), nn.Conv2d(6, 6, 3, dilation=2, groups=3, padding="same",
-                                              padding_mode="reflect"),
-                         nn.Tanh(), Flatten(), nn.Linear(6 * 3 * 3, 3))
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, dilation=1, groups=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(6, 6, 3, dilation=2, groups=3, padding="same", padding_mode="reflect"),
+        nn.Tanh(),
+        Flatten(),
+        nn.Linear(6 * 3 * 3, 3),
+    )
 
 
 def _custom():
@@ -155,8 +184,14 @@ CASES = [
 CASE_IDS = [c.name for c in CASES]
 
 
-def build(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64, seed: int = 0,
-          targets: bool = True):
+def build(
+    case: Case,
+    n: int = 13,
+    batch_size: int = 5,
+    dtype=torch.float64,
+    seed: int = 0,
+    targets: bool = True,
+):
     """``(model, loader)`` of ``case`` with n examples in uneven batches."""
     torch.manual_seed(seed)
     model = case.build_model().to(dtype).eval()
@@ -207,9 +242,15 @@ class WeightUsedOutside(nn.Module):
 def inplace_relu_cnn() -> nn.Module:
     """Conv2d and Linear each followed by ``ReLU(inplace=True)``; inputs ``(n, 2, 6, 6)``."""
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, bias=False),
-        nn.ReLU(inplace=True), Flatten(), nn.Linear(3 * 2 * 2, 4), nn.ReLU(inplace=True),
-        nn.Linear(4, 3))
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(3, 3, 3, bias=False),
+        nn.ReLU(inplace=True),
+        Flatten(),
+        nn.Linear(3 * 2 * 2, 4),
+        nn.ReLU(inplace=True),
+        nn.Linear(4, 3),
+    )
 
 
 def dropout_mlp() -> nn.Module:
@@ -217,8 +258,14 @@ def dropout_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(0.5), nn.Linear(7, 3))
 
 
-def build_model_loader(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
-                       batch_size: int = 4, dtype=torch.float64, **loader_kwargs):
+def build_model_loader(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    batch_size: int = 4,
+    dtype=torch.float64,
+    **loader_kwargs,
+):
     """``(model, loader)`` for an arbitrary model and inputs (float inputs cast to ``dtype``)."""
     model = model.to(dtype).eval()
     if x.is_floating_point():
@@ -227,20 +274,22 @@ def build_model_loader(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None
     return model, DataLoader(ds, batch_size=batch_size, shuffle=False, **loader_kwargs)
 
 
-def build_binary(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64,
-                 seed: int = 0):
+def build_binary(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64, seed: int = 0):
     """``case``'s model followed by ``Linear(c, 1)``: one logit; targets in {0, 1} (float)."""
     model, loader = build(case, n=n, batch_size=batch_size, dtype=dtype, seed=seed)
     torch.manual_seed(seed + 2)
     head = nn.Linear(case.c, 1).to(dtype)
     x = loader.dataset.tensors[0]
     y = torch.randint(0, 2, (n, 1), generator=torch.Generator().manual_seed(seed + 3))
-    return (nn.Sequential(model, head).eval(),
-            DataLoader(TensorDataset(x, y.to(dtype)), batch_size=batch_size, shuffle=False))
+    return (
+        nn.Sequential(model, head).eval(),
+        DataLoader(TensorDataset(x, y.to(dtype)), batch_size=batch_size, shuffle=False),
+    )
 
 
-def build_regression(case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64,
-                     seed: int = 0):
+def build_regression(
+    case: Case, n: int = 13, batch_size: int = 5, dtype=torch.float64, seed: int = 0
+):
     """``case``'s model with real targets ``(n, c)`` for the Gaussian (regression) variant."""
     model, loader = build(case, n=n, batch_size=batch_size, dtype=dtype, seed=seed)
     x = loader.dataset.tensors[0]
@@ -329,56 +378,145 @@ def _randn(*shape):
 
 #: More layer configurations (not in CASES): each is checked against the reference.
 EXTRA_CASES = [
-    Case("linear_nobias_4d", lambda: nn.Sequential(
-        nn.Linear(4, 5, bias=False), nn.Tanh(), Flatten(), nn.Linear(2 * 3 * 5, 3)),
-        _randn(2, 3, 4), 3),
-    Case("layernorm_2d_nobias", lambda: nn.Sequential(
-        nn.Linear(4, 3), nn.LayerNorm([2, 3], bias=False), Flatten(), nn.Linear(6, 3)),
-        _randn(2, 4), 3),
-    Case("batchnorm1d", lambda: _randomize_bn(nn.Sequential(
-        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))), _randn(4), 3),
-    Case("batchnorm1d_seq", lambda: _randomize_bn(nn.Sequential(
-        nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4, affine=True), nn.Tanh(), Flatten(),
-        nn.Linear(4 * 4, 3))), _randn(2, 6), 3),
-    Case("groupnorm_no_affine", lambda: nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4, affine=False), Flatten(), nn.Linear(4 * 9, 3)),
-        _randn(2, 5, 5), 3),
-    Case("convtranspose1d", lambda: nn.Sequential(
-        nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1), nn.Tanh(),
-        nn.ConvTranspose1d(4, 4, 3, groups=2, bias=False), Flatten(), nn.Linear(4 * 12, 3)),
-        _randn(2, 5), 3),
-    Case("convtranspose_dilated", lambda: nn.Sequential(
-        nn.ConvTranspose2d(2, 2, 3, stride=2, dilation=2, output_padding=1), Flatten(),
-        nn.Linear(2 * 10 * 10, 3)), _randn(2, 3, 3), 3),
-    Case("conv_same_circular", lambda: nn.Sequential(
-        nn.Conv2d(2, 3, (3, 2), padding="same", padding_mode="circular", dilation=(1, 2)),
-        Flatten(), nn.Linear(3 * 25, 3)), _randn(2, 5, 5), 3),
-    Case("conv_replicate_strided", lambda: nn.Sequential(
-        nn.Conv2d(2, 3, 3, stride=(2, 1), padding=(1, 2), padding_mode="replicate"), Flatten(),
-        nn.Linear(3 * 3 * 7, 3)), _randn(2, 5, 5), 3),
-    Case("embedding_no_padding", lambda: nn.Sequential(
-        nn.Embedding(9, 3), Flatten(), nn.Linear(12, 3)),
-        lambda g, n: torch.randint(0, 9, (n, 4), generator=g), 3),
+    Case(
+        "linear_nobias_4d",
+        lambda: nn.Sequential(
+            nn.Linear(4, 5, bias=False), nn.Tanh(), Flatten(), nn.Linear(2 * 3 * 5, 3)
+        ),
+        _randn(2, 3, 4),
+        3,
+    ),
+    Case(
+        "layernorm_2d_nobias",
+        lambda: nn.Sequential(
+            nn.Linear(4, 3), nn.LayerNorm([2, 3], bias=False), Flatten(), nn.Linear(6, 3)
+        ),
+        _randn(2, 4),
+        3,
+    ),
+    Case(
+        "batchnorm1d",
+        lambda: _randomize_bn(
+            nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+        ),
+        _randn(4),
+        3,
+    ),
+    Case(
+        "batchnorm1d_seq",
+        lambda: _randomize_bn(
+            nn.Sequential(
+                nn.Conv1d(2, 4, 3),
+                nn.BatchNorm1d(4, affine=True),
+                nn.Tanh(),
+                Flatten(),
+                nn.Linear(4 * 4, 3),
+            )
+        ),
+        _randn(2, 6),
+        3,
+    ),
+    Case(
+        "groupnorm_no_affine",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4, affine=False), Flatten(), nn.Linear(4 * 9, 3)
+        ),
+        _randn(2, 5, 5),
+        3,
+    ),
+    Case(
+        "convtranspose1d",
+        lambda: nn.Sequential(
+            nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1),
+            nn.Tanh(),
+            nn.ConvTranspose1d(4, 4, 3, groups=2, bias=False),
+            Flatten(),
+            nn.Linear(4 * 12, 3),
+        ),
+        _randn(2, 5),
+        3,
+    ),
+    Case(
+        "convtranspose_dilated",
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(2, 2, 3, stride=2, dilation=2, output_padding=1),
+            Flatten(),
+            nn.Linear(2 * 10 * 10, 3),
+        ),
+        _randn(2, 3, 3),
+        3,
+    ),
+    Case(
+        "conv_same_circular",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, (3, 2), padding="same", padding_mode="circular", dilation=(1, 2)),
+            Flatten(),
+            nn.Linear(3 * 25, 3),
+        ),
+        _randn(2, 5, 5),
+        3,
+    ),
+    Case(
+        "conv_replicate_strided",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=(2, 1), padding=(1, 2), padding_mode="replicate"),
+            Flatten(),
+            nn.Linear(3 * 3 * 7, 3),
+        ),
+        _randn(2, 5, 5),
+        3,
+    ),
+    Case(
+        "embedding_no_padding",
+        lambda: nn.Sequential(nn.Embedding(9, 3), Flatten(), nn.Linear(12, 3)),
+        lambda g, n: torch.randint(0, 9, (n, 4), generator=g),
+        3,
+    ),
     Case("residual_inplace", ResidualInplace, _randn(4), 3),
-    Case("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2), Flatten(), nn.Linear(2 * 8, 3)),
-         _randn(1, 3, 3, 3), 3),
-    Case("linear_subclass", lambda: nn.Sequential(DoubledLinear(4, 5), nn.Tanh(),
-                                                  nn.Linear(5, 3)), _randn(4), 3),
+    Case(
+        "conv3d",
+        lambda: nn.Sequential(nn.Conv3d(1, 2, 2), Flatten(), nn.Linear(2 * 8, 3)),
+        _randn(1, 3, 3, 3),
+        3,
+    ),
+    Case(
+        "linear_subclass",
+        lambda: nn.Sequential(DoubledLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+        _randn(4),
+        3,
+    ),
     Case("bilinear", BilinearNet, _randn(4), 3),
     Case("partially_frozen", _partially_frozen, _randn(4), 3),
     Case("keyword_call", KeywordCall, _randn(4), 3),
     Case("lstm", lambda: RecurrentNet(nn.LSTM), _randn(3, 3), 3),
     Case("gru_two_layers", lambda: RecurrentNet(nn.GRU, num_layers=2), _randn(3, 3), 3),
     Case("rnn_tanh", lambda: RecurrentNet(nn.RNN, bias=False), _randn(3, 3), 3),
-    Case("prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 5),
-                                        nn.PReLU(5), nn.Linear(5, 3)), _randn(4), 3),
-    Case("embedding_bag", lambda: nn.Sequential(nn.EmbeddingBag(9, 4, mode="mean"),
-                                                nn.Linear(4, 3)),
-         lambda g, n: torch.randint(0, 9, (n, 5), generator=g), 3),
+    Case(
+        "prelu",
+        lambda: nn.Sequential(
+            nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 5), nn.PReLU(5), nn.Linear(5, 3)
+        ),
+        _randn(4),
+        3,
+    ),
+    Case(
+        "embedding_bag",
+        lambda: nn.Sequential(nn.EmbeddingBag(9, 4, mode="mean"), nn.Linear(4, 3)),
+        lambda g, n: torch.randint(0, 9, (n, 5), generator=g),
+        3,
+    ),
 ]
 EXTRA_CASE_IDS = [c.name for c in EXTRA_CASES]
-FALLBACK_LAYERS.update({
-    "conv3d": {"0"}, "linear_subclass": {"0"}, "bilinear": {"bil"}, "partially_frozen": {"0"},
-    "lstm": {"rnn"}, "gru_two_layers": {"rnn"}, "rnn_tanh": {"rnn"}, "prelu": {"1", "3"},
-    "embedding_bag": {"0"},
-})
+FALLBACK_LAYERS.update(
+    {
+        "conv3d": {"0"},
+        "linear_subclass": {"0"},
+        "bilinear": {"bil"},
+        "partially_frozen": {"0"},
+        "lstm": {"rnn"},
+        "gru_two_layers": {"rnn"},
+        "rnn_tanh": {"rnn"},
+        "prelu": {"1", "3"},
+        "embedding_bag": {"0"},
+    }
+)

@@ -16,8 +16,9 @@ from fimntk import engine
 from fimntk.service.storage.artifacts import ArtifactStore
 
 
-def save_tensor(store: ArtifactStore, job_id: str, name: str, tensor: torch.Tensor
-                ) -> dict[str, Any]:
+def save_tensor(
+    store: ArtifactStore, job_id: str, name: str, tensor: torch.Tensor
+) -> dict[str, Any]:
     """Publish a tensor artifact and describe it for the result document.
 
     Returns:
@@ -44,8 +45,9 @@ def can_persist() -> bool:
     return hasattr(engine, "save") and hasattr(engine, "load")
 
 
-def save_representation(store: ArtifactStore, job_id: str, representation: Any,
-                        metadata: dict[str, str]) -> str:
+def save_representation(
+    store: ArtifactStore, job_id: str, representation: Any, metadata: dict[str, str]
+) -> str:
     """Persist a representation with ``fimntk.engine.save``.
 
     Returns:

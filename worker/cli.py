@@ -121,9 +121,15 @@ class ComputeWorker(SimpleWorker):
         get_runner().request_stop(job_id)
 
 
-def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
-               device: str | None = None, name: str | None = None, burst: bool = False,
-               max_jobs: int | None = None) -> bool:
+def run_worker(
+    redis_url: str,
+    queues: Sequence[str],
+    settings: Settings,
+    device: str | None = None,
+    name: str | None = None,
+    burst: bool = False,
+    max_jobs: int | None = None,
+) -> bool:
     """Run a worker until it is stopped (or, with ``burst``, until the queues are empty).
 
     When RQ's work loop ends because Redis went away, the worker waits for Redis (back-off up
@@ -149,8 +155,9 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
     connection = Redis.from_url(redis_url, health_check_interval=30)
 
     def new_worker() -> ComputeWorker:
-        return ComputeWorker(list(queues), connection=connection, serializer=JSONSerializer,
-                             name=name)
+        return ComputeWorker(
+            list(queues), connection=connection, serializer=JSONSerializer, name=name
+        )
 
     worker = new_worker()
     name = worker.name
@@ -160,8 +167,10 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
         job = runner.current_job_id
         return ("busy" if job else "idle"), job
 
-    heartbeats = [Heartbeat(connection, queue, name, settings.heartbeat_ttl_s, status,
-                            str(runner.device)) for queue in queues]
+    heartbeats = [
+        Heartbeat(connection, queue, name, settings.heartbeat_ttl_s, status, str(runner.device))
+        for queue in queues
+    ]
     runner.on_job_done = lambda: _count_job(heartbeats)
     _log.info("worker %s on %s listening on %s", name, runner.device, list(queues))
     for heartbeat in heartbeats:
@@ -170,9 +179,15 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
     try:
         while True:
             try:
-                worked = worker.work(burst=burst, max_jobs=max_jobs,
-                                     logging_level=settings.log_level,
-                                     with_scheduler=False) or worked
+                worked = (
+                    worker.work(
+                        burst=burst,
+                        max_jobs=max_jobs,
+                        logging_level=settings.log_level,
+                        with_scheduler=False,
+                    )
+                    or worked
+                )
             except _REDIS_LOST:  # Redis went away while the loop was starting
                 worker.redis_lost = True
             if not worker.redis_lost or worker._stop_requested:
@@ -194,8 +209,9 @@ def run_worker(redis_url: str, queues: Sequence[str], settings: Settings,
 def _wait_for_redis(connection: Redis) -> bool:
     """Wait, with back-off, until Redis answers; ``False`` if SIGTERM or SIGINT came first."""
     stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         wait_s = 0.5
         while not stop.is_set():

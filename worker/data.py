@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fimntk.worker.errors import JobInputError
 
 
-def make_loader(path: Path, params: dict[str, Any], dtype: torch.dtype, field: str,
-                needs_targets: bool) -> DataLoader:
+def make_loader(
+    path: Path, params: dict[str, Any], dtype: torch.dtype, field: str, needs_targets: bool
+) -> DataLoader:
     """A deterministic loader over a dataset file.
 
     Args:
@@ -53,5 +54,4 @@ def make_loader(path: Path, params: dict[str, Any], dtype: torch.dtype, field: s
         inputs = inputs[index]
         targets = targets[index] if targets is not None else None
     parts = (inputs,) if targets is None else (inputs, targets)
-    return DataLoader(TensorDataset(*parts), batch_size=int(params["batch_size"]),
-                      shuffle=False)
+    return DataLoader(TensorDataset(*parts), batch_size=int(params["batch_size"]), shuffle=False)

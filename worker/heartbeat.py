@@ -39,8 +39,15 @@ class Heartbeat:
         device: Device of the worker, shown by the admin status.
     """
 
-    def __init__(self, connection: Redis, queue_name: str, name: str, ttl_s: float,
-                 status: Callable[[], tuple[str, str | None]], device: str) -> None:
+    def __init__(
+        self,
+        connection: Redis,
+        queue_name: str,
+        name: str,
+        ttl_s: float,
+        status: Callable[[], tuple[str, str | None]],
+        device: str,
+    ) -> None:
         self.connection = connection
         self.queue_name = queue_name
         self.name = name
@@ -55,16 +62,25 @@ class Heartbeat:
     def payload(self) -> dict[str, Any]:
         """What the key holds."""
         state, job = self.status()
-        return {"name": self.name, "state": state, "job_id": job, "device": self.device,
-                "host": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at,
-                "last_heartbeat": datetime.now(UTC).isoformat(), "jobs_done": self.jobs_done}
+        return {
+            "name": self.name,
+            "state": state,
+            "job_id": job,
+            "device": self.device,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "last_heartbeat": datetime.now(UTC).isoformat(),
+            "jobs_done": self.jobs_done,
+        }
 
     def beat(self) -> None:
         """Write the key now (errors are logged, never raised: Redis may be restarting)."""
         try:
             pipe = self.connection.pipeline(transaction=False)
-            pipe.set(worker_key(self.queue_name, self.name), json.dumps(self.payload()),
-                     px=self.ttl_ms)
+            pipe.set(
+                worker_key(self.queue_name, self.name), json.dumps(self.payload()), px=self.ttl_ms
+            )
             pipe.sadd(worker_index_key(self.queue_name), self.name)
             pipe.execute()
         except RedisError as exc:

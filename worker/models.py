@@ -24,20 +24,34 @@ from fimntk.worker.errors import JobInputError
 Builder = Callable[..., nn.Module]
 
 DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float32": torch.float32, "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
 }
 #: Safetensors dtype codes of torch dtypes.
 ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 _MAX_LISTED = 20
 
 
-def mlp(in_features: int, hidden: list[int], out_features: int, activation: str = "relu",
-        bias: bool = True) -> nn.Module:
+def mlp(
+    in_features: int,
+    hidden: list[int],
+    out_features: int,
+    activation: str = "relu",
+    bias: bool = True,
+) -> nn.Module:
     """A multilayer perceptron: Linear layers with an activation between them.
 
     Args:
@@ -59,8 +73,12 @@ def mlp(in_features: int, hidden: list[int], out_features: int, activation: str 
     return nn.Sequential(*layers)
 
 
-def cnn(in_channels: int = 1, num_classes: int = 10, channels: list[int] | None = None,
-        image_size: int = 28) -> nn.Module:
+def cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    channels: list[int] | None = None,
+    image_size: int = 28,
+) -> nn.Module:
     """A small CNN: [Conv3x3, ReLU, MaxPool2] per entry of ``channels``, then a Linear head."""
     channels = channels or [16, 32]
     layers: list[nn.Module] = []
@@ -90,8 +108,9 @@ class _BasicBlock(nn.Module):
         return torch.relu(self.norm2(self.conv2(y)) + self.shortcut(x))
 
 
-def resnet(in_channels: int = 3, num_classes: int = 10, width: int = 16,
-           blocks: int = 2) -> nn.Module:
+def resnet(
+    in_channels: int = 3, num_classes: int = 10, width: int = 16, blocks: int = 2
+) -> nn.Module:
     """A small ResNet: a stem, ``blocks`` basic blocks doubling width and halving resolution
     after the first, global average pooling and a Linear head. GroupNorm, not BatchNorm, so
     that examples stay independent."""
@@ -136,8 +155,9 @@ def _build_layers(layers: list[dict[str, Any]], field: str) -> list[nn.Module]:
         if kind not in ALLOWED_LAYERS:
             raise JobInputError(f"unknown layer type {kind!r}", f"{where}.type")
         if kind == "Sequential":
-            modules.append(nn.Sequential(*_build_layers(layer.get("layers") or [],
-                                                        f"{where}.layers")))
+            modules.append(
+                nn.Sequential(*_build_layers(layer.get("layers") or [], f"{where}.layers"))
+            )
             continue
         try:
             modules.append(getattr(nn, kind)(*layer.get("args", []), **layer.get("kwargs", {})))
@@ -159,7 +179,8 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
     with torch.device("meta"):
         if arch["kind"] == "sequential":
             model: nn.Module = nn.Sequential(
-                *_build_layers(arch["layers"], "model.architecture.layers"))
+                *_build_layers(arch["layers"], "model.architecture.layers")
+            )
         else:
             name = arch["name"]
             if name not in builders:
@@ -167,21 +188,23 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
             try:
                 model = builders[name](**arch.get("kwargs", {}))
             except (TypeError, ValueError, RuntimeError) as exc:
-                raise JobInputError(f"builder {name!r}: {exc}",
-                                    "model.architecture.kwargs") from exc
+                raise JobInputError(
+                    f"builder {name!r}: {exc}", "model.architecture.kwargs"
+                ) from exc
             if not isinstance(model, nn.Module):
-                raise JobInputError(f"builder {name!r} did not return a module",
-                                    "model.architecture.name")
+                raise JobInputError(
+                    f"builder {name!r} did not return a module", "model.architecture.name"
+                )
     return model.to(DTYPES[arch.get("dtype", "float32")])
 
 
 def check_size(model: nn.Module, max_bytes: int) -> None:
     """Refuse a model whose parameters and buffers exceed ``max_bytes``."""
-    size = sum(t.numel() * t.element_size()
-               for t in (*model.parameters(), *model.buffers()))
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if size > max_bytes:
-        raise JobInputError(f"model needs {size} bytes, above the limit of {max_bytes}",
-                            "model.architecture")
+        raise JobInputError(
+            f"model needs {size} bytes, above the limit of {max_bytes}", "model.architecture"
+        )
 
 
 def check_against_weights(model: nn.Module, weights: Path, max_header_bytes: int) -> None:
@@ -199,20 +222,27 @@ def check_against_weights(model: nn.Module, weights: Path, max_header_bytes: int
         if info is None:
             continue
         if tuple(info.shape) != tuple(tensor.shape):
-            problems.append(f"{key}: shape {list(info.shape)} in weights, "
-                            f"{list(tensor.shape)} in architecture")
+            problems.append(
+                f"{key}: shape {list(info.shape)} in weights, {list(tensor.shape)} in architecture"
+            )
         want = ST_DTYPES.get(tensor.dtype, str(tensor.dtype))
         if info.dtype != want:
             problems.append(f"{key}: dtype {info.dtype} in weights, {want} in architecture")
     if problems:
         listed = "; ".join(problems[:_MAX_LISTED])
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        raise JobInputError(f"weights do not match the architecture: {listed}{more}",
-                            "model.weights")
+        raise JobInputError(
+            f"weights do not match the architecture: {listed}{more}", "model.weights"
+        )
 
 
-def load_model(arch: dict[str, Any], weights: Path, builders: dict[str, Builder],
-               max_bytes: int, max_header_bytes: int) -> nn.Module:
+def load_model(
+    arch: dict[str, Any],
+    weights: Path,
+    builders: dict[str, Builder],
+    max_bytes: int,
+    max_header_bytes: int,
+) -> nn.Module:
     """Build, check and load a model on the CPU, in eval mode.
 
     Args:
@@ -231,11 +261,13 @@ def load_model(arch: dict[str, Any], weights: Path, builders: dict[str, Builder]
     state = load_file(str(weights), device="cpu")
     bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise JobInputError(f"weights hold NaN or infinite values in {bad[:_MAX_LISTED]}",
-                            "model.weights")
+        raise JobInputError(
+            f"weights hold NaN or infinite values in {bad[:_MAX_LISTED]}", "model.weights"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:
-        raise JobInputError(f"tensors not in the weights: {leftover[:_MAX_LISTED]}",
-                            "model.architecture")
+        raise JobInputError(
+            f"tensors not in the weights: {leftover[:_MAX_LISTED]}", "model.architecture"
+        )
     return model.eval()  # nn.Module.eval: inference mode (not Python's eval)

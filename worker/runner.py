@@ -43,12 +43,26 @@ _log = logging.getLogger(__name__)
 
 #: Cheaper representations to suggest when one does not fit in memory.
 CHEAPER = {
-    "dense": "kfac", "blockdiag": "kfac", "quasidiag": "diag", "mixed": "kfac",
-    "ekfac": "kfac", "kfac": "diag", "lowrank": "diag", "implicit": "diag", "diag": "diag",
+    "dense": "kfac",
+    "blockdiag": "kfac",
+    "quasidiag": "diag",
+    "mixed": "kfac",
+    "ekfac": "kfac",
+    "kfac": "diag",
+    "lowrank": "diag",
+    "implicit": "diag",
+    "diag": "diag",
 }
 #: Attributes of the engine's estimates that go into results.
-_ESTIMATE_FIELDS = ("estimate", "stderr", "eigenvalues", "eigenvectors", "residual_norms",
-                    "grid", "density")
+_ESTIMATE_FIELDS = (
+    "estimate",
+    "stderr",
+    "eigenvalues",
+    "eigenvectors",
+    "residual_norms",
+    "grid",
+    "density",
+)
 _PROGRESS_EVERY_S = 0.5
 _CANCEL_CHECK_EVERY_S = 1.0
 
@@ -83,8 +97,11 @@ class _Progress:
 
     def __call__(self, done: int, total: int | None, stage: str) -> None:
         self.check()
-        self.state = {"done": int(done), "total": None if total is None else int(total),
-                      "stage": str(stage)}
+        self.state = {
+            "done": int(done),
+            "total": None if total is None else int(total),
+            "stage": str(stage),
+        }
         now = time.monotonic()
         if now - self._last_write >= _PROGRESS_EVERY_S or (total is not None and done >= total):
             self._write(now)
@@ -165,9 +182,16 @@ class JobRunner:
             self._announce(job_id, summary["status"])  # first: a client may be waiting
             if self.on_job_done is not None:
                 self.on_job_done()
-        _log.info("job %s ended %s", job_id, summary["status"],
-                  extra={"job_id": job_id, "status": summary["status"],
-                         "duration_s": round(time.monotonic() - clock, 4)})
+        _log.info(
+            "job %s ended %s",
+            job_id,
+            summary["status"],
+            extra={
+                "job_id": job_id,
+                "status": summary["status"],
+                "duration_s": round(time.monotonic() - clock, 4),
+            },
+        )
         return summary
 
     @staticmethod
@@ -190,8 +214,12 @@ class JobRunner:
             self._finish(job_id, "canceled")
             return {"status": "canceled"}
         started = self.records.update_job(
-            job_id, only_if_status=("queued",), status="running", started_at=utcnow(),
-            worker=self.worker_name, progress={"done": 0, "total": None, "stage": "loading"},
+            job_id,
+            only_if_status=("queued",),
+            status="running",
+            started_at=utcnow(),
+            worker=self.worker_name,
+            progress={"done": 0, "total": None, "stage": "loading"},
         )
         if not started:
             return {"status": record.status}
@@ -206,9 +234,18 @@ class JobRunner:
             return {"status": "canceled"}
         except JobTimeoutException:
             limit = record.spec.get("timeout_s")
-            self._fail(job_id, problem(408, "job-timeout", "Job timed out",
-                                       f"the job ran past its limit of {limit} s", "timeout_s"),
-                       progress, timings)
+            self._fail(
+                job_id,
+                problem(
+                    408,
+                    "job-timeout",
+                    "Job timed out",
+                    f"the job ran past its limit of {limit} s",
+                    "timeout_s",
+                ),
+                progress,
+                timings,
+            )
             return {"status": "failed"}
         except BaseException as exc:
             self._fail(job_id, self._problem_for(exc, record), progress, timings)
@@ -219,26 +256,42 @@ class JobRunner:
             self.current_job_id = None
             self.stop_requested.clear()
         done = self.records.update_job(
-            job_id, only_if_status=("running",), status="succeeded", finished_at=utcnow(),
-            result=result, kept=bool(record.spec.get("keep")), timings=timings,
+            job_id,
+            only_if_status=("running",),
+            status="succeeded",
+            finished_at=utcnow(),
+            result=result,
+            kept=bool(record.spec.get("keep")),
+            timings=timings,
             progress={**progress.state, "stage": "done"},
         )
         if not done:
             self.artifacts.delete_job(job_id)
         return {"status": "succeeded" if done else "abandoned"}
 
-    def _finish(self, job_id: str, status: str, progress: _Progress | None = None,
-                timings: dict[str, float] | None = None, error: dict[str, Any] | None = None
-                ) -> None:
+    def _finish(
+        self,
+        job_id: str,
+        status: str,
+        progress: _Progress | None = None,
+        timings: dict[str, float] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
         state = progress.state if progress else {"done": 0, "total": None}
         self.records.update_job(
-            job_id, only_if_status=("queued", "running"), status=status, finished_at=utcnow(),
-            timings=timings or {}, error=error, progress={**state, "stage": status},
+            job_id,
+            only_if_status=("queued", "running"),
+            status=status,
+            finished_at=utcnow(),
+            timings=timings or {},
+            error=error,
+            progress={**state, "stage": status},
         )
         self.artifacts.delete_job(job_id)
 
-    def _fail(self, job_id: str, error: dict[str, Any], progress: _Progress,
-              timings: dict[str, float]) -> None:
+    def _fail(
+        self, job_id: str, error: dict[str, Any], progress: _Progress, timings: dict[str, float]
+    ) -> None:
         self._finish(job_id, "failed", progress, timings, error)
 
     def _problem_for(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
@@ -246,8 +299,13 @@ class JobRunner:
         if isinstance(exc, JobInputError):
             return problem(422, "invalid-input", "Invalid input", exc.detail, exc.field)
         if isinstance(exc, OperationError):
-            return problem(422, "unsupported-operation", "Operation failed", exc.detail,
-                           f"operations[{exc.index}]")
+            return problem(
+                422,
+                "unsupported-operation",
+                "Operation failed",
+                exc.detail,
+                f"operations[{exc.index}]",
+            )
         if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError | engine.MemoryBudgetError):
             oom = self._oom_problem(exc, record)
             self.models.clear()
@@ -256,31 +314,44 @@ class JobRunner:
                 torch.cuda.empty_cache()
             return oom
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return problem(507, "storage-full", "Storage full",
-                           f"no space left on the artifact store while writing the results "
-                           f"({exc}); nothing was kept: free space and submit the job again")
+            return problem(
+                507,
+                "storage-full",
+                "Storage full",
+                f"no space left on the artifact store while writing the results "
+                f"({exc}); nothing was kept: free space and submit the job again",
+            )
         if isinstance(exc, engine.InvalidInputError):
             return problem(422, "invalid-input", "Invalid input", str(exc), "model")
         if isinstance(exc, SystemExit | KeyboardInterrupt):
-            return problem(503, "worker-shutdown", "Worker shut down",
-                           "the worker shut down during the job; submit it again")
+            return problem(
+                503,
+                "worker-shutdown",
+                "Worker shut down",
+                "the worker shut down during the job; submit it again",
+            )
         _log.exception("job %s failed unexpectedly", record.id)
-        return problem(500, "internal-error", "Internal error",
-                       f"{type(exc).__name__}: {exc}")
+        return problem(500, "internal-error", "Internal error", f"{type(exc).__name__}: {exc}")
 
     def _oom_problem(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
         spec = record.spec
         rep = spec.get("representation") or "ntk"
         need = self._estimate(spec)
         need_text = f"about {need / 2**30:.2f} GiB" if need else "an unknown amount"
-        cheaper = ("a smaller 'dataset.subset'" if rep == "ntk"
-                   else f"representation {CHEAPER.get(rep, 'diag')!r} or a smaller batch_size")
+        cheaper = (
+            "a smaller 'dataset.subset'"
+            if rep == "ntk"
+            else f"representation {CHEAPER.get(rep, 'diag')!r} or a smaller batch_size"
+        )
         return problem(
-            507, "out-of-memory", "Out of memory",
+            507,
+            "out-of-memory",
+            "Out of memory",
             f"{rep!r} needs {need_text} on {self.device} and did not fit "
             f"({type(exc).__name__}); try {cheaper}",
             "representation" if rep != "ntk" else "dataset.subset",
-            estimated_bytes=need, alternative=CHEAPER.get(rep),
+            estimated_bytes=need,
+            alternative=CHEAPER.get(rep),
         )
 
     def _estimate(self, spec: dict[str, Any]) -> int | None:
@@ -292,15 +363,22 @@ class JobRunner:
             return None
         outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
         try:
-            return int(estimate(model, spec.get("representation") or "ntk",
-                                outputs[-1] if outputs else 1, spec["dataset"].get("subset")))
+            return int(
+                estimate(
+                    model,
+                    spec.get("representation") or "ntk",
+                    outputs[-1] if outputs else 1,
+                    spec["dataset"].get("subset"),
+                )
+            )
         except Exception:  # an estimate is a hint; its failure must not hide the OOM
             return None
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _execute(self, record: JobRecord, progress: _Progress, timings: dict[str, float]
-                 ) -> dict[str, Any]:
+    def _execute(
+        self, record: JobRecord, progress: _Progress, timings: dict[str, float]
+    ) -> dict[str, Any]:
         spec = record.spec
         clock = time.monotonic()
         progress.stage("loading")
@@ -320,36 +398,50 @@ class JobRunner:
         outputs = []
         for i, op in enumerate(spec["operations"]):
             progress.check()
-            outputs.append({"index": i, "op": op["op"],
-                            "outputs": self._operation(record.id, i, op, representation, spec)})
+            outputs.append(
+                {
+                    "index": i,
+                    "op": op["op"],
+                    "outputs": self._operation(record.id, i, op, representation, spec),
+                }
+            )
         kept = None
         if spec.get("keep"):
             self.representations.put((record.rep_key, str(self.device)), representation)
             if artifacts.can_persist():
                 try:
                     kept = artifacts.save_representation(
-                        self.artifacts, record.id, representation,
+                        self.artifacts,
+                        record.id,
+                        representation,
                         {"job": record.id, "rep_key": record.rep_key},
                     )
                 except (TypeError, ValueError, NotImplementedError) as exc:
                     _log.info("representation of %s kept in memory only: %s", record.id, exc)
         timings["operations_s"] = time.monotonic() - clock
-        return {"operations": outputs, "reused_from": reused_from,
-                "representation_artifact": kept}
+        return {"operations": outputs, "reused_from": reused_from, "representation_artifact": kept}
 
     def _model_key(self, spec: dict[str, Any]) -> tuple[str, ...]:
         model = spec["model"]
-        return (model["weights"], json.dumps(model["architecture"], sort_keys=True),
-                spec["dtype"], str(self.device))
+        return (
+            model["weights"],
+            json.dumps(model["architecture"], sort_keys=True),
+            spec["dtype"],
+            str(self.device),
+        )
 
     def _model(self, spec: dict[str, Any]) -> nn.Module:
         key = self._model_key(spec)
         model = self.models.get(key)
         if model is None:
             weights = spec["model"]["weights"]
-            model = load_model(spec["model"]["architecture"], self.blobs.path(weights),
-                               self.builders, self.settings.max_model_bytes,
-                               self.settings.max_header_bytes)
+            model = load_model(
+                spec["model"]["architecture"],
+                self.blobs.path(weights),
+                self.builders,
+                self.settings.max_model_bytes,
+                self.settings.max_header_bytes,
+            )
             model = model.to(device=self.device, dtype=DTYPES[spec["dtype"]])
             self.models.put(key, model)
         return model
@@ -363,8 +455,9 @@ class JobRunner:
             field = "dataset.name"
         return make_loader(path, dataset, dtype, field, needs_targets)
 
-    def _representation(self, record: JobRecord, model: nn.Module, loader: Callable[[], Any],
-                        progress: _Progress) -> tuple[Any, str | None]:
+    def _representation(
+        self, record: JobRecord, model: nn.Module, loader: Callable[[], Any], progress: _Progress
+    ) -> tuple[Any, str | None]:
         """Reuse a kept representation when the job may, else compute it."""
         spec = record.spec
         key = (record.rep_key, str(self.device))
@@ -374,11 +467,14 @@ class JobRunner:
                 return cached, record.reuse_job_id
             if artifacts.can_persist():
                 try:
-                    return (artifacts.load_representation(self.artifacts, record.reuse_job_id),
-                            record.reuse_job_id)
+                    return (
+                        artifacts.load_representation(self.artifacts, record.reuse_job_id),
+                        record.reuse_job_id,
+                    )
                 except LookupError:
-                    _log.info("kept representation of %s not on disk: recomputing",
-                              record.reuse_job_id)
+                    _log.info(
+                        "kept representation of %s not on disk: recomputing", record.reuse_job_id
+                    )
         progress.stage("computing")
         data = loader()
         common: dict[str, Any] = {"device": self.device, "progress": progress}
@@ -390,11 +486,11 @@ class JobRunner:
         if metric == "fim":
             rep = engine.FIM(model, data, rep_name, **common)
         elif metric == "fim_mc":
-            rep = engine.FIM_MonteCarlo(model, data, rep_name, trials=spec["trials"],
-                                        seed=spec.get("seed"), **common)
+            rep = engine.FIM_MonteCarlo(
+                model, data, rep_name, trials=spec["trials"], seed=spec.get("seed"), **common
+            )
         else:
-            rep = engine.EmpiricalFIM(model, data, rep_name, centering=spec["centering"],
-                                      **common)
+            rep = engine.EmpiricalFIM(model, data, rep_name, centering=spec["centering"], **common)
         if rep_name == "ekfac" and spec.get("update_diag", True):
             progress.stage("update_diag")
             rep.update_diag(data)
@@ -402,8 +498,9 @@ class JobRunner:
 
     # -- operations -------------------------------------------------------------------------
 
-    def _operation(self, job_id: str, index: int, op: dict[str, Any], rep: Any,
-                   spec: dict[str, Any]) -> dict[str, Any]:
+    def _operation(
+        self, job_id: str, index: int, op: dict[str, Any], rep: Any, spec: dict[str, Any]
+    ) -> dict[str, Any]:
         name = op["op"]
         prefix = f"op{index}_{name}"
         try:
@@ -419,16 +516,17 @@ class JobRunner:
                 return {"value": self._tensor(job_id, prefix, out.get_flat_representation())}
             if name == "eigenpairs":
                 evals, evecs = rep.eigenpairs(op["k"])
-                return {"eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
-                        "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs)}
+                return {
+                    "eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
+                    "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs),
+                }
             return self._estimator(job_id, index, op, rep)
         except (TypeError, ValueError, NotImplementedError) as exc:
             if isinstance(exc, JobInputError):
                 raise
             raise OperationError(index, f"{name}: {exc}") from exc
 
-    def _estimator(self, job_id: str, index: int, op: dict[str, Any], rep: Any
-                   ) -> dict[str, Any]:
+    def _estimator(self, job_id: str, index: int, op: dict[str, Any], rep: Any) -> dict[str, Any]:
         name = op["op"]  # one of the estimator names the job schema allows
         function = getattr(engine.estimators, name)
         accepted = inspect.signature(function).parameters
@@ -458,11 +556,13 @@ class JobRunner:
             c, n = rep.shape[:2]
             if tensor.numel() != c * n:
                 raise JobInputError(
-                    f"vector has shape {list(tensor.shape)}; the NTK needs ({c}, {n})", field)
+                    f"vector has shape {list(tensor.shape)}; the NTK needs ({c}, {n})", field
+                )
             return engine.FVector(tensor.reshape(c, n))
         lc = rep.layer_collection
         if tensor.numel() != lc.numel():
             raise JobInputError(
                 f"vector has shape {list(tensor.shape)}; the model has {lc.numel()} parameters",
-                field)
+                field,
+            )
         return engine.PVector(lc, vector_repr=tensor.reshape(-1))

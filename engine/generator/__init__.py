@@ -2,12 +2,21 @@
 
 from fimntk.engine.generator.jacobian import FALLBACK, HOOKS, BatchJacobian, Jacobian
 from fimntk.engine.generator.outputs import (
-           EmpiricalFisher,
-           ExactFisher,
-           Identity,
-           MonteCarloFisher,
-           PseudoOutputs,
+    EmpiricalFisher,
+    ExactFisher,
+    Identity,
+    MonteCarloFisher,
+    PseudoOutputs,
 )
 
-__all__ = ["FALLBACK", "HOOKS", "BatchJacobian", "EmpiricalFisher", "ExactFisher", "Identity",
-           "Jacobian", "MonteCarloFisher", "PseudoOutputs"]
+__all__ = [
+    "FALLBACK",
+    "HOOKS",
+    "BatchJacobian",
+    "EmpiricalFisher",
+    "ExactFisher",
+    "Identity",
+    "Jacobian",
+    "MonteCarloFisher",
+    "PseudoOutputs",
+]

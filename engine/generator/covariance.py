@@ -68,7 +68,7 @@ def sum_gram(x: Tensor, total: Tensor | None) -> Tensor:
         return add_lower_gram(None if total is None else total[0], x.reshape(m, p))[None]
     step = max(1, _GRAM_CHUNK // max(1, grp * p * p))
     for s in range(0, m, step):
-        part = torch.matmul(x[s:s + step].mT, x[s:s + step]).sum(dim=0)
+        part = torch.matmul(x[s : s + step].mT, x[s : s + step]).sum(dim=0)
         total = part if total is None else total.add_(part)
     return total
 
@@ -111,8 +111,9 @@ class DiagAcc(Accumulator):
 
     def update(self, bj: BatchJacobian) -> None:
         if self.total is None:
-            self.total = torch.zeros(bj.layer_collection[self.name].numel, dtype=bj.dtype,
-                                     device=bj.device)
+            self.total = torch.zeros(
+                bj.layer_collection[self.name].numel, dtype=bj.dtype, device=bj.device
+            )
         bj.add_layer_sq_sum(self.name, self.total)
 
     def result(self, n: int) -> Tensor:

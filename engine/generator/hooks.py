@@ -17,17 +17,23 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 
-def count_calls(counted: dict[str, nn.Module], skip: dict[str, nn.Module],
-                calls: dict[str, int]) -> list[RemovableHandle]:
+def count_calls(
+    counted: dict[str, nn.Module], skip: dict[str, nn.Module], calls: dict[str, int]
+) -> list[RemovableHandle]:
     """Forward hooks adding each call of a module of ``counted`` (not in ``skip``, whose own
     hooks count) to ``calls``; the handles, to remove."""
+
     def counter(name: str):
         def hook(module, inputs, output):
             calls[name] = calls.get(name, 0) + 1
+
         return hook
 
-    return [module.register_forward_hook(counter(name)) for name, module in counted.items()
-            if name not in skip]
+    return [
+        module.register_forward_hook(counter(name))
+        for name, module in counted.items()
+        if name not in skip
+    ]
 
 
 @dataclass
@@ -83,8 +89,9 @@ class ForwardCapture:
 
     def __enter__(self) -> ForwardCapture:
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._capture_hook(name),
-                                                              with_kwargs=True))
+            self._handles.append(
+                module.register_forward_hook(self._capture_hook(name), with_kwargs=True)
+            )
         self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
@@ -101,12 +108,16 @@ class ForwardCapture:
                 return None
             self.captures.setdefault(name, []).append(Capture.of(x, output))
             return output.clone() if name in self.clone else None
+
         return hook
 
     def modified_in_place(self) -> set[str]:
         """Layers whose captured output was changed in place after the hook ran."""
-        return {n for n, caps in self.captures.items()
-                if any(c.y is not None and c.y._version != c.version for c in caps)}
+        return {
+            n
+            for n, caps in self.captures.items()
+            if any(c.y is not None and c.y._version != c.version for c in caps)
+        }
 
     def release_outputs(self) -> None:
         """Drop the references to the captured outputs that have a gradient edge (see

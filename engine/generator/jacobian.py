@@ -70,16 +70,18 @@ def _head(batch: tuple, m: int) -> tuple:
     return tuple(t[:m] if isinstance(t, Tensor) and t.dim() > 0 else t for t in batch)
 
 
-def weighted_grad(out: Tensor, inputs: list[Tensor | GradientEdge], weight: Tensor,
-                  retain_graph: bool = False) -> tuple:
+def weighted_grad(
+    out: Tensor, inputs: list[Tensor | GradientEdge], weight: Tensor, retain_graph: bool = False
+) -> tuple:
     """``∂⟨w, out⟩/∂inputs`` (a vector-Jacobian product), ``None`` for an unused input.
 
     Differentiates the scalar ``Σ w ⊙ out`` rather than passing ``grad_outputs``: torch checks a
     given output gradient with its symbolic-shape machinery, whose first use imports sympy
     (seconds, and tens of MB of resident memory) — a cost no FIM should pay.
     """
-    return torch.autograd.grad((out * weight).sum(), inputs, retain_graph=retain_graph,
-                               allow_unused=True)
+    return torch.autograd.grad(
+        (out * weight).sum(), inputs, retain_graph=retain_graph, allow_unused=True
+    )
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:
@@ -90,7 +92,8 @@ def check_finite(t: Tensor, what: str) -> Tensor:
     if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise InvalidInputError(
             f"the {what} is non-finite (NaN or inf) although the outputs were finite: check "
-            "the inputs (e.g. inf fed to a saturating unit) and the scale of the weights")
+            "the inputs (e.g. inf fed to a saturating unit) and the scale of the weights"
+        )
     return t
 
 
@@ -106,11 +109,20 @@ class BatchJacobian:
         cache: shared by the chunks of one batch (folded inputs, sums over chunks).
     """
 
-    def __init__(self, n: int, k: int, kernels: dict[str, LayerKernel],
-                 captured: dict[str, tuple[Tensor, Tensor]], fallback: dict[str, Tensor],
-                 layer_collection: LayerCollection, dtype: torch.dtype,
-                 device: torch.device, first: bool = True, last: bool = True,
-                 cache: dict | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        k: int,
+        kernels: dict[str, LayerKernel],
+        captured: dict[str, tuple[Tensor, Tensor]],
+        fallback: dict[str, Tensor],
+        layer_collection: LayerCollection,
+        dtype: torch.dtype,
+        device: torch.device,
+        first: bool = True,
+        last: bool = True,
+        cache: dict | None = None,
+    ) -> None:
         self.n, self.k = n, k
         self.first, self.last = first, last
         self.cache = {} if cache is None else cache
@@ -144,8 +156,9 @@ class BatchJacobian:
         if name in self.captured:
             x, gy = self.captured[name]
             return self.kernels[name].per_example_grads(x, gy)
-        return torch.zeros(self.k, self.n, self.layer_collection[name].numel,
-                           dtype=self.dtype, device=self.device)
+        return torch.zeros(
+            self.k, self.n, self.layer_collection[name].numel, dtype=self.dtype, device=self.device
+        )
 
     def grads(self) -> Tensor:
         """Per-example gradients of all layers, flat order: ``(K, n, d)``."""
@@ -195,11 +208,17 @@ class Jacobian:
         progress: ``progress(done, total, stage)`` after each batch.
     """
 
-    def __init__(self, model: nn.Module, layer_collection: LayerCollection | None = None,
-                 function: Callable | None = None, n_output: int | None = None,
-                 pseudo_outputs: PseudoOutputs | None = None,
-                 device: str | torch.device | None = None, verbose: bool = False,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_collection: LayerCollection | None = None,
+        function: Callable | None = None,
+        n_output: int | None = None,
+        pseudo_outputs: PseudoOutputs | None = None,
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
         self.model = model
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
         self.function = function or default_function(model)
@@ -223,11 +242,15 @@ class Jacobian:
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 BatchNormKernel(module).check()
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training \
-                    and module.p > 0:
+            if (
+                isinstance(module, nn.modules.dropout._DropoutNd)
+                and module.training
+                and module.p > 0
+            ):
                 raise InvalidInputError(
                     f"{type(module).__name__} is in train mode, so the outputs are random and "
-                    "the Fisher or NTK would be a random matrix: call model.eval() first")
+                    "the Fisher or NTK would be a random matrix: call model.eval() first"
+                )
         owners: dict[int, int] = {}
         for _, module in self.model.named_modules(remove_duplicate=False):
             for _, p in module.named_parameters(recurse=False):
@@ -247,8 +270,9 @@ class Jacobian:
     @property
     def paths(self) -> dict[str, str]:
         """``{layer: "hooks" | "torch.func"}``; final once the first batch has been seen."""
-        return {e.name: HOOKS if e.name in self._kernels else FALLBACK
-                for e in self.layer_collection}
+        return {
+            e.name: HOOKS if e.name in self._kernels else FALLBACK for e in self.layer_collection
+        }
 
     # ----- batches -------------------------------------------------------------------------
     def _prepare(self, batch) -> tuple:
@@ -257,7 +281,8 @@ class Jacobian:
         elif isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
             raise InvalidInputError(
                 "the loader must yield tensors or tuples of tensors such as (x,) or (x, y); "
-                "pass function= to read other batch structures")
+                "pass function= to read other batch structures"
+            )
         out = []
         for t in batch:
             if isinstance(t, Tensor):
@@ -276,7 +301,8 @@ class Jacobian:
             raise InvalidInputError(
                 f"the model could not be applied to a batch with tensors of shapes {shapes}: "
                 f"{err}. Make the loader yield inputs of the shape the model expects, or pass "
-                "function= to say how to apply the model to a batch") from err
+                "function= to say how to apply the model to a batch"
+            ) from err
         return self.check_outputs(out)
 
     def check_outputs(self, out) -> Tensor:
@@ -285,25 +311,30 @@ class Jacobian:
         if not isinstance(out, Tensor):
             raise InvalidInputError(
                 f"the model returned {type(out).__name__}, not a tensor: pass function= "
-                "returning the (n, c) outputs")
+                "returning the (n, c) outputs"
+            )
         if out.dim() == 1:
             out = out.unsqueeze(1)
         if out.dim() != 2:
             raise InvalidInputError(
                 f"outputs must have shape (n, c); got {tuple(out.shape)}: pass function= that "
-                "flattens them")
+                "flattens them"
+            )
         if self.n_output is not None and out.shape[1] != self.n_output:
             raise InvalidInputError(
                 f"n_output={self.n_output} but the model outputs {out.shape[1]} values per "
-                "example: fix n_output or leave it out")
+                "example: fix n_output or leave it out"
+            )
         if not torch.isfinite(out).all():
             raise InvalidInputError(
                 "the model produced non-finite outputs (NaN or inf) on this batch: check the "
-                "weights and the inputs")
+                "weights and the inputs"
+            )
         return out
 
-    def _fallback_grads(self, batch: tuple, names: list[str], weights: Tensor,
-                        outputs: Tensor) -> dict:
+    def _fallback_grads(
+        self, batch: tuple, names: list[str], weights: Tensor, outputs: Tensor
+    ) -> dict:
         """Per-example pseudo-output gradients of the fallback layers: ``{layer: (K, n, d_l)}``.
 
         ``outputs`` is the batch's ``(n, c)`` output with its graph, against which the per-example
@@ -334,22 +365,27 @@ class Jacobian:
                 if self._loop_examples:
                     jac = self._looped_jacobians(single, params, batch)
                     if not self._check_fallback(jac, outputs, named):
-                        raise RuntimeError("the per-example gradients do not add up to the "
-                                           "batch's gradient")
+                        raise RuntimeError(
+                            "the per-example gradients do not add up to the batch's gradient"
+                        )
         except RuntimeError as err:
             if "randomness" in str(err):
                 raise InvalidInputError(
                     "the model draws random numbers in its forward (e.g. Dropout in train mode): "
-                    "call model.eval() first") from err
+                    "call model.eval() first"
+                ) from err
             raise InvalidInputError(
                 f"torch.func could not compute per-example gradients of layer(s) {names}: {err}."
                 " Layers that modify their parameters in place during the forward pass (e.g. "
                 "Embedding(max_norm=...)) or that mix examples are not supported; leave them "
-                "out with layer_collection=LayerCollection.from_model(model).sub([...])") from err
+                "out with layer_collection=LayerCollection.from_model(model).sub([...])"
+            ) from err
         out = {}
         for name in names:
-            parts = [jac[pn].reshape(jac[pn].shape[0], jac[pn].shape[1], -1)
-                     for pn in self.layer_collection[name].param_names()]
+            parts = [
+                jac[pn].reshape(jac[pn].shape[0], jac[pn].shape[1], -1)
+                for pn in self.layer_collection[name].param_names()
+            ]
             j = torch.cat(parts, dim=2)  # (n, c, d_l)
             out[name] = torch.einsum("knc,ncd->knd", weights, j.to(weights.dtype))
         return out
@@ -370,8 +406,9 @@ class Jacobian:
         r = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
         pnames = list(jac)
         with torch.enable_grad():
-            grads = torch.autograd.grad((out * r).sum(), [named[pn] for pn in pnames],
-                                        retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(
+                (out * r).sum(), [named[pn] for pn in pnames], retain_graph=True, allow_unused=True
+            )
         tol = 10 * torch.finfo(out.dtype).eps ** 0.5
         for pn, g in zip(pnames, grads):
             got = torch.einsum("nc,nc...->...", r, jac[pn].to(out.dtype))
@@ -399,8 +436,9 @@ class Jacobian:
             rows.append(jacrev(single)(params, *example))
         return {pn: torch.stack([r[pn] for r in rows]) for pn in params}
 
-    def _backward(self, out: Tensor, ys: list[Tensor | GradientEdge], weights: Tensor,
-                  retain: bool) -> list:
+    def _backward(
+        self, out: Tensor, ys: list[Tensor | GradientEdge], weights: Tensor, retain: bool
+    ) -> list:
         """``∂(w_k · out)/∂y`` for each pseudo-output k: one plain backward pass per k.
 
         A loop of K ordinary passes is faster on the CPU than one ``is_grads_batched`` pass
@@ -477,10 +515,19 @@ class Jacobian:
                 for nm, c, gy in zip(names, caps, gys):
                     captured[nm] = (c.x, c.zeros(e - s) if gy is None else gy)
                 del gys
-            bj = BatchJacobian(n, e - s, self._kernels, captured,
-                               {nm: f[s:e] for nm, f in fallback.items()},
-                               self.layer_collection, out.dtype, out.device,
-                               first=s == 0, last=e == k, cache=cache)
+            bj = BatchJacobian(
+                n,
+                e - s,
+                self._kernels,
+                captured,
+                {nm: f[s:e] for nm, f in fallback.items()},
+                self.layer_collection,
+                out.dtype,
+                out.device,
+                first=s == 0,
+                last=e == k,
+                cache=cache,
+            )
             del captured
             yield bj
             if split:  # consumed: free this chunk's gradients before the next backward pass
@@ -490,8 +537,11 @@ class Jacobian:
 
     def _verify_key(self) -> tuple:
         params = self.layer_collection.parameters(self.model)
-        return (self._function_key, tuple(e.name for e in self.layer_collection),
-                tuple(id(p) for p in params))
+        return (
+            self._function_key,
+            tuple(e.name for e in self.layer_collection),
+            tuple(id(p) for p in params),
+        )
 
     def _apply_known(self, key: tuple | None = None) -> bool:
         """Apply a remembered verification if it covers every hooked layer; say whether it did."""
@@ -533,15 +583,20 @@ class Jacobian:
         caps = [capture.captures[nm][0] for nm in names]
         ys = [c.target for c in caps]
         params = [p for nm in names for _, p in self._kernels[nm].parameters()]
-        grads = weighted_grad(out, ys + params, torch.einsum("k,knc->nc", r, weights),
-                              retain_graph=True)
-        gys, true = grads[:len(ys)], grads[len(ys):]
+        grads = weighted_grad(
+            out, ys + params, torch.einsum("k,knc->nc", r, weights), retain_graph=True
+        )
+        gys, true = grads[: len(ys)], grads[len(ys) :]
         i, failed = 0, set()
         for nm, c, gy in zip(names, caps, gys):
             kernel = self._kernels[nm]
             kp = kernel.parameters()
-            ref = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                             for g, (_, p) in zip(true[i:i + len(kp)], kp)])
+            ref = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, (_, p) in zip(true[i : i + len(kp)], kp)
+                ]
+            )
             i += len(kp)
             gy = c.zeros() if gy is None else gy
             hooked = kernel.grad_sum(c.x, gy.unsqueeze(0))
@@ -557,8 +612,9 @@ class Jacobian:
         ok0, failed0 = store.get(key, (frozenset(), frozenset()))
         store[key] = (ok0 | (set(names) - failed), failed0 | failed)
 
-    def batches(self, loader: Iterable, stage: str = "jacobian",
-                split: bool = True) -> Iterator[BatchJacobian]:
+    def batches(
+        self, loader: Iterable, stage: str = "jacobian", split: bool = True
+    ) -> Iterator[BatchJacobian]:
         """Yield :class:`BatchJacobian` chunks (see :meth:`_run_batch`); counts examples in
         :attr:`n_examples`. ``split=False`` yields one chunk with all pseudo-outputs per batch."""
         total = None
@@ -568,6 +624,7 @@ class Jacobian:
         bar = None
         if self.verbose:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=total, desc=stage, unit="ex")
         self.n_examples = 0
         try:
@@ -593,8 +650,9 @@ class Jacobian:
     # ----- aggregates ----------------------------------------------------------------------
     def get_jacobian(self, loader: Iterable) -> Tensor:
         """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised)."""
-        return check_finite(torch.cat([bj.grads() for bj in self.batches(loader, split=False)],
-                                      dim=1), "Jacobian")
+        return check_finite(
+            torch.cat([bj.grads() for bj in self.batches(loader, split=False)], dim=1), "Jacobian"
+        )
 
     def get_covariance_matrix(self, loader: Iterable) -> Tensor:
         """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
@@ -610,8 +668,7 @@ class Jacobian:
         total: Tensor | None = None
         for bj in self.batches(loader, "diag"):
             if total is None:
-                total = torch.zeros(self.layer_collection.numel(), dtype=bj.dtype,
-                                    device=bj.device)
+                total = torch.zeros(self.layer_collection.numel(), dtype=bj.dtype, device=bj.device)
                 views = total.split([e.numel for e in self.layer_collection])
             for e, view in zip(self.layer_collection, views):
                 bj.add_layer_sq_sum(e.name, view)
@@ -658,16 +715,21 @@ class Jacobian:
             out = self._forward(batch, ForwardCapture({}))
             w = self.pseudo_outputs(out.detach(), batch).sum(dim=0)
             grads = weighted_grad(out, params, w)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                              for g, p in zip(grads, params)])
+            flat = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(grads, params)
+                ]
+            )
             total = flat if total is None else total + flat
             n += out.shape[0]
         if n == 0:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         return check_finite(total / n, "mean gradient")
 
-    def accumulate(self, loader: Iterable, accumulators: list | Callable[[], list],
-                   stage: str = "statistics") -> dict:
+    def accumulate(
+        self, loader: Iterable, accumulators: list | Callable[[], list], stage: str = "statistics"
+    ) -> dict:
         """Run each accumulator (see :mod:`fimntk.engine.generator.covariance`) over the loader in
         one pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
         them, called once the first batch has settled which layers take the hooks."""
@@ -681,8 +743,10 @@ class Jacobian:
         for name, stat in out.items():
             for t in stat if isinstance(stat, tuple) else (stat,):
                 square = t.dim() >= 2 and t.shape[-1] == t.shape[-2]  # PSD: NaN reaches diag
-                check_finite(torch.diagonal(t, dim1=-2, dim2=-1) if square else t,
-                             f"statistic of layer {name!r}")
+                check_finite(
+                    torch.diagonal(t, dim1=-2, dim2=-1) if square else t,
+                    f"statistic of layer {name!r}",
+                )
         return out
 
     def kernel(self, name: str) -> LayerKernel | None:

@@ -48,7 +48,8 @@ def _check_binary(out: Tensor) -> None:
     if out.shape[1] != 1:
         raise InvalidInputError(
             f"variant 'classif_binary_logits' expects one logit per example; the model outputs "
-            f"{out.shape[1]}: use 'classif_logits' for several classes")
+            f"{out.shape[1]}: use 'classif_logits' for several classes"
+        )
 
 
 class PseudoOutputs(ABC):
@@ -90,8 +91,13 @@ class ExactFisher(PseudoOutputs):
 class MonteCarloFisher(PseudoOutputs):
     """``trials`` samples ``y ~ p(y|x)``; row t is ``∇_f log p(y_t|x) / √trials``."""
 
-    def __init__(self, variant: str, trials: int = 1, sigma: float = 1.0,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        variant: str,
+        trials: int = 1,
+        sigma: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         check_variant(variant)
         if int(trials) < 1:
             raise InvalidInputError(f"trials must be a positive integer, got {trials}")
@@ -133,7 +139,8 @@ class EmpiricalFisher(PseudoOutputs):
     def _targets(self, batch: tuple) -> Tensor:
         if len(batch) <= self.target_index:
             raise InvalidInputError(
-                "the empirical Fisher needs targets: the loader must yield (inputs, targets)")
+                "the empirical Fisher needs targets: the loader must yield (inputs, targets)"
+            )
         return batch[self.target_index]
 
     def __call__(self, out: Tensor, batch: tuple) -> Tensor:
@@ -143,7 +150,8 @@ class EmpiricalFisher(PseudoOutputs):
             y = y.reshape(-1).long()
             if y.numel() != n or (y < 0).any() or (y >= c).any():
                 raise InvalidInputError(
-                    f"classification targets must be n={n} class indices in [0, {c})")
+                    f"classification targets must be n={n} class indices in [0, {c})"
+                )
             p = torch.softmax(out, dim=1)
             return (torch.nn.functional.one_hot(y, c).to(out.dtype) - p)[None]
         if self.variant == "classif_binary_logits":
@@ -151,5 +159,6 @@ class EmpiricalFisher(PseudoOutputs):
             return (y.reshape(n, 1).to(out.dtype) - torch.sigmoid(out))[None]
         if y.numel() != n * c:
             raise InvalidInputError(
-                f"regression targets must have n·c = {n * c} values; got shape {tuple(y.shape)}")
+                f"regression targets must have n·c = {n * c} values; got shape {tuple(y.shape)}"
+            )
         return ((y.reshape(n, c).to(out.dtype) - out) / self.sigma**2)[None]

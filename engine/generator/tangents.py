@@ -58,10 +58,10 @@ class TangentCapture:
     def __enter__(self) -> TangentCapture:
         for name, module in self.modules.items():
             if name in self.input_linear:
-                self._handles.append(module.register_forward_pre_hook(self._strip(name),
-                                                                      with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._hook(name),
-                                                              with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(self._strip(name), with_kwargs=True)
+                )
+            self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
         self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
@@ -79,6 +79,7 @@ class TangentCapture:
                 return None
             self._input_tangents[name] = tangent
             return (primal, *args[1:]), kwargs
+
         return pre_hook
 
     def _hook(self, name: str):
@@ -103,4 +104,5 @@ class TangentCapture:
                 self._inside = False
             primal, tangent = fwad.unpack_dual(output)
             return fwad.make_dual(primal, own if tangent is None else own.add_(tangent))
+
         return hook

@@ -63,13 +63,18 @@ class LayerKernel(ABC):
     def grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         """``Σ_{k,i} g_{k,i}``: the ordinary gradient of the summed pseudo-outputs, ``(d_l,)``."""
         step = max(1, _CHUNK_ELEMENTS // max(1, gy.shape[0] * self.numel()))
-        return sum(self.per_example_grads(x[s:s + step], gy[:, s:s + step]).sum(dim=(0, 1))
-                   for s in range(0, x.shape[0], step))
+        return sum(
+            self.per_example_grads(x[s : s + step], gy[:, s : s + step]).sum(dim=(0, 1))
+            for s in range(0, x.shape[0], step)
+        )
 
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         """``Σ_{k,i} g_{k,i} ⊙ g_{k,i}`` over pseudo-outputs k and examples i, ``(d_l,)``."""
-        return chunked_sq_sum(lambda sl: self.per_example_grads(x[sl], gy[:, sl]), x.shape[0],
-                              per_example_numel=gy.shape[0] * self.numel())
+        return chunked_sq_sum(
+            lambda sl: self.per_example_grads(x[sl], gy[:, sl]),
+            x.shape[0],
+            per_example_numel=gy.shape[0] * self.numel(),
+        )
 
     def sq_output_sum(self, x: Tensor, gy: Tensor) -> Tensor | None:
         """Where the diagonal factors as ``F(x, Σ_k h(gy_k))``, the output-side sum

@@ -56,7 +56,8 @@ class BatchNormKernel(AffineNormKernel):
             raise TrainModeBatchNormError(
                 f"{type(m).__name__} normalises with batch statistics (train mode or "
                 "track_running_stats=False), which couple the examples of a batch, so "
-                "per-example Jacobians are not defined: call model.eval() first")
+                "per-example Jacobians are not defined: call model.eval() first"
+            )
 
     def normalized(self, x: Tensor) -> Tensor:
         m = self.module

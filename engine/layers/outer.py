@@ -124,13 +124,13 @@ class OuterKernel(LayerKernel):
         a = self.inputs(x)[:, :, 0]
         n, groups, q = total.shape
         p = a.shape[-1]
-        w = self.outer_view(out[:groups * q * p], groups, q, p)
+        w = self.outer_view(out[: groups * q * p], groups, q, p)
         tt, at = total.permute(1, 2, 0), a.transpose(0, 1)
         step = max(1, _SQUARE_CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
         for s in range(0, n, step):  # a ⊙ a a few rows at a time
-            w.baddbmm_(tt[..., s:s + step], at[:, s:s + step].square())
+            w.baddbmm_(tt[..., s : s + step], at[:, s : s + step].square())
         if self.has_bias:
-            out[groups * q * p:].add_(total.sum(dim=0).reshape(-1))
+            out[groups * q * p :].add_(total.sum(dim=0).reshape(-1))
 
     def gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor) -> Tensor:
         a1, g1 = self.outer(x1, gy1)
@@ -152,7 +152,6 @@ class OuterKernel(LayerKernel):
             out += torch.einsum("kib,ljb->kilj", b1, b2)
         return out
 
-
     def add_gram(self, x1: Tensor, gy1: Tensor, x2: Tensor, gy2: Tensor, out: Tensor) -> None:
         """With one position (``T = 1``) and a folding bias the Gram of layer ``g ãᵀ`` is
         ``(g₁·g₂)(a₁·a₂ + 1)``: per group one product of the output sides, multiplied into
@@ -162,8 +161,11 @@ class OuterKernel(LayerKernel):
         a2, g2 = (a1, g1) if (x2 is x1 and gy2 is gy1) else self.outer(x2, gy2)
         k, n1, grp, t, q = g1.shape
         n2 = a2.shape[0]
-        if (t != 1 or (self.has_bias and not self.bias_folds)
-                or k * k * n1 * n2 > _GRAM_MAX_ELEMENTS):
+        if (
+            t != 1
+            or (self.has_bias and not self.bias_folds)
+            or k * k * n1 * n2 > _GRAM_MAX_ELEMENTS
+        ):
             out.add_(self.gram(x1, gy1, x2, gy2))
             return
         aa = torch.einsum("igp,jgp->gij", a1[:, :, 0], a2[:, :, 0])  # (G, n1, n2)
@@ -218,8 +220,9 @@ class ConvKernel(OuterKernel):
         kk = 1
         for k in m.kernel_size:
             kk *= k
-        return MatLayout(m.groups, m.out_channels // m.groups, m.in_channels // m.groups * kk,
-                         self.has_bias)
+        return MatLayout(
+            m.groups, m.out_channels // m.groups, m.in_channels // m.groups * kk, self.has_bias
+        )
 
     def _unfold_args(self, padding: tuple[int, ...]) -> dict:
         m, sd = self.module, self.spatial_dims
@@ -253,11 +256,20 @@ class ConvKernel(OuterKernel):
         weight_grad = torch.nn.grad.conv1d_weight if sd == 1 else torch.nn.grad.conv2d_weight
         xi = x.reshape(1, n * m.in_channels, *x.shape[2:])
         size = (n * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
-        gw = torch.stack([
-            weight_grad(xi, size, gy[i].reshape(1, n * m.out_channels, *gy.shape[3:]),
-                        stride=m.stride, padding=padding, dilation=m.dilation,
-                        groups=n * m.groups).reshape(n, -1)
-            for i in range(k)])
+        gw = torch.stack(
+            [
+                weight_grad(
+                    xi,
+                    size,
+                    gy[i].reshape(1, n * m.out_channels, *gy.shape[3:]),
+                    stride=m.stride,
+                    padding=padding,
+                    dilation=m.dilation,
+                    groups=n * m.groups,
+                ).reshape(n, -1)
+                for i in range(k)
+            ]
+        )
         if self.has_bias:
             return torch.cat([gw, gy.reshape(k, n, m.out_channels, -1).sum(dim=3)], dim=2)
         return gw
@@ -268,8 +280,15 @@ class ConvKernel(OuterKernel):
         x, padding = _conv_input(m, x)
         weight_grad = torch.nn.grad.conv1d_weight if sd == 1 else torch.nn.grad.conv2d_weight
         g = gy.sum(dim=0)
-        gw = weight_grad(x, m.weight.shape, g, stride=m.stride, padding=padding,
-                         dilation=m.dilation, groups=m.groups).reshape(-1)
+        gw = weight_grad(
+            x,
+            m.weight.shape,
+            g,
+            stride=m.stride,
+            padding=padding,
+            dilation=m.dilation,
+            groups=m.groups,
+        ).reshape(-1)
         if self.has_bias:
             return torch.cat([gw, g.reshape(g.shape[0], m.out_channels, -1).sum(dim=(0, 2))])
         return gw
@@ -300,13 +319,19 @@ class ConvTransposeKernel(OuterKernel):
         kk = 1
         for k in m.kernel_size:
             kk *= k
-        return MatLayout(m.groups, m.out_channels // m.groups * kk, m.in_channels // m.groups,
-                         False, transposed=True)
+        return MatLayout(
+            m.groups,
+            m.out_channels // m.groups * kk,
+            m.in_channels // m.groups,
+            False,
+            transposed=True,
+        )
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         return module.padding_mode == "zeros" and all(
-            op < s for op, s in zip(module.output_padding, module.stride))
+            op < s for op, s in zip(module.output_padding, module.stride)
+        )
 
     def inputs(self, x: Tensor) -> Tensor:
         m = self.module
@@ -316,15 +341,18 @@ class ConvTransposeKernel(OuterKernel):
         m, sd = self.module, self.spatial_dims
         n, grp, k = x.shape[0], m.groups, gy.shape[0]
         positions = x[0, 0].numel()
-        cols = F.unfold(_as_2d(gy.reshape(k * n, *gy.shape[2:]), sd),
-                        kernel_size=_pair(m.kernel_size, sd, 1),
-                        dilation=_pair(m.dilation, sd, 1),
-                        padding=_pair(m.padding, sd, 0),
-                        stride=_pair(m.stride, sd, 1))
+        cols = F.unfold(
+            _as_2d(gy.reshape(k * n, *gy.shape[2:]), sd),
+            kernel_size=_pair(m.kernel_size, sd, 1),
+            dilation=_pair(m.dilation, sd, 1),
+            padding=_pair(m.padding, sd, 0),
+            stride=_pair(m.stride, sd, 1),
+        )
         if cols.shape[-1] != positions:
             raise ValueError(
                 f"ConvTranspose output of shape {tuple(gy.shape[2:])} was not produced by its "
-                "output_padding; pass output_padding to the module instead of output_size")
+                "output_padding; pass output_padding to the module instead of output_size"
+            )
         return cols.reshape(k, n, grp, -1, cols.shape[-1]).transpose(3, 4)
 
     def weight_from_outer(self, gw: Tensor) -> Tensor:

@@ -12,8 +12,18 @@ from fimntk.engine.pspace.layered import PMatEKFAC, PMatKFAC, PMatLayered, PMatM
 from fimntk.engine.pspace.lowrank import PMatLowRank
 
 REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
-    cls.name: cls for cls in (PMatDense, PMatDiag, PMatBlockDiag, PMatQuasiDiag, PMatKFAC,
-                              PMatEKFAC, PMatMixed, PMatLowRank, PMatImplicit)
+    cls.name: cls
+    for cls in (
+        PMatDense,
+        PMatDiag,
+        PMatBlockDiag,
+        PMatQuasiDiag,
+        PMatKFAC,
+        PMatEKFAC,
+        PMatMixed,
+        PMatLowRank,
+        PMatImplicit,
+    )
 }
 
 
@@ -26,7 +36,8 @@ def resolve_representation(rep: str | type[PMatAbstract]) -> type[PMatAbstract]:
         if key in REPRESENTATIONS:
             return REPRESENTATIONS[key]
     raise InvalidInputError(
-        f"unknown representation {rep!r}; use one of {sorted(REPRESENTATIONS)} or a PMat class")
+        f"unknown representation {rep!r}; use one of {sorted(REPRESENTATIONS)} or a PMat class"
+    )
 
 
 __all__ = [

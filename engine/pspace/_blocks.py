@@ -72,7 +72,8 @@ class Block(ABC):
         if type(other) is not type(self):
             raise UnsupportedOperationError(
                 f"cannot add a {other.kind} block to a {self.kind} block: convert with "
-                "to_torch() and use PMatDense")
+                "to_torch() and use PMatDense"
+            )
         t1, t2 = self.tensors(), other.tensors()
         return type(self).from_tensors({k: t1[k] + sign * t2[k] for k in t1}, self.layout)
 
@@ -108,8 +109,11 @@ class DenseBlock(Block):
         return self.m
 
     def solve(self, x: Tensor, regul: float) -> Tensor:
-        return spd_solve(self.m, x.t() if x.dim() > 1 else x, regul).t() if x.dim() > 1 \
+        return (
+            spd_solve(self.m, x.t() if x.dim() > 1 else x, regul).t()
+            if x.dim() > 1
             else spd_solve(self.m, x, regul)
+        )
 
     def pow(self, exponent: float, regul: float) -> DenseBlock:
         evals, evecs = torch.linalg.eigh(self.m.double())
@@ -198,12 +202,12 @@ def _row_major(m: Tensor) -> Tensor:
     n, b = r.shape[-1], _TRANSPOSE_BLOCK
     for mat in r.reshape(-1, n, n):
         for i in range(0, n, b):
-            diag = mat[i:i + b, i:i + b]
+            diag = mat[i : i + b, i : i + b]
             diag.copy_(diag.t().clone())
             for j in range(i + b, n, b):
-                upper = mat[i:i + b, j:j + b].clone()
-                mat[i:i + b, j:j + b] = mat[j:j + b, i:i + b].t()
-                mat[j:j + b, i:i + b] = upper.t()
+                upper = mat[i : i + b, j : j + b].clone()
+                mat[i : i + b, j : j + b] = mat[j : j + b, i : i + b].t()
+                mat[j : j + b, i : i + b] = upper.t()
     return r
 
 
@@ -225,7 +229,7 @@ def _mm_float64(m: Tensor, x: Tensor) -> Tensor:
     out = torch.empty(m.shape[0], m.shape[1], x.shape[-1], dtype=torch.float64, device=m.device)
     step = max(1, (32 << 20) // (8 * m.shape[-1]))
     for i in range(0, m.shape[1], step):
-        torch.matmul(m[:, i:i + step].double(), x, out=out[:, i:i + step])
+        torch.matmul(m[:, i : i + step].double(), x, out=out[:, i : i + step])
     return out
 
 
@@ -314,8 +318,10 @@ class KronBlock(Block):
         return self._layout.from_mat(self.g @ m @ self.a)
 
     def trace(self) -> Tensor:
-        return (torch.diagonal(self.a, dim1=-2, dim2=-1).sum(-1)
-                * torch.diagonal(self.g, dim1=-2, dim2=-1).sum(-1)).sum()
+        return (
+            torch.diagonal(self.a, dim1=-2, dim2=-1).sum(-1)
+            * torch.diagonal(self.g, dim1=-2, dim2=-1).sum(-1)
+        ).sum()
 
     def frob_sq(self) -> Tensor:
         return ((self.a.double() ** 2).sum((-2, -1)) * (self.g.double() ** 2).sum((-2, -1))).sum()
@@ -353,8 +359,9 @@ class KronBlock(Block):
             u, d, rest = thin
             a = (u * d.to(u.dtype)[..., None, :]) @ u.transpose(-1, -2)
             a.diagonal(dim1=-2, dim2=-1).add_(rest.to(a.dtype)[:, None])
-        return KronBlock(a.to(self.a.dtype), _sym_pow(self.g, exponent, sg).to(self.g.dtype),
-                         self._layout)
+        return KronBlock(
+            a.to(self.a.dtype), _sym_pow(self.g, exponent, sg).to(self.g.dtype), self._layout
+        )
 
     def solve(self, x: Tensor, regul: float) -> Tensor:
         """``(G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹`` in float64, by Cholesky factorizations of the
@@ -373,8 +380,7 @@ class KronBlock(Block):
                 u = u.double()
                 y = ((y @ u) * d[..., None, :]) @ u.transpose(-1, -2) + y * rest[:, None, None]
         except RuntimeError as err:
-            raise InvalidInputError(
-                "a Kronecker factor is singular: use a positive regul") from err
+            raise InvalidInputError("a Kronecker factor is singular: use a positive regul") from err
         return self._layout.from_mat(y).to(x.dtype)
 
     def scaled(self, s: float) -> KronBlock:
@@ -383,7 +389,8 @@ class KronBlock(Block):
     def combine(self, other: Block, sign: float) -> Block:
         raise UnsupportedOperationError(
             "the sum of two KFAC matrices is not a Kronecker product: convert with to_torch() "
-            "and use PMatDense, or combine their EKFAC forms")
+            "and use PMatDense, or combine their EKFAC forms"
+        )
 
 
 class EKronBlock(Block):
@@ -405,8 +412,9 @@ class EKronBlock(Block):
 
     kind = "ekfac"
 
-    def __init__(self, u_a: Tensor, u_g: Tensor, s: Tensor, layout: MatLayout,
-                 rest: Tensor | None = None) -> None:
+    def __init__(
+        self, u_a: Tensor, u_g: Tensor, s: Tensor, layout: MatLayout, rest: Tensor | None = None
+    ) -> None:
         self.u_a, self.u_g, self.s, self._layout = u_a, u_g, s, layout
         if rest is None and self.thin:
             rest = s.new_zeros(())
@@ -505,11 +513,15 @@ class EKronBlock(Block):
         return self._with(self.s * s, None if self.rest is None else self.rest * s)
 
     def combine(self, other: Block, sign: float) -> Block:
-        if not (isinstance(other, EKronBlock) and torch.equal(other.u_a, self.u_a)
-                and torch.equal(other.u_g, self.u_g)):
+        if not (
+            isinstance(other, EKronBlock)
+            and torch.equal(other.u_a, self.u_a)
+            and torch.equal(other.u_g, self.u_g)
+        ):
             raise UnsupportedOperationError(
                 "EKFAC matrices add only when they share their eigenbasis: convert with "
-                "to_torch() and use PMatDense")
+                "to_torch() and use PMatDense"
+            )
         rest = None if self.rest is None else self.rest + sign * other.rest
         return self._with(self.s + sign * other.s, rest)
 

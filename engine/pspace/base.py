@@ -40,8 +40,14 @@ class PMatAbstract(ABC):
     #: Short name used in strings, files and errors.
     name: str = "abstract"
 
-    def __init__(self, layer_collection: LayerCollection, generator: Any = None,
-                 data: Any = None, examples: Iterable | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        layer_collection: LayerCollection,
+        generator: Any = None,
+        data: Any = None,
+        examples: Iterable | None = None,
+        **options: Any,
+    ) -> None:
         self.layer_collection = layer_collection
         self.generator = generator
         self.paths: dict[str, str] = {}
@@ -49,7 +55,8 @@ class PMatAbstract(ABC):
         if data is None:
             if generator is None or examples is None:
                 raise InvalidInputError(
-                    f"{type(self).__name__} needs data=, or generator= and examples=")
+                    f"{type(self).__name__} needs data=, or generator= and examples="
+                )
             data = self._compute(generator, examples)
             self.paths = generator.paths
         self.data = data
@@ -58,8 +65,7 @@ class PMatAbstract(ABC):
     def _set_options(self, **options: Any) -> None:
         """Representation-specific options (e.g. ``kfac_approx``); none by default."""
         if options:
-            raise InvalidInputError(
-                f"{type(self).__name__} takes no option(s) {sorted(options)}")
+            raise InvalidInputError(f"{type(self).__name__} takes no option(s) {sorted(options)}")
 
     def _compute(self, generator: Any, examples: Iterable) -> Any:
         raise NotImplementedError
@@ -96,13 +102,15 @@ class PMatAbstract(ABC):
     def inv(self, regul: float = 1e-8) -> PMatAbstract:
         """``(M + regul·I)⁻¹`` in the same representation."""
         raise UnsupportedOperationError(
-            f"{type(self).__name__} is not closed under inversion: use solve(v, regul) instead")
+            f"{type(self).__name__} is not closed under inversion: use solve(v, regul) instead"
+        )
 
     def centered(self, mean: Tensor) -> PMatAbstract:
         """``M − ḡ ḡᵀ`` (centering of the empirical Fisher), where the representation allows."""
         raise UnsupportedOperationError(
             f"{type(self).__name__} cannot subtract a rank-one term exactly: use a dense, "
-            "diagonal, block-diagonal or low-rank representation for a centered Fisher")
+            "diagonal, block-diagonal or low-rank representation for a centered Fisher"
+        )
 
     # ----- shared ------------------------------------------------------------------------------
     def norm(self, ord: str | None = None) -> Tensor:
@@ -132,12 +140,14 @@ class PMatAbstract(ABC):
         if not isinstance(v, PVector):
             raise InvalidInputError(
                 f"expected a PVector, got {type(v).__name__}: wrap flat tensors with "
-                "PVector(layer_collection, vector_repr=t)")
+                "PVector(layer_collection, vector_repr=t)"
+            )
         if v.layer_collection != self.layer_collection:
             d = v.layer_collection.numel()
             raise InvalidInputError(
                 f"the vector's layer collection ({d} parameters) is not the matrix's "
-                f"({self.layer_collection.numel()} parameters)")
+                f"({self.layer_collection.numel()} parameters)"
+            )
 
     def _check_regul(self, regul: float) -> float:
         regul = float(regul)
@@ -150,7 +160,8 @@ class PMatAbstract(ABC):
             raise UnsupportedOperationError(
                 f"{op} is defined between two {type(self).__name__}; got "
                 f"{type(other).__name__}. Convert both with to_torch() and wrap the result in "
-                "PMatDense(layer_collection, data=...) to combine different representations")
+                "PMatDense(layer_collection, data=...) to combine different representations"
+            )
         if other.layer_collection != self.layer_collection:
             raise InvalidInputError(f"{op} needs matrices on the same layer collection")
 
@@ -221,7 +232,8 @@ def spd_solve(m: Tensor, rhs: Tensor, regul: float) -> Tensor:
             x = torch.linalg.solve(a, b)
         except RuntimeError as err:
             raise InvalidInputError(
-                f"the matrix plus regul={regul}·I is singular: use a positive regul") from err
+                f"the matrix plus regul={regul}·I is singular: use a positive regul"
+            ) from err
     return x.squeeze(1) if vec else x
 
 

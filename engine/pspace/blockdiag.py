@@ -24,8 +24,9 @@ class PMatBlockDiag(PMatAbstract):
 
     def mv(self, v: PVector) -> PVector:
         self._check_vector(v)
-        return PVector(self.layer_collection,
-                       torch.cat([self.data[n] @ x for n, x in self._split(v)]))
+        return PVector(
+            self.layer_collection, torch.cat([self.data[n] @ x for n, x in self._split(v)])
+        )
 
     def vTMv(self, v: PVector) -> Tensor:
         self._check_vector(v)
@@ -47,8 +48,10 @@ class PMatBlockDiag(PMatAbstract):
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         self._check_vector(v)
         regul = self._check_regul(regul)
-        return PVector(self.layer_collection,
-                       torch.cat([spd_solve(self.data[n], x, regul) for n, x in self._split(v)]))
+        return PVector(
+            self.layer_collection,
+            torch.cat([spd_solve(self.data[n], x, regul) for n, x in self._split(v)]),
+        )
 
     def inv(self, regul: float = 1e-8) -> PMatBlockDiag:
         regul = self._check_regul(regul)

@@ -41,8 +41,9 @@ class PMatDense(PMatAbstract):
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         self._check_vector(v)
         regul = self._check_regul(regul)
-        return PVector(self.layer_collection,
-                       spd_solve(self.data, v.get_flat_representation(), regul))
+        return PVector(
+            self.layer_collection, spd_solve(self.data, v.get_flat_representation(), regul)
+        )
 
     def inv(self, regul: float = 1e-8) -> PMatDense:
         regul = self._check_regul(regul)

@@ -40,16 +40,18 @@ from fimntk.engine.vector import PVector
 MAX_DENSE_ELEMENTS = 1 << 28
 
 
-def _jv_by_double_backward(f, primals: dict[str, Tensor],
-                           tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def _jv_by_double_backward(
+    f, primals: dict[str, Tensor], tangent: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
     """``J v`` as the VJP of a VJP, for layers without forward-mode AD (e.g. fused attention,
     run here with the differentiable-twice math kernel)."""
     params = {k: p.detach().requires_grad_(True) for k, p in primals.items()}
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         out = f(params)
         u = torch.zeros_like(out, requires_grad=True)
-        grads = torch.autograd.grad(out, list(params.values()), u, create_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            out, list(params.values()), u, create_graph=True, allow_unused=True
+        )
         pairs = [(g, tangent[k]) for g, k in zip(grads, params) if g is not None]
         jv = torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs])[0]
     return out.detach(), jv
@@ -115,18 +117,29 @@ class PMatImplicit(PMatAbstract):
         try:
             while True:
                 hooked = {nm: gen._modules[nm] for nm in gen._kernels}
-                per_layer = {nm: {attr: tangent[pn] for (attr, _), pn in
-                                  zip(self.layer_collection[nm].params,
-                                      self.layer_collection[nm].param_names())}
-                             for nm in hooked}
-                dual = [pn for e in self.layer_collection if e.name not in hooked
-                        for pn in e.param_names()]
+                per_layer = {
+                    nm: {
+                        attr: tangent[pn]
+                        for (attr, _), pn in zip(
+                            self.layer_collection[nm].params,
+                            self.layer_collection[nm].param_names(),
+                        )
+                    }
+                    for nm in hooked
+                }
+                dual = [
+                    pn
+                    for e in self.layer_collection
+                    if e.name not in hooked
+                    for pn in e.param_names()
+                ]
                 linear = {nm for nm in hooked if gen._kernels[nm].input_linear}
                 capture = TangentCapture(hooked, per_layer, linear, counted=gen._modules)
                 with fwad.dual_level(), capture:
                     if dual:
-                        swap = {f"model.{pn}": fwad.make_dual(named[pn], tangent[pn])
-                                for pn in dual}
+                        swap = {
+                            f"model.{pn}": fwad.make_dual(named[pn], tangent[pn]) for pn in dual
+                        }
                         out = functional_call(gen._wrapper, swap, batch)
                     else:
                         out = gen.function(*batch)
@@ -140,8 +153,7 @@ class PMatImplicit(PMatAbstract):
             primals = {k: named[k].detach() for k in tangent}
 
             def f(p):
-                return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()},
-                                       batch)
+                return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()}, batch)
 
             try:
                 out, jv = _jv_by_double_backward(f, primals, tangent)
@@ -164,7 +176,8 @@ class PMatImplicit(PMatAbstract):
         if jv is None:
             jv = torch.zeros_like(out)
         return self.generator.check_outputs(out), check_finite(
-            jv.detach().reshape(out.shape[0], -1), "Jacobian-vector product")
+            jv.detach().reshape(out.shape[0], -1), "Jacobian-vector product"
+        )
 
     def _jv_by_per_example_grads(self, batch: tuple, tangent: dict[str, Tensor]) -> Tensor:
         """``J v`` ``(n, c)`` as ``(J_i)_k · v`` from per-example gradients, ``c`` outputs at a
@@ -173,11 +186,14 @@ class PMatImplicit(PMatAbstract):
         the cost of ``c`` backward passes per batch."""
         gen = self.generator
         if self._raw_jacobian is None:  # pseudo-outputs = the outputs themselves
-            self._raw_jacobian = Jacobian(gen.model, self.layer_collection,
-                                          function=gen.function, device=gen.device)
+            self._raw_jacobian = Jacobian(
+                gen.model, self.layer_collection, function=gen.function, device=gen.device
+            )
         raw = self._raw_jacobian
-        flat = {e.name: torch.cat([tangent[pn].reshape(-1) for pn in e.param_names()])
-                for e in self.layer_collection}
+        flat = {
+            e.name: torch.cat([tangent[pn].reshape(-1) for pn in e.param_names()])
+            for e in self.layer_collection
+        }
         parts = []
         with torch.enable_grad():
             for bj in raw._run_batch(batch):
@@ -200,7 +216,7 @@ class PMatImplicit(PMatAbstract):
             module = modules[e.name]
             for attr, name in zip([a for a, _ in e.params], e.param_names()):
                 p = getattr(module, attr)
-                t = x[start:start + p.numel()].reshape(p.shape).to(p.dtype)
+                t = x[start : start + p.numel()].reshape(p.shape).to(p.dtype)
                 pad = getattr(module, "padding_idx", None)
                 if isinstance(module, torch.nn.Embedding) and pad is not None:
                     t = t.clone()
@@ -235,8 +251,9 @@ class PMatImplicit(PMatAbstract):
             u = torch.einsum("knc,kn->nc", w, torch.einsum("knc,nc->kn", w, jv))
             grads = weighted_grad(out, params, u)
             if total is None:
-                total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                    device=params[0].device)
+                total = torch.zeros(
+                    sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device
+                )
                 views = total.split([p.numel() for p in params])
             for g, view in zip(grads, views):
                 if g is not None:
@@ -260,24 +277,35 @@ class PMatImplicit(PMatAbstract):
             raise UnsupportedOperationError(
                 f"the Frobenius norm of an implicit Fisher needs the (K·n)² Gram of about "
                 f"{approx:.3g} entries ({approx * 4 / 2**30:.3g} GiB in float32): use fewer "
-                "examples, a structured representation, or estimators.hutchinson_trace on F²")
+                "examples, a structured representation, or estimators.hutchinson_trace on F²"
+            )
         self._replay()
         gram = gen.get_gram_matrix(self.examples)
         kn = gram.shape[0] * gram.shape[1]
-        return (torch.linalg.vector_norm(gram.reshape(kn, kn).double()) / gen.n_examples
-                * abs(self._scale)).to(gen.dtype)
+        return (
+            torch.linalg.vector_norm(gram.reshape(kn, kn).double())
+            / gen.n_examples
+            * abs(self._scale)
+        ).to(gen.dtype)
 
     def to_torch(self) -> Tensor:
         d = self.layer_collection.numel()
         if d * d > MAX_DENSE_ELEMENTS:
             raise UnsupportedOperationError(
                 f"the dense matrix has d² = {d * d:.3g} entries ({d * d * 4 / 2**30:.3g} GiB in "
-                "float32): use mv/vTMv/solve, or a structured representation")
+                "float32): use mv/vTMv/solve, or a structured representation"
+            )
         self._replay()
         return self.generator.get_covariance_matrix(self.examples) * self._scale
 
-    def solve(self, v: PVector, regul: float = 1e-8, preconditioner: PMatAbstract | None = None,
-              tol: float = 1e-6, max_iter: int = 100) -> PVector:
+    def solve(
+        self,
+        v: PVector,
+        regul: float = 1e-8,
+        preconditioner: PMatAbstract | None = None,
+        tol: float = 1e-6,
+        max_iter: int = 100,
+    ) -> PVector:
         """``(F + λI)⁻¹ v`` by conjugate gradients; ``preconditioner.solve(r, λ)`` if given.
 
         Stops when ``‖r‖ ≤ tol·‖v‖`` or after ``max_iter`` iterations (one pass each);
@@ -293,8 +321,9 @@ class PMatImplicit(PMatAbstract):
         def prec(r: Tensor) -> Tensor:
             if preconditioner is None:
                 return r
-            return preconditioner.solve(PVector(self.layer_collection, r),
-                                        regul).get_flat_representation()
+            return preconditioner.solve(
+                PVector(self.layer_collection, r), regul
+            ).get_flat_representation()
 
         x = torch.zeros_like(b)
         r = b.clone()
@@ -308,7 +337,8 @@ class PMatImplicit(PMatAbstract):
             pap = torch.dot(p, ap)
             if pap <= 0:
                 raise InvalidInputError(
-                    "conjugate gradients met a direction of zero curvature: use a positive regul")
+                    "conjugate gradients met a direction of zero curvature: use a positive regul"
+                )
             alpha = rz / pap
             x = x + alpha * p
             r = r - alpha * ap
@@ -326,11 +356,13 @@ class PMatImplicit(PMatAbstract):
     def inv(self, regul: float = 1e-8) -> PMatAbstract:
         raise UnsupportedOperationError(
             "an implicit matrix has no stored inverse: use solve(v, regul), optionally with a "
-            "KFAC preconditioner")
+            "KFAC preconditioner"
+        )
 
     def __add__(self, other: PMatAbstract) -> PMatAbstract:
         raise UnsupportedOperationError(
-            "implicit matrices cannot be added: compute both in a stored representation")
+            "implicit matrices cannot be added: compute both in a stored representation"
+        )
 
     __sub__ = __add__
 

@@ -67,7 +67,8 @@ class PMatLayered(PMatAbstract):
     def _set_options(self, kfac_approx: str = "expand", **options: Any) -> None:
         if kfac_approx not in KFAC_APPROX:
             raise InvalidInputError(
-                f"kfac_approx must be one of {list(KFAC_APPROX)}, got {kfac_approx!r}")
+                f"kfac_approx must be one of {list(KFAC_APPROX)}, got {kfac_approx!r}"
+            )
         self.kfac_approx = kfac_approx
         super()._set_options(**options)
 
@@ -103,8 +104,9 @@ class PMatLayered(PMatAbstract):
         for name, kind in kinds.items():
             st = stats[name]
             if kind in ("kfac", "ekfac"):
-                blk = KronBlock(st[0], st[1], generator.kernel(name).mat_layout(),
-                                kron_accs[name].rows)
+                blk = KronBlock(
+                    st[0], st[1], generator.kernel(name).mat_layout(), kron_accs[name].rows
+                )
                 blocks[name] = EKronBlock.from_kron(blk) if kind == "ekfac" else blk
             elif kind == "quasidiag":
                 blocks[name] = QuasiDiagBlock(st[0], st[1], generator.kernel(name).mat_layout())
@@ -127,8 +129,10 @@ class PMatLayered(PMatAbstract):
     def _apply(self, v: PVector, fn) -> PVector:
         self._check_vector(v)
         x = v.get_flat_representation()
-        return PVector(self.layer_collection,
-                       torch.cat([fn(self.data[n], xl) for n, xl in self._split(x)], dim=-1))
+        return PVector(
+            self.layer_collection,
+            torch.cat([fn(self.data[n], xl) for n, xl in self._split(x)], dim=-1),
+        )
 
     def mv(self, v: PVector) -> PVector:
         return self._apply(v, lambda b, x: b.mm(x))
@@ -199,8 +203,10 @@ class PMatKFAC(PMatLayered):
     name = "kfac"
 
     def _policy(self, generator) -> dict[str, str]:
-        return {e.name: "kfac" if kron_capable(generator, e.name) else
-                self._fallback_kind(e.name) for e in self.layer_collection}
+        return {
+            e.name: "kfac" if kron_capable(generator, e.name) else self._fallback_kind(e.name)
+            for e in self.layer_collection
+        }
 
     @property
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -220,15 +226,18 @@ class PMatEKFAC(PMatLayered):
     name = "ekfac"
 
     def _policy(self, generator) -> dict[str, str]:
-        return {e.name: "ekfac" if kron_capable(generator, e.name) else
-                self._fallback_kind(e.name) for e in self.layer_collection}
+        return {
+            e.name: "ekfac" if kron_capable(generator, e.name) else self._fallback_kind(e.name)
+            for e in self.layer_collection
+        }
 
     def update_diag(self, examples: Iterable, generator: Any = None) -> PMatEKFAC:
         """Re-estimate the eigenvalues (and exact blocks) on ``examples``; returns ``self``."""
         gen = generator or self.generator
         if gen is None:
             raise InvalidInputError(
-                "update_diag needs a Jacobian generator: pass generator=Jacobian(model, ...)")
+                "update_diag needs a Jacobian generator: pass generator=Jacobian(model, ...)"
+            )
         accs = []
         for name, blk in self.data.items():
             if isinstance(blk, EKronBlock):
@@ -293,8 +302,9 @@ class PMatMixed(PMatLayered):
         super()._set_options(**options)
 
     def _new(self, data: dict[str, Block]) -> PMatMixed:
-        out = PMatMixed(self.layer_collection, data=data, kfac_approx=self.kfac_approx,
-                        policy=self.policy)
+        out = PMatMixed(
+            self.layer_collection, data=data, kfac_approx=self.kfac_approx, policy=self.policy
+        )
         out.paths = self.paths
         return out
 
@@ -329,5 +339,3 @@ class PMatMixed(PMatLayered):
                 kind = self._default(generator, e.name)
             out[e.name] = kind
         return out
-
-

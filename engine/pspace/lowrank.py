@@ -54,8 +54,7 @@ class PMatLowRank(PMatAbstract):
         self._check_vector(v)
         regul = self._check_regul(regul)
         if regul == 0:
-            raise InvalidInputError(
-                "a low-rank matrix is singular: solve needs a positive regul")
+            raise InvalidInputError("a low-rank matrix is singular: solve needs a positive regul")
         x = v.get_flat_representation()
         j = self.data
         inner = spd_solve(j @ j.t(), j @ x, regul)
@@ -63,7 +62,8 @@ class PMatLowRank(PMatAbstract):
 
     def inv(self, regul: float = 1e-8) -> PMatAbstract:
         raise UnsupportedOperationError(
-            "the inverse of a low-rank matrix is not low-rank: use solve(v, regul)")
+            "the inverse of a low-rank matrix is not low-rank: use solve(v, regul)"
+        )
 
     def eigenpairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
         """Top-k eigenvalues (descending) and eigenvectors ``(d, k)`` via the Gram ``J Jᵀ``."""
@@ -89,7 +89,8 @@ class PMatLowRank(PMatAbstract):
     def __sub__(self, other: PMatAbstract) -> PMatAbstract:
         raise UnsupportedOperationError(
             "the difference of two low-rank PSD matrices is not of the form JᵀJ: convert with "
-            "to_torch() and use PMatDense")
+            "to_torch() and use PMatDense"
+        )
 
     def __mul__(self, x: float) -> PMatLowRank:
         if isinstance(x, Tensor) and x.dim() == 0:
@@ -98,8 +99,8 @@ class PMatLowRank(PMatAbstract):
             return NotImplemented
         if x < 0:
             raise UnsupportedOperationError(
-                "a low-rank matrix JᵀJ times a negative number has no real factor J: use "
-                "PMatDense")
+                "a low-rank matrix JᵀJ times a negative number has no real factor J: use PMatDense"
+            )
         return PMatLowRank(self.layer_collection, data=self.data * math.sqrt(x))
 
     __rmul__ = __mul__

@@ -45,19 +45,26 @@ def build_status(state: AppState) -> AdminStatus:
     failed, _ = state.records.list_jobs(JobFilter(status="failed"), None, _RECENT_FAILURES)
     failures = []
     for record in failed:
-        failures.append(FailureSummary(
-            id=record.id, owner=record.owner_id, metric=record.metric,
-            representation=record.representation, worker=record.worker,
-            finished_at=record.finished_at,
-            error=Problem.model_validate(record.error) if record.error else None,
-        ))
+        failures.append(
+            FailureSummary(
+                id=record.id,
+                owner=record.owner_id,
+                metric=record.metric,
+                representation=record.representation,
+                worker=record.worker,
+                finished_at=record.finished_at,
+                error=Problem.model_validate(record.error) if record.error else None,
+            )
+        )
     settings = state.settings
     return AdminStatus(
         queue=QueueStatus(name=settings.queue_name, reachable=reachable, depth=depth),
         workers=[WorkerStatus.model_validate(beat) for beat in beats.values()],
         jobs={status: counts.get(status, 0) for status in (*IN_FLIGHT, *sorted(TERMINAL))},
         recent_failures=failures,
-        reaper=ReaperStatus(heartbeat_ttl_s=settings.heartbeat_ttl_s,
-                            interval_s=settings.reaper_interval_s,
-                            max_detection_s=max_detection_s(settings)),
+        reaper=ReaperStatus(
+            heartbeat_ttl_s=settings.heartbeat_ttl_s,
+            interval_s=settings.reaper_interval_s,
+            max_detection_s=max_detection_s(settings),
+        ),
     )

@@ -16,8 +16,7 @@ router = APIRouter(prefix="/v1/blobs", tags=["blobs"])
 
 DigestPath = Annotated[
     str,
-    Path(description="'sha256:' and the hex SHA-256 of the body.",
-         examples=["sha256:" + "0" * 64]),
+    Path(description="'sha256:' and the hex SHA-256 of the body.", examples=["sha256:" + "0" * 64]),
 ]
 _PROBLEMS = {
     400: {"model": Problem, "description": "Body digest differs from the URL."},
@@ -31,13 +30,16 @@ _PROBLEMS = {
     "/{digest}",
     response_model=BlobPublic,
     status_code=201,
-    responses={200: {"model": BlobPublic, "description": "Already held for this user."},
-               **_PROBLEMS},
+    responses={
+        200: {"model": BlobPublic, "description": "Already held for this user."},
+        **_PROBLEMS,
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                 "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         }
     },
 )
@@ -66,8 +68,10 @@ async def put_blob(
 
 @router.head(
     "/{digest}",
-    responses={200: {"description": "Held for this user."},
-               404: {"description": "Not held for this user: upload it."}},
+    responses={
+        200: {"description": "Held for this user."},
+        404: {"description": "Not held for this user: upload it."},
+    },
 )
 def head_blob(digest: DigestPath, state: StateDep, user: CurrentUser) -> Response:
     """Whether the server holds this blob for you, so that a client can skip the upload."""

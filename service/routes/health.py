@@ -63,14 +63,23 @@ async def readyz(state: StateDep) -> JSONResponse:
     "storage": {...}, "workers": {"ok": true, "live": 2}}}``; 503 with ``not-ready``."""
     checks = await run_in_threadpool(_readiness, state)
     ready = all(check["ok"] for check in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not-ready", "checks": checks},
-                        status_code=200 if ready else 503,
-                        headers=None if ready else {"Retry-After": "5"})
+    return JSONResponse(
+        {"status": "ready" if ready else "not-ready", "checks": checks},
+        status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
+    )
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                             "description": "Prometheus text exposition format."}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST: {}},
+            "description": "Prometheus text exposition format.",
+        }
+    },
+)
 async def metrics(state: StateDep) -> Response:
     """Prometheus metrics: requests, queue depth, jobs by status, job durations, workers."""
     body = await run_in_threadpool(generate_latest, state.metrics.registry)

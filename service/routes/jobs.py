@@ -39,8 +39,11 @@ _FIRST_POLL_S = 0.005
     status_code=202,
     response_model=JobPublic,
     responses={
-        200: {"model": JobPublic, "description": "Replay of an earlier request with the same "
-                                                 "Idempotency-Key: the original job."},
+        200: {
+            "model": JobPublic,
+            "description": "Replay of an earlier request with the same "
+            "Idempotency-Key: the original job.",
+        },
         409: {"model": Problem, "description": "Idempotency-Key reused for another request."},
         422: {"model": Problem, "description": "A field at fault, named in 'field'."},
         429: {"model": Problem, "description": "Too many jobs in flight."},
@@ -55,8 +58,11 @@ async def create_job(
     user: CurrentUser,
     idempotency_key: Annotated[
         str | None,
-        Header(alias="Idempotency-Key", max_length=200,
-               description="Resubmitting with the same key returns the same job."),
+        Header(
+            alias="Idempotency-Key",
+            max_length=200,
+            description="Resubmitting with the same key returns the same job.",
+        ),
     ] = None,
 ) -> JobPublic:
     """Queue a job. Answers 202 with ``Location`` of the job to poll."""
@@ -83,9 +89,14 @@ def list_jobs(
     """Jobs, newest first, for dashboards: filters and cursor pagination. The admin sees
     everyone's jobs."""
     filters = JobFilter(
-        owner_id=None if user.is_admin else user.id, status=status, model=model,
-        dataset=dataset, metric=metric, representation=representation,
-        created_after=created_after, created_before=created_before,
+        owner_id=None if user.is_admin else user.id,
+        status=status,
+        model=model,
+        dataset=dataset,
+        metric=metric,
+        representation=representation,
+        created_after=created_after,
+        created_before=created_before,
     )
     records, next_cursor = state.records.list_jobs(filters, cursor, limit)
     return JobsPublic(items=[state.jobs.public(r) for r in records], next_cursor=next_cursor)
@@ -96,8 +107,10 @@ async def get_job(
     job_id: str,
     state: StateDep,
     user: CurrentUser,
-    wait: Annotated[int, Query(ge=0, le=60, description="Long-poll up to this many seconds "
-                                                          "for the job to finish.")] = 0,
+    wait: Annotated[
+        int,
+        Query(ge=0, le=60, description="Long-poll up to this many seconds for the job to finish."),
+    ] = 0,
 ) -> JobPublic:
     """Status, progress, timings, error (problem+json) and links of a job."""
     deadline = time.monotonic() + wait
@@ -146,8 +159,11 @@ async def _long_poll(state: AppState, job_id: str, user: User, deadline: float) 
     "/{job_id}/cancel",
     status_code=202,
     response_model=JobPublic,
-    responses={409: {"model": Problem, "description": "Job already finished."},
-               **_AUTH, **_NOT_FOUND},
+    responses={
+        409: {"model": Problem, "description": "Job already finished."},
+        **_AUTH,
+        **_NOT_FOUND,
+    },
 )
 def cancel_job(job_id: str, state: StateDep, user: CurrentUser) -> JobPublic:
     """Cancel a job: a queued job is removed at once; a running one is stopped by its worker

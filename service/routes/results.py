@@ -26,14 +26,19 @@ def get_result(job_id: str, state: StateDep, user: CurrentUser) -> ResultPublic:
 @router.get(
     "/{job_id}/artifacts/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}},
-                     "description": "A safetensors file; tensors are named 'value' (or "
-                                    "after the representation's parts)."},
-               **_PROBLEMS},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "A safetensors file; tensors are named 'value' (or "
+            "after the representation's parts).",
+        },
+        **_PROBLEMS,
+    },
 )
 def get_artifact(job_id: str, name: str, state: StateDep, user: CurrentUser) -> FileResponse:
     """Download a tensor (or a kept representation) as safetensors."""
     state.jobs.get(job_id, user)
     path = state.artifacts.path(job_id, name)
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"{job_id}-{name}.safetensors")
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{job_id}-{name}.safetensors"
+    )

@@ -33,16 +33,17 @@ def list_users(state: StateDep, admin: AdminUser) -> UsersPublic:
 @router.post(
     "/{user_id}/revoke",
     response_model=UserPublic,
-    responses={404: {"model": Problem, "description": "No such user."},
-               409: {"model": Problem, "description": "The admin (its key is configured)."},
-               **_ADMIN_ONLY},
+    responses={
+        404: {"model": Problem, "description": "No such user."},
+        409: {"model": Problem, "description": "The admin (its key is configured)."},
+        **_ADMIN_ONLY,
+    },
 )
 def revoke_user(user_id: str, state: StateDep, admin: AdminUser) -> UserPublic:
     """Revoke a user's API key at once; the user's jobs, blobs and results stay. Create a new
     user to give the person access again."""
     if user_id == "admin":
-        raise ConflictError("the admin key is set by FIMNTK_ADMIN_KEY; change it there",
-                            "user_id")
+        raise ConflictError("the admin key is set by FIMNTK_ADMIN_KEY; change it there", "user_id")
     user = state.records.revoke_user(user_id)
     if user is None:
         raise NotFoundError(f"no user {user_id!r}", "user_id")

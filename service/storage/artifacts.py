@@ -76,8 +76,9 @@ def open_artifact_store(settings: Settings) -> ArtifactStore:
         from fimntk.service.storage.s3 import S3ArtifactStore
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
-        return S3ArtifactStore(bucket, prefix, settings.data_dir / "artifact-cache",
-                               settings.s3_endpoint_url or None)
+        return S3ArtifactStore(
+            bucket, prefix, settings.data_dir / "artifact-cache", settings.s3_endpoint_url or None
+        )
     if url:
         return LocalArtifactStore(Path(url.removeprefix("file://")))
     return LocalArtifactStore(settings.artifacts_dir)

@@ -166,7 +166,8 @@ class _TempFile:
             await self._last
         if chunk:
             self._last = asyncio.get_running_loop().run_in_executor(
-                self._thread, self._write, chunk)
+                self._thread, self._write, chunk
+            )
 
     async def finish(self) -> str:
         """Wait for the writes, then fsync and close the file; its ``sha256:`` digest."""
@@ -193,7 +194,7 @@ class _TempFile:
         self._hasher.update(chunk)
         view = memoryview(chunk)
         while view:
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
 
     def _finish(self) -> str:
         assert self.fd is not None

@@ -288,14 +288,14 @@ class _JobRow(_Base):
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
-                                                         index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, index=True
+    )
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
 _JOBS = _JobRow.__table__
-_GET_JOB = select(*(_JOBS.c[name] for name in _JOB_FIELDS)).where(
-    _JOBS.c.id == bindparam("job_id"))
+_GET_JOB = select(*(_JOBS.c[name] for name in _JOB_FIELDS)).where(_JOBS.c.id == bindparam("job_id"))
 #: Prefix of the stored key hash of a revoked user: no presented key hashes to it.
 _REVOKED = "revoked:"
 #: How long a verified API key is trusted without asking the database.
@@ -303,8 +303,9 @@ USER_CACHE_TTL_S = 5.0
 
 
 def _to_user(row: _UserRow) -> User:
-    return User(row.id, row.name, row.is_admin, row.key_hash.startswith(_REVOKED),
-                _aware(row.created_at))
+    return User(
+        row.id, row.name, row.is_admin, row.key_hash.startswith(_REVOKED), _aware(row.created_at)
+    )
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -387,8 +388,9 @@ class SqlRecordStore(RecordStore):
         self.engine.dispose()
 
     def create_user(self, name: str, key_hash: str, is_admin: bool = False) -> User:
-        row = _UserRow(id=f"u_{uuid.uuid4().hex[:16]}", name=name, key_hash=key_hash,
-                       is_admin=is_admin)
+        row = _UserRow(
+            id=f"u_{uuid.uuid4().hex[:16]}", name=name, key_hash=key_hash, is_admin=is_admin
+        )
         with self._session.begin() as s:
             s.add(row)
         return User(row.id, row.name, row.is_admin)
@@ -498,8 +500,7 @@ class SqlRecordStore(RecordStore):
     def find_by_idempotency_key(self, owner_id: str, key: str) -> JobRecord | None:
         with self._session() as s:
             row = s.scalars(
-                select(_JobRow).where(_JobRow.owner_id == owner_id,
-                                      _JobRow.idempotency_key == key)
+                select(_JobRow).where(_JobRow.owner_id == owner_id, _JobRow.idempotency_key == key)
             ).first()
             return None if row is None else _to_record(row)
 
@@ -525,8 +526,10 @@ class SqlRecordStore(RecordStore):
         if cursor is not None:
             created, job_id = _decode_cursor(cursor)
             query = query.where(
-                or_(_JobRow.created_at < created,
-                    (_JobRow.created_at == created) & (_JobRow.id < job_id))
+                or_(
+                    _JobRow.created_at < created,
+                    (_JobRow.created_at == created) & (_JobRow.id < job_id),
+                )
             )
         query = query.order_by(_JobRow.created_at.desc(), _JobRow.id.desc()).limit(limit + 1)
         with self._session() as s:
@@ -537,8 +540,10 @@ class SqlRecordStore(RecordStore):
 
     def count_in_flight(self, owner_id: str) -> int:
         with self._session() as s:
-            query = select(func.count()).select_from(_JobRow).where(
-                _JobRow.owner_id == owner_id, _JobRow.status.in_(IN_FLIGHT)
+            query = (
+                select(func.count())
+                .select_from(_JobRow)
+                .where(_JobRow.owner_id == owner_id, _JobRow.status.in_(IN_FLIGHT))
             )
             return int(s.scalar(query) or 0)
 
@@ -546,8 +551,12 @@ class SqlRecordStore(RecordStore):
         with self._session() as s:
             row = s.scalars(
                 select(_JobRow)
-                .where(_JobRow.owner_id == owner_id, _JobRow.rep_key == rep_key,
-                       _JobRow.kept.is_(True), _JobRow.status == "succeeded")
+                .where(
+                    _JobRow.owner_id == owner_id,
+                    _JobRow.rep_key == rep_key,
+                    _JobRow.kept.is_(True),
+                    _JobRow.status == "succeeded",
+                )
                 .order_by(_JobRow.created_at.desc())
             ).first()
             return None if row is None else _to_record(row)
@@ -559,14 +568,22 @@ class SqlRecordStore(RecordStore):
 
     def jobs_with_status(self, status: str, limit: int = 1000) -> list[JobRecord]:
         with self._session() as s:
-            rows = s.scalars(select(_JobRow).where(_JobRow.status == status)
-                             .order_by(_JobRow.created_at).limit(limit))
+            rows = s.scalars(
+                select(_JobRow)
+                .where(_JobRow.status == status)
+                .order_by(_JobRow.created_at)
+                .limit(limit)
+            )
             return [_to_record(r) for r in rows]
 
     def finished_since(self, since: datetime, limit: int = 10_000) -> list[JobRecord]:
         with self._session() as s:
-            rows = s.scalars(select(_JobRow).where(_JobRow.finished_at > since)
-                             .order_by(_JobRow.finished_at).limit(limit))
+            rows = s.scalars(
+                select(_JobRow)
+                .where(_JobRow.finished_at > since)
+                .order_by(_JobRow.finished_at)
+                .limit(limit)
+            )
             return [_to_record(r) for r in rows]
 
     def update_job(

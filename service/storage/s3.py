@@ -35,13 +35,20 @@ class S3ArtifactStore(ArtifactStore):
         client: A boto3 S3 client to use instead of a new one.
     """
 
-    def __init__(self, bucket: str, prefix: str, cache_dir: Path,
-                 endpoint_url: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        cache_dir: Path,
+        endpoint_url: str | None = None,
+        client: Any = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.cache_dir = cache_dir
         self.client = client or boto3.client(
-            "s3", endpoint_url=endpoint_url,
+            "s3",
+            endpoint_url=endpoint_url,
             config=Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3}),
         )
         (cache_dir / "staging").mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ class TwoTower(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, hidden: int = 5) -> None:
         super().__init__()
-        self.left = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(),
-                                  nn.Linear(hidden, out_features))
+        self.left = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, out_features)
+        )
         self.right = nn.Linear(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

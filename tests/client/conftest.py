@@ -44,8 +44,11 @@ class UploadCounter:
         self.bytes = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if not (scope["type"] == "http" and scope["method"] == "PUT"
-                and scope["path"].startswith("/v1/blobs/")):
+        if not (
+            scope["type"] == "http"
+            and scope["method"] == "PUT"
+            and scope["path"].startswith("/v1/blobs/")
+        ):
             await self.app(scope, receive, send)
             return
         self.requests += 1
@@ -85,19 +88,24 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory,
-           redis_client: redis.Redis) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("fimntk-client-data")
     settings = Settings(
-        data_dir=data_dir, redis_url=REDIS_URL,
-        queue_name=f"fimntk-client-test-{uuid.uuid4().hex[:12]}", admin_key=ADMIN_KEY,
-        max_jobs_in_flight=50, default_job_timeout_s=120,
-        builder_modules=["tests.client.builders"], log_format="text", log_level="WARNING",
+        data_dir=data_dir,
+        redis_url=REDIS_URL,
+        queue_name=f"fimntk-client-test-{uuid.uuid4().hex[:12]}",
+        admin_key=ADMIN_KEY,
+        max_jobs_in_flight=50,
+        default_job_timeout_s=120,
+        builder_modules=["tests.client.builders"],
+        log_format="text",
+        log_level="WARNING",
     )
     uploads = UploadCounter(create_app(settings))
     port = free_port()
-    config = uvicorn.Config(uploads, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on")
+    config = uvicorn.Config(
+        uploads, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
     http = uvicorn.Server(config)
     thread = threading.Thread(target=http.run, daemon=True, name="uvicorn")
     thread.start()
@@ -105,8 +113,9 @@ def server(tmp_path_factory: pytest.TempPathFactory,
     while not http.started:
         assert time.monotonic() < deadline, "the API did not start"
         time.sleep(0.05)
-    with mock.patch.dict(os.environ, {"FIMNTK_BUILDER_MODULES": BUILDER_MODULES,
-                                      "FIMNTK_LOG_LEVEL": "WARNING"}):
+    with mock.patch.dict(
+        os.environ, {"FIMNTK_BUILDER_MODULES": BUILDER_MODULES, "FIMNTK_LOG_LEVEL": "WARNING"}
+    ):
         worker = start_worker(settings, data_dir / "worker.log")
     url = f"http://127.0.0.1:{port}"
     keys = {"admin": ADMIN_KEY}

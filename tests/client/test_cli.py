@@ -22,16 +22,35 @@ from tests.client.conftest import BATCH, Server, make_loader, make_model
 from tests.service.conftest import REPO
 
 pytestmark = pytest.mark.timeout(120)
-COMMANDS = [["serve"], ["worker"], ["demo"], ["submit"], ["status"], ["wait"], ["result"],
-            ["jobs"], ["cancel"], ["keys"], ["keys", "create"], ["keys", "list"],
-            ["keys", "revoke"]]
-ARCH = {"kind": "sequential", "layers": [{"type": "Linear", "args": [4, 6]}, {"type": "Tanh"},
-                                         {"type": "Linear", "args": [6, 3]}]}
+COMMANDS = [
+    ["serve"],
+    ["worker"],
+    ["demo"],
+    ["submit"],
+    ["status"],
+    ["wait"],
+    ["result"],
+    ["jobs"],
+    ["cancel"],
+    ["keys"],
+    ["keys", "create"],
+    ["keys", "list"],
+    ["keys", "revoke"],
+]
+ARCH = {
+    "kind": "sequential",
+    "layers": [
+        {"type": "Linear", "args": [4, 6]},
+        {"type": "Tanh"},
+        {"type": "Linear", "args": [6, 3]},
+    ],
+}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_every_command_has_help_with_an_example(command: list[str],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_has_help_with_an_example(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as done:
         cli.main([*command, "--help"])
     assert done.value.code == 0
@@ -56,8 +75,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Weights, data and a vector as safetensors files beside the specs."""
     root = tmp_path_factory.mktemp("specs")
     model = make_model()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(root / "weights.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(root / "weights.safetensors"),
+    )
     inputs, targets = make_loader().dataset.tensors
     save_file({"inputs": inputs, "targets": targets}, str(root / "data.safetensors"))
     d = sum(p.numel() for p in model.parameters())
@@ -66,23 +87,27 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _spec(**changes: Any) -> dict[str, Any]:
-    spec = {"model": {"weights": "@weights.safetensors", "architecture": ARCH},
-            "dataset": {"blob": "@data.safetensors", "batch_size": BATCH},
-            "metric": "fim", "representation": "dense",
-            "operations": [{"op": "trace"}, {"op": "vTMv", "v": "@v.safetensors"},
-                           {"op": "get_diag"}]}
+    spec = {
+        "model": {"weights": "@weights.safetensors", "architecture": ARCH},
+        "dataset": {"blob": "@data.safetensors", "batch_size": BATCH},
+        "metric": "fim",
+        "representation": "dense",
+        "operations": [{"op": "trace"}, {"op": "vTMv", "v": "@v.safetensors"}, {"op": "get_diag"}],
+    }
     return spec | changes
 
 
-def test_submit_wait_status_result(as_alice: Server, files: Path,
-                                   capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_submit_wait_status_result(
+    as_alice: Server, files: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     reference = engine.FIM(make_model(), make_loader(), "dense")
     (files / "job.json").write_text(json.dumps(_spec()))
     code, out, _ = _run(capsys, "submit", str(files / "job.json"), "--wait")
     assert code == 0, out
     lines = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
-    torch.testing.assert_close(torch.tensor(float(lines["[0] trace.value"])),
-                               reference.trace(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(float(lines["[0] trace.value"])), reference.trace(), rtol=1e-4, atol=1e-6
+    )
     assert lines["[2] get_diag.value"].startswith("tensor float32 [51]")
 
     (files / "job.yaml").write_text(yaml.safe_dump(_spec(operations=[{"op": "get_diag"}])))
@@ -108,35 +133,50 @@ def test_submit_wait_status_result(as_alice: Server, files: Path,
     assert [j["id"] for j in listed] == [job_id]
 
 
-def test_failures_and_cancel(as_alice: Server, files: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
-    (files / "bad.json").write_text(json.dumps(_spec(
-        dataset={"blob": "@data.safetensors", "batch_size": BATCH, "subset": 100})))
+def test_failures_and_cancel(
+    as_alice: Server, files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (files / "bad.json").write_text(
+        json.dumps(_spec(dataset={"blob": "@data.safetensors", "batch_size": BATCH, "subset": 100}))
+    )
     code, out, err = _run(capsys, "submit", str(files / "bad.json"), "--wait")
     assert code == 1
-    assert "failed: Invalid input (422): subset 100 exceeds the 12 examples " \
-           "[field: dataset.subset]" in err
+    assert (
+        "failed: Invalid input (422): subset 100 exceeds the 12 examples "
+        "[field: dataset.subset]" in err
+    )
     failed_id = err.splitlines()[-1].split()[0]
     code, _, err = _run(capsys, "cancel", failed_id)
     assert code == 1 and "Conflict (409)" in err and "already failed" in err
-    (files / "refused.json").write_text(json.dumps(_spec(representation="kfac",
-                                                         operations=[{"op": "eigenpairs",
-                                                                      "k": 2}])))
+    (files / "refused.json").write_text(
+        json.dumps(_spec(representation="kfac", operations=[{"op": "eigenpairs", "k": 2}]))
+    )
     code, _, err = _run(capsys, "submit", str(files / "refused.json"))
     assert code == 1 and "[field: operations[0].op]" in err
 
     torch.manual_seed(0)
-    wide = torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.Tanh(),
-                               torch.nn.Linear(256, 10))
-    save_file({k: v.contiguous() for k, v in wide.state_dict().items()},
-              str(files / "wide.safetensors"))
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
+    save_file(
+        {k: v.contiguous() for k, v in wide.state_dict().items()}, str(files / "wide.safetensors")
+    )
     save_file({"inputs": torch.randn(4000, 4)}, str(files / "big.safetensors"))
-    architecture = {"kind": "sequential", "layers": [
-        {"type": "Linear", "args": [4, 256]}, {"type": "Tanh"},
-        {"type": "Linear", "args": [256, 10]}]}
-    (files / "slow.json").write_text(json.dumps(_spec(
-        model={"weights": "@wide.safetensors", "architecture": architecture},
-        dataset={"blob": "@big.safetensors", "batch_size": 50}, operations=[{"op": "trace"}])))
+    architecture = {
+        "kind": "sequential",
+        "layers": [
+            {"type": "Linear", "args": [4, 256]},
+            {"type": "Tanh"},
+            {"type": "Linear", "args": [256, 10]},
+        ],
+    }
+    (files / "slow.json").write_text(
+        json.dumps(
+            _spec(
+                model={"weights": "@wide.safetensors", "architecture": architecture},
+                dataset={"blob": "@big.safetensors", "batch_size": 50},
+                operations=[{"op": "trace"}],
+            )
+        )
+    )
     code, out, _ = _run(capsys, "submit", str(files / "slow.json"))
     slow_id = out.strip()
     code, out, _ = _run(capsys, "cancel", slow_id)
@@ -145,8 +185,9 @@ def test_failures_and_cancel(as_alice: Server, files: Path,
     assert code == 1 and f"{slow_id} canceled" in err
 
 
-def test_keys_and_the_admin_overview(server: Server, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_and_the_admin_overview(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("FIMNTK_URL", server.url)
     admin = ["--key", server.keys["admin"]]
     code, out, _ = _run(capsys, "keys", "create", "bob", *admin)
@@ -182,11 +223,18 @@ def test_keys_and_the_admin_overview(server: Server, monkeypatch: pytest.MonkeyP
 
 
 def test_reading_commands_need_no_torch(server: Server) -> None:
-    code = ("import sys; from client.cli import main; rc = main(['jobs', '--limit', '2']); "
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    env = {**os.environ, "FIMNTK_URL": server.url, "FIMNTK_API_KEY": server.keys["alice"],
-           "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=60)
+    code = (
+        "import sys; from client.cli import main; rc = main(['jobs', '--limit', '2']); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    env = {
+        **os.environ,
+        "FIMNTK_URL": server.url,
+        "FIMNTK_API_KEY": server.keys["alice"],
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(("ID ", "no jobs"))

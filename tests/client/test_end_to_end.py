@@ -93,47 +93,72 @@ def _fv(seed: int = 6) -> Any:
     return engine.FVector(torch.randn(3, 12, generator=torch.Generator().manual_seed(seed)))
 
 
-Case = tuple[Callable[[Client, nn.Module, DataLoader], Any],
-             Callable[[nn.Module, DataLoader], Any]]
+Case = tuple[Callable[[Client, nn.Module, DataLoader], Any], Callable[[nn.Module, DataLoader], Any]]
 ONE_SHOT: dict[str, Case] = {
-    "trace-kfac": (lambda c, m, d: c.trace(m, d, rep="kfac"),
-                   lambda m, d: _fim(m, d, "kfac").trace()),
-    "trace-dense-fim_mc": (lambda c, m, d: c.trace(m, d, rep="dense", metric="fim_mc",
-                                                   trials=2, seed=3),
-                           lambda m, d: _fim(m, d, "dense", "fim_mc").trace()),
-    "trace-mixed-empirical": (lambda c, m, d: c.trace(m, d, rep="mixed",
-                                                      metric="empirical_fim"),
-                              lambda m, d: _fim(m, d, "mixed", "empirical_fim").trace()),
-    "trace-ntk": (lambda c, m, d: c.trace(m, d, metric="ntk"),
-                  lambda m, d: engine.GramMatrix(m, d).trace()),
-    "vTMv-ekfac-own-parameters": (lambda c, m, d: c.vTMv(m, d, rep="ekfac"),
-                                  lambda m, d: _fim(m, d, "ekfac").vTMv(
-                                      engine.PVector.from_model(m))),
-    "vTMv-implicit": (lambda c, m, d: c.vTMv(m, d, _pv(m), rep="implicit"),
-                      lambda m, d: _fim(m, d, "implicit").vTMv(_pv(m))),
-    "vTMv-ntk": (lambda c, m, d: c.vTMv(m, d, _fv(), metric="ntk"),
-                 lambda m, d: engine.GramMatrix(m, d).vTMv(_fv())),
-    "mv-blockdiag": (lambda c, m, d: c.mv(m, d, _pv(m), rep="blockdiag"),
-                     lambda m, d: _fim(m, d, "blockdiag").mv(_pv(m))),
-    "mv-ntk": (lambda c, m, d: c.mv(m, d, _fv(), metric="ntk"),
-               lambda m, d: engine.GramMatrix(m, d).mv(_fv())),
-    "solve-kfac": (lambda c, m, d: c.solve(m, d, _pv(m), regul=1e-2, rep="kfac"),
-                   lambda m, d: _fim(m, d, "kfac").solve(_pv(m), regul=1e-2)),
-    "norm-quasidiag": (lambda c, m, d: c.norm(m, d, rep="quasidiag"),
-                       lambda m, d: _fim(m, d, "quasidiag").norm()),
-    "get_diag-lowrank": (lambda c, m, d: c.get_diag(m, d, rep="lowrank"),
-                         lambda m, d: _fim(m, d, "lowrank").get_diag()),
-    "eigenpairs-dense": (lambda c, m, d: c.eigenpairs(m, d, 3, rep="dense"),
-                         lambda m, d: _fim(m, d, "dense").eigenpairs(3)),
-    "eigenpairs-ntk": (lambda c, m, d: c.eigenpairs(m, d, 3, metric="ntk"),
-                       lambda m, d: engine.GramMatrix(m, d).eigenpairs(3)),
+    "trace-kfac": (
+        lambda c, m, d: c.trace(m, d, rep="kfac"),
+        lambda m, d: _fim(m, d, "kfac").trace(),
+    ),
+    "trace-dense-fim_mc": (
+        lambda c, m, d: c.trace(m, d, rep="dense", metric="fim_mc", trials=2, seed=3),
+        lambda m, d: _fim(m, d, "dense", "fim_mc").trace(),
+    ),
+    "trace-mixed-empirical": (
+        lambda c, m, d: c.trace(m, d, rep="mixed", metric="empirical_fim"),
+        lambda m, d: _fim(m, d, "mixed", "empirical_fim").trace(),
+    ),
+    "trace-ntk": (
+        lambda c, m, d: c.trace(m, d, metric="ntk"),
+        lambda m, d: engine.GramMatrix(m, d).trace(),
+    ),
+    "vTMv-ekfac-own-parameters": (
+        lambda c, m, d: c.vTMv(m, d, rep="ekfac"),
+        lambda m, d: _fim(m, d, "ekfac").vTMv(engine.PVector.from_model(m)),
+    ),
+    "vTMv-implicit": (
+        lambda c, m, d: c.vTMv(m, d, _pv(m), rep="implicit"),
+        lambda m, d: _fim(m, d, "implicit").vTMv(_pv(m)),
+    ),
+    "vTMv-ntk": (
+        lambda c, m, d: c.vTMv(m, d, _fv(), metric="ntk"),
+        lambda m, d: engine.GramMatrix(m, d).vTMv(_fv()),
+    ),
+    "mv-blockdiag": (
+        lambda c, m, d: c.mv(m, d, _pv(m), rep="blockdiag"),
+        lambda m, d: _fim(m, d, "blockdiag").mv(_pv(m)),
+    ),
+    "mv-ntk": (
+        lambda c, m, d: c.mv(m, d, _fv(), metric="ntk"),
+        lambda m, d: engine.GramMatrix(m, d).mv(_fv()),
+    ),
+    "solve-kfac": (
+        lambda c, m, d: c.solve(m, d, _pv(m), regul=1e-2, rep="kfac"),
+        lambda m, d: _fim(m, d, "kfac").solve(_pv(m), regul=1e-2),
+    ),
+    "norm-quasidiag": (
+        lambda c, m, d: c.norm(m, d, rep="quasidiag"),
+        lambda m, d: _fim(m, d, "quasidiag").norm(),
+    ),
+    "get_diag-lowrank": (
+        lambda c, m, d: c.get_diag(m, d, rep="lowrank"),
+        lambda m, d: _fim(m, d, "lowrank").get_diag(),
+    ),
+    "eigenpairs-dense": (
+        lambda c, m, d: c.eigenpairs(m, d, 3, rep="dense"),
+        lambda m, d: _fim(m, d, "dense").eigenpairs(3),
+    ),
+    "eigenpairs-ntk": (
+        lambda c, m, d: c.eigenpairs(m, d, 3, metric="ntk"),
+        lambda m, d: engine.GramMatrix(m, d).eigenpairs(3),
+    ),
     "ntk": (lambda c, m, d: c.ntk(m, d), lambda m, d: engine.GramMatrix(m, d)),
 }
 
 
 @pytest.mark.parametrize("case", list(ONE_SHOT))
-def test_one_shot_calls_equal_the_engine(client: Client, model: nn.Module,
-                                         loader: DataLoader, case: str) -> None:
+def test_one_shot_calls_equal_the_engine(
+    client: Client, model: nn.Module, loader: DataLoader, case: str
+) -> None:
     call, reference = ONE_SHOT[case]
     assert_engine_equal(call(client, model, loader), reference(model, loader))
 
@@ -152,7 +177,8 @@ def _newest_job(client: Client) -> dict[str, Any]:
 
 
 def test_fim_handle_methods_reuse_the_kept_representation(
-        client: Client, model: nn.Module, loader: DataLoader, tmp_path: Any) -> None:
+    client: Client, model: nn.Module, loader: DataLoader, tmp_path: Any
+) -> None:
     F = client.FIM(model, loader, representation="ekfac")
     assert F.job["kept"] and F.representation == "ekfac"
     ref = _fim(model, loader, "ekfac")
@@ -174,8 +200,9 @@ def test_fim_handle_methods_reuse_the_kept_representation(
     assert_engine_equal(dense.eigenpairs(2), _fim(model, loader, "dense").eigenpairs(2))
 
 
-def test_ntk_handle_methods(client: Client, model: nn.Module, loader: DataLoader,
-                            tmp_path: Any) -> None:
+def test_ntk_handle_methods(
+    client: Client, model: nn.Module, loader: DataLoader, tmp_path: Any
+) -> None:
     K = client.NTK(model, loader)
     ref = engine.GramMatrix(model, loader)
     assert_engine_equal(K.trace(), ref.trace())
@@ -188,8 +215,7 @@ def test_ntk_handle_methods(client: Client, model: nn.Module, loader: DataLoader
     assert_engine_equal(K.download(tmp_path / "K.safetensors"), ref)
 
 
-def test_the_second_call_on_the_same_model_uploads_nothing(
-        client: Client, server: Server) -> None:
+def test_the_second_call_on_the_same_model_uploads_nothing(client: Client, server: Server) -> None:
     model, loader = make_model(seed=11), make_loader()
     first = client.vTMv(model, loader, rep="diag")
     requests, sent = server.uploads.snapshot()
@@ -200,36 +226,38 @@ def test_the_second_call_on_the_same_model_uploads_nothing(
     torch.testing.assert_close(again, first)
 
 
-def test_a_registered_builder_model_equals_the_engine(client: Client,
-                                                      loader: DataLoader) -> None:
+def test_a_registered_builder_model_equals_the_engine(client: Client, loader: DataLoader) -> None:
     torch.manual_seed(2)
     model = register_builder("two_tower", two_tower)(4, 3, hidden=7).eval()
-    assert_engine_equal(client.trace(model, loader, rep="kfac"),
-                        _fim(model, loader, "kfac").trace())
+    assert_engine_equal(
+        client.trace(model, loader, rep="kfac"), _fim(model, loader, "kfac").trace()
+    )
 
 
 def test_without_the_engine_results_are_plain_tensors(
-        client: Client, model: nn.Module, loader: DataLoader,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    client: Client, model: nn.Module, loader: DataLoader, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v = _pv(model)
     ref = _fim(model, loader, "dense").mv(v).get_dict_representation()
     gram = engine.GramMatrix(model, loader).to_torch()
     monkeypatch.setattr(sh, "engine_module", lambda: None)
     plain = client.mv(model, loader, v.get_flat_representation(), rep="dense")
     assert list(plain) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    for name, layer in (("0.weight", "0"), ("0.bias", "0"), ("2.weight", "2"),
-                        ("2.bias", "2")):
+    for name, layer in (("0.weight", "0"), ("0.bias", "0"), ("2.weight", "2"), ("2.bias", "2")):
         index = 0 if name.endswith("weight") else 1
         torch.testing.assert_close(plain[name], ref[layer][index], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(client.ntk(model, loader), gram, rtol=RTOL, atol=ATOL)
 
 
-def test_server_datasets_and_uploaded_datasets(client: Client, server: Server,
-                                               model: nn.Module, loader: DataLoader) -> None:
+def test_server_datasets_and_uploaded_datasets(
+    client: Client, server: Server, model: nn.Module, loader: DataLoader
+) -> None:
     inputs, targets = loader.dataset.tensors
     server.settings.datasets_dir.mkdir(exist_ok=True)
-    save_file({"inputs": inputs, "targets": targets},
-              str(server.settings.datasets_dir / "tiny.safetensors"))
+    save_file(
+        {"inputs": inputs, "targets": targets},
+        str(server.settings.datasets_dir / "tiny.safetensors"),
+    )
     reference = _fim(model, loader, "kfac").trace()
     named = client.trace(model, RemoteDataset(name="tiny", batch_size=BATCH), rep="kfac")
     assert_engine_equal(named, reference)
@@ -238,13 +266,11 @@ def test_server_datasets_and_uploaded_datasets(client: Client, server: Server,
     assert uploaded.batch_size == BATCH and uploaded.blob.startswith("sha256:")
     before = server.uploads.snapshot()
     assert_engine_equal(client.trace(model, uploaded, rep="kfac"), reference)
-    assert_engine_equal(client.trace(model, (inputs, targets), rep="kfac", batch_size=4),
-                        reference)
+    assert_engine_equal(client.trace(model, (inputs, targets), rep="kfac", batch_size=4), reference)
     assert server.uploads.snapshot() == before  # the same examples are the same blob
 
 
-def test_progress_reaches_a_callback(server: Server, model: nn.Module,
-                                     loader: DataLoader) -> None:
+def test_progress_reaches_a_callback(server: Server, model: nn.Module, loader: DataLoader) -> None:
     seen: list[dict[str, Any]] = []
     with Client(server.url, server.keys["alice"], progress=seen.append) as ours:
         ours.trace(model, loader, rep="diag")
@@ -252,8 +278,9 @@ def test_progress_reaches_a_callback(server: Server, model: nn.Module,
     assert seen[-1]["progress"]["stage"] == "done"
 
 
-def test_server_errors_carry_the_problem(client: Client, server: Server, model: nn.Module,
-                                         loader: DataLoader) -> None:
+def test_server_errors_carry_the_problem(
+    client: Client, server: Server, model: nn.Module, loader: DataLoader
+) -> None:
     with pytest.raises(InvalidInputError) as refused:
         client.eigenpairs(model, loader, 2, rep="kfac")
     assert refused.value.field == "operations[0].op"
@@ -267,12 +294,12 @@ def test_server_errors_carry_the_problem(client: Client, server: Server, model: 
     assert "subset 100 exceeds the 12 examples" in str(error)
     assert client.job(error.job_id)["status"] == "failed"
     with pytest.raises(DataError, match="needs targets"):
-        client.trace(model, make_loader(with_targets=False), rep="diag",
-                     metric="empirical_fim")
+        client.trace(model, make_loader(with_targets=False), rep="diag", metric="empirical_fim")
 
 
 def test_a_model_the_client_cannot_describe_gets_the_registration_message(
-        client: Client, server: Server, loader: DataLoader) -> None:
+    client: Client, server: Server, loader: DataLoader
+) -> None:
     class Residual(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -282,13 +309,17 @@ def test_a_model_the_client_cannot_describe_gets_the_registration_message(
             return x + self.fc(x)
 
     before = server.uploads.snapshot()
-    with pytest.raises(ModelNotSupportedError, match=r"(?s)cannot describe Residual.*"
-                                                     r"register_builder\(\"residual\""):
+    with pytest.raises(
+        ModelNotSupportedError,
+        match=r"(?s)cannot describe Residual.*"
+        r"register_builder\(\"residual\"",
+    ):
         client.trace(Residual(), loader, rep="kfac")
     assert server.uploads.snapshot() == before
 
 
 # -- interruptions ----------------------------------------------------------------------------
+
 
 def _slow() -> tuple[nn.Module, DataLoader]:
     """A dense FIM that takes the worker tens of seconds (d = 7,946: each batch of 50 adds a
@@ -310,8 +341,12 @@ class _CtrlC(httpx.HTTPTransport):
         self.fired = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if (not self.fired and request.method == "GET" and _JOB_POLL.match(request.url.path)
-                and "wait" in request.url.params):
+        if (
+            not self.fired
+            and request.method == "GET"
+            and _JOB_POLL.match(request.url.path)
+            and "wait" in request.url.params
+        ):
             self.fired = True
             raise KeyboardInterrupt
         return super().handle_request(request)
@@ -341,19 +376,22 @@ def test_a_timeout_cancels_the_job_on_the_server(client: Client) -> None:
     _assert_canceled(client, info.value.job_id)
 
 
-def test_the_async_client_mirrors_the_sync_one(server: Server, client: Client,
-                                               model: nn.Module, loader: DataLoader) -> None:
+def test_the_async_client_mirrors_the_sync_one(
+    server: Server, client: Client, model: nn.Module, loader: DataLoader
+) -> None:
     slow_model, slow_loader = _slow()
 
     async def main() -> str:
         async with AsyncClient(server.url, server.keys["alice"], progress=False) as aclient:
-            assert_engine_equal(await aclient.trace(model, loader, rep="kfac"),
-                                _fim(model, loader, "kfac").trace())
+            assert_engine_equal(
+                await aclient.trace(model, loader, rep="kfac"), _fim(model, loader, "kfac").trace()
+            )
             F = await aclient.FIM(model, loader, "dense")
-            assert_engine_equal(await F.solve(_pv(model), 1e-3),
-                                _fim(model, loader, "dense").solve(_pv(model), 1e-3))
-            assert_engine_equal(await aclient.ntk(model, loader),
-                                engine.GramMatrix(model, loader))
+            assert_engine_equal(
+                await F.solve(_pv(model), 1e-3),
+                _fim(model, loader, "dense").solve(_pv(model), 1e-3),
+            )
+            assert_engine_equal(await aclient.ntk(model, loader), engine.GramMatrix(model, loader))
             before = (await aclient.jobs(limit=1))["items"][0]["id"]
             task = asyncio.create_task(aclient.trace(slow_model, slow_loader, rep="dense"))
             while (newest := (await aclient.jobs(limit=1))["items"][0]["id"]) == before:

@@ -11,23 +11,67 @@ from fimntk import client
 from fimntk.client import AsyncClient, Client
 
 EXPORTED = [
-    "APIError", "AsyncClient", "AuthenticationError", "Client", "ClientConfig", "ClientError",
-    "ConfigurationError", "ConflictError", "DataError", "InvalidInputError",
-    "JobCanceledError", "JobFailedError", "JobTimeoutError", "ModelNotSupportedError",
-    "NotFoundError", "PayloadTooLargeError", "PermissionDeniedError", "RemoteDataset",
-    "RemoteFIM", "RemoteNTK", "ServerUnreachableError", "ServiceUnavailableError",
-    "TooManyJobsError", "describe_as", "register_builder",
+    "APIError",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
+    "ClientConfig",
+    "ClientError",
+    "ConfigurationError",
+    "ConflictError",
+    "DataError",
+    "InvalidInputError",
+    "JobCanceledError",
+    "JobFailedError",
+    "JobTimeoutError",
+    "ModelNotSupportedError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RemoteDataset",
+    "RemoteFIM",
+    "RemoteNTK",
+    "ServerUnreachableError",
+    "ServiceUnavailableError",
+    "TooManyJobsError",
+    "describe_as",
+    "register_builder",
 ]
 CLIENT_METHODS = [
-    "FIM", "NTK", "admin_status", "cancel", "close", "create_user", "download", "eigenpairs",
-    "get_diag", "health", "job", "jobs", "mv", "norm", "ntk", "result", "revoke_user", "solve",
-    "submit", "trace", "upload", "upload_dataset", "users", "vTMv", "wait",
+    "FIM",
+    "NTK",
+    "admin_status",
+    "cancel",
+    "close",
+    "create_user",
+    "download",
+    "eigenpairs",
+    "get_diag",
+    "health",
+    "job",
+    "jobs",
+    "mv",
+    "norm",
+    "ntk",
+    "result",
+    "revoke_user",
+    "solve",
+    "submit",
+    "trace",
+    "upload",
+    "upload_dataset",
+    "users",
+    "vTMv",
+    "wait",
 ]
 
 
 def _public(cls: type) -> dict[str, object]:
-    return {name: member for name, member in inspect.getmembers(cls, inspect.isfunction)
-            if not name.startswith("_")}
+    return {
+        name: member
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
 
 
 def test_all_is_pinned() -> None:
@@ -42,11 +86,15 @@ def test_clients_mirror_each_other() -> None:
     for name in CLIENT_METHODS:
         assert not inspect.iscoroutinefunction(sync[name]), name
         assert inspect.iscoroutinefunction(async_[name]), name
-        assert (inspect.signature(sync[name]).parameters.keys()
-                == inspect.signature(async_[name]).parameters.keys()), name
+        assert (
+            inspect.signature(sync[name]).parameters.keys()
+            == inspect.signature(async_[name]).parameters.keys()
+        ), name
 
 
 def test_importing_the_client_does_not_import_torch() -> None:
-    code = ("import sys, client, client.cli; client.Client('http://x:1', 'k'); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, client, client.cli; client.Client('http://x:1', 'k'); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

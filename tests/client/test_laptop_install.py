@@ -89,13 +89,28 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")
     linked = [link.name for link in (REPO / "fimntk").iterdir() if link.is_symlink()]
     for name in ("fimntk", *linked):
-        shutil.copytree(REPO / name, source / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "--quiet", "-w", str(out), str(source)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        timeout=300,
+    )
     (path,) = out.glob("fimntk-*.whl")
     return path
 
@@ -104,31 +119,61 @@ def test_wheel_has_one_top_level_package_and_the_base_requirements(wheel: Path) 
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
         meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        requires = [Requirement(line.split(":", 1)[1].strip())
-                    for line in archive.read(meta).decode().splitlines()
-                    if line.startswith("Requires-Dist:")]
-        assert any(n.startswith("fimntk/service/storage/migrations/versions/")
-                   for n in archive.namelist())
+        requires = [
+            Requirement(line.split(":", 1)[1].strip())
+            for line in archive.read(meta).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+        assert any(
+            n.startswith("fimntk/service/storage/migrations/versions/") for n in archive.namelist()
+        )
     assert {t for t in tops if not t.endswith(".dist-info")} == {"fimntk"}
     base = {r.name.lower() for r in requires if r.marker is None}
     assert base == BASE
-    server = {r.name.lower() for r in requires
-              if r.marker is not None and r.marker.evaluate({"extra": "server"})}
-    assert {"fastapi", "uvicorn", "rq", "redis", "sqlalchemy", "alembic", "psycopg",
-            "boto3", "prometheus-client"} <= server
+    server = {
+        r.name.lower()
+        for r in requires
+        if r.marker is not None and r.marker.evaluate({"extra": "server"})
+    }
+    assert {
+        "fastapi",
+        "uvicorn",
+        "rq",
+        "redis",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "boto3",
+        "prometheus-client",
+    } <= server
 
 
-def test_laptop_install_runs_a_job(wheel: Path, server: Server,
-                                   tmp_path: Path) -> None:
+def test_laptop_install_runs_a_job(wheel: Path, server: Server, tmp_path: Path) -> None:
     site, deps = tmp_path / "site", tmp_path / "deps"
     deps.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-index", "--target", str(site), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
     with zipfile.ZipFile(wheel) as archive:
         meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        requires = [Requirement(line.split(":", 1)[1].strip())
-                    for line in archive.read(meta).decode().splitlines()
-                    if line.startswith("Requires-Dist:")]
+        requires = [
+            Requirement(line.split(":", 1)[1].strip())
+            for line in archive.read(meta).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
     closure = _closure(requires)
     assert not {n.replace("-", "_") for n in closure} & SERVER, closure
     for name in closure:
@@ -136,13 +181,22 @@ def test_laptop_install_runs_a_job(wheel: Path, server: Server,
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False, system_site_packages=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], capture_output=True, text=True, check=True)
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     Path(purelib.stdout.strip(), "fimntk-laptop.pth").write_text(f"{site}\n{deps}\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([str(python), "-c", _JOB, server.url, server.keys["alice"],
-                          ",".join(sorted(SERVER))], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=300)
+    run = subprocess.run(
+        [str(python), "-c", _JOB, server.url, server.keys["alice"], ",".join(sorted(SERVER))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["fimntk"].startswith(str(site))

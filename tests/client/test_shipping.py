@@ -39,16 +39,27 @@ def _rebuilt(model: nn.Module, tmp_path: Path) -> nn.Module:
 
 def _cnn() -> nn.Sequential:
     torch.manual_seed(0)
-    features = nn.Sequential(OrderedDict([
-        ("conv", nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)),
-        ("norm", nn.BatchNorm2d(4)),
-        ("act", nn.GELU(approximate="tanh")),
-        ("pool", nn.MaxPool2d(2, ceil_mode=True)),
-        ("group", nn.GroupNorm(2, 4)),
-    ]))
-    model = nn.Sequential(features, nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                          nn.LayerNorm(16, bias=False), nn.Dropout(0.25),
-                          nn.Linear(16, 5, bias=False), nn.LeakyReLU(0.2), nn.Linear(5, 3))
+    features = nn.Sequential(
+        OrderedDict(
+            [
+                ("conv", nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)),
+                ("norm", nn.BatchNorm2d(4)),
+                ("act", nn.GELU(approximate="tanh")),
+                ("pool", nn.MaxPool2d(2, ceil_mode=True)),
+                ("group", nn.GroupNorm(2, 4)),
+            ]
+        )
+    )
+    model = nn.Sequential(
+        features,
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.LayerNorm(16, bias=False),
+        nn.Dropout(0.25),
+        nn.Linear(16, 5, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Linear(5, 3),
+    )
     model[0].norm.running_mean.uniform_()
     return model.eval()
 
@@ -58,13 +69,15 @@ def test_sequential_models_are_rebuilt_exactly(tmp_path: Path) -> None:
     rebuilt = _rebuilt(model, tmp_path)
     x = torch.randn(6, 3, 9, 9)
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
-    assert [n for n, _ in sh.ship_model(model).layout] == [
-        n for n, p in model.named_parameters()]
+    assert [n for n, _ in sh.ship_model(model).layout] == [n for n, p in model.named_parameters()]
 
 
 def test_embeddings_and_float64(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Embedding(10, 4, padding_idx=-1), nn.Flatten(),
-                          nn.Linear(12, 2)).double().eval()
+    model = (
+        nn.Sequential(nn.Embedding(10, 4, padding_idx=-1), nn.Flatten(), nn.Linear(12, 2))
+        .double()
+        .eval()
+    )
     shipment = sh.ship_model(model)
     assert shipment.architecture["dtype"] == "float64" and shipment.dtype == "float64"
     x = torch.randint(0, 10, (5, 3))
@@ -88,9 +101,13 @@ def test_a_model_the_client_cannot_describe_says_how_to_register_it() -> None:
     with pytest.raises(ModelNotSupportedError) as info:
         sh.ship_model(Custom())
     message = str(info.value)
-    for needed in ("cannot describe Custom", "register_builder(\"custom\", build_custom)",
-                   "BUILDERS = {\"custom\": build_custom}", "FIMNTK_BUILDER_MODULES",
-                   "describe_as(model, \"custom\""):
+    for needed in (
+        "cannot describe Custom",
+        'register_builder("custom", build_custom)',
+        'BUILDERS = {"custom": build_custom}',
+        "FIMNTK_BUILDER_MODULES",
+        'describe_as(model, "custom"',
+    ):
         assert needed in message, message
     with pytest.raises(ModelNotSupportedError, match=r"layer 1 is a .*MyLinear, not a built-in"):
         sh.ship_model(nn.Sequential(nn.Linear(3, 3), MyLinear(3, 2)))
@@ -118,17 +135,18 @@ def test_registered_builders(tmp_path: Path) -> None:
     build = register_builder("two_tower", two_tower)
     model = build(4, 3, hidden=6).eval()
     shipment = sh.ship_model(model)
-    assert shipment.architecture == {"kind": "builder", "name": "two_tower",
-                                     "kwargs": {"in_features": 4, "out_features": 3,
-                                                "hidden": 6}}
+    assert shipment.architecture == {
+        "kind": "builder",
+        "name": "two_tower",
+        "kwargs": {"in_features": 4, "out_features": 3, "hidden": 6},
+    }
     x = torch.randn(5, 4)
     torch.testing.assert_close(_rebuilt(model, tmp_path)(x), model(x), rtol=0, atol=0)
     model.right = nn.Linear(4, 3, bias=False)
     with pytest.raises(ModelNotSupportedError, match="no longer matches builder"):
         sh.ship_model(model)
     tagged = describe_as(nn.Module(), "resnet", blocks=2)
-    assert "resnet" in BUILTIN_BUILDERS and tagged._fimntk_builder == (
-        "resnet", {"blocks": 2})
+    assert "resnet" in BUILTIN_BUILDERS and tagged._fimntk_builder == ("resnet", {"blocks": 2})
     with pytest.raises(ModelNotSupportedError, match="not a JSON value"):
         describe_as(nn.Module(), "resnet", blocks=object())
 
@@ -136,8 +154,13 @@ def test_registered_builders(tmp_path: Path) -> None:
 def _read_back(shipment: sh.DataShipment, tmp_path: Path) -> list[tuple[torch.Tensor, ...]]:
     """The batches the worker's loader yields from a shipped dataset."""
     assert shipment.blob is not None and shipment.blob.path is not None
-    loader = make_loader(shipment.blob.path, shipment.dataset.to_spec(), torch.float32,
-                         "dataset.blob", needs_targets=False)
+    loader = make_loader(
+        shipment.blob.path,
+        shipment.dataset.to_spec(),
+        torch.float32,
+        "dataset.blob",
+        needs_targets=False,
+    )
     return [tuple(b) for b in loader]
 
 
@@ -167,20 +190,27 @@ def test_tensors_and_remote_datasets() -> None:
     assert bare.dataset.batch_size == 3 and not bare.has_targets and pair.has_targets
     named = sh.ship_data("mnist-1k", batch_size=64)
     assert named.blob is None and named.dataset.to_spec() == {
-        "name": "mnist-1k", "batch_size": 64, "seed": 0}
+        "name": "mnist-1k",
+        "batch_size": 64,
+        "seed": 0,
+    }
     remote = RemoteDataset(blob="sha256:" + "0" * 64, subset=5)
     assert sh.ship_data(remote).dataset is remote
     with pytest.raises(DataError, match="exactly one"):
         RemoteDataset()
 
 
-@pytest.mark.parametrize("data", [
-    [{"x": torch.zeros(2, 3)}],
-    [(torch.zeros(2, 3), torch.zeros(2), torch.zeros(2))],
-    [],
-    [(torch.zeros(2, 3),), (torch.zeros(2, 3), torch.zeros(2))],
-    42,
-], ids=["dict", "triple", "empty", "mixed", "number"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        [{"x": torch.zeros(2, 3)}],
+        [(torch.zeros(2, 3), torch.zeros(2), torch.zeros(2))],
+        [],
+        [(torch.zeros(2, 3),), (torch.zeros(2, 3), torch.zeros(2))],
+        42,
+    ],
+    ids=["dict", "triple", "empty", "mixed", "number"],
+)
 def test_unshippable_data(data: object) -> None:
     with pytest.raises(DataError):
         sh.ship_data(data)

@@ -26,8 +26,12 @@ from fimntk.service.embedded import free_port
 
 pytestmark = pytest.mark.timeout(60)
 JOB = {"id": "j_1", "status": "queued"}
-UNAVAILABLE = {"type": "/problems/queue-unavailable", "title": "Queue unavailable",
-               "status": 503, "detail": "cannot reach the queue"}
+UNAVAILABLE = {
+    "type": "/problems/queue-unavailable",
+    "title": "Queue unavailable",
+    "status": 503,
+    "detail": "cannot reach the queue",
+}
 
 
 def _mock(answers: list[httpx.Response], seen: list[httpx.Request]) -> httpx.MockTransport:
@@ -40,14 +44,23 @@ def _mock(answers: list[httpx.Response], seen: list[httpx.Request]) -> httpx.Moc
 
 
 def _client(transport: httpx.BaseTransport, retries: int = 3) -> Client:
-    return Client("http://fimntk.test", "fk_test", retries=retries, backoff=0.001,
-                  progress=False, transport=transport)
+    return Client(
+        "http://fimntk.test",
+        "fk_test",
+        retries=retries,
+        backoff=0.001,
+        progress=False,
+        transport=transport,
+    )
 
 
 def test_503_is_retried_then_succeeds() -> None:
     seen: list[httpx.Request] = []
-    answers = [httpx.Response(503, json=UNAVAILABLE), httpx.Response(503, json=UNAVAILABLE),
-               httpx.Response(200, json=JOB)]
+    answers = [
+        httpx.Response(503, json=UNAVAILABLE),
+        httpx.Response(503, json=UNAVAILABLE),
+        httpx.Response(200, json=JOB),
+    ]
     with _client(_mock(answers, seen)) as client:
         assert client.job("j_1") == JOB
     assert len(seen) == 3
@@ -64,9 +77,13 @@ def test_503_after_the_retries_carries_the_problem() -> None:
 
 
 def test_a_problem_document_becomes_an_exception_with_its_field() -> None:
-    problem = {"type": "/problems/invalid-input", "title": "Invalid input", "status": 422,
-               "detail": "operation 'eigenpairs' is not defined for 'kfac'",
-               "field": "operations[0].op"}
+    problem = {
+        "type": "/problems/invalid-input",
+        "title": "Invalid input",
+        "status": 422,
+        "detail": "operation 'eigenpairs' is not defined for 'kfac'",
+        "field": "operations[0].op",
+    }
     seen: list[httpx.Request] = []
     client = _client(_mock([httpx.Response(422, json=problem)], seen))
     with client, pytest.raises(InvalidInputError) as info:
@@ -75,8 +92,10 @@ def test_a_problem_document_becomes_an_exception_with_its_field() -> None:
     error = info.value
     assert isinstance(error, ValueError) and error.field == "operations[0].op"
     assert error.problem == problem
-    assert str(error) == ("Invalid input (422): operation 'eigenpairs' is not defined for "
-                          "'kfac' [field: operations[0].op]")
+    assert str(error) == (
+        "Invalid input (422): operation 'eigenpairs' is not defined for "
+        "'kfac' [field: operations[0].op]"
+    )
 
 
 def test_a_proxy_error_page_is_still_an_api_error() -> None:
@@ -143,8 +162,13 @@ def test_the_async_client_retries_and_translates_too() -> None:
     answers = [httpx.Response(503, json=UNAVAILABLE), httpx.Response(200, json=JOB)]
 
     async def main() -> None:
-        async with AsyncClient("http://fimntk.test", "fk_test", backoff=0.001, progress=False,
-                               transport=_mock(answers, seen)) as client:
+        async with AsyncClient(
+            "http://fimntk.test",
+            "fk_test",
+            backoff=0.001,
+            progress=False,
+            transport=_mock(answers, seen),
+        ) as client:
             assert await client.job("j_1") == JOB
         dead = AsyncClient(f"http://127.0.0.1:{free_port()}", "k", retries=1, backoff=0.01)
         with pytest.raises(ServerUnreachableError, match="after 2 attempts"):
@@ -169,23 +193,24 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[str]
     return write
 
 
-def test_configuration_sources_in_order(clean_env: Callable[[str], Path],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configuration_sources_in_order(
+    clean_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert ClientConfig.resolve() == ClientConfig("http://127.0.0.1:8000", None)
     clean_env('url = "http://file:1/"\napi_key = "fk_file"\n')
     assert ClientConfig.resolve() == ClientConfig("http://file:1", "fk_file")
     monkeypatch.setenv("FIMNTK_URL", "https://env:2")
     monkeypatch.setenv("FIMNTK_API_KEY", "fk_env")
     assert ClientConfig.resolve() == ClientConfig("https://env:2", "fk_env")
-    assert ClientConfig.resolve("http://arg:3", "fk_arg") == ClientConfig("http://arg:3",
-                                                                          "fk_arg")
+    assert ClientConfig.resolve("http://arg:3", "fk_arg") == ClientConfig("http://arg:3", "fk_arg")
     with pytest.raises(ConfigurationError, match="must start with http"):
         ClientConfig.resolve("gpu-box:8000")
 
 
 def test_a_missing_key_says_where_to_put_one(clean_env: Callable[[str], Path]) -> None:
-    with Client("http://fimntk.test", transport=httpx.MockTransport(
-            lambda r: httpx.Response(200, json={}))) as client:
+    with Client(
+        "http://fimntk.test", transport=httpx.MockTransport(lambda r: httpx.Response(200, json={}))
+    ) as client:
         assert client.health() == {}  # no key needed
         with pytest.raises(ConfigurationError, match=r"FIMNTK_API_KEY.*config\.toml"):
             client.jobs()

@@ -37,6 +37,7 @@ KRON_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
 
 # ----- cached zoo objects (read-only in tests) ---------------------------------------------------
 
+
 @cache
 def built(case: str, dtype: torch.dtype = torch.float64):
     """``(model, loader)`` of a zoo case (13 examples, batches of 5)."""
@@ -83,7 +84,7 @@ def rand_pvector(mat, seed: int = 0) -> engine.PVector:
 
 
 def block(m: torch.Tensor, off: tuple[int, int]) -> torch.Tensor:
-    return m[off[0]:off[1], off[0]:off[1]]
+    return m[off[0] : off[1], off[0] : off[1]]
 
 
 def block_diagonal_part(full: torch.Tensor, case: str) -> torch.Tensor:
@@ -95,6 +96,7 @@ def block_diagonal_part(full: torch.Tensor, case: str) -> torch.Tensor:
 
 
 # ----- the matrix view of a layer, derived from the module ---------------------------------------
+
 
 @dataclass(frozen=True)
 class View:
@@ -154,8 +156,9 @@ def kron_dense(a: torch.Tensor, g: torch.Tensor, view: View) -> torch.Tensor:
     return out
 
 
-def pi_damped_kron_inverse(a: torch.Tensor, g: torch.Tensor, view: View,
-                           regul: float) -> torch.Tensor:
+def pi_damped_kron_inverse(
+    a: torch.Tensor, g: torch.Tensor, view: View, regul: float
+) -> torch.Tensor:
     """``⊕_γ (G_γ + √λ/π I)⁻¹ ⊗ (A_γ + π√λ I)⁻¹`` with ``π = √((tr A/dim A)/(tr G/dim G))``
     (Martens & Grosse 2015, §6.3), built densely."""
     ia, ig = [], []
@@ -169,6 +172,7 @@ def pi_damped_kron_inverse(a: torch.Tensor, g: torch.Tensor, view: View,
 
 
 # ----- KFAC factors from their definitions --------------------------------------------------------
+
 
 def layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
     """Input of ``module`` ``(n, ...)``, Jacobian of the logits with respect to its output
@@ -189,8 +193,10 @@ def layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
     try:
         with torch.enable_grad():
             logits = model(x)
-            rows = [torch.autograd.grad(logits[:, j].sum(), store["eps"], retain_graph=True)[0]
-                    for j in range(logits.shape[1])]
+            rows = [
+                torch.autograd.grad(logits[:, j].sum(), store["eps"], retain_graph=True)[0]
+                for j in range(logits.shape[1])
+            ]
     finally:
         h1.remove()
         h2.remove()
@@ -255,8 +261,13 @@ def layer_a_g(model: nn.Module, x: torch.Tensor, module: nn.Module, variant: str
     return a, j, h
 
 
-def kfac_factors(model: nn.Module, loader, module: nn.Module, approx: str = "expand",
-                 variant: str = "classif_logits") -> tuple[torch.Tensor, torch.Tensor]:
+def kfac_factors(
+    model: nn.Module,
+    loader,
+    module: nn.Module,
+    approx: str = "expand",
+    variant: str = "classif_logits",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, G)`` from the documented definitions (engine/generator/covariance.py):
 
     * expand: ``A = (1/n) Σ_{i,t} ã ãᵀ``, ``G = (1/n) Σ_i (1/T) Σ_t J_tᵀ H_i J_t``;
@@ -282,6 +293,7 @@ def kfac_factors(model: nn.Module, loader, module: nn.Module, approx: str = "exp
 
 # ----- quasi-diagonal mask ---------------------------------------------------------------------
 
+
 def quasidiag_mask(case: str) -> torch.Tensor:
     """Boolean ``(d, d)``: the diagonal, plus for Linear/Conv/normalisation layers on the hook path
     that have a bias, the pairs ``(W[o, ·], b[o])`` of each output unit ``o``."""
@@ -292,8 +304,11 @@ def quasidiag_mask(case: str) -> torch.Tensor:
     for name, (s, _) in offsets(case).items():
         m = mods[name]
         typ = type(m).__name__
-        if not (on_hooks(case, name) and typ in (*KRON_TYPES, *NORM_TYPES)
-                and getattr(m, "bias", None) is not None):
+        if not (
+            on_hooks(case, name)
+            and typ in (*KRON_TYPES, *NORM_TYPES)
+            and getattr(m, "bias", None) is not None
+        ):
             continue
         w = m.weight
         out = w.shape[0]

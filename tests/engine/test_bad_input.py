@@ -24,8 +24,9 @@ ENTRY_POINTS = {
     "FIM-diag": lambda m, ld, **kw: engine.FIM(m, ld, "diag", **kw),
     "FIM-blockdiag": lambda m, ld, **kw: engine.FIM(m, ld, "blockdiag", **kw),
     "FIM_MonteCarlo": lambda m, ld, **kw: engine.FIM_MonteCarlo(m, ld, "dense", seed=0, **kw),
-    "EmpiricalFIM-centered": lambda m, ld, **kw: engine.EmpiricalFIM(m, ld, "diag",
-                                                                     centering=True, **kw),
+    "EmpiricalFIM-centered": lambda m, ld, **kw: engine.EmpiricalFIM(
+        m, ld, "diag", centering=True, **kw
+    ),
     "NTK": lambda m, ld, **kw: engine.NTK(m, ld, **kw),
     "Jacobian": lambda m, ld, **kw: engine.Jacobian(m, **kw).get_jacobian(ld),
 }
@@ -52,10 +53,14 @@ def _raises(fn, *words, cls=InvalidInputError):
 
 
 @ENTRY
-@pytest.mark.parametrize("model", [
-    nn.Sequential(nn.Tanh()),
-    nn.Linear(5, 3).requires_grad_(False),
-], ids=["no_parameters", "all_frozen"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Tanh()),
+        nn.Linear(5, 3).requires_grad_(False),
+    ],
+    ids=["no_parameters", "all_frozen"],
+)
 def test_model_without_parameters(entry, model):
     _, loader = _mlp()
     _raises(lambda: entry(model.double(), loader), "no parameters", "requires_grad", "unfreeze")
@@ -105,11 +110,15 @@ def test_non_finite_input_with_finite_outputs_is_not_a_silent_nan(rep):
 
 
 @ENTRY
-@pytest.mark.parametrize("loader", [
-    [],
-    _loader(torch.empty(0, 5, dtype=torch.float64)),
-    _loader(torch.randn(3, 5, dtype=torch.float64), drop_last=True),
-], ids=["empty_list", "empty_dataset", "drop_last_drops_everything"])
+@pytest.mark.parametrize(
+    "loader",
+    [
+        [],
+        _loader(torch.empty(0, 5, dtype=torch.float64)),
+        _loader(torch.randn(3, 5, dtype=torch.float64), drop_last=True),
+    ],
+    ids=["empty_list", "empty_dataset", "drop_last_drops_everything"],
+)
 def test_empty_loader(entry, loader):
     model, _ = _mlp()
     _raises(lambda: entry(model, loader), "no examples", "non-empty")
@@ -119,16 +128,25 @@ def test_empty_loader(entry, loader):
 def test_batchnorm_in_train_mode(entry):
     model, loader = zoo.build(zoo.CASES[zoo.CASE_IDS.index("cnn_bn")])
     model.train()
-    _raises(lambda: entry(model, loader), "model.eval()", "BatchNorm2d",
-            cls=TrainModeBatchNormError)
+    _raises(
+        lambda: entry(model, loader), "model.eval()", "BatchNorm2d", cls=TrainModeBatchNormError
+    )
 
 
 def test_batchnorm_without_running_stats():
-    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False),
-                          nn.Linear(4, 3)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)
+        )
+        .double()
+        .eval()
+    )
     _, loader = _mlp()
-    _raises(lambda: engine.FIM(model, loader, "dense"), "track_running_stats",
-            cls=TrainModeBatchNormError)
+    _raises(
+        lambda: engine.FIM(model, loader, "dense"),
+        "track_running_stats",
+        cls=TrainModeBatchNormError,
+    )
 
 
 def test_dropout_in_train_mode_on_the_hooks_path():
@@ -140,8 +158,11 @@ def test_dropout_in_train_mode_on_the_hooks_path():
 
 
 def test_dropout_in_train_mode_on_the_fallback_path():
-    model = nn.Sequential(nn.Linear(5, 6), zoo.Scale(6), nn.Dropout(0.5),
-                          nn.Linear(6, 3)).double().train()
+    model = (
+        nn.Sequential(nn.Linear(5, 6), zoo.Scale(6), nn.Dropout(0.5), nn.Linear(6, 3))
+        .double()
+        .train()
+    )
     _, loader = _mlp()
     _raises(lambda: engine.FIM(model, loader, "dense"), "eval()")
 
@@ -171,8 +192,9 @@ def test_a_layer_mixing_the_examples_is_refused():
     """Per-example gradients of a layer that mixes a batch do not exist: run one example at a
     time, it would compute those of another function, so the fallback checks that they add up
     to the batch's gradient and names the way out."""
-    model = nn.Sequential(nn.Linear(5, 4), _BatchCentred(4), nn.Tanh(),
-                          nn.Linear(4, 3)).double().eval()
+    model = (
+        nn.Sequential(nn.Linear(5, 4), _BatchCentred(4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    )
     _, loader = _mlp()
     _raises(lambda: engine.FIM(model, loader, "diag"), "do not add up", "layer_collection")
 
@@ -181,17 +203,24 @@ def test_a_layer_mixing_the_examples_is_refused():
 def test_regression_sigma_must_be_positive(sigma):
     model, loader = _mlp()
     for fn in (engine.FIM, engine.FIM_MonteCarlo, engine.EmpiricalFIM):
-        _raises(lambda fn=fn: fn(model, loader, "dense", variant="regression", sigma=sigma),
-                "sigma")
+        _raises(
+            lambda fn=fn: fn(model, loader, "dense", variant="regression", sigma=sigma), "sigma"
+        )
 
 
 def test_other_bad_arguments():
     model, loader = _mlp()
     _raises(lambda: engine.FIM(model, loader, "kfacc"), "unknown representation", "dense")
-    _raises(lambda: engine.FIM(model, loader, "dense", variant="softmax"), "unknown variant",
-            "classif_logits")
-    _raises(lambda: engine.FIM(model, loader, "dense", variant="classif_binary_logits"),
-            "one logit", "classif_logits")
+    _raises(
+        lambda: engine.FIM(model, loader, "dense", variant="softmax"),
+        "unknown variant",
+        "classif_logits",
+    )
+    _raises(
+        lambda: engine.FIM(model, loader, "dense", variant="classif_binary_logits"),
+        "one logit",
+        "classif_logits",
+    )
     _raises(lambda: engine.FIM_MonteCarlo(model, loader, "dense", trials=0), "trials")
     no_targets = DataLoader(TensorDataset(torch.randn(4, 5, dtype=torch.float64)), batch_size=2)
     _raises(lambda: engine.EmpiricalFIM(model, no_targets, "dense"), "targets")

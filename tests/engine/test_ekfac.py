@@ -77,8 +77,9 @@ def test_update_diag_projects_the_exact_block_onto_the_eigenbasis(case):
         err_e = torch.linalg.norm(e_l - f_l)
         err_k = torch.linalg.norm(k_l - f_l)
         assert err_e <= err_k + 1e-12 * torch.linalg.norm(f_l), (name, err_e, err_k)
-    ref.assert_close(full - H.block_diagonal_part(full, case), torch.zeros_like(full), 0.0,
-                     "between layers")
+    ref.assert_close(
+        full - H.block_diagonal_part(full, case), torch.zeros_like(full), 0.0, "between layers"
+    )
 
 
 @H.CASES
@@ -189,7 +190,7 @@ def test_update_diag_on_other_data_puts_the_energy_outside_the_thin_basis_in_res
     f_l = H.block(exact, off)
     u = H.kron_dense(complete_basis(blk.u_a), blk.u_g, view)
     inside = torch.zeros(view.groups, view.q, view.cols, dtype=torch.bool)
-    inside[..., :blk.u_a.shape[-1]] = True
+    inside[..., : blk.u_a.shape[-1]] = True
     inside = inside.reshape(-1)[view.flat_index().reshape(-1).argsort()]
     s = torch.diagonal(u.t() @ f_l @ u)
     rest = (f_l.trace() - s[inside].sum()) / int((~inside).sum())
@@ -206,8 +207,9 @@ def test_update_diag_on_other_data_puts_the_energy_outside_the_thin_basis_in_res
     ref.assert_close(mat.norm(), torch.linalg.norm(full), TOL, "norm")
     regul = 1e-3
     damped = full + regul * torch.eye(full.shape[0], dtype=full.dtype)
-    ref.assert_close(mat.solve(v, regul).get_flat_representation(),
-                     torch.linalg.solve(damped, x), 1e-9, "solve")
+    ref.assert_close(
+        mat.solve(v, regul).get_flat_representation(), torch.linalg.solve(damped, x), 1e-9, "solve"
+    )
     root = mat.pow(0.5).to_torch()
     ref.assert_close(root @ root, full, 1e-9, "sqrt squared")
     ref.assert_close((mat - 0.25 * mat).to_torch(), 0.75 * full, TOL, "arithmetic")

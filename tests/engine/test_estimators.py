@@ -67,8 +67,9 @@ def fisher(mlp):
 def low_rank_plus_small():
     """10 eigenvalues in [10, 50] and 190 in [0, 0.05]."""
     g = torch.Generator().manual_seed(5)
-    lams = torch.cat([torch.linspace(50, 10, 10, dtype=F64),
-                      0.05 * torch.rand(190, generator=g, dtype=F64)])
+    lams = torch.cat(
+        [torch.linspace(50, 10, 10, dtype=F64), 0.05 * torch.rand(190, generator=g, dtype=F64)]
+    )
     return _psd(lams, 1)
 
 
@@ -104,8 +105,7 @@ def test_hutchinson_trace_converges(fisher, distribution):
 def test_hutchinson_trace_error_bar_covers(fisher, low_rank_plus_small, distribution):
     for A, M in ((fisher[1], fisher[0]), (low_rank_plus_small, low_rank_plus_small)):
         exact = A.trace()
-        hits = sum(bool(_covered(hutchinson_trace(M, 30, s, distribution), exact))
-                   for s in SEEDS)
+        hits = sum(bool(_covered(hutchinson_trace(M, 30, s, distribution), exact)) for s in SEEDS)
         assert hits >= 17, hits
 
 
@@ -132,8 +132,10 @@ def test_hutchpp_error_bar_covers_and_converges(fisher, low_rank_plus_small, smo
         exact = A.trace()
         hits = sum(bool(_covered(hutchpp_trace(A, 30, s), exact)) for s in SEEDS)
         assert hits >= 17, hits
-        errors = [sum(abs(float(hutchpp_trace(A, m, s).estimate - exact)) for s in range(10))
-                  for m in (12, 48, 192)]
+        errors = [
+            sum(abs(float(hutchpp_trace(A, m, s).estimate - exact)) for s in range(10))
+            for m in (12, 48, 192)
+        ]
         assert errors[2] < errors[1] < errors[0]
     # sketch of rank ≥ rank(F) = 26: exact up to rounding
     F, A = fisher
@@ -223,8 +225,13 @@ def test_slq_density_is_normalised(fisher, smooth_spectrum):
 def test_slq_trace_and_moments_converge(fisher, smooth_spectrum):
     A = smooth_spectrum[0]
     exact = float(A.trace())
-    errors = [sum(abs(float(slq_density(A, n, 4, seed=s).trace_estimate.estimate) - exact)
-                  for s in range(10)) for n in (4, 16, 64)]
+    errors = [
+        sum(
+            abs(float(slq_density(A, n, 4, seed=s).trace_estimate.estimate) - exact)
+            for s in range(10)
+        )
+        for n in (4, 16, 64)
+    ]
     assert errors[1] < errors[0] / 1.3 and errors[2] < errors[1] / 1.3  # expected ratio 2
     for M, X in (fisher, (A, A)):
         exact = X.trace()
@@ -309,8 +316,18 @@ def _operators(mlp, fisher):
     }
 
 
-REPS = ["PMatDense", "PMatDense_float32", "PMatDiag", "PMatBlockDiag", "PMatLowRank",
-        "PMatKFAC", "FMatDense", "tensor", "implicit_like", "blocked"]
+REPS = [
+    "PMatDense",
+    "PMatDense_float32",
+    "PMatDiag",
+    "PMatBlockDiag",
+    "PMatLowRank",
+    "PMatKFAC",
+    "FMatDense",
+    "tensor",
+    "implicit_like",
+    "blocked",
+]
 
 
 @pytest.mark.parametrize("rep", REPS)
@@ -338,8 +355,11 @@ def test_implicit_gives_the_dense_results(mlp, fisher):
     """PMatImplicit stores no matrix (each product is a pass over the data): same probes, same
     numbers as on the dense tensor, up to rounding."""
     M, A = engine.FIM(*mlp, "implicit"), fisher[1]
-    for fn, kwargs in ((hutchinson_trace, {"n_samples": 8}), (hutchpp_trace, {"n_matvecs": 9}),
-                       (hutchinson_diag, {"n_samples": 4})):
+    for fn, kwargs in (
+        (hutchinson_trace, {"n_samples": 8}),
+        (hutchpp_trace, {"n_matvecs": 9}),
+        (hutchinson_diag, {"n_samples": 4}),
+    ):
         a, b = fn(M, seed=1, **kwargs), fn(A, seed=1, **kwargs)
         torch.testing.assert_close(a.estimate, b.estimate, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(a.stderr, b.stderr, rtol=1e-9, atol=1e-12)
@@ -361,8 +381,9 @@ def test_block_operator_batches_probes(fisher):
 def test_callable_with_dim(fisher):
     A = fisher[1]
     est = lanczos_eigenpairs(lambda V: A @ V, k=2, dim=A.shape[0])
-    torch.testing.assert_close(est.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:2],
-                               rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        est.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:2], rtol=0, atol=1e-8
+    )
     with pytest.raises(ValueError, match="dim="):
         hutchinson_trace(lambda V: A @ V)
     with pytest.raises(ValueError, match="dim=5"):
@@ -395,26 +416,30 @@ def test_deterministic_under_seed_and_global_rng_untouched(fisher):
 A4 = torch.eye(4, dtype=F64)
 
 
-@pytest.mark.parametrize(("call", "match"), [
-    (lambda: hutchinson_trace(A4, n_samples=1), "n_samples"),
-    (lambda: hutchinson_trace(A4, n_samples=2.5), "n_samples"),
-    (lambda: hutchinson_trace(A4, distribution="uniform"), "distribution"),
-    (lambda: hutchinson_trace(A4, seed=-1), "seed"),
-    (lambda: hutchinson_trace(A4, seed=True), "seed"),
-    (lambda: hutchpp_trace(A4, n_matvecs=3), "n_matvecs"),
-    (lambda: hutchinson_diag(A4, n_samples=0), "n_samples"),
-    (lambda: lanczos_eigenpairs(A4, k=5), "k=5"),
-    (lambda: lanczos_eigenpairs(A4, k=0), "k"),
-    (lambda: lanczos_eigenpairs(A4, k=3, n_iter=2), "n_iter"),
-    (lambda: slq_density(A4, n_probes=1), "n_probes"),
-    (lambda: slq_density(A4, n_iter=0), "n_iter"),
-    (lambda: slq_density(A4, sigma=0.0), "sigma"),
-    (lambda: slq_density(A4, grid=[1.0]), "grid"),
-    (lambda: hutchinson_trace(torch.ones(3, 4)), "square"),
-    (lambda: hutchinson_trace(torch.eye(3, dtype=torch.int64)), "square"),
-    (lambda: hutchinson_trace("matrix"), "cannot take products"),
-    (lambda: EigenEstimate(A4, A4, A4[0], 0).pvectors(), "layout"),
-], ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: hutchinson_trace(A4, n_samples=1), "n_samples"),
+        (lambda: hutchinson_trace(A4, n_samples=2.5), "n_samples"),
+        (lambda: hutchinson_trace(A4, distribution="uniform"), "distribution"),
+        (lambda: hutchinson_trace(A4, seed=-1), "seed"),
+        (lambda: hutchinson_trace(A4, seed=True), "seed"),
+        (lambda: hutchpp_trace(A4, n_matvecs=3), "n_matvecs"),
+        (lambda: hutchinson_diag(A4, n_samples=0), "n_samples"),
+        (lambda: lanczos_eigenpairs(A4, k=5), "k=5"),
+        (lambda: lanczos_eigenpairs(A4, k=0), "k"),
+        (lambda: lanczos_eigenpairs(A4, k=3, n_iter=2), "n_iter"),
+        (lambda: slq_density(A4, n_probes=1), "n_probes"),
+        (lambda: slq_density(A4, n_iter=0), "n_iter"),
+        (lambda: slq_density(A4, sigma=0.0), "sigma"),
+        (lambda: slq_density(A4, grid=[1.0]), "grid"),
+        (lambda: hutchinson_trace(torch.ones(3, 4)), "square"),
+        (lambda: hutchinson_trace(torch.eye(3, dtype=torch.int64)), "square"),
+        (lambda: hutchinson_trace("matrix"), "cannot take products"),
+        (lambda: EigenEstimate(A4, A4, A4[0], 0).pvectors(), "layout"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()

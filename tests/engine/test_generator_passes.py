@@ -18,8 +18,15 @@ from tests.engine import _structured_helpers as H
 pytestmark = [H.ATTN_WARNING, H.JIT_WARNING]
 
 TOL = 1e-10
-CHUNKED_CASES = ["mlp", "cnn_bn", "convtranspose", "grouped_conv", "embedding", "custom",
-                 "shared_twice"]
+CHUNKED_CASES = [
+    "mlp",
+    "cnn_bn",
+    "convtranspose",
+    "grouped_conv",
+    "embedding",
+    "custom",
+    "shared_twice",
+]
 
 
 def _case(name: str) -> zoo.Case:
@@ -44,8 +51,9 @@ def test_one_pseudo_output_per_chunk_gives_the_same_matrices(case, monkeypatch):
         ref.assert_close(bd.data[name], full[s:e, s:e], TOL, f"block {name}")
     kfac = engine.FIM(model, loader, "kfac")
     for name, blk in kfac.data.items():
-        for t_chunked, t_whole in zip(blk.tensors().values(),
-                                      unchunked.data[name].tensors().values()):
+        for t_chunked, t_whole in zip(
+            blk.tensors().values(), unchunked.data[name].tensors().values()
+        ):
             ref.assert_close(t_chunked, t_whole, TOL, f"KFAC {name}")
     qd = engine.FIM(model, loader, "quasidiag")
     ref.assert_close(qd.get_diag(), full.diagonal(), TOL, "quasidiag diagonal")
@@ -131,8 +139,9 @@ def test_implicit_products_validate_the_outputs():
     v = H.rand_pvector(mat, 1)
     with pytest.raises(engine.InvalidInputError, match="n_output=7"):
         mat.vTMv(v)
-    bad = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 3).double()),
-                                      batch_size=3)
+    bad = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(6, 3).double()), batch_size=3
+    )
     with pytest.raises(engine.InvalidInputError, match="shapes"):
         engine.FIM(model, bad, "implicit").mv(v)
 
@@ -146,12 +155,18 @@ def test_forward_mode_products_on_part_of_the_layers(case):
     lc = full.sub([e.name for e in full][1:])
     dense = engine.FIM(model, loader, "dense", layer_collection=lc).to_torch()
     expected = ref.fisher(model, loader)
-    keep = torch.cat([torch.arange(s, e) for name, (s, e) in ref.layer_offsets(model).items()
-                      if name in {e.name for e in lc}])
+    keep = torch.cat(
+        [
+            torch.arange(s, e)
+            for name, (s, e) in ref.layer_offsets(model).items()
+            if name in {e.name for e in lc}
+        ]
+    )
     ref.assert_close(dense, expected[keep][:, keep], TOL, "dense on the sub-collection")
     mat = engine.FIM(model, loader, "implicit", layer_collection=lc)
-    v = engine.PVector(lc, torch.randn(lc.numel(), dtype=torch.float64,
-                                       generator=torch.Generator().manual_seed(5)))
+    v = engine.PVector(
+        lc, torch.randn(lc.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    )
     xv = v.get_flat_representation()
     ref.assert_close(mat.vTMv(v), xv @ dense @ xv, TOL, "vTMv")
     ref.assert_close(mat.mv(v).get_flat_representation(), dense @ xv, TOL, "mv")

@@ -73,10 +73,12 @@ def test_preconditioned_cg_matches_the_dense_solve_and_needs_fewer_iterations():
     want = torch.linalg.solve(damped, v.get_flat_representation())
     ekfac = engine.FIM(model, loader, "ekfac", variant="regression").update_diag(loader)
     iterations = {}
-    for name, pre in [("none", None),
-                      ("diag", engine.FIM(model, loader, "diag", variant="regression")),
-                      ("kfac", engine.FIM(model, loader, "kfac", variant="regression")),
-                      ("ekfac", ekfac)]:
+    for name, pre in [
+        ("none", None),
+        ("diag", engine.FIM(model, loader, "diag", variant="regression")),
+        ("kfac", engine.FIM(model, loader, "kfac", variant="regression")),
+        ("ekfac", ekfac),
+    ]:
         got = mat.solve(v, regul, preconditioner=pre, tol=1e-11, max_iter=200)
         info = mat.last_solve_info
         assert info["relative_residual"] <= 1e-11, (name, info)
@@ -144,8 +146,9 @@ def test_arithmetic():
         for scaled in (mat * s, s * mat):
             assert isinstance(scaled, PMatImplicit)
             ref.assert_close(scaled.vTMv(v), float(s) * (x @ expected @ x), TOL, f"* {s}")
-            ref.assert_close(scaled.mv(v).get_flat_representation(), float(s) * expected @ x,
-                             TOL, f"mv * {s}")
+            ref.assert_close(
+                scaled.mv(v).get_flat_representation(), float(s) * expected @ x, TOL, f"mv * {s}"
+            )
             ref.assert_close(scaled.get_diag(), float(s) * expected.diagonal(), TOL, "diag")
     ref.assert_close(mat.vTMv(v), x @ expected @ x, TOL, "the original is unchanged")
     for op in (lambda a, b: a + b, lambda a, b: a - b):

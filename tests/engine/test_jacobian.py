@@ -51,8 +51,16 @@ def test_paths_say_which_layer_took_the_fallback(case):
 
 def test_builtin_layers_take_hooks_custom_shared_attention_take_torch_func():
     """The issue's rule over the whole zoo, by module type."""
-    builtin = {"Linear", "Conv1d", "Conv2d", "ConvTranspose2d", "Embedding", "BatchNorm2d",
-               "GroupNorm", "LayerNorm"}
+    builtin = {
+        "Linear",
+        "Conv1d",
+        "Conv2d",
+        "ConvTranspose2d",
+        "Embedding",
+        "BatchNorm2d",
+        "GroupNorm",
+        "LayerNorm",
+    }
     by_type: dict[str, set[str]] = {}
     for case in zoo.CASES:
         model, loader = zoo.build(case)
@@ -77,14 +85,22 @@ def test_inplace_relu_after_conv_and_linear():
     jac = gen.get_jacobian(loader)
     ref.assert_close(jac, ref.jacobian(model, loader).permute(1, 0, 2), 1e-10, "in-place ReLU")
     assert set(gen.paths.values()) == {HOOKS}
-    ref.assert_close(engine.FIM(model, loader, "dense").to_torch(), ref.fisher(model, loader),
-                     1e-10, "in-place ReLU FIM")
+    ref.assert_close(
+        engine.FIM(model, loader, "dense").to_torch(),
+        ref.fisher(model, loader),
+        1e-10,
+        "in-place ReLU FIM",
+    )
 
 
-@pytest.mark.parametrize("model_cls, inputs, fallback", [
-    (zoo.TiedWeights, lambda g: torch.randint(0, 7, (9, 3), generator=g), {"emb", "lin"}),
-    (zoo.WeightUsedOutside, lambda g: torch.randn(9, 4, generator=g), {"lin"}),
-], ids=["tied_weights", "weight_used_outside"])
+@pytest.mark.parametrize(
+    "model_cls, inputs, fallback",
+    [
+        (zoo.TiedWeights, lambda g: torch.randint(0, 7, (9, 3), generator=g), {"emb", "lin"}),
+        (zoo.WeightUsedOutside, lambda g: torch.randn(9, 4, generator=g), {"lin"}),
+    ],
+    ids=["tied_weights", "weight_used_outside"],
+)
 def test_weights_shared_beyond_one_module_take_torch_func(model_cls, inputs, fallback):
     torch.manual_seed(0)
     model, loader = zoo.build_model_loader(model_cls(), inputs(torch.Generator().manual_seed(1)))
@@ -92,8 +108,9 @@ def test_weights_shared_beyond_one_module_take_torch_func(model_cls, inputs, fal
     jac = gen.get_jacobian(loader)
     ref.assert_close(jac, ref.jacobian(model, loader).permute(1, 0, 2), 1e-10, "jacobian")
     assert {n for n, p in gen.paths.items() if p == FALLBACK} == fallback
-    ref.assert_close(engine.FIM(model, loader, "dense").to_torch(), ref.fisher(model, loader),
-                     1e-10, "FIM")
+    ref.assert_close(
+        engine.FIM(model, loader, "dense").to_torch(), ref.fisher(model, loader), 1e-10, "FIM"
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -175,13 +192,20 @@ def test_device_cpu(device):
     ref.assert_close(fim.to_torch(), ref.fisher(model, loader), 1e-10, "device=cpu")
     gen = engine.Jacobian(model, device=device)
     assert gen.device == torch.device("cpu")
-    ref.assert_close(gen.get_jacobian(loader), ref.jacobian(model, loader).permute(1, 0, 2),
-                     1e-10, "Jacobian device=cpu")
+    ref.assert_close(
+        gen.get_jacobian(loader),
+        ref.jacobian(model, loader).permute(1, 0, 2),
+        1e-10,
+        "Jacobian device=cpu",
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", [zoo.CASES[zoo.CASE_IDS.index(n)] for n in ("cnn_bn", "custom")],
-                         ids=["cnn_bn", "custom"])
+@pytest.mark.parametrize(
+    "case",
+    [zoo.CASES[zoo.CASE_IDS.index(n)] for n in ("cnn_bn", "custom")],
+    ids=["cnn_bn", "custom"],
+)
 def test_cuda_matches_cpu_reference(case):
     model, loader = zoo.build(case)
     expected = ref.fisher(model, loader)
@@ -218,7 +242,8 @@ def test_float_inputs_are_cast_to_the_model_dtype():
 def test_progress_reports_examples_seen():
     model, loader = zoo.build(zoo.CASES[0])
     seen = []
-    engine.FIM(model, loader, "dense", progress=lambda done, total, stage: seen.append(
-        (done, total)))
+    engine.FIM(
+        model, loader, "dense", progress=lambda done, total, stage: seen.append((done, total))
+    )
     assert [d for d, _ in seen] == [5, 10, 13]
     assert {t for _, t in seen} == {13}

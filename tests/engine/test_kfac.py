@@ -27,8 +27,9 @@ TOL = 1e-10
 def kron_layers(case: str) -> list[str]:
     """Layers that must get a Kronecker block: hook-path Linear/Conv1d/Conv2d/Embedding."""
     mods = H.modules(case)
-    return [n for n in H.offsets(case)
-            if H.on_hooks(case, n) and type(mods[n]).__name__ in H.KRON_TYPES]
+    return [
+        n for n in H.offsets(case) if H.on_hooks(case, n) and type(mods[n]).__name__ in H.KRON_TYPES
+    ]
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
@@ -65,8 +66,9 @@ def test_to_torch_is_the_kronecker_product_and_exact_elsewhere(case):
         else:
             assert mat.kinds[name] == "dense"
             ref.assert_close(got, H.block(expected, off), TOL, f"{name} exact block")
-    ref.assert_close(full - H.block_diagonal_part(full, case), torch.zeros_like(full), 0.0,
-                     "between layers")
+    ref.assert_close(
+        full - H.block_diagonal_part(full, case), torch.zeros_like(full), 0.0, "between layers"
+    )
 
 
 @H.CASES
@@ -96,8 +98,9 @@ def test_solve_without_damping_inverts_mv(case):
     ref.assert_close(back.get_flat_representation(), v.get_flat_representation(), 1e-7, "λ=0")
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn_bn", "grouped_conv", "embedding", "custom", "norms",
-                                  "convtranspose"])
+@pytest.mark.parametrize(
+    "case", ["mlp", "cnn_bn", "grouped_conv", "embedding", "custom", "norms", "convtranspose"]
+)
 def test_damped_solve_is_the_pi_corrected_kronecker_inverse(case):
     """``solve(v, λ)`` is ``(G + π√λ I)⁻¹ ⊗ (A + √λ/π I)⁻¹`` per Kronecker layer, with
     ``π = √((tr A / dim A) / (tr G / dim G))``, and the exact ``(F_l + λI)⁻¹`` elsewhere."""
@@ -116,8 +119,9 @@ def test_damped_solve_is_the_pi_corrected_kronecker_inverse(case):
             blk = H.block(mat.to_torch(), (s, e))
             inverse = torch.linalg.inv(blk + regul * torch.eye(e - s, dtype=blk.dtype))
         ref.assert_close(got[s:e], inverse @ x[s:e], 1e-9, f"{case} {name} solve")
-        ref.assert_close(H.block(inv_of_regularised.to_torch(), (s, e)), inverse, 1e-9,
-                         f"{case} {name} inv")
+        ref.assert_close(
+            H.block(inv_of_regularised.to_torch(), (s, e)), inverse, 1e-9, f"{case} {name} inv"
+        )
     assert isinstance(inv_of_regularised, PMatKFAC)
     ref.assert_close(inv_of_regularised.mv(v).get_flat_representation(), got, 1e-9, "inv.mv")
 
@@ -136,6 +140,7 @@ def test_pow(case):
 
 
 # ----- exactness --------------------------------------------------------------------------------
+
 
 def _repeated(model: nn.Module, x: torch.Tensor, n: int = 9):
     return zoo.build_model_loader(model, x.expand(n, *x.shape[1:]).clone(), batch_size=4)
@@ -162,8 +167,9 @@ def test_exact_for_an_embedding_with_one_repeated_token():
     model, loader = _repeated(model, torch.tensor([[4]]))
     mat = engine.FIM(model, loader, "kfac")
     assert mat.kinds == {"emb": "kfac", "lin": "kfac"}
-    ref.assert_close(mat.to_torch(), ref.fisher(model, loader) * ref.block_mask(model), TOL,
-                     "embedding")
+    ref.assert_close(
+        mat.to_torch(), ref.fisher(model, loader) * ref.block_mask(model), TOL, "embedding"
+    )
 
 
 def test_kfc_exact_for_a_convolution_with_one_output_position():
@@ -174,14 +180,21 @@ def test_kfc_exact_for_a_convolution_with_one_output_position():
     model, loader = _repeated(model, torch.randn(1, 2, 3, 3))
     mat = engine.FIM(model, loader, "kfac")
     assert mat.kinds == {"0": "kfac", "3": "kfac"}
-    ref.assert_close(mat.to_torch(), ref.fisher(model, loader) * ref.block_mask(model), TOL,
-                     "T=1 conv")
+    ref.assert_close(
+        mat.to_torch(), ref.fisher(model, loader) * ref.block_mask(model), TOL, "T=1 conv"
+    )
 
 
 def _all_ones_convnet():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Conv2d(3, 4, 2, groups=1), nn.Tanh(),
-                          zoo.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 2),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 2, groups=1),
+        nn.Tanh(),
+        zoo.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    )
     return _repeated(model, torch.ones(1, 2, 4, 4))
 
 
@@ -233,6 +246,7 @@ def test_grouped_conv_keeps_groups_apart():
 
 # ----- arithmetic and options -------------------------------------------------------------------
 
+
 def test_scalar_multiplication():
     mat = H.fim("cnn_bn", "kfac")
     full = mat.to_torch()
@@ -283,10 +297,12 @@ def test_pi_damping_keeps_the_solve_close_to_the_damped_kronecker_product():
     for regul in (1e-2, 1e-1, 1.0):
         lam = regul * kron.diagonal().mean().item()
         for _ in range(3):
-            v = PVector(F.layer_collection, torch.randn(kron.shape[0], generator=g,
-                                                        dtype=torch.float64))
-            exact = torch.linalg.solve(kron + lam * torch.eye(kron.shape[0], dtype=kron.dtype),
-                                       v.get_flat_representation())
+            v = PVector(
+                F.layer_collection, torch.randn(kron.shape[0], generator=g, dtype=torch.float64)
+            )
+            exact = torch.linalg.solve(
+                kron + lam * torch.eye(kron.shape[0], dtype=kron.dtype), v.get_flat_representation()
+            )
             got = F.solve(v, lam).get_flat_representation()
             cos = torch.dot(exact, got) / (exact.norm() * got.norm())
             assert cos > 0.8, (regul, cos.item())
@@ -303,10 +319,12 @@ def test_a_low_rank_input_factor_is_inverted_through_its_thin_basis(monkeypatch,
     assert blk.rows == 13 and blk.thin_eigh_a() is not None
     sizes = []
     real_solve, real_pow = _blocks._spd_solve, _blocks._sym_pow
-    monkeypatch.setattr(_blocks, "_spd_solve",
-                        lambda f, s, r: sizes.append(f.shape[-1]) or real_solve(f, s, r))
-    monkeypatch.setattr(_blocks, "_sym_pow",
-                        lambda m, e, s: sizes.append(m.shape[-1]) or real_pow(m, e, s))
+    monkeypatch.setattr(
+        _blocks, "_spd_solve", lambda f, s, r: sizes.append(f.shape[-1]) or real_solve(f, s, r)
+    )
+    monkeypatch.setattr(
+        _blocks, "_sym_pow", lambda m, e, s: sizes.append(m.shape[-1]) or real_pow(m, e, s)
+    )
     v = H.rand_pvector(mat, 3)
     mat.solve(v, 1e-2)
     mat.pow(-0.5, 1e-2)
@@ -338,8 +356,12 @@ def test_a_wrong_rank_bound_is_caught_by_the_probe(tmp_path):
     assert blk.rows == 1 and blk.thin_eigh_a() is None
     regul = 1e-2
     v = H.rand_pvector(mat, 5)
-    ref.assert_close(lied.solve(v, regul).get_flat_representation(),
-                     mat.solve(v, regul).get_flat_representation(), 1e-9, "solve")
+    ref.assert_close(
+        lied.solve(v, regul).get_flat_representation(),
+        mat.solve(v, regul).get_flat_representation(),
+        1e-9,
+        "solve",
+    )
     s, e = H.offsets("norms")["4"]
     a, g = mat.factors["4"]
     inverse = H.pi_damped_kron_inverse(a, g, H.view_of(H.modules("norms")["4"]), regul)

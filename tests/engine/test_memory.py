@@ -22,8 +22,16 @@ from tests.engine import _structured_helpers as H
 pytestmark = H.ATTN_WARNING
 
 STORED = ["dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "mixed", "lowrank"]
-MEMORY_CASES = ["mlp", "cnn_bn", "norms", "convtranspose", "grouped_conv", "embedding", "custom",
-                "attention"]
+MEMORY_CASES = [
+    "mlp",
+    "cnn_bn",
+    "norms",
+    "convtranspose",
+    "grouped_conv",
+    "embedding",
+    "custom",
+    "attention",
+]
 
 
 def file_bytes(obj, path) -> int:
@@ -46,10 +54,13 @@ def thin_saving(mat) -> int:
     return out
 
 
-@pytest.mark.parametrize("case, dtype", [(c, torch.float64) for c in MEMORY_CASES] + [
-    (c, torch.float32) for c in ("cnn_bn", "embedding", "custom")],
-    ids=[f"{c}-float64" for c in MEMORY_CASES] + [
-        f"{c}-float32" for c in ("cnn_bn", "embedding", "custom")])
+@pytest.mark.parametrize(
+    "case, dtype",
+    [(c, torch.float64) for c in MEMORY_CASES]
+    + [(c, torch.float32) for c in ("cnn_bn", "embedding", "custom")],
+    ids=[f"{c}-float64" for c in MEMORY_CASES]
+    + [f"{c}-float32" for c in ("cnn_bn", "embedding", "custom")],
+)
 def test_estimate_equals_the_bytes_stored(tmp_path, case, dtype):
     model, _ = H.built(case, dtype)
     for rep in STORED:
@@ -58,8 +69,11 @@ def test_estimate_equals_the_bytes_stored(tmp_path, case, dtype):
         assert est == file_bytes(mat, tmp_path / f"{rep}.safetensors") + thin_saving(mat), rep
         # the class and its "PMat" name are accepted too
         assert estimate_memory(model, type(mat).__name__, 3, n_examples=13) == est
-        assert estimate_memory(model, rep, 3, n_examples=13, dtype=torch.float16) * (
-            dtype.itemsize // 2) == est
+        assert (
+            estimate_memory(model, rep, 3, n_examples=13, dtype=torch.float16)
+            * (dtype.itemsize // 2)
+            == est
+        )
 
 
 def test_estimate_of_the_ntk_gram_and_other_pseudo_outputs(tmp_path):
@@ -68,10 +82,12 @@ def test_estimate_of_the_ntk_gram_and_other_pseudo_outputs(tmp_path):
     assert estimate_memory(model, "ntk", 3, n_examples=13) == file_bytes(gram, tmp_path / "g")
     mc = engine.FIM_MonteCarlo(model, loader, "lowrank", trials=2, seed=0)
     assert estimate_memory(model, "lowrank", 3, n_examples=13, n_pseudo=2) == file_bytes(
-        mc, tmp_path / "mc")
+        mc, tmp_path / "mc"
+    )
     emp = engine.EmpiricalFIM(model, loader, "lowrank")
     assert estimate_memory(model, "lowrank", 3, n_examples=13, n_pseudo=1) == file_bytes(
-        emp, tmp_path / "emp")
+        emp, tmp_path / "emp"
+    )
 
 
 def test_estimate_for_a_layer_subset(tmp_path):
@@ -80,7 +96,8 @@ def test_estimate_for_a_layer_subset(tmp_path):
     for rep in ("dense", "kfac", "quasidiag"):
         mat = engine.FIM(model, loader, rep, layer_collection=lc)
         assert estimate_memory(model, rep, 3, layer_collection=lc) == file_bytes(
-            mat, tmp_path / rep)
+            mat, tmp_path / rep
+        )
 
 
 def test_estimate_needs_n_examples_for_lowrank_and_ntk():
@@ -110,13 +127,16 @@ def test_estimate_reads_only_the_structure():
 
 # ----- budgets ---------------------------------------------------------------------------------
 
+
 def parse_bytes(text: str) -> float:
     value, unit = text.split()
     return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
 
 
-@pytest.mark.parametrize("case, rep", [("mlp", "dense"), ("cnn_bn", "blockdiag"),
-                                       ("norms", "kfac"), ("custom", "lowrank")])
+@pytest.mark.parametrize(
+    "case, rep",
+    [("mlp", "dense"), ("cnn_bn", "blockdiag"), ("norms", "kfac"), ("custom", "lowrank")],
+)
 def test_budget_too_small_raises_before_computing(case, rep):
     model, loader = H.built(case)
     need = estimate_memory(model, rep, 3, n_examples=13)
@@ -128,8 +148,11 @@ def test_budget_too_small_raises_before_computing(case, rep):
     assert isinstance(err.value, ValueError) and isinstance(err.value, engine.InvalidInputError)
     msg = str(err.value)
     assert counting.taken <= 1
-    m = re.search(r"'(\w+)' needs ([\d.]+ \w+), over the budget of ([\d.]+ \w+); '(\w+)' "
-                  r"needs ([\d.]+ \w+) and fits", msg)
+    m = re.search(
+        r"'(\w+)' needs ([\d.]+ \w+), over the budget of ([\d.]+ \w+); '(\w+)' "
+        r"needs ([\d.]+ \w+) and fits",
+        msg,
+    )
     assert m, msg
     assert m.group(1) == rep
     assert parse_bytes(m.group(2)) == pytest.approx(need, rel=0.01)
@@ -173,11 +196,13 @@ def test_budget_on_a_large_model_fails_fast():
     model = nn.Linear(4096, 4096)
     x = torch.randn(4, 4096)
     loader = H.CountingLoader(
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2), limit=1)
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2), limit=1
+    )
     with pytest.raises(MemoryBudgetError) as err:
         engine.FIM(model, loader, "dense", memory_budget=2**30)
-    m = re.search(r"'dense' needs ([\d.]+ TiB).*; '(\w+)' needs ([\d.]+ \w+) and fits",
-                  str(err.value))
+    m = re.search(
+        r"'dense' needs ([\d.]+ TiB).*; '(\w+)' needs ([\d.]+ \w+) and fits", str(err.value)
+    )
     assert m, str(err.value)
     d = 4096 * 4097
     assert parse_bytes(m.group(1)) == pytest.approx(4 * d * d, rel=0.01)
@@ -187,14 +212,21 @@ def test_budget_on_a_large_model_fails_fast():
 
 # ----- what is stored holds no autograd graph -----------------------------------------------
 
+
 @pytest.mark.parametrize("rep", STORED)
 def test_stored_tensors_hold_no_autograd_graph(rep):
     """A matrix keeps its tensors, not the computation graph of the model that produced them
     (custom: a layer on the torch.func path)."""
     mat = H.fim("custom", rep)
     data = mat.data
-    tensors = [data] if isinstance(data, torch.Tensor) else [
-        t for blk in data.values()
-        for t in ([blk] if isinstance(blk, torch.Tensor) else blk.tensors().values())]
+    tensors = (
+        [data]
+        if isinstance(data, torch.Tensor)
+        else [
+            t
+            for blk in data.values()
+            for t in ([blk] if isinstance(blk, torch.Tensor) else blk.tensors().values())
+        ]
+    )
     for t in tensors:
         assert not t.requires_grad and t.grad_fn is None

@@ -30,13 +30,15 @@ def _case(name: str) -> zoo.Case:
 
 # ----- Monte Carlo Fisher ---------------------------------------------------------------------
 
+
 def _mc_errors(model, loader, variant, trials_list, seed=0):
     """Squared Frobenius errors ``‖F_MC − F‖²`` and their expectations, per number of trials."""
     exact = ref.fisher(model, loader, variant, sigma=SIGMA)
     out = []
     for t in trials_list:
-        mc = engine.FIM_MonteCarlo(model, loader, "dense", variant=variant, trials=t,
-                                   seed=seed, sigma=SIGMA).to_torch()
+        mc = engine.FIM_MonteCarlo(
+            model, loader, "dense", variant=variant, trials=t, seed=seed, sigma=SIGMA
+        ).to_torch()
         err = ((mc - exact) ** 2).sum().item()
         expected = ref.mc_fisher_expected_sq_error(model, loader, t, variant, SIGMA).item()
         out.append((t, err, expected))
@@ -84,6 +86,7 @@ def test_monte_carlo_fisher_seed_reproducible_and_representations_agree():
 
 # ----- empirical Fisher -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("centering", [False, True], ids=["plain", "centered"])
 @CASES
 def test_empirical_fisher(case, centering):
@@ -105,8 +108,9 @@ def test_empirical_fisher_alias():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_empirical_fisher_variants(variant, centering):
     model, loader = zoo.build_variant(_case("custom"), variant)
-    mat = engine.EmpiricalFIM(model, loader, "dense", variant=variant, sigma=SIGMA,
-                              centering=centering)
+    mat = engine.EmpiricalFIM(
+        model, loader, "dense", variant=variant, sigma=SIGMA, centering=centering
+    )
     expected = ref.empirical_fisher_variant(model, loader, variant, SIGMA, centering)
     ref.assert_close(mat.to_torch(), expected, 1e-10, variant)
 
@@ -121,6 +125,7 @@ def test_centered_empirical_fisher_keeps_paths(rep):
 
 
 # ----- NTK ------------------------------------------------------------------------------------
+
 
 @CASES
 def test_ntk_equals_jacobian_gram(case):
@@ -177,12 +182,14 @@ def test_fmat_dense_operations():
 
 # ----- KL check -------------------------------------------------------------------------------
 
+
 def _kl_check(model, loader, variant, seed=0, eps=1e-4):
     """``2·KL(p_w ‖ p_{w+dw}) ≈ dwᵀ F dw`` (mean over examples) for a small step ``dw``."""
     fim = engine.FIM(model, loader, "dense", variant=variant, sigma=SIGMA)
     w = PVector.from_model(model)
-    dw = PVector.random(w.layer_collection, generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.float64)
+    dw = PVector.random(
+        w.layer_collection, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     for name, module in model.named_modules():
         # PyTorch defines no gradient for the padding row, yet the forward reads it.
         if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
@@ -212,6 +219,7 @@ def test_kl_matches_quadratic_form_other_variants(case, variant):
 
 # ----- n_output -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("metric", ["FIM", "FIM_MonteCarlo", "EmpiricalFIM", "NTK"])
 def test_n_output_accepted_and_checked(metric):
     model, loader = zoo.build(_case("mlp"))
@@ -226,6 +234,7 @@ def test_n_output_accepted_and_checked(metric):
 
 
 # ----- the convention is stated where users read it -------------------------------------------
+
 
 def _plain(text: str) -> str:
     """Markup and line breaks removed."""

@@ -55,10 +55,15 @@ def check_blocks(case: str, mat, kinds: dict[str, str]) -> None:
     assert mat.kinds == kinds
     full = mat.to_torch()
     for name, off in H.offsets(case).items():
-        ref.assert_close(H.block(full, off), expected_block(case, name, kinds[name], mat), TOL,
-                         f"{case} {name} ({kinds[name]})")
-    ref.assert_close(full - H.block_diagonal_part(full, case), torch.zeros_like(full), 0.0,
-                     "between layers")
+        ref.assert_close(
+            H.block(full, off),
+            expected_block(case, name, kinds[name], mat),
+            TOL,
+            f"{case} {name} ({kinds[name]})",
+        )
+    ref.assert_close(
+        full - H.block_diagonal_part(full, case), torch.zeros_like(full), 0.0, "between layers"
+    )
 
 
 @H.CASES
@@ -96,11 +101,13 @@ def test_solve_blockwise(case):
     for name, (s, e) in H.offsets(case).items():
         if mat.kinds[name] == "kfac":
             blk = mat.data[name]
-            inverse = H.pi_damped_kron_inverse(blk.a, blk.g, H.view_of(H.modules(case)[name]),
-                                               regul)
+            inverse = H.pi_damped_kron_inverse(
+                blk.a, blk.g, H.view_of(H.modules(case)[name]), regul
+            )
         else:
-            inverse = torch.linalg.inv(H.block(full, (s, e))
-                                       + regul * torch.eye(e - s, dtype=full.dtype))
+            inverse = torch.linalg.inv(
+                H.block(full, (s, e)) + regul * torch.eye(e - s, dtype=full.dtype)
+            )
         ref.assert_close(got[s:e], inverse @ x[s:e], 1e-9, f"{name} solve")
 
 
@@ -110,8 +117,9 @@ def test_policy_by_layer_name_module_type_and_default():
     policy = {"4": "ekfac", "Linear": "quasidiag", "GroupNorm": "diag", "default": "dense"}
     mat = engine.FIM(*H.built(case), "mixed", policy=policy)
     assert mat.policy == policy
-    check_blocks(case, mat, {"0": "dense", "1": "diag", "4": "ekfac", "5": "dense",
-                             "7": "quasidiag"})
+    check_blocks(
+        case, mat, {"0": "dense", "1": "diag", "4": "ekfac", "5": "dense", "7": "quasidiag"}
+    )
 
 
 def test_policy_by_path():
@@ -120,24 +128,41 @@ def test_policy_by_path():
     check_blocks(case, mat, {"0": "diag", "1": "dense", "2": "diag"})
 
 
-@pytest.mark.parametrize("case, policy", [
-    ("custom", {"1": "kfac"}),
-    ("custom", {"Scale": "quasidiag", "default": "ekfac"}),
-    ("embedding", {"Embedding": "quasidiag"}),
-    ("cnn_bn", {"BatchNorm2d": "kfac"}),
-    ("convtranspose", {"ConvTranspose2d": "quasidiag"}),
-    ("attention", {"torch.func": "kfac"}),
-], ids=["torch_func_kfac", "scale_quasidiag", "embedding_quasidiag", "batchnorm_kfac",
-        "convtranspose_quasidiag", "attention_kfac"])
+@pytest.mark.parametrize(
+    "case, policy",
+    [
+        ("custom", {"1": "kfac"}),
+        ("custom", {"Scale": "quasidiag", "default": "ekfac"}),
+        ("embedding", {"Embedding": "quasidiag"}),
+        ("cnn_bn", {"BatchNorm2d": "kfac"}),
+        ("convtranspose", {"ConvTranspose2d": "quasidiag"}),
+        ("attention", {"torch.func": "kfac"}),
+    ],
+    ids=[
+        "torch_func_kfac",
+        "scale_quasidiag",
+        "embedding_quasidiag",
+        "batchnorm_kfac",
+        "convtranspose_quasidiag",
+        "attention_kfac",
+    ],
+)
 def test_a_kind_a_layer_cannot_take_falls_back_to_its_default(case, policy):
     mat = engine.FIM(*H.built(case), "mixed", policy=policy)
     kinds = {}
     for name in H.offsets(case):
         m = H.modules(case)[name]
-        asked = policy.get(name) or policy.get(type(m).__name__) or policy.get(
-            "hooks" if H.on_hooks(case, name) else "torch.func") or policy.get("default")
-        able = asked in ("kfac", "ekfac") and H.on_hooks(case, name) and (
-            type(m).__name__ in H.KRON_TYPES)
+        asked = (
+            policy.get(name)
+            or policy.get(type(m).__name__)
+            or policy.get("hooks" if H.on_hooks(case, name) else "torch.func")
+            or policy.get("default")
+        )
+        able = (
+            asked in ("kfac", "ekfac")
+            and H.on_hooks(case, name)
+            and (type(m).__name__ in H.KRON_TYPES)
+        )
         kinds[name] = asked if able else default_kind(case, name)
     check_blocks(case, mat, kinds)
 
@@ -172,8 +197,12 @@ def test_arithmetic():
     mat = engine.FIM(*H.built(case), "mixed", policy=policy)
     other = engine.FIM(*H.built(case), "mixed", policy=policy, variant="regression")
     a, b = mat.to_torch(), other.to_torch()
-    for got, want in [(mat + other, a + b), (mat - other, a - b), (2.5 * mat, 2.5 * a),
-                      (mat * -1, -a)]:
+    for got, want in [
+        (mat + other, a + b),
+        (mat - other, a - b),
+        (2.5 * mat, 2.5 * a),
+        (mat * -1, -a),
+    ]:
         assert isinstance(got, PMatMixed) and got.policy == policy
         ref.assert_close(got.to_torch(), want, TOL, "arithmetic")
     default = H.fim(case, "mixed")

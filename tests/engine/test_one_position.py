@@ -23,13 +23,15 @@ def _conv_pixel():
 
 
 def _convT_pixel():
-    return nn.Sequential(nn.ConvTranspose2d(4, 6, 2, groups=2), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(24, 3))
+    return nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(24, 3)
+    )
 
 
 def _grouped_pixel():
-    return nn.Sequential(nn.Conv2d(4, 6, 2, groups=2), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(6, 3, bias=False))
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(6, 3, bias=False)
+    )
 
 
 def _token():
@@ -63,8 +65,9 @@ def test_diagonal(name):
 def test_ntk(name):
     """The Gram ``(g₁·g₂)(a₁·a₂ + 1)`` added in place, across batches (off-diagonal blocks)."""
     model, loader = _built(name)
-    ref.assert_close(engine.GramMatrix(model, loader).to_torch(), ref.ntk(model, loader), TOL,
-                     "Gram")
+    ref.assert_close(
+        engine.GramMatrix(model, loader).to_torch(), ref.ntk(model, loader), TOL, "Gram"
+    )
 
 
 @CASES

@@ -39,6 +39,7 @@ def check_operations(mat, expected: torch.Tensor, what: str) -> None:
 
 # ----- QuasiDiag ------------------------------------------------------------------------------
 
+
 @H.CASES
 def test_quasidiag_equals_its_definition(case):
     mat = H.fim(case, "quasidiag")
@@ -48,8 +49,11 @@ def test_quasidiag_equals_its_definition(case):
     mods = H.modules(case)
     for name in H.offsets(case):
         m = mods[name]
-        quasi = (H.on_hooks(case, name) and getattr(m, "bias", None) is not None
-                 and type(m).__name__ in (*H.KRON_TYPES, *H.NORM_TYPES))
+        quasi = (
+            H.on_hooks(case, name)
+            and getattr(m, "bias", None) is not None
+            and type(m).__name__ in (*H.KRON_TYPES, *H.NORM_TYPES)
+        )
         assert mat.kinds[name] == ("quasidiag" if quasi else "diag"), name
     check_operations(mat, expected, "quasidiag")
 
@@ -78,6 +82,7 @@ def test_quasidiag_arithmetic():
 
 
 # ----- LowRank ----------------------------------------------------------------------------------
+
 
 @H.CASES
 def test_lowrank_equals_the_fisher(case):

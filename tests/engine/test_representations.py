@@ -19,8 +19,9 @@ from tests import zoo
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
 CASES = pytest.mark.parametrize("case", zoo.CASES, ids=zoo.CASE_IDS)
-REPS = pytest.mark.parametrize("rep", [PMatDense, PMatDiag, PMatBlockDiag],
-                               ids=["dense", "diag", "blockdiag"])
+REPS = pytest.mark.parametrize(
+    "rep", [PMatDense, PMatDiag, PMatBlockDiag], ids=["dense", "diag", "blockdiag"]
+)
 
 
 @functools.cache
@@ -46,8 +47,9 @@ def setup(case: zoo.Case, rep: type):
 
 
 def random_vector(mat, seed: int = 0) -> PVector:
-    return PVector.random(mat.layer_collection, generator=torch.Generator().manual_seed(seed),
-                          dtype=torch.float64)
+    return PVector.random(
+        mat.layer_collection, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 @REPS
@@ -165,15 +167,24 @@ def test_blockdiag_has_exact_zeros_across_layers(case):
     ref.assert_close(dense[mask], full[mask], 1e-10, "diagonal blocks")
     # the operations use only the blocks, too
     v = random_vector(mat, seed=2)
-    ref.assert_close(mat.mv(v).get_flat_representation(), (full * mask) @ v.to_torch(), 1e-10,
-                     "blockdiag mv")
+    ref.assert_close(
+        mat.mv(v).get_flat_representation(), (full * mask) @ v.to_torch(), 1e-10, "blockdiag mv"
+    )
 
 
-@pytest.mark.parametrize("name, cls", [
-    ("dense", PMatDense), ("diag", PMatDiag), ("blockdiag", PMatBlockDiag),
-    ("PMatDense", PMatDense), ("PMatDiag", PMatDiag), ("PMatBlockDiag", PMatBlockDiag),
-    ("block_diag", PMatBlockDiag), ("DENSE", PMatDense),
-])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("dense", PMatDense),
+        ("diag", PMatDiag),
+        ("blockdiag", PMatBlockDiag),
+        ("PMatDense", PMatDense),
+        ("PMatDiag", PMatDiag),
+        ("PMatBlockDiag", PMatBlockDiag),
+        ("block_diag", PMatBlockDiag),
+        ("DENSE", PMatDense),
+    ],
+)
 def test_representation_names_and_classes(name, cls):
     assert engine.resolve_representation(name) is cls
     assert engine.resolve_representation(cls) is cls

@@ -39,8 +39,11 @@ pytestmark = H.ATTN_WARNING
 
 
 def _mixed_policy(case: str, dtype=torch.float64):
-    return engine.FIM(*H.built(case, dtype), "mixed",
-                      policy={"4": "ekfac", "Linear": "quasidiag", "GroupNorm": "diag"})
+    return engine.FIM(
+        *H.built(case, dtype),
+        "mixed",
+        policy={"4": "ekfac", "Linear": "quasidiag", "GroupNorm": "diag"},
+    )
 
 
 def _thin_with_rest():
@@ -101,8 +104,9 @@ def assert_same_matrix(loaded, original, cls) -> None:
         assert getattr(loaded, attr, None) == getattr(original, attr, None), attr
 
 
-@pytest.mark.parametrize("build, cls", [(b, c) for _, b, c in MATRICES],
-                         ids=[i for i, _, _ in MATRICES])
+@pytest.mark.parametrize(
+    "build, cls", [(b, c) for _, b, c in MATRICES], ids=[i for i, _, _ in MATRICES]
+)
 def test_matrix_round_trip_is_exact(tmp_path, build, cls):
     mat = build()
     path = tmp_path / "m.safetensors"
@@ -110,8 +114,12 @@ def test_matrix_round_trip_is_exact(tmp_path, build, cls):
     loaded = engine.load(path)
     assert_same_matrix(loaded, mat, cls)
     v = H.rand_pvector(mat).to(mat.to_torch().dtype)
-    ref.assert_close(loaded.mv(v).get_flat_representation(), mat.mv(v).get_flat_representation(),
-                     1e-6 if v.dtype == torch.float32 else 1e-14, "mv after loading")
+    ref.assert_close(
+        loaded.mv(v).get_flat_representation(),
+        mat.mv(v).get_flat_representation(),
+        1e-6 if v.dtype == torch.float32 else 1e-14,
+        "mv after loading",
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -139,8 +147,7 @@ def test_user_metadata_is_kept(tmp_path):
     engine.save(H.fim("mlp", "kfac"), tmp_path / "k2.safetensors")
     assert engine.load(tmp_path / "k2.safetensors").metadata == {}
     with pytest.raises(SerializationError, match="JSON"):
-        engine.save(H.fim("mlp", "diag"), tmp_path / "bad.safetensors",
-                    metadata={"x": object()})
+        engine.save(H.fim("mlp", "diag"), tmp_path / "bad.safetensors", metadata={"x": object()})
 
 
 def test_implicit_and_unknown_objects_cannot_be_saved(tmp_path):
@@ -159,8 +166,14 @@ def test_loading_runs_no_code(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("code execution while loading")
 
-    for mod, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"),
-                      (torch, "load"), (builtins, "eval"), (builtins, "exec")]:
+    for mod, name in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+        (builtins, "eval"),
+        (builtins, "exec"),
+    ]:
         monkeypatch.setattr(mod, name, forbidden)
     loaded = engine.load(path)
     monkeypatch.undo()
@@ -168,6 +181,7 @@ def test_loading_runs_no_code(tmp_path, monkeypatch):
 
 
 # ----- rejected files ----------------------------------------------------------------------------
+
 
 def read_raw(path) -> tuple[dict, dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as f:
@@ -192,8 +206,9 @@ def assert_rejected(path, match: str | None = None) -> None:
 
 
 def test_rejects_files_that_are_not_safetensors(tmp_path):
-    for i, content in enumerate([b"", b"hello world", b"\x08\x00\x00\x00\x00\x00\x00\x00{}",
-                                 pickle.dumps({"a": 1})]):
+    for i, content in enumerate(
+        [b"", b"hello world", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", pickle.dumps({"a": 1})]
+    ):
         path = tmp_path / f"junk{i}.safetensors"
         path.write_bytes(content)
         assert_rejected(path)
@@ -221,6 +236,7 @@ def _tampered(name, fn):
 def _set(key, value):
     def fn(doc, tensors):
         doc[key] = value
+
     return fn
 
 
@@ -280,6 +296,7 @@ def _malformed_layer_collection(doc, tensors):
 def _rows(value):
     def fn(doc, tensors):
         doc["blocks"][0]["rows"] = value
+
     return fn
 
 
@@ -340,8 +357,9 @@ def _drop_rest(doc, tensors):
     del doc["tensors"][k]
 
 
-@pytest.mark.parametrize("tamper", [_drop_rank, _change_rank, _rank_not_an_int,
-                                    _rank_on_a_full_basis, _drop_rest])
+@pytest.mark.parametrize(
+    "tamper", [_drop_rank, _change_rank, _rank_not_an_int, _rank_on_a_full_basis, _drop_rest]
+)
 def test_rejects_a_tampered_thin_ekfac_file(tmp_path, tamper):
     doc, tensors = saved(tmp_path, H.fim("norms", "ekfac"))
     tamper(doc, tensors)
@@ -349,11 +367,19 @@ def test_rejects_a_tampered_thin_ekfac_file(tmp_path, tamper):
     assert_rejected(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("rep, name", [
-    ("dense", "PMatDiag"), ("lowrank", "PMatDense"), ("blockdiag", "PMatDense"),
-    ("kfac", "PMatEKFAC"), ("kfac", "PMatQuasiDiag"), ("quasidiag", "PMatKFAC"),
-    ("ekfac", "PMatKFAC"),
-], ids=lambda x: x)
+@pytest.mark.parametrize(
+    "rep, name",
+    [
+        ("dense", "PMatDiag"),
+        ("lowrank", "PMatDense"),
+        ("blockdiag", "PMatDense"),
+        ("kfac", "PMatEKFAC"),
+        ("kfac", "PMatQuasiDiag"),
+        ("quasidiag", "PMatKFAC"),
+        ("ekfac", "PMatKFAC"),
+    ],
+    ids=lambda x: x,
+)
 def test_rejects_an_object_name_that_its_tensors_do_not_fit(tmp_path, rep, name):
     """A file relabelled as another class: its tensors (or its blocks' kinds, which such a class
     never builds) do not describe the named object."""
@@ -363,11 +389,15 @@ def test_rejects_an_object_name_that_its_tensors_do_not_fit(tmp_path, rep, name)
     assert_rejected(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("build", [
-    lambda: H.fim("custom", "blockdiag"),
-    lambda: H.fim("mlp", "diag"),
-    lambda: PVector.from_model(H.built("mlp")[0]),
-], ids=["blockdiag", "diag", "pvector"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: H.fim("custom", "blockdiag"),
+        lambda: H.fim("mlp", "diag"),
+        lambda: PVector.from_model(H.built("mlp")[0]),
+    ],
+    ids=["blockdiag", "diag", "pvector"],
+)
 def test_rejects_wrong_sizes_for_simple_objects(tmp_path, build):
     doc, tensors = saved(tmp_path, build())
     k = sorted(tensors)[0]
@@ -377,11 +407,15 @@ def test_rejects_wrong_sizes_for_simple_objects(tmp_path, build):
     assert_rejected(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("build", [
-    lambda: H.fim("mlp", "dense"),
-    lambda: PVector.from_model(H.built("mlp")[0]),
-    lambda: engine.NTK(*H.built("mlp")),
-], ids=["dense", "pvector", "fmatdense"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: H.fim("mlp", "dense"),
+        lambda: PVector.from_model(H.built("mlp")[0]),
+        lambda: engine.NTK(*H.built("mlp")),
+    ],
+    ids=["dense", "pvector", "fmatdense"],
+)
 def test_rejects_a_renamed_tensor(tmp_path, build):
     """Metadata and tensors agree with each other, but not with what the object needs."""
     doc, tensors = saved(tmp_path, build())
@@ -392,12 +426,15 @@ def test_rejects_a_renamed_tensor(tmp_path, build):
     assert_rejected(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("tamper", [
-    pytest.param(_set("tensors", {"blocks.0.a": 3}), id="tensors_not_shapes"),
-    pytest.param(_set("blocks", ["kfac", "kfac", "kfac"]), id="blocks_not_objects"),
-    pytest.param(_set("options", ["expand"]), id="options_not_object"),
-    pytest.param(_set("layer_collection", None), id="no_layer_collection"),
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(_set("tensors", {"blocks.0.a": 3}), id="tensors_not_shapes"),
+        pytest.param(_set("blocks", ["kfac", "kfac", "kfac"]), id="blocks_not_objects"),
+        pytest.param(_set("options", ["expand"]), id="options_not_object"),
+        pytest.param(_set("layer_collection", None), id="no_layer_collection"),
+    ],
+)
 def test_rejects_malformed_metadata_values(tmp_path, tamper):
     """Metadata of the wrong JSON type is a SerializationError too, never an AttributeError or
     a TypeError from deep inside the loader."""

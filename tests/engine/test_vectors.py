@@ -22,6 +22,7 @@ def _flat_params(model) -> torch.Tensor:
 
 # ----- LayerCollection ------------------------------------------------------------------------
 
+
 @CASES
 def test_layer_collection_order_and_offsets(case):
     model, _ = zoo.build(case)
@@ -92,6 +93,7 @@ def test_frozen_parameters_are_left_out():
 
 # ----- PVector --------------------------------------------------------------------------------
 
+
 @CASES
 def test_pvector_from_model_is_a_copy(case):
     model, _ = zoo.build(case)
@@ -143,11 +145,16 @@ def test_pvector_dict_representation(case):
 def test_pvector_copy_to_model_round_trip(case):
     model, _ = zoo.build(case)
     original = PVector.from_model(model)
-    target = original * 2.0 - PVector.random(original.layer_collection, dtype=torch.float64,
-                                             generator=torch.Generator().manual_seed(0))
+    target = original * 2.0 - PVector.random(
+        original.layer_collection, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     target.copy_to_model(model)
-    ref.assert_close(PVector.from_model(model).get_flat_representation(),
-                     target.get_flat_representation(), 0.0, "copy_to_model")
+    ref.assert_close(
+        PVector.from_model(model).get_flat_representation(),
+        target.get_flat_representation(),
+        0.0,
+        "copy_to_model",
+    )
     ref.assert_close(_flat_params(model), target.get_flat_representation(), 0.0, "parameters")
     original.copy_to_model(model)
     ref.assert_close(_flat_params(model), original.get_flat_representation(), 0.0, "restored")
@@ -161,9 +168,14 @@ def test_pvector_arithmetic():
     b = PVector.random(lc, generator=g, dtype=torch.float64)
     x, y = a.get_flat_representation(), b.get_flat_representation()
     for result, want, what in [
-        (a + b, x + y, "+"), (a - b, x - y, "-"), (a * 3.0, 3 * x, "*"), (2 * a, 2 * x, "r*"),
-        (a * torch.tensor(0.5, dtype=torch.float64), 0.5 * x, "* tensor"), (a / 4, x / 4, "/"),
-        (-a, -x, "neg"), (a.clone(), x, "clone"),
+        (a + b, x + y, "+"),
+        (a - b, x - y, "-"),
+        (a * 3.0, 3 * x, "*"),
+        (2 * a, 2 * x, "r*"),
+        (a * torch.tensor(0.5, dtype=torch.float64), 0.5 * x, "* tensor"),
+        (a / 4, x / 4, "/"),
+        (-a, -x, "neg"),
+        (a.clone(), x, "clone"),
     ]:
         assert isinstance(result, PVector) and result.layer_collection == lc, what
         ref.assert_close(result.get_flat_representation(), want, 1e-15, what)
@@ -199,6 +211,7 @@ def test_pvector_random_and_flat_in_out():
 
 
 # ----- FVector --------------------------------------------------------------------------------
+
 
 def test_fvector_basics():
     g = torch.Generator().manual_seed(0)

@@ -93,14 +93,20 @@ def database_url() -> Iterator[str | None]:
 
 
 @pytest.fixture(scope="session")
-def settings(tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis,
-             database_url: str | None) -> Settings:
+def settings(
+    tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis, database_url: str | None
+) -> Settings:
     data_dir = tmp_path_factory.mktemp("fimntk-data")
     (data_dir / "datasets").mkdir()
     return Settings(
-        data_dir=data_dir, redis_url=REDIS_URL, queue_name=f"fimntk-test-{uuid.uuid4().hex[:12]}",
-        admin_key=ADMIN_KEY, max_upload_bytes=MAX_UPLOAD, max_jobs_in_flight=50,
-        default_job_timeout_s=120, database_url=database_url,
+        data_dir=data_dir,
+        redis_url=REDIS_URL,
+        queue_name=f"fimntk-test-{uuid.uuid4().hex[:12]}",
+        admin_key=ADMIN_KEY,
+        max_upload_bytes=MAX_UPLOAD,
+        max_jobs_in_flight=50,
+        default_job_timeout_s=120,
+        database_url=database_url,
     )
 
 
@@ -120,8 +126,9 @@ def _cleanup_redis(redis_client: redis.Redis, settings: Settings) -> None:
     records = SqlRecordStore(settings.resolved_database_url)
     ours = {r.id for r in records.list_jobs(JobFilter(), None, 10_000)[0]}
     records.close()
-    doomed = [n for n in names
-              if settings.queue_name in n.decode() or any(j in n.decode() for j in ours)]
+    doomed = [
+        n for n in names if settings.queue_name in n.decode() or any(j in n.decode() for j in ours)
+    ]
     if doomed:
         redis_client.delete(*doomed)
 
@@ -137,8 +144,13 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "PYTHONPATH": str(REPO),
     }
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fimntk.client.cli", "worker"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fimntk.client.cli", "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
 
 
 def stop_worker(process: subprocess.Popen[bytes]) -> None:

@@ -11,9 +11,14 @@ from torch import nn
 
 from tests.service.conftest import st_bytes, upload
 
-ARCH = {"kind": "sequential",
-        "layers": [{"type": "Linear", "args": [4, 6]}, {"type": "Tanh"},
-                   {"type": "Linear", "args": [6, 3]}]}
+ARCH = {
+    "kind": "sequential",
+    "layers": [
+        {"type": "Linear", "args": [4, 6]},
+        {"type": "Tanh"},
+        {"type": "Linear", "args": [6, 3]},
+    ],
+}
 N_EXAMPLES = 12
 BATCH = 5
 
@@ -41,8 +46,7 @@ class Uploaded:
     def loader(self, with_targets: bool = True) -> torch.utils.data.DataLoader:
         """The loader the worker builds from the dataset spec."""
         parts = (self.inputs, self.targets) if with_targets else (self.inputs,)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*parts),
-                                           batch_size=BATCH)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*parts), batch_size=BATCH)
 
 
 def upload_all(client: TestClient, key: str) -> Uploaded:

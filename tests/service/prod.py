@@ -22,8 +22,9 @@ import redis
 from fimntk.service.config import Settings
 from fimntk.service.embedded import free_port
 
-POSTGRES_ADMIN_URL = os.environ.get("FIMNTK_TEST_POSTGRES_URL",
-                                    "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "FIMNTK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -79,10 +80,25 @@ class RedisServer:
         """Start the server and wait until it answers."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--maxmemory-policy", "noeviction", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
+                "--maxmemory-policy",
+                "noeviction",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         deadline = time.monotonic() + 15
@@ -130,9 +146,13 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 def start_worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     """Start ``python -m fimntk.worker`` with ``settings`` (and extra environment)."""
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fimntk.worker"],
-                                env=worker_env(settings, **extra),
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fimntk.worker"],
+            env=worker_env(settings, **extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> int:

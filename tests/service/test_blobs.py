@@ -27,7 +27,7 @@ def test_upload_then_head(client: TestClient, users: dict[str, str]) -> None:
     digest = digest_of(body)
     url = f"/v1/blobs/{digest}"
     assert client.head(url, headers=auth(users["alice"])).status_code == 404
-    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
     response = client.put(url, content=chunks, headers=auth(users["alice"]))
     assert response.status_code == 201, response.text
     assert response.json() == {"digest": digest, "size": len(body)}
@@ -60,12 +60,12 @@ def test_digest_mismatch(client: TestClient, users: dict[str, str], settings: Se
     assert _tmp_files(settings) == []
 
 
-def test_oversize_streamed(client: TestClient, users: dict[str, str],
-                           settings: Settings) -> None:
+def test_oversize_streamed(client: TestClient, users: dict[str, str], settings: Settings) -> None:
     body = b"x" * (MAX_UPLOAD + 1)
-    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length
-    response = client.put(f"/v1/blobs/{digest_of(body)}", content=chunks,
-                          headers=auth(users["alice"]))
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # no Content-Length
+    response = client.put(
+        f"/v1/blobs/{digest_of(body)}", content=chunks, headers=auth(users["alice"])
+    )
     assert response.status_code == 413
     assert response.json()["field"] == "body"
     assert _tmp_files(settings) == []
@@ -73,8 +73,9 @@ def test_oversize_streamed(client: TestClient, users: dict[str, str],
 
 def test_oversize_declared(client: TestClient, users: dict[str, str]) -> None:
     body = b"x" * (MAX_UPLOAD + 1)
-    response = client.put(f"/v1/blobs/{digest_of(body)}", content=body,
-                          headers=auth(users["alice"]))
+    response = client.put(
+        f"/v1/blobs/{digest_of(body)}", content=body, headers=auth(users["alice"])
+    )
     assert response.status_code == 413
 
 
@@ -114,7 +115,7 @@ def _pieces(body: bytes, fail_after: int | None = None) -> AsyncIterator[bytes]:
         for start in range(0, len(body), 65536):
             if fail_after is not None and start >= fail_after:
                 raise ClientDisconnect()
-            yield body[start:start + 65536]
+            yield body[start : start + 65536]
 
     return pieces()
 
@@ -135,8 +136,11 @@ def test_store_leaves_nothing_on_failure(tmp_path: Path, case: str) -> None:
     digest = digest_of(b"other" if case == "wrong-digest" else body)
     cap = WRITE_CHUNK + 1 if case == "too-large" else len(body)
     fail_after = WRITE_CHUNK + 65536 if case == "disconnect" else None
-    expected = {"too-large": PayloadTooLargeError, "disconnect": ClientDisconnect,
-                "wrong-digest": BadRequestError}[case]
+    expected = {
+        "too-large": PayloadTooLargeError,
+        "disconnect": ClientDisconnect,
+        "wrong-digest": BadRequestError,
+    }[case]
     with pytest.raises(expected):
         asyncio.run(store.write(digest, _pieces(body, fail_after), cap))
     assert not store.exists(digest)

@@ -32,13 +32,28 @@ def test_serve_runs_a_job(tmp_path: Path, queue: str) -> None:
     env.pop("FIMNTK_DATABASE_URL", None)
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "fimntk.client.cli", "serve", "--port", str(port), "--data-dir",
-         str(tmp_path / "data"), "--embedded-redis", queue],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "fimntk.client.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--embedded-redis",
+            queue,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
-                          timeout=30) as client:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+        ) as client:
             deadline = time.monotonic() + 90
             while True:
                 try:
@@ -48,22 +63,36 @@ def test_serve_runs_a_job(tmp_path: Path, queue: str) -> None:
                     pass
                 assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.3)
-            weights = safetensors_bytes({"0.weight": ([2, 3], [0.1, -0.2, 0.3, 0.4, 0.5, -0.6]),
-                                         "0.bias": ([2], [0.0, 0.1])})
+            weights = safetensors_bytes(
+                {
+                    "0.weight": ([2, 3], [0.1, -0.2, 0.3, 0.4, 0.5, -0.6]),
+                    "0.bias": ([2], [0.0, 0.1]),
+                }
+            )
             data = safetensors_bytes({"inputs": ([4, 3], [float(i) / 7 for i in range(12)])})
             for body in (weights, data):
                 assert client.put(f"/v1/blobs/{digest_of(body)}", content=body).is_success
-            spec = {"model": {"weights": digest_of(weights), "architecture": {
-                        "kind": "sequential", "layers": [{"type": "Linear", "args": [3, 2]}]}},
-                    "dataset": {"blob": digest_of(data), "batch_size": 2},
-                    "metric": "fim", "representation": "dense",
-                    "operations": [{"op": "trace"}]}
+            spec = {
+                "model": {
+                    "weights": digest_of(weights),
+                    "architecture": {
+                        "kind": "sequential",
+                        "layers": [{"type": "Linear", "args": [3, 2]}],
+                    },
+                },
+                "dataset": {"blob": digest_of(data), "batch_size": 2},
+                "metric": "fim",
+                "representation": "dense",
+                "operations": [{"op": "trace"}],
+            }
             job = client.post("/v1/jobs", json=spec)
             assert job.status_code == 202, job.text
             location = job.headers["Location"]
             deadline = time.monotonic() + 90
             while (state := client.get(location, params={"wait": 5}).json())["status"] in (
-                    "queued", "running"):
+                "queued",
+                "running",
+            ):
                 assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             assert state["status"] == "succeeded", state["error"]
             result = client.get(f"{location}/result").json()

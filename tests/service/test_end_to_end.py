@@ -17,8 +17,17 @@ from tests.service.models import BATCH, Uploaded, upload_all
 
 pytestmark = pytest.mark.timeout(300)
 
-REPRESENTATIONS = ["dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank",
-                   "implicit", "mixed"]
+REPRESENTATIONS = [
+    "dense",
+    "diag",
+    "blockdiag",
+    "quasidiag",
+    "kfac",
+    "ekfac",
+    "lowrank",
+    "implicit",
+    "mixed",
+]
 CASES = [(m, r) for m in ("fim", "fim_mc", "empirical_fim") for r in REPRESENTATIONS]
 CASES.append(("ntk", None))
 
@@ -30,8 +39,12 @@ def _spec(up: Uploaded, metric: str, rep: str | None) -> dict[str, Any]:
         ops.append({"op": "vTMv", "v": up.v_ntk if metric == "ntk" else up.v})
     if "get_diag" in OPERATIONS[key]:
         ops.append({"op": "get_diag"})
-    spec: dict[str, Any] = {"model": up.spec_model, "metric": metric, "operations": ops,
-                            "dataset": {"blob": up.dataset, "batch_size": BATCH}}
+    spec: dict[str, Any] = {
+        "model": up.spec_model,
+        "metric": metric,
+        "operations": ops,
+        "dataset": {"blob": up.dataset, "batch_size": BATCH},
+    }
     if rep is not None:
         spec["representation"] = rep
     if metric == "fim_mc":
@@ -60,13 +73,15 @@ def alice_data(client: TestClient, users: dict[str, str]) -> Uploaded:
 
 
 @pytest.fixture(scope="module")
-def submitted(client: TestClient, users: dict[str, str], worker: Any,
-              alice_data: Uploaded) -> dict[tuple[str, str | None], str]:
+def submitted(
+    client: TestClient, users: dict[str, str], worker: Any, alice_data: Uploaded
+) -> dict[tuple[str, str | None], str]:
     """Every case submitted at once, so the worker runs them while tests wait."""
     ids = {}
     for metric, rep in CASES:
-        response = client.post("/v1/jobs", json=_spec(alice_data, metric, rep),
-                               headers=auth(users["alice"]))
+        response = client.post(
+            "/v1/jobs", json=_spec(alice_data, metric, rep), headers=auth(users["alice"])
+        )
         assert response.status_code == 202, response.text
         assert response.headers["Location"] == f"/v1/jobs/{response.json()['id']}"
         ids[(metric, rep)] = response.json()["id"]
@@ -80,9 +95,14 @@ def _download(client: TestClient, key: str, href: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("metric", "rep"), CASES, ids=[f"{m}-{r}" for m, r in CASES])
-def test_job_matches_engine(client: TestClient, users: dict[str, str], alice_data: Uploaded,
-                            submitted: dict[tuple[str, str | None], str], metric: str,
-                            rep: str | None) -> None:
+def test_job_matches_engine(
+    client: TestClient,
+    users: dict[str, str],
+    alice_data: Uploaded,
+    submitted: dict[tuple[str, str | None], str],
+    metric: str,
+    rep: str | None,
+) -> None:
     key = users["alice"]
     job = wait_job(client, key, submitted[(metric, rep)])
     assert job["status"] == "succeeded", job["error"]
@@ -91,16 +111,19 @@ def test_job_matches_engine(client: TestClient, users: dict[str, str], alice_dat
     result = client.get(f"/v1/jobs/{job['id']}/result", headers=auth(key)).json()
     reference = _reference(alice_data, metric, rep)
     outputs = {entry["op"]: entry["outputs"] for entry in result["operations"]}
-    torch.testing.assert_close(torch.tensor(outputs["trace"]["value"]),
-                               reference.trace().float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(outputs["trace"]["value"]), reference.trace().float(), rtol=1e-4, atol=1e-5
+    )
     if "vTMv" in outputs:
         if metric == "ntk":
             v = engine.FVector(alice_data.vector_ntk)
         else:
-            v = engine.PVector(engine.LayerCollection.from_model(alice_data.model),
-                               vector_repr=alice_data.vector)
-        torch.testing.assert_close(torch.tensor(outputs["vTMv"]["value"]),
-                                   reference.vTMv(v).float(), rtol=1e-4, atol=1e-5)
+            v = engine.PVector(
+                engine.LayerCollection.from_model(alice_data.model), vector_repr=alice_data.vector
+            )
+        torch.testing.assert_close(
+            torch.tensor(outputs["vTMv"]["value"]), reference.vTMv(v).float(), rtol=1e-4, atol=1e-5
+        )
     if "get_diag" in outputs:
         diag = _download(client, key, outputs["get_diag"]["value"]["href"])
         torch.testing.assert_close(diag, reference.get_diag().float(), rtol=1e-4, atol=1e-6)

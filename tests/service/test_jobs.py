@@ -23,9 +23,13 @@ def data(client: TestClient, users: dict[str, str]) -> Uploaded:
 
 
 def _spec(up: Uploaded, **changes: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {"model": up.spec_model, "metric": "fim", "representation": "kfac",
-                            "dataset": {"blob": up.dataset, "batch_size": BATCH},
-                            "operations": [{"op": "trace"}]}
+    spec: dict[str, Any] = {
+        "model": up.spec_model,
+        "metric": "fim",
+        "representation": "kfac",
+        "dataset": {"blob": up.dataset, "batch_size": BATCH},
+        "operations": [{"op": "trace"}],
+    }
     return spec | changes
 
 
@@ -43,8 +47,10 @@ def _problem(response: Any, status: int, field: str) -> dict[str, Any]:
 
 # -- keep and reuse --------------------------------------------------------------------------
 
-def test_keep_and_reuse(client: TestClient, users: dict[str, str], worker: Any,
-                        data: Uploaded) -> None:
+
+def test_keep_and_reuse(
+    client: TestClient, users: dict[str, str], worker: Any, data: Uploaded
+) -> None:
     key = users["alice"]
     first = _submit(client, key, _spec(data, keep=True, representation="dense")).json()
     first = wait_job(client, key, first["id"])
@@ -53,8 +59,11 @@ def test_keep_and_reuse(client: TestClient, users: dict[str, str], worker: Any,
     assert kept["representation_artifact"].endswith("/representation")
     assert client.get(kept["representation_artifact"], headers=auth(key)).status_code == 200
 
-    by_id = _submit(client, key, {"reuse": first["id"],
-                                  "operations": [{"op": "trace"}, {"op": "vTMv", "v": data.v}]})
+    by_id = _submit(
+        client,
+        key,
+        {"reuse": first["id"], "operations": [{"op": "trace"}, {"op": "vTMv", "v": data.v}]},
+    )
     assert by_id.status_code == 202, by_id.text
     by_id_job = wait_job(client, key, by_id.json()["id"])
     assert by_id_job["status"] == "succeeded", by_id_job["error"]
@@ -75,8 +84,10 @@ def test_keep_and_reuse(client: TestClient, users: dict[str, str], worker: Any,
 
 # -- cancel ----------------------------------------------------------------------------------
 
-def test_cancel_queued_and_running(client: TestClient, users: dict[str, str], worker: Any,
-                                   data: Uploaded, settings: Settings) -> None:
+
+def test_cancel_queued_and_running(
+    client: TestClient, users: dict[str, str], worker: Any, data: Uploaded, settings: Settings
+) -> None:
     key = users["alice"]
     big = torch.randn(20_000, 4)
     (settings.datasets_dir / "big.safetensors").write_bytes(st_bytes({"inputs": big}))
@@ -113,8 +124,10 @@ def test_cancel_queued_and_running(client: TestClient, users: dict[str, str], wo
 
 # -- idempotency -----------------------------------------------------------------------------
 
-def test_idempotent_resubmission(client: TestClient, users: dict[str, str], worker: Any,
-                                 data: Uploaded) -> None:
+
+def test_idempotent_resubmission(
+    client: TestClient, users: dict[str, str], worker: Any, data: Uploaded
+) -> None:
     key = users["alice"]
     first = _submit(client, key, _spec(data), **{"Idempotency-Key": "abc-1"})
     assert first.status_code == 202
@@ -122,8 +135,9 @@ def test_idempotent_resubmission(client: TestClient, users: dict[str, str], work
     assert second.status_code == 200
     assert second.json()["id"] == first.json()["id"]
     assert second.headers["Location"] == first.headers["Location"]
-    different = _submit(client, key, _spec(data, representation="diag"),
-                        **{"Idempotency-Key": "abc-1"})
+    different = _submit(
+        client, key, _spec(data, representation="diag"), **{"Idempotency-Key": "abc-1"}
+    )
     _problem(different, 409, "Idempotency-Key")
     # The key is per user.
     bob_data = upload_all(client, users["bob"])
@@ -136,11 +150,14 @@ def test_idempotent_resubmission(client: TestClient, users: dict[str, str], work
 
 # -- ownership and listing -------------------------------------------------------------------
 
-def test_ownership(client: TestClient, users: dict[str, str], worker: Any,
-                   data: Uploaded) -> None:
+
+def test_ownership(client: TestClient, users: dict[str, str], worker: Any, data: Uploaded) -> None:
     alice, bob = users["alice"], users["bob"]
-    job = wait_job(client, alice, _submit(client, alice, _spec(
-        data, operations=[{"op": "get_diag"}])).json()["id"])
+    job = wait_job(
+        client,
+        alice,
+        _submit(client, alice, _spec(data, operations=[{"op": "get_diag"}])).json()["id"],
+    )
     assert job["status"] == "succeeded"
     result = client.get(f"/v1/jobs/{job['id']}/result", headers=auth(alice)).json()
     href = result["operations"][0]["outputs"]["value"]["href"]
@@ -158,8 +175,9 @@ def test_ownership(client: TestClient, users: dict[str, str], worker: Any,
     assert job["id"] in {item["id"] for item in everyone.json()["items"]}
 
 
-def test_list_filters_and_pagination(client: TestClient, users: dict[str, str], worker: Any,
-                                     data: Uploaded) -> None:
+def test_list_filters_and_pagination(
+    client: TestClient, users: dict[str, str], worker: Any, data: Uploaded
+) -> None:
     key = users["alice"]
     seen: list[str] = []
     cursor = None
@@ -174,42 +192,61 @@ def test_list_filters_and_pagination(client: TestClient, users: dict[str, str], 
         if cursor is None:
             break
     assert len(seen) == len(set(seen)) > 3
-    kfac = client.get("/v1/jobs", params={"representation": "kfac", "status": "succeeded",
-                                          "model": data.spec_model["weights"]},
-                      headers=auth(key)).json()["items"]
+    kfac = client.get(
+        "/v1/jobs",
+        params={
+            "representation": "kfac",
+            "status": "succeeded",
+            "model": data.spec_model["weights"],
+        },
+        headers=auth(key),
+    ).json()["items"]
     assert kfac and all(i["representation"] == "kfac" for i in kfac)
-    future = client.get("/v1/jobs", params={"created_after": "2999-01-01T00:00:00Z"},
-                        headers=auth(key)).json()
+    future = client.get(
+        "/v1/jobs", params={"created_after": "2999-01-01T00:00:00Z"}, headers=auth(key)
+    ).json()
     assert future["items"] == []
     _problem(client.get("/v1/jobs", params={"cursor": "!!"}, headers=auth(key)), 400, "cursor")
 
 
 # -- bad input at submission -----------------------------------------------------------------
 
-def test_bad_input_at_submission(client: TestClient, users: dict[str, str],
-                                 data: Uploaded) -> None:
+
+def test_bad_input_at_submission(client: TestClient, users: dict[str, str], data: Uploaded) -> None:
     key = users["alice"]
     post = lambda spec: _submit(client, key, spec)  # noqa: E731
-    bad_layer = {**data.spec_model, "architecture": {
-        "kind": "sequential", "layers": [{"type": "Linear", "args": [4, 6]},
-                                         {"type": "Sequential", "layers": [{"type": "Evil"}]}]}}
+    bad_layer = {
+        **data.spec_model,
+        "architecture": {
+            "kind": "sequential",
+            "layers": [
+                {"type": "Linear", "args": [4, 6]},
+                {"type": "Sequential", "layers": [{"type": "Evil"}]},
+            ],
+        },
+    }
     _problem(post(_spec(data, model=bad_layer)), 422, "model.architecture.layers[1].layers[0].type")
     bad_builder = {**data.spec_model, "architecture": {"kind": "builder", "name": "os.system"}}
     _problem(post(_spec(data, model=bad_builder)), 422, "model.architecture.name")
     _problem(post(_spec(data, dataset={"name": "../etc/passwd"})), 422, "dataset.name")
     _problem(post(_spec(data, dataset={"name": "missing"})), 422, "dataset.name")
-    _problem(post(_spec(data, operations=[{"op": "eigenpairs", "k": 2}])), 422,
-             "operations[0].op")
-    _problem(post(_spec(data, metric="ntk", representation=None,
-                        operations=[{"op": "get_diag"}])), 422, "operations[0].op")
-    _problem(post(_spec(data, operations=[{"op": "trace"}, {"op": "mv", "v": data.v_ntk}])),
-             422, "operations[1].v")
+    _problem(post(_spec(data, operations=[{"op": "eigenpairs", "k": 2}])), 422, "operations[0].op")
+    _problem(
+        post(_spec(data, metric="ntk", representation=None, operations=[{"op": "get_diag"}])),
+        422,
+        "operations[0].op",
+    )
+    _problem(
+        post(_spec(data, operations=[{"op": "trace"}, {"op": "mv", "v": data.v_ntk}])),
+        422,
+        "operations[1].v",
+    )
     _problem(post(_spec(data, operations=[{"op": "frobnicate"}])), 422, "operations[0]")
     truncated = upload(client, key, st_bytes(make_model().state_dict())[:-10])
-    _problem(post(_spec(data, model={**data.spec_model, "weights": truncated})), 422,
-             "model.weights")
-    _problem(post(_spec(data, dataset={"blob": data.spec_model["weights"]})), 422,
-             "dataset.blob")
+    _problem(
+        post(_spec(data, model={**data.spec_model, "weights": truncated})), 422, "model.weights"
+    )
+    _problem(post(_spec(data, dataset={"blob": data.spec_model["weights"]})), 422, "dataset.blob")
     _problem(post(_spec(data, representation="fancy")), 422, "representation")
     _problem(post({"metric": "fim"}), 422, "body")
     _problem(post(_spec(data, timeout_s=10**9)), 422, "timeout_s")
@@ -218,8 +255,10 @@ def test_bad_input_at_submission(client: TestClient, users: dict[str, str],
 
 # -- bad input found by the worker -----------------------------------------------------------
 
-def _failed(client: TestClient, key: str, spec: dict[str, Any],
-            settings: Settings) -> dict[str, Any]:
+
+def _failed(
+    client: TestClient, key: str, spec: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
     response = _submit(client, key, spec)
     assert response.status_code == 202, response.text
     job = wait_job(client, key, response.json()["id"])
@@ -228,14 +267,21 @@ def _failed(client: TestClient, key: str, spec: dict[str, Any],
     return job["error"]
 
 
-def test_bad_input_found_by_worker(client: TestClient, users: dict[str, str], worker: Any,
-                                   data: Uploaded, settings: Settings) -> None:
+def test_bad_input_found_by_worker(
+    client: TestClient, users: dict[str, str], worker: Any, data: Uploaded, settings: Settings
+) -> None:
     key = users["alice"]
-    wrong = {"kind": "sequential", "layers": [{"type": "Linear", "args": [4, 7]},
-                                              {"type": "Tanh"},
-                                              {"type": "Linear", "args": [7, 3]}]}
-    error = _failed(client, key, _spec(data, model={**data.spec_model, "architecture": wrong}),
-                    settings)
+    wrong = {
+        "kind": "sequential",
+        "layers": [
+            {"type": "Linear", "args": [4, 7]},
+            {"type": "Tanh"},
+            {"type": "Linear", "args": [7, 3]},
+        ],
+    }
+    error = _failed(
+        client, key, _spec(data, model={**data.spec_model, "architecture": wrong}), settings
+    )
     assert error["status"] == 422 and error["field"] == "model.weights"
     assert "0.weight: shape [6, 4] in weights, [7, 4] in architecture" in error["detail"]
     assert "2.weight" in error["detail"]
@@ -243,15 +289,21 @@ def test_bad_input_found_by_worker(client: TestClient, users: dict[str, str], wo
     nan_state = make_model().state_dict()
     nan_state["0.bias"][2] = float("nan")
     nan = upload(client, key, st_bytes(nan_state))
-    error = _failed(client, key, _spec(data, model={"weights": nan, "architecture": ARCH}),
-                    settings)
+    error = _failed(
+        client, key, _spec(data, model={"weights": nan, "architecture": ARCH}), settings
+    )
     assert error["field"] == "model.weights" and "0.bias" in error["detail"]
 
     bad_args = {"kind": "sequential", "layers": [{"type": "Linear", "args": ["four", 6]}]}
-    error = _failed(client, key, _spec(data, model={**data.spec_model,
-                                                    "architecture": bad_args}), settings)
+    error = _failed(
+        client, key, _spec(data, model={**data.spec_model, "architecture": bad_args}), settings
+    )
     assert error["field"] == "model.architecture.layers[0]"
 
-    error = _failed(client, key, _spec(data, metric="ntk", representation=None,
-                                       operations=[{"op": "mv", "v": data.v}]), settings)
+    error = _failed(
+        client,
+        key,
+        _spec(data, metric="ntk", representation=None, operations=[{"op": "mv", "v": data.v}]),
+        settings,
+    )
     assert error["field"] == "operations[0].v"

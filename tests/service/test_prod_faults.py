@@ -60,10 +60,13 @@ class Stack:
 
     def post(self, **changes: Any) -> Any:
         """Submit a job (a KFAC trace unless changed); the response."""
-        spec: dict[str, Any] = {"model": self.data.spec_model, "metric": "fim",
-                                "representation": "kfac",
-                                "dataset": {"blob": self.data.dataset, "batch_size": BATCH},
-                                "operations": [{"op": "trace"}]}
+        spec: dict[str, Any] = {
+            "model": self.data.spec_model,
+            "metric": "fim",
+            "representation": "kfac",
+            "dataset": {"blob": self.data.dataset, "batch_size": BATCH},
+            "operations": [{"op": "trace"}],
+        }
         return self.client.post("/v1/jobs", json=spec | changes, headers=auth(self.key))
 
     def submit(self, **changes: Any) -> dict[str, Any]:
@@ -79,8 +82,9 @@ class Stack:
         path = self.settings.datasets_dir / f"{name}.safetensors"
         if not path.exists():
             path.write_bytes(st_bytes({"inputs": torch.randn(examples, 4)}))
-        return self.submit(representation="diag", dataset={"name": name, "batch_size": 1},
-                           **changes)
+        return self.submit(
+            representation="diag", dataset={"name": name, "batch_size": 1}, **changes
+        )
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job as the API shows it."""
@@ -88,8 +92,12 @@ class Stack:
 
     def wait_running(self, job_id: str, timeout: float = 60) -> None:
         """Wait until a worker reports progress on the job."""
-        wait_for(lambda: (j := self.job(job_id))["status"] == "running"
-                 and j["progress"]["done"] > 0, timeout, 0.1, f"job {job_id} running")
+        wait_for(
+            lambda: (j := self.job(job_id))["status"] == "running" and j["progress"]["done"] > 0,
+            timeout,
+            0.1,
+            f"job {job_id} running",
+        )
 
     def wait(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
         """Wait until the job is terminal."""
@@ -99,10 +107,17 @@ class Stack:
 def _settings(data_dir: Path, redis_url: str, database_url: str | None = None) -> Settings:
     (data_dir / "datasets").mkdir(parents=True, exist_ok=True)
     return Settings(
-        data_dir=data_dir, redis_url=redis_url, database_url=database_url,
-        queue_name=f"fimntk-prod-{uuid.uuid4().hex[:12]}", admin_key=ADMIN_KEY,
-        max_jobs_in_flight=50, default_job_timeout_s=120, heartbeat_ttl_s=1.5,
-        reaper_interval_s=0.25, requeue_after_s=1, min_free_bytes=0,
+        data_dir=data_dir,
+        redis_url=redis_url,
+        database_url=database_url,
+        queue_name=f"fimntk-prod-{uuid.uuid4().hex[:12]}",
+        admin_key=ADMIN_KEY,
+        max_jobs_in_flight=50,
+        default_job_timeout_s=120,
+        heartbeat_ttl_s=1.5,
+        reaper_interval_s=0.25,
+        requeue_after_s=1,
+        min_free_bytes=0,
     )
 
 
@@ -211,13 +226,18 @@ def _restart_drill(s: Stack, server: RedisServer, worker_pid: int, appendonly: b
 
 def _database_urls() -> list[Any]:
     reason = postgres_unavailable()
-    return ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
-        reason is not None, reason=reason or ""))]
+    return [
+        "sqlite",
+        pytest.param(
+            "postgresql", marks=pytest.mark.skipif(reason is not None, reason=reason or "")
+        ),
+    ]
 
 
 @pytest.mark.parametrize("backend", _database_urls())
-def test_api_restart_keeps_every_result(tmp_path: Path, redis_client: redis.Redis,
-                                        backend: str) -> None:
+def test_api_restart_keeps_every_result(
+    tmp_path: Path, redis_client: redis.Redis, backend: str
+) -> None:
     with contextlib.ExitStack() as exits:
         url = exits.enter_context(postgres_database()) if backend == "postgresql" else None
         settings = _settings(tmp_path, REDIS_URL, url)
@@ -226,8 +246,7 @@ def test_api_restart_keeps_every_result(tmp_path: Path, redis_client: redis.Redi
         with stack(settings) as s:
             worker = start_worker(settings, tmp_path / "worker.log")
             exits.callback(stop_process, worker)
-            job = s.submit(representation="diag", operations=[{"op": "trace"},
-                                                              {"op": "get_diag"}])
+            job = s.submit(representation="diag", operations=[{"op": "trace"}, {"op": "get_diag"}])
             jobs.extend(s.jobs)
             assert s.wait(job["id"])["status"] == "succeeded"
             before = s.client.get(f"/v1/jobs/{job['id']}/result", headers=auth(s.key)).json()
@@ -251,8 +270,9 @@ class _FullDisk(LocalArtifactStore):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
 
-def test_disk_full_while_writing_an_artifact(shared: Stack, monkeypatch: pytest.MonkeyPatch
-                                             ) -> None:
+def test_disk_full_while_writing_an_artifact(
+    shared: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fimntk.worker.runner import JobRunner
 
     job = shared.submit(representation="diag", operations=[{"op": "get_diag"}])
@@ -272,8 +292,9 @@ def test_disk_full_while_writing_an_artifact(shared: Stack, monkeypatch: pytest.
     body = st_bytes({"x": torch.ones(3)})
     from tests.service.conftest import digest_of
 
-    response = shared.client.put(f"/v1/blobs/{digest_of(body)}", content=body,
-                                 headers=auth(shared.key))
+    response = shared.client.put(
+        f"/v1/blobs/{digest_of(body)}", content=body, headers=auth(shared.key)
+    )
     monkeypatch.undo()
     assert response.status_code == 507, response.text
     assert response.json()["type"] == "/problems/storage-full"

@@ -31,20 +31,29 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.fixture(scope="module")
-def finished_job(client: TestClient, users: dict[str, str], worker: subprocess.Popen[bytes]
-                 ) -> dict[str, Any]:
+def finished_job(
+    client: TestClient, users: dict[str, str], worker: subprocess.Popen[bytes]
+) -> dict[str, Any]:
     key = users["alice"]
     data = upload_all(client, key)
-    spec = {"model": data.spec_model, "metric": "fim", "representation": "diag",
-            "dataset": {"blob": data.dataset, "batch_size": BATCH},
-            "operations": [{"op": "trace"}]}
+    spec = {
+        "model": data.spec_model,
+        "metric": "fim",
+        "representation": "diag",
+        "dataset": {"blob": data.dataset, "batch_size": BATCH},
+        "operations": [{"op": "trace"}],
+    }
     client.get("/metrics")  # start counting job durations before the job ends
     job = client.post("/v1/jobs", json=spec, headers=auth(key)).json()
     return wait_job(client, key, job["id"])
 
 
-def test_readyz(client: TestClient, finished_job: dict[str, Any], settings: Settings,
-                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readyz(
+    client: TestClient,
+    finished_job: dict[str, Any],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     wait_for(lambda: client.get("/readyz").status_code == 200, 30, 0.5, "ready")
     body = client.get("/readyz").json()
     assert body["status"] == "ready"
@@ -64,19 +73,30 @@ def test_metrics(client: TestClient, finished_job: dict[str, Any]) -> None:
     samples = _samples(response.text)
     route = (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404"))
     assert samples[("fimntk_http_requests_total", route)] >= 1
-    assert samples[("fimntk_http_request_duration_seconds_count",
-                    (("method", "GET"), ("route", "/v1/jobs/{job_id}")))] >= 1
+    assert (
+        samples[
+            (
+                "fimntk_http_request_duration_seconds_count",
+                (("method", "GET"), ("route", "/v1/jobs/{job_id}")),
+            )
+        ]
+        >= 1
+    )
     assert ("fimntk_queue_depth", ()) in samples
     assert samples[("fimntk_jobs", (("status", "succeeded"),))] >= 1
-    assert samples[("fimntk_workers", (("state", "idle"),))] + samples[
-        ("fimntk_workers", (("state", "busy"),))] >= 1
+    assert (
+        samples[("fimntk_workers", (("state", "idle"),))]
+        + samples[("fimntk_workers", (("state", "busy"),))]
+        >= 1
+    )
     assert samples[("fimntk_dependency_up", (("dependency", "redis"),))] == 1
     durations = (("metric", "fim"), ("representation", "diag"), ("status", "succeeded"))
     assert samples[("fimntk_job_duration_seconds_count", durations)] >= 1
 
 
-def test_admin_status(client: TestClient, users: dict[str, str],
-                      finished_job: dict[str, Any]) -> None:
+def test_admin_status(
+    client: TestClient, users: dict[str, str], finished_job: dict[str, Any]
+) -> None:
     assert client.get("/v1/admin/status", headers=auth(users["alice"])).status_code == 403
     response = client.get("/v1/admin/status", headers=auth(ADMIN_KEY))
     assert response.status_code == 200, response.text
@@ -103,11 +123,16 @@ def test_request_ids_in_json_logs(client: TestClient, caplog: pytest.LogCaptureF
     assert len(generated) == 32
 
 
-def test_worker_logs_are_json_with_job_ids(finished_job: dict[str, Any],
-                                           settings: Settings) -> None:
+def test_worker_logs_are_json_with_job_ids(
+    finished_job: dict[str, Any], settings: Settings
+) -> None:
     log = Path(settings.data_dir / "worker.log").read_text().splitlines()
     lines = [json.loads(line) for line in log if line.startswith("{")]
     assert lines, log[:5]
-    ends = [line for line in lines if line.get("job_id") == finished_job["id"]
-            and line["message"].startswith(f"job {finished_job['id']} ended")]
+    ends = [
+        line
+        for line in lines
+        if line.get("job_id") == finished_job["id"]
+        and line["message"].startswith(f"job {finished_job['id']} ended")
+    ]
     assert ends and ends[0]["status"] == "succeeded" and ends[0]["duration_s"] > 0

@@ -18,8 +18,15 @@ from fimntk.service.storage.records import JobFilter, JobRecord, SqlRecordStore,
 from tests.service.prod import postgres_database, postgres_unavailable
 
 _PG_REASON = postgres_unavailable()
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
-    _PG_REASON is not None, reason=f"PostgreSQL tests skipped: {_PG_REASON}"))]
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            _PG_REASON is not None, reason=f"PostgreSQL tests skipped: {_PG_REASON}"
+        ),
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -45,11 +52,19 @@ def store(url: str) -> Iterator[SqlRecordStore]:
 
 
 def _job(owner: str, n: int, **changes: Any) -> JobRecord:
-    return JobRecord(id=f"j_{n:04d}", owner_id=owner, status="queued",
-                     spec={"timeout_s": 60, "seed": 2**62, "text": "ünï"}, metric="fim",
-                     representation="kfac", model_digest="sha256:" + "0" * 64,
-                     dataset="toy", rep_key="r" * 64,
-                     created_at=utcnow() + timedelta(milliseconds=n), **changes)
+    return JobRecord(
+        id=f"j_{n:04d}",
+        owner_id=owner,
+        status="queued",
+        spec={"timeout_s": 60, "seed": 2**62, "text": "ünï"},
+        metric="fim",
+        representation="kfac",
+        model_digest="sha256:" + "0" * 64,
+        dataset="toy",
+        rep_key="r" * 64,
+        created_at=utcnow() + timedelta(milliseconds=n),
+        **changes,
+    )
 
 
 def test_users_blobs_and_jobs(store: SqlRecordStore) -> None:
@@ -65,11 +80,13 @@ def test_users_blobs_and_jobs(store: SqlRecordStore) -> None:
     job = store.get_job("j_0003")
     assert job is not None and job.spec["seed"] == 2**62 and job.spec["text"] == "ünï"
     assert job.created_at.tzinfo is not None
-    assert store.update_job("j_0003", only_if_status=("queued",), status="running",
-                            started_at=utcnow(), worker="w1")
+    assert store.update_job(
+        "j_0003", only_if_status=("queued",), status="running", started_at=utcnow(), worker="w1"
+    )
     assert not store.update_job("j_0003", only_if_status=("queued",), status="failed")
-    assert store.update_job("j_0004", status="failed", finished_at=utcnow(),
-                            error={"type": "/problems/x"})
+    assert store.update_job(
+        "j_0004", status="failed", finished_at=utcnow(), error={"type": "/problems/x"}
+    )
     assert store.count_in_flight(alice.id) == 4
     assert store.count_by_status() == {"queued": 3, "running": 1, "failed": 1}
     assert [j.id for j in store.jobs_with_status("queued")] == ["j_0000", "j_0001", "j_0002"]

@@ -26,8 +26,11 @@ BUCKET = "fimntk-test"
 def s3_endpoint() -> Iterator[str]:
     server_mod = pytest.importorskip("moto.server")
     mp = pytest.MonkeyPatch()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         mp.setenv(name, value)
     port = free_port()
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -58,11 +61,12 @@ def test_two_boxes_share_artifacts(s3_endpoint: str, tmp_path: Path) -> None:
         S3ArtifactStore(BUCKET, "lab", tmp_path / "c", s3_endpoint).path("j_1", "value")
 
 
-def test_worker_writes_to_s3_and_the_api_serves_it(s3_endpoint: str, tmp_path: Path,
-                                                   redis_client: redis.Redis,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_writes_to_s3_and_the_api_serves_it(
+    s3_endpoint: str, tmp_path: Path, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = _settings(tmp_path / "api", REDIS_URL).model_copy(
-        update={"artifact_url": f"s3://{BUCKET}/e2e", "s3_endpoint_url": s3_endpoint})
+        update={"artifact_url": f"s3://{BUCKET}/e2e", "s3_endpoint_url": s3_endpoint}
+    )
     with stack(settings) as s:
         worker = start_worker(settings, tmp_path / "worker.log")
         try:
@@ -72,7 +76,8 @@ def test_worker_writes_to_s3_and_the_api_serves_it(s3_endpoint: str, tmp_path: P
             stop_process(worker)
             cleanup_queue(redis_client, settings.queue_name, s.jobs)
         keys = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
-            Bucket=BUCKET, Prefix=f"e2e/{job['id']}/")["Contents"]
+            Bucket=BUCKET, Prefix=f"e2e/{job['id']}/"
+        )["Contents"]
         assert [k["Key"] for k in keys] == [f"e2e/{job['id']}/op0_get_diag.safetensors"]
         result = s.client.get(f"/v1/jobs/{job['id']}/result", headers=auth(s.key)).json()
         href = result["operations"][0]["outputs"]["value"]["href"]

@@ -20,8 +20,13 @@ from tests.service.conftest import ADMIN_KEY, auth
 
 pytestmark = pytest.mark.timeout(300)
 
-_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=list(HealthCheck))
+_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +50,7 @@ def api_schema(app: FastAPI) -> Any:
 _EXCLUDED = [positive_data_acceptance]
 
 
-def test_no_server_error_nor_schema_violation(api_schema: Any, user_key: str,
-                                              worker: Any) -> None:
+def test_no_server_error_nor_schema_violation(api_schema: Any, user_key: str, worker: Any) -> None:
     """Every operation of the schema, each with its own Hypothesis run. The operations are
     driven from here rather than by schemathesis' pytest plugin, which reaches into pytest
     internals that pytest 9.2 removed."""
@@ -81,6 +85,13 @@ def test_stateful(api_schema: Any, user_key: str, worker: Any) -> None:
         def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
             case.validate_response(response, excluded_checks=_EXCLUDED)
 
-    Machine.run(settings=settings(max_examples=15, stateful_step_count=6, deadline=None,
-                                  derandomize=True, database=None,
-                                  suppress_health_check=list(HealthCheck)))
+    Machine.run(
+        settings=settings(
+            max_examples=15,
+            stateful_step_count=6,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )

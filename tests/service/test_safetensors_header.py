@@ -34,22 +34,46 @@ def test_valid_header(tmp_path: Path) -> None:
         (struct.pack("<Q", 10_000) + b"{}", "runs past the end"),
         (struct.pack("<Q", 5) + b"{nope", "not valid JSON"),
         (_raw([], b""), "not a JSON object"),  # type: ignore[arg-type]
-        (_raw({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
-         "unknown dtype"),
-        (_raw({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
-         "shape"),
-        (_raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),
-         "outside the data buffer"),
-        (_raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
-         "do not hold"),
-        (_raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-               "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
-         "overlaps"),
-        (_raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
-         "truncated or padded"),
+        (
+            _raw({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "unknown dtype",
+        ),
+        (_raw({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "shape"),
+        (
+            _raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),
+            "outside the data buffer",
+        ),
+        (
+            _raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "do not hold",
+        ),
+        (
+            _raw(
+                {
+                    "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                b"\0" * 4,
+            ),
+            "overlaps",
+        ),
+        (
+            _raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+            "truncated or padded",
+        ),
     ],
-    ids=["short", "length-past-file", "bad-json", "not-object", "dtype", "shape", "offsets",
-         "size-mismatch", "overlap", "padding"],
+    ids=[
+        "short",
+        "length-past-file",
+        "bad-json",
+        "not-object",
+        "dtype",
+        "shape",
+        "offsets",
+        "size-mismatch",
+        "overlap",
+        "padding",
+    ],
 )
 def test_malformed(tmp_path: Path, body: bytes, message: str) -> None:
     path = tmp_path / "bad.safetensors"

@@ -23,10 +23,13 @@ from fimntk.worker.models import (
     load_model,
 )
 
-NESTED = {"kind": "sequential", "layers": [
-    {"type": "Sequential", "layers": [{"type": "Linear", "args": [3, 4]}, {"type": "ReLU"}]},
-    {"type": "Linear", "args": [4, 2], "kwargs": {"bias": False}},
-]}
+NESTED = {
+    "kind": "sequential",
+    "layers": [
+        {"type": "Sequential", "layers": [{"type": "Linear", "args": [3, 4]}, {"type": "ReLU"}]},
+        {"type": "Linear", "args": [4, 2], "kwargs": {"bias": False}},
+    ],
+}
 
 
 def test_builtin_names_agree() -> None:
@@ -36,14 +39,14 @@ def test_builtin_names_agree() -> None:
 @pytest.mark.parametrize("name", sorted(BUILTIN_BUILDERS))
 def test_builders_build_on_meta(name: str) -> None:
     kwargs = {"mlp": {"in_features": 3, "hidden": [5], "out_features": 2}}.get(name, {})
-    model = build_on_meta({"kind": "builder", "name": name, "kwargs": kwargs},
-                          load_builders([]))
+    model = build_on_meta({"kind": "builder", "name": name, "kwargs": kwargs}, load_builders([]))
     assert all(p.is_meta for p in model.parameters())
 
 
 def test_nested_sequential_loads(tmp_path: Path) -> None:
-    reference = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU()),
-                              nn.Linear(4, 2, bias=False))
+    reference = nn.Sequential(
+        nn.Sequential(nn.Linear(3, 4), nn.ReLU()), nn.Linear(4, 2, bias=False)
+    )
     path = tmp_path / "w.safetensors"
     save_file(reference.state_dict(), str(path))
     model = load_model(NESTED, path, load_builders([]), 10**6, 10**6)
@@ -53,17 +56,23 @@ def test_nested_sequential_loads(tmp_path: Path) -> None:
 
 
 def test_mismatches_are_all_named(tmp_path: Path) -> None:
-    state = {"0.0.weight": torch.zeros(5, 3), "0.0.bias": torch.zeros(4, dtype=torch.float64),
-             "9.weight": torch.zeros(1)}
+    state = {
+        "0.0.weight": torch.zeros(5, 3),
+        "0.0.bias": torch.zeros(4, dtype=torch.float64),
+        "9.weight": torch.zeros(1),
+    }
     path = tmp_path / "w.safetensors"
     save_file(state, str(path))
     with pytest.raises(JobInputError) as info:
         check_against_weights(build_on_meta(NESTED, {}), path, 10**6)
     detail = info.value.detail
     assert info.value.field == "model.weights"
-    for fragment in ("missing 1.weight", "unexpected 9.weight",
-                     "0.0.weight: shape [5, 3] in weights, [4, 3]",
-                     "0.0.bias: dtype F64 in weights, F32"):
+    for fragment in (
+        "missing 1.weight",
+        "unexpected 9.weight",
+        "0.0.weight: shape [5, 3] in weights, [4, 3]",
+        "0.0.bias: dtype F64 in weights, F32",
+    ):
         assert fragment in detail
 
 
@@ -74,8 +83,7 @@ def test_unknown_layer_and_builder_and_size() -> None:
     with pytest.raises(JobInputError):
         build_on_meta({"kind": "builder", "name": "nope"}, load_builders([]))
     with pytest.raises(JobInputError) as info:
-        build_on_meta({"kind": "builder", "name": "mlp", "kwargs": {"bogus": 1}},
-                      load_builders([]))
+        build_on_meta({"kind": "builder", "name": "mlp", "kwargs": {"bogus": 1}}, load_builders([]))
     assert info.value.field == "model.architecture.kwargs"
     with pytest.raises(JobInputError, match="above the limit"):
         load_model(NESTED, Path("/nonexistent"), {}, 10, 10)
@@ -85,10 +93,12 @@ def test_loader_subset_and_targets(tmp_path: Path) -> None:
     path = tmp_path / "d.safetensors"
     save_file({"inputs": torch.arange(20.0).reshape(10, 2)}, str(path))
     params = {"batch_size": 3, "subset": 4, "seed": 1}
-    first = torch.cat([b[0] for b in make_loader(path, params, torch.float64, "dataset.blob",
-                                                  False)])
-    again = torch.cat([b[0] for b in make_loader(path, params, torch.float64, "dataset.blob",
-                                                  False)])
+    first = torch.cat(
+        [b[0] for b in make_loader(path, params, torch.float64, "dataset.blob", False)]
+    )
+    again = torch.cat(
+        [b[0] for b in make_loader(path, params, torch.float64, "dataset.blob", False)]
+    )
     assert first.shape == (4, 2) and first.dtype == torch.float64
     torch.testing.assert_close(first, again)
     with pytest.raises(JobInputError, match="targets"):

@@ -24,10 +24,10 @@ from redis.client import PubSubWorkerThread
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from fimntk.worker import cli as worker_cli
-from fimntk.worker import tasks as worker_tasks
 from fimntk.service.config import Settings
 from fimntk.service.queue import TASK
+from fimntk.worker import cli as worker_cli
+from fimntk.worker import tasks as worker_tasks
 from tests.service.prod import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,7 +67,8 @@ class _OutageRunner:
 def _enqueue(url: str, queue_name: str, job_id: str) -> None:
     connection = redis.Redis.from_url(url)
     Queue(queue_name, connection=connection, serializer=JSONSerializer).enqueue_call(
-        TASK, args=(job_id,), job_id=job_id, timeout=60)
+        TASK, args=(job_id,), job_id=job_id, timeout=60
+    )
     connection.close()
 
 
@@ -80,10 +81,12 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_worker_runs_on_after_redis_restarts_during_bookkeeping(
-        server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     queue_name = f"fimntk-outage-{uuid.uuid4().hex[:12]}"
-    settings = Settings(data_dir=tmp_path / "data", redis_url=server.url, queue_name=queue_name,
-                        heartbeat_ttl_s=1.5)
+    settings = Settings(
+        data_dir=tmp_path / "data", redis_url=server.url, queue_name=queue_name, heartbeat_ttl_s=1.5
+    )
     runner = _OutageRunner(server, queue_name)
     monkeypatch.setattr(worker_cli, "JobRunner", lambda *_: runner)
     monkeypatch.setattr(worker_cli, "configure_logging", lambda *_: None)

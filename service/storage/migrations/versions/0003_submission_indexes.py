@@ -19,8 +19,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_index("ix_jobs_owner_status", "jobs", ["owner_id", "status"])
-    op.create_index("ix_jobs_kept_lookup", "jobs",
-                    ["owner_id", "rep_key", "kept", "status", "created_at"])
+    op.create_index(
+        "ix_jobs_kept_lookup", "jobs", ["owner_id", "rep_key", "kept", "status", "created_at"]
+    )
 
 
 def downgrade() -> None:
