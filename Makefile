@@ -6,7 +6,7 @@ LATEST_VENV := .venv-latest
 COMPILE := $(PYTHON) -m piptools compile --quiet --strip-extras --no-emit-index-url \
 	--no-emit-find-links --unsafe-package torch -c requirements/torch.txt pyproject.toml
 
-.PHONY: install install-server run test test-latest lint lock bench
+.PHONY: install install-server run test test-api test-latest lint typecheck lock bench
 
 # The test and development environment: server, dev tools, this checkout in editable mode.
 install:
@@ -26,7 +26,16 @@ run: install-server
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# The fast lane: the API's tests on an in-process queue (fakeredis), no server to start.
+test-api:
+	FIMNTK_TEST_REDIS=fakeredis $(PYTHON) -m pytest -q -p no:cacheprovider tests/service \
+		-m "not slow"
+
+typecheck:
+	$(PYTHON) -m mypy
 
 lint:
 	$(PYTHON) -m ruff check .

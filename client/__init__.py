@@ -11,6 +11,11 @@ Example::
     F.trace(), F.solve(v, regul=1e-3), F.download()
 
 Importing this package does not import torch; computations do.
+
+May import: :mod:`fimntk.contract`, :mod:`fimntk.engine` (lazily, to ship models and to return
+engine objects), httpx, tqdm, torch. Never: the server's packages (:mod:`fimntk.core`,
+:mod:`fimntk.service`, :mod:`fimntk.worker`), except that the command line offers their
+``serve`` and ``worker`` commands when the server extra is installed.
 """
 
 from typing import Any

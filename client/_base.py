@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from fimntk import __version__
 from fimntk.client._config import ClientConfig, cache_dir
 from fimntk.client._progress import ProgressDisplay, ProgressOption
 from fimntk.client.errors import (
@@ -30,12 +29,13 @@ from fimntk.client.errors import (
     NotFoundError,
     error_from_response,
 )
+from fimntk.contract.vocabulary import TERMINAL_STATUSES, JobStatus
+from fimntk.version import __version__
 
 if TYPE_CHECKING:
     from fimntk.client._compute import Op, Prepared, Target
 
 T = TypeVar("T")
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 #: Statuses worth another try: the service (or a proxy before it) is briefly unavailable.
 RETRY_STATUSES = frozenset({502, 503, 504})
 #: Longest long poll the server grants.
@@ -217,7 +217,7 @@ class BaseClient:
                 )
                 job = _json(response)
                 display.update(job)
-                if job["status"] in TERMINAL:
+                if job["status"] in TERMINAL_STATUSES:
                     return job
                 if deadline is not None and time.monotonic() >= deadline:
                     break
@@ -245,14 +245,14 @@ class BaseClient:
 
     def _succeeded_flow(self, job_id: str, timeout: float | None) -> Flow[dict[str, Any]]:
         job = yield from self._wait_flow(job_id, timeout, cancel=True)
-        if job["status"] == "failed":
+        if job["status"] == JobStatus.FAILED:
             problem = job.get("error") or {
                 "status": 500,
                 "title": "Job failed",
                 "detail": "no error recorded",
             }
             raise JobFailedError(problem, job_id)
-        if job["status"] == "canceled":
+        if job["status"] == JobStatus.CANCELED:
             raise JobCanceledError(job_id)
         return job
 

@@ -15,8 +15,8 @@ from fimntk.client import _shipping as sh
 from fimntk.client._blob import Blob
 from fimntk.client._shipping import DataShipment, ModelShipment
 from fimntk.client.errors import DataError
+from fimntk.contract.vocabulary import METRICS
 
-METRICS = ("fim", "fim_mc", "empirical_fim", "ntk")
 _VECTOR_OPS = frozenset({"mv", "vTMv", "solve"})
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,20 +37,20 @@ def _read_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     text = path.read_text()
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10: the flat 'key = "value"' subset is all we need
-        values = {}
-        for line in text.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not line.lstrip().startswith("#"):
-                values[key.strip()] = value.strip().strip("\"'")
-        return values
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
-    return {k: str(v) for k, v in data.items() if isinstance(v, str)}
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+        return {k: str(v) for k, v in data.items() if isinstance(v, str)}
+    values = {}  # Python 3.10: the flat 'key = "value"' subset is all we need
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            values[key.strip()] = value.strip().strip("\"'")
+    return values
 
 
 @dataclass(frozen=True)

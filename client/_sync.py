@@ -85,7 +85,7 @@ class Client(BaseClient):
                 else:
                     call = flow.send(response)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return stop.value
         finally:
             flow.close()
 

@@ -9,6 +9,7 @@ or the config file (see :mod:`fimntk.client._config`). Commands that only read j
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 from fimntk.client._sync import Client
 from fimntk.client.errors import ClientError, JobTimeoutError, NotFoundError, PermissionDeniedError
+from fimntk.contract.vocabulary import METRICS, JobStatus
 
 _DIGEST_FIELDS = "model.weights, dataset.blob and operations[].v"
 
@@ -25,36 +27,38 @@ _DIGEST_FIELDS = "model.weights, dataset.blob and operations[].v"
 # -- running the service ----------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from fimntk.service.embedded import run_embedded
+def _has_server_extra() -> bool:
+    """Whether the server stack (``pip install "fimntk[server]"``) is installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("fastapi", "rq"))
 
-    run_embedded(
-        args.host, args.port, Path(args.data_dir) if args.data_dir else None, args.embedded_redis
+
+def _add_server_commands(commands: Any) -> None:
+    """``serve`` and ``worker``, from the server's packages when the server extra is there;
+    otherwise commands of the same names that say how to install it."""
+    if not _has_server_extra():
+        for name in ("serve", "worker"):
+            _command(
+                commands,
+                name,
+                _needs_server_extra,
+                f"{name} needs the server extra: pip install 'fimntk[server]'",
+                "pip install 'fimntk[server]'",
+            )
+        return
+    from fimntk.service import command as serve
+    from fimntk.worker import command as worker
+
+    for command in (serve, worker):
+        command.add_arguments(
+            _command(commands, command.NAME, command.run, command.HELP, command.EXAMPLE)
+        )
+
+
+def _needs_server_extra(args: argparse.Namespace) -> int:
+    raise SystemExit(
+        f"fimntk {args.command}: the server is not installed here; "
+        "pip install 'fimntk[server]' on the machine that serves"
     )
-    return 0
-
-
-def _worker(args: argparse.Namespace) -> int:
-    import logging
-
-    from fimntk.service.config import Settings
-    from fimntk.worker.cli import run_worker
-
-    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
-    redis_url = args.redis_url or settings.redis_url
-    if not redis_url:
-        raise SystemExit("fimntk worker: give --redis-url or set FIMNTK_REDIS_URL")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_worker(
-        redis_url,
-        args.queues or [settings.queue_name],
-        settings,
-        device=args.device,
-        name=args.name,
-        burst=args.burst,
-        max_jobs=args.max_jobs,
-    )
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -88,7 +92,7 @@ def _submit(args: argparse.Namespace) -> int:
             return 0
         print(f"submitted {job['id']}", file=sys.stderr)
         job = _wait_job(client, job["id"], args.timeout, cancel=True)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             return _report_unfinished(job, args.json)
         _show_result(client.result(job["id"]), args.json)
     return 0
@@ -265,9 +269,9 @@ def _wait(args: argparse.Namespace) -> int:
         job = _wait_job(client, args.job_id, args.timeout, cancel=False)
     if args.json:
         _print_json(job)
-    elif job["status"] == "succeeded":
+    elif job["status"] == JobStatus.SUCCEEDED:
         print(f"{job['id']} succeeded")
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         return _report_unfinished(job, args.json)
     return 0
 
@@ -383,7 +387,7 @@ def _cancel(args: argparse.Namespace) -> int:
         job = client.cancel(args.job_id)
     if args.json:
         _print_json(job)
-    elif job["status"] == "canceled":
+    elif job["status"] == JobStatus.CANCELED:
         print(f"{job['id']} canceled")
     else:
         print(
@@ -523,42 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remote.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    serve = _command(
-        commands,
-        "serve",
-        _serve,
-        "run API, queue and worker on this machine",
-        "fimntk serve --port 8000 --data-dir /srv/fimntk",
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data-dir", help="data directory (default: FIMNTK_DATA_DIR)")
-    serve.add_argument(
-        "--embedded-redis",
-        choices=["auto", "redis-server", "fakeredis"],
-        default="auto",
-        help="local queue when FIMNTK_REDIS_URL is unset",
-    )
-
-    worker = _command(
-        commands,
-        "worker",
-        _worker,
-        "run one worker (one per GPU)",
-        "fimntk worker --redis-url redis://queue-box:6379/0 --device cuda:1",
-    )
-    worker.add_argument("--redis-url", help="Redis URL (default: FIMNTK_REDIS_URL)")
-    worker.add_argument(
-        "--queue",
-        action="append",
-        dest="queues",
-        help="queue name, repeatable (default: FIMNTK_QUEUE_NAME)",
-    )
-    worker.add_argument("--device", help="e.g. cuda:0 (default: FIMNTK_DEVICE, else auto)")
-    worker.add_argument("--data-dir", help="data directory (default: FIMNTK_DATA_DIR)")
-    worker.add_argument("--name", help="worker name, unique per Redis")
-    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    _add_server_commands(commands)
 
     demo = _command(
         commands,
@@ -635,8 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fimntk jobs --status failed --since 2025-01-01 --limit 20",
         [remote],
     )
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
-    jobs.add_argument("--metric", choices=["fim", "fim_mc", "empirical_fim", "ntk"])
+    jobs.add_argument("--status", choices=[status.value for status in JobStatus])
+    jobs.add_argument("--metric", choices=METRICS)
     jobs.add_argument("--representation", "--rep", dest="representation")
     jobs.add_argument("--model", help="weights digest")
     jobs.add_argument("--dataset", help="dataset digest or name")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -51,11 +53,10 @@ def safetensors_bytes(tensors: dict[str, tuple[list[int], list[float]]]) -> byte
 def _local_server(data_dir: Path) -> Iterator[tuple[str, str]]:
     """Start ``fimntk serve`` on a free port over a fresh ``data_dir``; its output goes to
     ``<data_dir>/logs/serve.log``, so the terminal shows only the demo."""
-    from fimntk.service.auth import generate_key
-    from fimntk.service.embedded import free_port
-
-    key = generate_key()
-    port = free_port()
+    key = "fk_" + secrets.token_urlsafe(32)
+    with socket.socket() as sock:  # a port free now, for the server to take
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
     _fresh(data_dir)
     logs = data_dir / "logs"
     logs.mkdir()
@@ -68,7 +69,7 @@ def _local_server(data_dir: Path) -> Iterator[tuple[str, str]]:
             [
                 sys.executable,
                 "-m",
-                "fimntk.client.cli",
+                "fimntk",
                 "serve",
                 "--port",
                 str(port),
@@ -247,13 +248,13 @@ def _report(rows: list[tuple[str, Any, Callable[[Any], Any] | None]], engine: An
     table = [("quantity", "server", "engine here", "rel. gap")]
     worst = 0.0
     for label, remote, local in rows:
-        cells = [label, f"{float(remote):.6g}", "-", "-"]
+        cells: list[str] = [label, f"{float(remote):.6g}", "-", "-"]
         if engine is not None and local is not None:
             reference = float(local(engine))
             gap = abs(float(remote) - reference) / max(abs(reference), 1e-12)
             worst = max(worst, gap)
             cells[2:] = [f"{reference:.6g}", f"{gap:.1e}"]
-        table.append(tuple(cells))
+        table.append((cells[0], cells[1], cells[2], cells[3]))
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     print()
     for i, row in enumerate(table):

@@ -1,9 +1,83 @@
-"""The shared words of the wire contract.
-
-Each word is defined once here and imported by the client, the API and the workers.
+"""The shared words of the wire contract, each defined once and imported by the client, the API
+and the workers: job statuses, metrics, representations, variants, dtypes, the operations each
+representation defines, and the layers and builders an architecture may name.
 """
 
 from __future__ import annotations
+
+from enum import Enum
+from typing import Literal, get_args
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life: ``queued`` → ``running`` → one terminal status.
+
+    A ``str`` enum: members compare equal to their values (``JobStatus.QUEUED == "queued"``), so
+    records, JSON documents and query parameters carry the plain strings.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Statuses a job never leaves.
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+#: Statuses of a job that still holds a place in the queue or on a worker, in life order.
+IN_FLIGHT_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk"]
+METRICS: tuple[str, ...] = get_args(Metric)
+#: Metrics computed as a Fisher in some representation (the NTK has none).
+FIM_METRICS = frozenset({"fim", "fim_mc", "empirical_fim"})
+
+Representation = Literal[
+    "dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "implicit", "mixed"
+]
+REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
+Variant = Literal["classif_logits", "classif_binary_logits", "regression"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+#: dtypes a job computes in.
+ComputeDtype = Literal["float32", "float64"]
+#: dtypes a model's parameters may have.
+ParamDtype = Literal["float16", "bfloat16", "float32", "float64"]
+PARAM_DTYPES: tuple[str, ...] = get_args(ParamDtype)
+
+#: Operations of every stored Fisher representation.
+FIM_OPERATIONS = frozenset({"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "solve"})
+#: Estimators (:mod:`fimntk.engine.estimators`), defined on every representation and the NTK.
+ESTIMATOR_OPERATIONS = frozenset(
+    {"hutchinson_trace", "hutchpp_trace", "hutchinson_diag", "lanczos_eigenpairs", "slq_density"}
+)
+#: Key of the NTK (an ``FMatDense``) in :data:`OPERATIONS`.
+NTK_KEY = "ntk"
+#: Operations each representation defines; the NTK is keyed :data:`NTK_KEY`.
+OPERATIONS: dict[str, frozenset[str]] = {
+    **{rep: FIM_OPERATIONS | ESTIMATOR_OPERATIONS for rep in REPRESENTATIONS},
+    # Exact eigendecomposition of a stored matrix: eigenvectors (d, k).
+    "dense": FIM_OPERATIONS | ESTIMATOR_OPERATIONS | {"eigenpairs"},
+    "lowrank": FIM_OPERATIONS | ESTIMATOR_OPERATIONS | {"eigenpairs"},
+    NTK_KEY: frozenset({"trace", "norm", "to_torch", "mv", "vTMv", "eigenpairs"})
+    | ESTIMATOR_OPERATIONS,
+}
+#: Every operation name a job may ask for.
+ALL_OPERATIONS = frozenset().union(*OPERATIONS.values())
+#: Public methods of the engine's matrices that are not job operations, and why.
+NOT_OPERATIONS: dict[str, str] = {
+    "inv": "returns a matrix: keep the representation, download it and invert it locally",
+    "inverse": "an alias of inv",
+    "pow": "returns a matrix: keep the representation, download it and raise it locally",
+    "update_diag": "run by the job itself (the spec's update_diag field)",
+    "centered": "run by the job itself (the spec's centering field)",
+    "get_dense_tensor": "an alias of to_torch",
+    "frobenius_norm": "an alias of norm",
+    "size": "known from the model's parameter count (or c and n for the NTK)",
+}
 
 #: Built-in ``torch.nn`` layers a sequential architecture may use. A static list rather than
 #: ``getattr(torch.nn, name)``: a user's string never reaches an arbitrary attribute.

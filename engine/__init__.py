@@ -4,7 +4,6 @@ Convention: ``F = (1/n) Σ_i E_y[∇ log p ∇ log pᵀ]`` over the n examples s
 ``(c, n, c, n)`` is not divided by n. The API follows NNGeometry (George et al., 2021).
 """
 
-from fimntk import __version__
 from fimntk.engine import estimators
 from fimntk.engine.errors import (
     FimntkError,
@@ -35,6 +34,7 @@ from fimntk.engine.pspace import (
 )
 from fimntk.engine.serialization import load, save
 from fimntk.engine.vector import FVector, PVector
+from fimntk.version import __version__
 
 __all__ = [
     "FIM",

@@ -190,3 +190,19 @@ def _fmt(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def cheaper_representation(representation: str) -> str:
+    """The representation to suggest, without sizing the model, when ``representation`` does
+    not fit: KFAC for those that store d² entries or dense blocks (and EKFAC), the diagonal for
+    KFAC and everything below it in :data:`CHEAPER`.
+
+    Args:
+        representation: A representation name.
+
+    Returns:
+        ``"kfac"`` or ``"diag"``.
+    """
+    rep = representation.lower().removeprefix("pmat")
+    below_kfac = rep in CHEAPER and CHEAPER.index(rep) >= CHEAPER.index("kfac")
+    return "diag" if below_kfac else "kfac"

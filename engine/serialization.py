@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from fimntk import __version__
 from fimntk.engine.errors import SerializationError
 from fimntk.engine.fspace import FMatDense
 from fimntk.engine.layercollection import LayerCollection
@@ -42,6 +41,7 @@ from fimntk.engine.pspace import (
 )
 from fimntk.engine.pspace._blocks import BLOCKS, EKronBlock, KronBlock
 from fimntk.engine.vector import FVector, PVector
+from fimntk.version import __version__
 
 FORMAT = 1
 CONVENTION = "F = (1/n) sum_i E_y[grad log p grad log p^T]; NTK Gram (c, n, c, n) not divided by n"

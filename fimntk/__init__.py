@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.0"
+from fimntk.version import __version__
 
 #: Names re-exported from :mod:`fimntk.client`, imported on first use.
 _CLIENT_NAMES = ("AsyncClient", "Client", "ClientConfig", "RemoteFIM", "RemoteNTK")

@@ -11,8 +11,8 @@ import os
 import uvicorn
 from fastapi import FastAPI
 
-from fimntk.service.config import Settings
-from fimntk.service.logs import configure_logging
+from fimntk.core.config import Settings
+from fimntk.core.logs import configure_logging
 from fimntk.service.main import create_app
 
 
@@ -31,17 +31,19 @@ def main() -> None:
     caches expire).
     """
     workers = int(os.environ.get("FIMNTK_API_WORKERS", "1"))
-    options = {
-        "host": os.environ.get("FIMNTK_HOST", "0.0.0.0"),
-        "port": int(os.environ.get("FIMNTK_PORT", "8000")),
-        "log_config": None,
-        "access_log": False,
-        "timeout_graceful_shutdown": 30,
-    }
-    if workers > 1:
-        uvicorn.run("fimntk.service.__main__:app", factory=True, workers=workers, **options)
-    else:
-        uvicorn.run(app(), **options)
+    host = os.environ.get("FIMNTK_HOST", "0.0.0.0")
+    port = int(os.environ.get("FIMNTK_PORT", "8000"))
+    target: str | FastAPI = "fimntk.service.__main__:app" if workers > 1 else app()
+    uvicorn.run(
+        target,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
 
 
 if __name__ == "__main__":

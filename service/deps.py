@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from fimntk.core.config import Settings
+from fimntk.core.errors import AuthenticationError, PermissionDeniedError
+from fimntk.core.queue import JobQueue
+from fimntk.core.storage.artifacts import ArtifactStore
+from fimntk.core.storage.blobs import BlobStore
+from fimntk.core.storage.records import RecordStore, User
 from fimntk.service.auth import hash_key
-from fimntk.service.config import Settings
-from fimntk.service.errors import AuthenticationError, PermissionDeniedError
 from fimntk.service.jobs import JobService
-from fimntk.service.queue import JobQueue
+from fimntk.service.prometheus import ServiceMetrics
 from fimntk.service.reaper import Reaper
-from fimntk.service.storage.artifacts import ArtifactStore
-from fimntk.service.storage.blobs import BlobStore
-from fimntk.service.storage.records import RecordStore, User
-
-if TYPE_CHECKING:
-    from fimntk.service.metrics import ServiceMetrics
 
 _bearer = HTTPBearer(auto_error=False, description="API key: 'Authorization: Bearer <key>'.")
 
@@ -47,7 +45,7 @@ class AppState:
     queue: JobQueue
     jobs: JobService
     reaper: Reaper
-    metrics: ServiceMetrics = field(init=False)
+    metrics: ServiceMetrics
 
 
 def get_state(request: Request) -> AppState:

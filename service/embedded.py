@@ -26,9 +26,9 @@ import uvicorn
 from redis import Redis
 from redis.exceptions import RedisError
 
+from fimntk.core.config import Settings
+from fimntk.core.logs import configure_logging
 from fimntk.service.auth import generate_key
-from fimntk.service.config import Settings
-from fimntk.service.logs import configure_logging
 from fimntk.service.main import create_app
 
 _log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def worker_process(
     with contextlib.ExitStack() as files:
         out = files.enter_context(log.open("ab")) if log is not None else None
         process = subprocess.Popen(
-            [sys.executable, "-m", "fimntk.client.cli", "worker"],
+            [sys.executable, "-m", "fimntk", "worker"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
@@ -159,7 +159,7 @@ def run_embedded(
     # uvicorn re-raises SIGTERM after its graceful shutdown: turn it into SystemExit so that
     # the worker and the local queue are stopped on the way out.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+    settings = Settings(data_dir=data_dir) if data_dir else Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     admin_key = settings.admin_key or generate_key()
     if settings.redis_url:

@@ -16,30 +16,31 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from fimntk.service.config import Settings
-from fimntk.service.errors import (
+from fimntk.contract.schemas import JobCreate, JobPublic, ResultPublic
+from fimntk.contract.vocabulary import TERMINAL_STATUSES, JobStatus
+from fimntk.core.config import Settings
+from fimntk.core.datasets import dataset_path
+from fimntk.core.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
     QueueUnavailableError,
     TooManyJobsError,
 )
-from fimntk.service.queue import JobQueue
-from fimntk.service.records_view import job_public, result_public
-from fimntk.service.safetensors_header import Header, read_header
-from fimntk.service.schemas import JobCreate, JobPublic, ResultPublic
-from fimntk.service.storage.artifacts import ArtifactStore
-from fimntk.service.storage.blobs import BlobStore
-from fimntk.service.storage.records import TERMINAL, JobRecord, RecordStore, User, utcnow
+from fimntk.core.queue import JobQueue
+from fimntk.core.safetensors_header import Header, read_header
+from fimntk.core.storage.artifacts import ArtifactStore
+from fimntk.core.storage.blobs import BlobStore
+from fimntk.core.storage.records import JobRecord, RecordStore, User, utcnow
 from fimntk.service.validation import (
     check_architecture,
     check_dataset,
     check_operations,
     check_vector,
     check_weights,
-    dataset_path,
     representation_key,
 )
+from fimntk.service.views import job_public, result_public
 
 _log = logging.getLogger(__name__)
 #: RQ statuses of a job RQ ended without the worker recording it (see ``_reconcile``).
@@ -146,7 +147,7 @@ class JobService:
         record = JobRecord(
             id=f"j_{uuid.uuid4().hex}",
             owner_id=user.id,
-            status="queued",
+            status=JobStatus.QUEUED,
             spec=resolved,
             metric=resolved["metric"],
             representation=resolved["representation"],
@@ -217,7 +218,7 @@ class JobService:
         record = self.records.get_job(job_id)
         if record is None or not _visible(record, user):
             raise InvalidInputError(f"no job {job_id!r}", "reuse")
-        if record.status != "succeeded" or not record.kept:
+        if record.status != JobStatus.SUCCEEDED or not record.kept:
             raise InvalidInputError(
                 f"job {job_id} did not keep its representation (status {record.status})",
                 "reuse",
@@ -284,21 +285,21 @@ class JobService:
         record = self.records.get_job(job_id)
         if record is None or not _visible(record, user):
             raise NotFoundError(f"no job {job_id!r}", "job_id")
-        if record.status in TERMINAL:
+        if record.status in TERMINAL_STATUSES:
             return self._remember(record, job_public(record, record.progress))
         try:
             rq_status, meta = self.queue.peek(record.id)
         except QueueUnavailableError:
-            if record.status == "running":
+            if record.status == JobStatus.RUNNING:
                 _log.warning("queue unreachable; showing stored progress of %s", record.id)
             return record, job_public(record, record.progress)
         if rq_status in _RQ_ENDED:
             record = self._reconcile(record)
-            if record.status in TERMINAL:
+            if record.status in TERMINAL_STATUSES:
                 return self._remember(record, self.public(record))
             return record, self.public(record)
         progress = record.progress
-        if record.status == "running":
+        if record.status == JobStatus.RUNNING:
             progress = meta.get("progress", progress)
         return record, job_public(record, progress)
 
@@ -311,7 +312,7 @@ class JobService:
     def public(self, record: JobRecord) -> JobPublic:
         """The public view of a job, with live progress from RQ while it runs."""
         progress = record.progress
-        if record.status == "running":
+        if record.status == JobStatus.RUNNING:
             try:
                 _, meta, _ = self.queue.state(record.id)
                 progress = meta.get("progress", progress)
@@ -323,7 +324,7 @@ class JobService:
         """Align a non-terminal record with RQ when RQ failed or stopped the job behind the
         worker's back. Jobs of dead workers, and queued jobs Redis lost, are the reaper's
         (:mod:`fimntk.service.reaper`)."""
-        if record.status in TERMINAL:
+        if record.status in TERMINAL_STATUSES:
             return record
         try:
             rq_status, _, exc_line = self.queue.state(record.id)
@@ -332,7 +333,7 @@ class JobService:
         if rq_status in _RQ_ENDED:
             canceled = record.cancel_requested
             changes: dict[str, Any] = {
-                "status": "canceled" if canceled else "failed",
+                "status": JobStatus.CANCELED if canceled else JobStatus.FAILED,
                 "finished_at": utcnow(),
             }
             if not canceled:
@@ -343,7 +344,9 @@ class JobService:
                     "status": 500,
                     "detail": f"the worker stopped without finishing the job: {detail}",
                 }
-            self.records.update_job(record.id, only_if_status=("queued", "running"), **changes)
+            self.records.update_job(
+                record.id, only_if_status=(JobStatus.QUEUED, JobStatus.RUNNING), **changes
+            )
             return self.records.get_job(record.id) or record
         return record
 
@@ -359,17 +362,17 @@ class JobService:
             ConflictError: The job already succeeded or failed.
         """
         record = self.get(job_id, user)
-        if record.status == "canceled":
+        if record.status == JobStatus.CANCELED:
             return record
-        if record.status in TERMINAL:
+        if record.status in TERMINAL_STATUSES:
             raise ConflictError(f"job {job_id} already {record.status}", "job_id")
         self.records.update_job(job_id, cancel_requested=True)
-        if record.status == "queued":
+        if record.status == JobStatus.QUEUED:
             self.queue.cancel_queued(job_id)
             done = self.records.update_job(
                 job_id,
-                only_if_status=("queued",),
-                status="canceled",
+                only_if_status=(JobStatus.QUEUED,),
+                status=JobStatus.CANCELED,
                 finished_at=utcnow(),
                 progress={"done": 0, "total": None, "stage": "canceled"},
             )
@@ -386,7 +389,7 @@ class JobService:
             ConflictError: The job has not succeeded.
         """
         record = self.get(job_id, user)
-        if record.status != "succeeded" or record.result is None:
+        if record.status != JobStatus.SUCCEEDED or record.result is None:
             raise ConflictError(f"job {job_id} is {record.status}, no result", "job_id")
         return result_public(record)
 

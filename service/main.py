@@ -7,20 +7,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from fimntk import __version__
+from fimntk.core.config import Settings
+from fimntk.core.queue import JobQueue
+from fimntk.core.storage.blobs import LocalBlobStore
+from fimntk.core.storage.records import SqlRecordStore
+from fimntk.core.storage.stores import open_artifact_store
 from fimntk.service.auth import hash_key
-from fimntk.service.config import Settings
 from fimntk.service.deps import AppState
 from fimntk.service.jobs import JobService
-from fimntk.service.metrics import RequestMiddleware, ServiceMetrics
 from fimntk.service.openapi import install_openapi
 from fimntk.service.problem_handlers import install_error_handlers
-from fimntk.service.queue import JobQueue
+from fimntk.service.prometheus import RequestMiddleware, ServiceMetrics
 from fimntk.service.reaper import Reaper
 from fimntk.service.routes import admin, blobs, health, jobs, results, users
-from fimntk.service.storage.artifacts import open_artifact_store
-from fimntk.service.storage.blobs import LocalBlobStore
-from fimntk.service.storage.records import SqlRecordStore
+from fimntk.version import __version__
 
 DESCRIPTION = """
 Fisher information matrices and neural tangent kernels as a shared GPU service.
@@ -52,9 +52,8 @@ def build_state(settings: Settings) -> AppState:
     queue = JobQueue(settings.redis_url, settings.queue_name)
     service = JobService(settings, records, blob_store, artifact_store, queue)
     reaper = Reaper(settings, records, queue, artifact_store)
-    state = AppState(settings, records, blob_store, artifact_store, queue, service, reaper)
-    state.metrics = ServiceMetrics(state)
-    return state
+    metrics = ServiceMetrics(records, queue)
+    return AppState(settings, records, blob_store, artifact_store, queue, service, reaper, metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -14,7 +14,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from fimntk.service.schemas import Problem
+from fimntk.contract.schemas import Problem
+
+#: The ``responses=`` argument of a route: documented answers by status code.
+Responses = dict[int | str, dict[str, Any]]
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _COMMON = {

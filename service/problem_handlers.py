@@ -1,6 +1,6 @@
 """The one mapping of errors to RFC 7807 ``application/problem+json`` responses.
 
-Service errors (:mod:`fimntk.service.errors`) carry their status; errors of the database
+Service errors (:mod:`fimntk.core.errors`) carry their status; errors of the database
 layer are translated here too: a value the database refuses (too long, a NUL character) is a
 422, an unreachable database or queue a 503 with ``Retry-After``; request validation errors name
 the field; anything unexpected is a 500 without internals.
@@ -19,13 +19,14 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from fimntk.service.errors import (
+from fimntk.contract import problems
+from fimntk.contract.problems import ProblemType, problem
+from fimntk.core.errors import (
     DatabaseUnavailableError,
     QueueUnavailableError,
     ServiceError,
     UnavailableError,
     format_loc,
-    problem,
 )
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -68,9 +69,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:
         detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "value refused"
         return problem_response(
-            problem(
-                422, "invalid-input", "Invalid input", f"the database refused a value: {detail}"
-            )
+            problem(problems.INVALID_INPUT, f"the database refused a value: {detail}")
         )
 
     @app.exception_handler(OperationalError)
@@ -94,28 +93,22 @@ def install_error_handlers(app: FastAPI) -> None:
         details = [
             {"field": format_loc(e["loc"]), "message": e["msg"], "type": e["type"]} for e in errors
         ]
-        body = problem(
-            422,
-            "validation-error",
-            "Validation error",
-            f"{field}: {first['msg']}",
-            field,
-            errors=details,
-        )
+        body = problem(problems.VALIDATION_ERROR, f"{field}: {first['msg']}", field, errors=details)
         return problem_response(body)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        slug = {404: problems.NOT_FOUND.slug, 405: problems.METHOD_NOT_ALLOWED.slug}.get(
+            exc.status_code, "http-error"
+        )
         headers = dict(exc.headers) if exc.headers else {}
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return problem_response(
-            problem(exc.status_code, slug, str(exc.detail), str(exc.detail)), headers or None
-        )
+        kind = ProblemType(slug, exc.status_code, str(exc.detail))
+        return problem_response(problem(kind, str(exc.detail)), headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         _log.exception("unhandled error on %s %s", request.method, request.url.path)
-        body = problem(500, "internal-error", "Internal error", "unexpected error")
+        body = problem(problems.INTERNAL_ERROR, "unexpected error")
         return problem_response(body)

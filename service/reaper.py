@@ -26,11 +26,14 @@ import threading
 import time
 from datetime import timedelta
 
-from fimntk.service.config import Settings
-from fimntk.service.errors import QueueUnavailableError, problem
-from fimntk.service.queue import JobQueue
-from fimntk.service.storage.artifacts import ArtifactStore
-from fimntk.service.storage.records import RecordStore, utcnow
+from fimntk.contract import problems
+from fimntk.contract.problems import problem
+from fimntk.contract.vocabulary import JobStatus
+from fimntk.core.config import Settings
+from fimntk.core.errors import QueueUnavailableError
+from fimntk.core.queue import JobQueue
+from fimntk.core.storage.artifacts import ArtifactStore
+from fimntk.core.storage.records import RecordStore, utcnow
 
 _log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class Reaper:
             return done
         now = time.monotonic()
         orphans = set()
-        for job in self.records.jobs_with_status("running"):
+        for job in self.records.jobs_with_status(JobStatus.RUNNING):
             beat = live.get(job.worker or "")
             if beat is not None and beat.get("job_id") == job.id:
                 continue
@@ -85,7 +88,7 @@ class Reaper:
         self._orphan_since = {k: v for k, v in self._orphan_since.items() if k in orphans}
         horizon = utcnow() - timedelta(seconds=self.settings.requeue_after_s)
         try:
-            for job in self.records.jobs_with_status("queued"):
+            for job in self.records.jobs_with_status(JobStatus.QUEUED):
                 if job.created_at > horizon or self.queue.knows(job.id):
                     continue
                 _log.warning(
@@ -106,10 +109,10 @@ class Reaper:
         )
         failed = self.records.update_job(
             job_id,
-            only_if_status=("running",),
-            status="failed",
+            only_if_status=(JobStatus.RUNNING,),
+            status=JobStatus.FAILED,
             finished_at=utcnow(),
-            error=problem(500, "worker-lost", "Worker lost", detail),
+            error=problem(problems.WORKER_LOST, detail),
         )
         if failed:
             _log.warning(

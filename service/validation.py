@@ -10,34 +10,20 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import re
 from collections.abc import Iterable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-from fimntk.contract.vocabulary import ALLOWED_LAYERS, BUFFER_SUFFIXES, BUILTIN_BUILDERS
-from fimntk.service.errors import InvalidInputError
-from fimntk.service.safetensors_header import FLOAT_DTYPES, Header
-from fimntk.service.schemas import JobCreate, LayerSpec
-
-_FIM_OPS = frozenset({"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "solve"})
-_ESTIMATORS = frozenset(
-    {"hutchinson_trace", "hutchpp_trace", "hutchinson_diag", "lanczos_eigenpairs", "slq_density"}
+from fimntk.contract.schemas import JobCreate, LayerSpec
+from fimntk.contract.vocabulary import (
+    ALLOWED_LAYERS,
+    BUFFER_SUFFIXES,
+    BUILTIN_BUILDERS,
+    NTK_KEY,
+    OPERATIONS,
 )
-#: Operations each representation defines; the NTK (an FMatDense) is keyed ``ntk``.
-OPERATIONS: dict[str, frozenset[str]] = {
-    rep: _FIM_OPS | _ESTIMATORS
-    for rep in ("dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "mixed")
-}
-OPERATIONS["implicit"] = frozenset({"trace", "mv", "vTMv"}) | _ESTIMATORS
-for _rep in ("dense", "lowrank"):  # exact eigendecomposition: eigenvectors (d, k)
-    OPERATIONS[_rep] = OPERATIONS[_rep] | {"eigenpairs"}
-OPERATIONS["ntk"] = (
-    frozenset({"trace", "norm", "to_torch", "mv", "vTMv", "eigenpairs"}) | _ESTIMATORS
-)
-
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+from fimntk.core.errors import InvalidInputError
+from fimntk.core.safetensors_header import FLOAT_DTYPES, Header
 
 
 @cache
@@ -112,7 +98,7 @@ def check_operations(spec: JobCreate) -> None:
     Raises:
         InvalidInputError: Naming ``operations[i].op``.
     """
-    key = "ntk" if spec.metric == "ntk" else str(spec.representation)
+    key = NTK_KEY if spec.metric == "ntk" else str(spec.representation)
     allowed = OPERATIONS[key]
     for i, operation in enumerate(spec.operations):
         if operation.op not in allowed:
@@ -193,30 +179,6 @@ def check_vector(header: Header, field: str, expected: int | None) -> None:
             f"the model has {expected} parameters",
             field,
         )
-
-
-def dataset_path(datasets_dir: Path, name: str) -> Path:
-    """Resolve a named dataset inside the data directory, refusing any escape.
-
-    Args:
-        datasets_dir: Directory of named datasets.
-        name: Dataset name.
-
-    Returns:
-        Path of ``<name>.safetensors``.
-
-    Raises:
-        InvalidInputError: Invalid name, escape, or no such dataset.
-    """
-    if not _DATASET_NAME.match(name):
-        raise InvalidInputError(f"invalid dataset name {name!r}", "dataset.name")
-    root = datasets_dir.resolve()
-    path = (root / f"{name}.safetensors").resolve()
-    if path.parent != root:
-        raise InvalidInputError(f"invalid dataset name {name!r}", "dataset.name")
-    if not path.is_file():
-        raise InvalidInputError(f"no dataset named {name!r}", "dataset.name")
-    return path
 
 
 def representation_key(spec: dict[str, Any]) -> str:

@@ -48,8 +48,14 @@ CASES = {
     "engine": ("import fimntk.engine", SERVER),
     "client": ("import fimntk.client; from fimntk import Client", SERVER | {"torch"}),
     "client-describes-a-model": (_DESCRIBE_A_MODEL, SERVER),
-    "client-cli": ("import fimntk.client.cli", SERVER | {"torch"}),
-    "worker": ("import fimntk.worker.cli, fimntk.worker.runner, fimntk.worker.tasks", WEB),
+    "client-cli": (
+        "from fimntk.client.cli import build_parser; build_parser()",
+        SERVER | {"torch"},
+    ),
+    "worker": (
+        "import fimntk.worker.compute_worker, fimntk.worker.runner, fimntk.worker.tasks",
+        WEB,
+    ),
 }
 
 

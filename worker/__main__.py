@@ -3,8 +3,8 @@ entry point; ``fimntk worker`` offers the same with command-line options)."""
 
 from __future__ import annotations
 
-from fimntk.service.config import Settings
-from fimntk.worker.cli import run_worker
+from fimntk.core.config import Settings
+from fimntk.worker.compute_worker import run_worker
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from fimntk import engine
-from fimntk.service.storage.artifacts import ArtifactStore
+from fimntk.core.storage.artifacts import ArtifactStore
 
 
 def save_tensor(

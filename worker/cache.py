@@ -1,7 +1,7 @@
 """A small least-recently-used cache for models and kept representations.
 
-A worker runs jobs in its own process (see :mod:`fimntk.worker.cli`), so what it caches survives
-from one job to the next: a lab re-running operations on the same model does not reload it.
+A worker runs jobs in its own process (see :mod:`fimntk.worker.compute_worker`), so what it caches
+survives from one job to the next: a lab re-running operations on the same model does not reload it.
 """
 
 from __future__ import annotations

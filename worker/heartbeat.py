@@ -16,13 +16,13 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from fimntk.service.queue import worker_index_key, worker_key
+from fimntk.core.queue import worker_index_key, worker_key
 
 _log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Heartbeat:
         self.ttl_ms = max(int(ttl_s * 1000), 100)
         self.status = status
         self.device = device
-        self.started_at = datetime.now(UTC).isoformat()
+        self.started_at = datetime.now(timezone.utc).isoformat()
         self.jobs_done = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="fimntk-heartbeat")
@@ -70,7 +70,7 @@ class Heartbeat:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "last_heartbeat": datetime.now(UTC).isoformat(),
+            "last_heartbeat": datetime.now(timezone.utc).isoformat(),
             "jobs_done": self.jobs_done,
         }
 

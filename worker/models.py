@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fimntk.contract.vocabulary import ALLOWED_LAYERS
-from fimntk.service.safetensors_header import read_header
+from fimntk.core.safetensors_header import read_header
 from fimntk.worker.errors import JobInputError
 
 Builder = Callable[..., nn.Module]
@@ -148,7 +148,7 @@ def load_builders(modules: Iterable[str]) -> dict[str, Builder]:
 
 
 def _build_layers(layers: list[dict[str, Any]], field: str) -> list[nn.Module]:
-    modules = []
+    modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
         where = f"{field}[{i}]"
         kind = layer["type"]

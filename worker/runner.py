@@ -25,14 +25,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fimntk import engine
-from fimntk.service import logs
-from fimntk.service.config import Settings
-from fimntk.service.errors import problem
-from fimntk.service.queue import done_channel
-from fimntk.service.storage.artifacts import open_artifact_store
-from fimntk.service.storage.blobs import LocalBlobStore
-from fimntk.service.storage.records import JobRecord, SqlRecordStore, utcnow
-from fimntk.service.validation import dataset_path
+from fimntk.contract import problems
+from fimntk.contract.problems import problem
+from fimntk.contract.vocabulary import JobStatus
+from fimntk.core import logs
+from fimntk.core.config import Settings
+from fimntk.core.datasets import dataset_path
+from fimntk.core.queue import done_channel
+from fimntk.core.storage.blobs import LocalBlobStore
+from fimntk.core.storage.records import JobRecord, SqlRecordStore, utcnow
+from fimntk.core.storage.stores import open_artifact_store
+from fimntk.engine.memory import cheaper_representation
 from fimntk.worker import artifacts
 from fimntk.worker.cache import LRUCache
 from fimntk.worker.data import make_loader
@@ -41,18 +44,6 @@ from fimntk.worker.models import DTYPES, load_builders, load_model
 
 _log = logging.getLogger(__name__)
 
-#: Cheaper representations to suggest when one does not fit in memory.
-CHEAPER = {
-    "dense": "kfac",
-    "blockdiag": "kfac",
-    "quasidiag": "diag",
-    "mixed": "kfac",
-    "ekfac": "kfac",
-    "kfac": "diag",
-    "lowrank": "diag",
-    "implicit": "diag",
-    "diag": "diag",
-}
 #: Attributes of the engine's estimates that go into results.
 _ESTIMATE_FIELDS = (
     "estimate",
@@ -174,7 +165,7 @@ class JobRunner:
         """
         token = logs.job_id.set(job_id)
         clock = time.monotonic()
-        summary = {"status": "failed"}
+        summary = {"status": JobStatus.FAILED}
         try:
             summary = self._run(job_id)
         finally:
@@ -211,12 +202,12 @@ class JobRunner:
             _log.warning("job %s has no record; skipping", job_id)
             return {"status": "missing"}
         if record.cancel_requested:
-            self._finish(job_id, "canceled")
-            return {"status": "canceled"}
+            self._finish(job_id, JobStatus.CANCELED)
+            return {"status": JobStatus.CANCELED}
         started = self.records.update_job(
             job_id,
-            only_if_status=("queued",),
-            status="running",
+            only_if_status=(JobStatus.QUEUED,),
+            status=JobStatus.RUNNING,
             started_at=utcnow(),
             worker=self.worker_name,
             progress={"done": 0, "total": None, "stage": "loading"},
@@ -230,35 +221,33 @@ class JobRunner:
         try:
             result = self._execute(record, progress, timings)
         except JobCanceledError:
-            self._finish(job_id, "canceled", progress, timings)
-            return {"status": "canceled"}
+            self._finish(job_id, JobStatus.CANCELED, progress, timings)
+            return {"status": JobStatus.CANCELED}
         except JobTimeoutException:
             limit = record.spec.get("timeout_s")
             self._fail(
                 job_id,
                 problem(
-                    408,
-                    "job-timeout",
-                    "Job timed out",
+                    problems.JOB_TIMEOUT,
                     f"the job ran past its limit of {limit} s",
                     "timeout_s",
                 ),
                 progress,
                 timings,
             )
-            return {"status": "failed"}
+            return {"status": JobStatus.FAILED}
         except BaseException as exc:
             self._fail(job_id, self._problem_for(exc, record), progress, timings)
             if not isinstance(exc, Exception):
                 raise
-            return {"status": "failed"}
+            return {"status": JobStatus.FAILED}
         finally:
             self.current_job_id = None
             self.stop_requested.clear()
         done = self.records.update_job(
             job_id,
-            only_if_status=("running",),
-            status="succeeded",
+            only_if_status=(JobStatus.RUNNING,),
+            status=JobStatus.SUCCEEDED,
             finished_at=utcnow(),
             result=result,
             kept=bool(record.spec.get("keep")),
@@ -267,7 +256,7 @@ class JobRunner:
         )
         if not done:
             self.artifacts.delete_job(job_id)
-        return {"status": "succeeded" if done else "abandoned"}
+        return {"status": JobStatus.SUCCEEDED if done else "abandoned"}
 
     def _finish(
         self,
@@ -280,7 +269,7 @@ class JobRunner:
         state = progress.state if progress else {"done": 0, "total": None}
         self.records.update_job(
             job_id,
-            only_if_status=("queued", "running"),
+            only_if_status=(JobStatus.QUEUED, JobStatus.RUNNING),
             status=status,
             finished_at=utcnow(),
             timings=timings or {},
@@ -292,17 +281,15 @@ class JobRunner:
     def _fail(
         self, job_id: str, error: dict[str, Any], progress: _Progress, timings: dict[str, float]
     ) -> None:
-        self._finish(job_id, "failed", progress, timings, error)
+        self._finish(job_id, JobStatus.FAILED, progress, timings, error)
 
     def _problem_for(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
         """The problem document of a failure."""
         if isinstance(exc, JobInputError):
-            return problem(422, "invalid-input", "Invalid input", exc.detail, exc.field)
+            return problem(problems.INVALID_INPUT, exc.detail, exc.field)
         if isinstance(exc, OperationError):
             return problem(
-                422,
-                "unsupported-operation",
-                "Operation failed",
+                problems.UNSUPPORTED_OPERATION,
                 exc.detail,
                 f"operations[{exc.index}]",
             )
@@ -315,43 +302,38 @@ class JobRunner:
             return oom
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return problem(
-                507,
-                "storage-full",
-                "Storage full",
+                problems.STORAGE_FULL,
                 f"no space left on the artifact store while writing the results "
                 f"({exc}); nothing was kept: free space and submit the job again",
             )
         if isinstance(exc, engine.InvalidInputError):
-            return problem(422, "invalid-input", "Invalid input", str(exc), "model")
+            return problem(problems.INVALID_INPUT, str(exc), "model")
         if isinstance(exc, SystemExit | KeyboardInterrupt):
             return problem(
-                503,
-                "worker-shutdown",
-                "Worker shut down",
+                problems.WORKER_SHUTDOWN,
                 "the worker shut down during the job; submit it again",
             )
         _log.exception("job %s failed unexpectedly", record.id)
-        return problem(500, "internal-error", "Internal error", f"{type(exc).__name__}: {exc}")
+        return problem(problems.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _oom_problem(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
         spec = record.spec
         rep = spec.get("representation") or "ntk"
         need = self._estimate(spec)
         need_text = f"about {need / 2**30:.2f} GiB" if need else "an unknown amount"
+        alternative = None if rep == "ntk" else cheaper_representation(rep)
         cheaper = (
             "a smaller 'dataset.subset'"
-            if rep == "ntk"
-            else f"representation {CHEAPER.get(rep, 'diag')!r} or a smaller batch_size"
+            if alternative is None
+            else f"representation {alternative!r} or a smaller batch_size"
         )
         return problem(
-            507,
-            "out-of-memory",
-            "Out of memory",
+            problems.OUT_OF_MEMORY,
             f"{rep!r} needs {need_text} on {self.device} and did not fit "
             f"({type(exc).__name__}); try {cheaper}",
             "representation" if rep != "ntk" else "dataset.subset",
             estimated_bytes=need,
-            alternative=CHEAPER.get(rep),
+            alternative=alternative,
         )
 
     def _estimate(self, spec: dict[str, Any]) -> int | None:
@@ -491,7 +473,7 @@ class JobRunner:
             )
         else:
             rep = engine.EmpiricalFIM(model, data, rep_name, centering=spec["centering"], **common)
-        if rep_name == "ekfac" and spec.get("update_diag", True):
+        if isinstance(rep, engine.PMatEKFAC) and spec.get("update_diag", True):
             progress.stage("update_diag")
             rep.update_diag(data)
         return rep, None

@@ -1,14 +1,15 @@
 """Entry points that RQ calls by dotted path; each takes only a job id.
 
 ``fimntk.worker.tasks.run_job`` is what the API enqueues. The runner is created once per worker
-process (by :mod:`fimntk.worker.cli`, or lazily from the environment) and reused by every job.
+process (by :mod:`fimntk.worker.compute_worker`, or lazily from the environment) and reused by every
+job.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
 from fimntk.worker.runner import JobRunner
 
 _runner: JobRunner | None = None

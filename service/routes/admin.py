@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fimntk.service.deps import AdminUser, AppState, StateDep
-from fimntk.service.errors import QueueUnavailableError
-from fimntk.service.reaper import max_detection_s
-from fimntk.service.schemas import (
+from fimntk.contract.schemas import (
     AdminStatus,
     FailureSummary,
     Problem,
@@ -15,7 +12,11 @@ from fimntk.service.schemas import (
     ReaperStatus,
     WorkerStatus,
 )
-from fimntk.service.storage.records import IN_FLIGHT, TERMINAL, JobFilter
+from fimntk.contract.vocabulary import IN_FLIGHT_STATUSES, TERMINAL_STATUSES, JobStatus
+from fimntk.core.errors import QueueUnavailableError
+from fimntk.core.storage.records import JobFilter
+from fimntk.service.deps import AdminUser, AppState, StateDep
+from fimntk.service.reaper import max_detection_s
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -42,7 +43,7 @@ def build_status(state: AppState) -> AdminStatus:
     except QueueUnavailableError:
         depth, beats, reachable = None, {}, False
     counts = state.records.count_by_status()
-    failed, _ = state.records.list_jobs(JobFilter(status="failed"), None, _RECENT_FAILURES)
+    failed, _ = state.records.list_jobs(JobFilter(status=JobStatus.FAILED), None, _RECENT_FAILURES)
     failures = []
     for record in failed:
         failures.append(
@@ -60,7 +61,10 @@ def build_status(state: AppState) -> AdminStatus:
     return AdminStatus(
         queue=QueueStatus(name=settings.queue_name, reachable=reachable, depth=depth),
         workers=[WorkerStatus.model_validate(beat) for beat in beats.values()],
-        jobs={status: counts.get(status, 0) for status in (*IN_FLIGHT, *sorted(TERMINAL))},
+        jobs={
+            status: counts.get(status, 0)
+            for status in (*IN_FLIGHT_STATUSES, *sorted(TERMINAL_STATUSES))
+        },
         recent_failures=failures,
         reaper=ReaperStatus(
             heartbeat_ttl_s=settings.heartbeat_ttl_s,

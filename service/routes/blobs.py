@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from fimntk.contract.schemas import BlobPublic, Problem
+from fimntk.core.errors import NotFoundError, PayloadTooLargeError
+from fimntk.core.storage.blobs import check_digest
 from fimntk.service.deps import CurrentUser, StateDep
-from fimntk.service.errors import NotFoundError, PayloadTooLargeError
-from fimntk.service.schemas import BlobPublic, Problem
-from fimntk.service.storage.blobs import check_digest
+from fimntk.service.openapi import Responses
 
 router = APIRouter(prefix="/v1/blobs", tags=["blobs"])
 
@@ -18,7 +19,7 @@ DigestPath = Annotated[
     str,
     Path(description="'sha256:' and the hex SHA-256 of the body.", examples=["sha256:" + "0" * 64]),
 ]
-_PROBLEMS = {
+_PROBLEMS: Responses = {
     400: {"model": Problem, "description": "Body digest differs from the URL."},
     401: {"model": Problem, "description": "Missing or unknown API key."},
     413: {"model": Problem, "description": "Body larger than the upload cap."},

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from fimntk.core.errors import QueueUnavailableError
 from fimntk.service.deps import AppState, StateDep
-from fimntk.service.errors import QueueUnavailableError
 
 router = APIRouter(tags=["health"])
 

@@ -12,24 +12,18 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from fimntk.contract.schemas import IsoDatetime, JobCreate, JobPublic, JobsPublic, Problem
+from fimntk.contract.vocabulary import TERMINAL_STATUSES, JobStatus, Metric
+from fimntk.contract.vocabulary import Representation as RepresentationName
+from fimntk.core.queue import done_channel
+from fimntk.core.storage.records import JobFilter, User
 from fimntk.service.deps import AppState, CurrentUser, StateDep
-from fimntk.service.queue import done_channel
-from fimntk.service.schemas import (
-    IsoDatetime,
-    JobCreate,
-    JobPublic,
-    JobsPublic,
-    JobStatus,
-    Metric,
-    Problem,
-)
-from fimntk.service.schemas import Representation as RepresentationName
-from fimntk.service.storage.records import TERMINAL, JobFilter, User
+from fimntk.service.openapi import Responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_AUTH = {401: {"model": Problem, "description": "Missing or unknown API key."}}
-_NOT_FOUND = {404: {"model": Problem, "description": "No such job, or another user's."}}
+_AUTH: Responses = {401: {"model": Problem, "description": "Missing or unknown API key."}}
+_NOT_FOUND: Responses = {404: {"model": Problem, "description": "No such job, or another user's."}}
 _POLL_INTERVAL_S = 0.25
 _FIRST_POLL_S = 0.005
 
@@ -115,14 +109,14 @@ async def get_job(
     """Status, progress, timings, error (problem+json) and links of a job."""
     deadline = time.monotonic() + wait
     record, view = await state.jobs.read(job_id, user)
-    if record.status in TERMINAL or time.monotonic() >= deadline:
+    if record.status in TERMINAL_STATUSES or time.monotonic() >= deadline:
         return view
     return await _long_poll(state, job_id, user, deadline)
 
 
 async def _long_poll(state: AppState, job_id: str, user: User, deadline: float) -> JobPublic:
     """Wait for the job to end or the deadline: woken by the worker's message on the job's
-    channel (see :func:`fimntk.service.queue.done_channel`), and re-reading the record at least
+    channel (see :func:`fimntk.core.queue.done_channel`), and re-reading the record at least
     every ``_POLL_INTERVAL_S`` for what no worker announces (cancel, reaper). Without pub/sub, polls
     (quickly at first, for quick jobs)."""
     pubsub = None
@@ -138,7 +132,7 @@ async def _long_poll(state: AppState, job_id: str, user: User, deadline: float) 
             # Subscribed before reading: a message sent after this read is not missed.
             record, view = await run_in_threadpool(state.jobs.view, job_id, user)
             left = deadline - time.monotonic()
-            if record.status in TERMINAL or left <= 0:
+            if record.status in TERMINAL_STATUSES or left <= 0:
                 return view
             if pubsub is None:
                 await asyncio.sleep(min(_FIRST_POLL_S * 2**polls, _POLL_INTERVAL_S, left))

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from fimntk.contract.schemas import Problem, ResultPublic
 from fimntk.service.deps import CurrentUser, StateDep
-from fimntk.service.schemas import Problem, ResultPublic
+from fimntk.service.openapi import Responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
 
-_PROBLEMS = {
+_PROBLEMS: Responses = {
     401: {"model": Problem, "description": "Missing or unknown API key."},
     404: {"model": Problem, "description": "No such job or artifact, or another user's."},
     409: {"model": Problem, "description": "The job has not succeeded."},

@@ -6,14 +6,18 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
+from fimntk.contract.schemas import Problem, UserCreate, UserCreated, UserPublic, UsersPublic
+from fimntk.core.errors import ConflictError, NotFoundError
 from fimntk.service.auth import generate_key, hash_key
 from fimntk.service.deps import AdminUser, StateDep
-from fimntk.service.errors import ConflictError, NotFoundError
-from fimntk.service.schemas import Problem, UserCreate, UserCreated, UserPublic, UsersPublic
+from fimntk.service.openapi import Responses
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
-_ADMIN_ONLY = {401: {"model": Problem}, 403: {"model": Problem, "description": "Not admin."}}
+_ADMIN_ONLY: Responses = {
+    401: {"model": Problem},
+    403: {"model": Problem, "description": "Not admin."},
+}
 
 
 @router.post("", status_code=201, response_model=UserCreated, responses=_ADMIN_ONLY)

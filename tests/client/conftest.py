@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimntk.client import Client
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
 from fimntk.service.embedded import free_port
 from fimntk.service.main import create_app
 from tests.service.conftest import REDIS_URL, start_worker, stop_worker

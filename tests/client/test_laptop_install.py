@@ -125,7 +125,7 @@ def test_wheel_has_one_top_level_package_and_the_base_requirements(wheel: Path) 
             if line.startswith("Requires-Dist:")
         ]
         assert any(
-            n.startswith("fimntk/service/storage/migrations/versions/") for n in archive.namelist()
+            n.startswith("fimntk/core/storage/migrations/versions/") for n in archive.namelist()
         )
     assert {t for t in tops if not t.endswith(".dist-info")} == {"fimntk"}
     base = {r.name.lower() for r in requires if r.marker is None}

@@ -23,7 +23,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
 from fimntk.service.main import create_app
 
 REDIS_URL = os.environ.get("FIMNTK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -121,7 +121,7 @@ def _cleanup_redis(redis_client: redis.Redis, settings: Settings) -> None:
     """Delete the keys of this session's queue and jobs, nothing else."""
     names = list(redis_client.scan_iter(match=f"rq:*{settings.queue_name}*"))
     names += list(redis_client.scan_iter(match="rq:*j_*"))
-    from fimntk.service.storage.records import JobFilter, SqlRecordStore
+    from fimntk.core.storage.records import JobFilter, SqlRecordStore
 
     records = SqlRecordStore(settings.resolved_database_url)
     ours = {r.id for r in records.list_jobs(JobFilter(), None, 10_000)[0]}
@@ -145,7 +145,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     }
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "fimntk.client.cli", "worker"],
+            [sys.executable, "-m", "fimntk", "worker"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
 from fimntk.service.embedded import free_port
 
 POSTGRES_ADMIN_URL = os.environ.get(

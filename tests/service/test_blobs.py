@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect
 
-from fimntk.service.config import Settings
-from fimntk.service.errors import BadRequestError, PayloadTooLargeError
-from fimntk.service.storage.blobs import WRITE_CHUNK, LocalBlobStore
+from fimntk.core.config import Settings
+from fimntk.core.errors import BadRequestError, PayloadTooLargeError
+from fimntk.core.storage.blobs import WRITE_CHUNK, LocalBlobStore
 from tests.service.conftest import MAX_UPLOAD, auth, digest_of
 
 

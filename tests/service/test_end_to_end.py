@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load
 
 from fimntk import engine
-from fimntk.service.validation import OPERATIONS
+from fimntk.contract.vocabulary import OPERATIONS
 from tests.service.conftest import auth, wait_job
 from tests.service.models import BATCH, Uploaded, upload_all
 
@@ -127,3 +127,36 @@ def test_job_matches_engine(
     if "get_diag" in outputs:
         diag = _download(client, key, outputs["get_diag"]["value"]["href"])
         torch.testing.assert_close(diag, reference.get_diag().float(), rtol=1e-4, atol=1e-6)
+
+
+def test_implicit_offers_what_the_engine_computes(
+    client: TestClient, users: dict[str, str], worker: Any, alice_data: Uploaded
+) -> None:
+    """``solve``, ``norm`` and ``get_diag`` on ``implicit``: the engine computes them, so the
+    service accepts them (they were refused with a 422 before the wire contract held the
+    operations in one place)."""
+    key = users["alice"]
+    spec = _spec(alice_data, "fim", "implicit")
+    spec["operations"] = [
+        {"op": "norm"},
+        {"op": "get_diag"},
+        {"op": "solve", "v": alice_data.v, "regul": 0.1},
+    ]
+    response = client.post("/v1/jobs", json=spec, headers=auth(key))
+    assert response.status_code == 202, response.text
+    job = wait_job(client, key, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    result = client.get(f"/v1/jobs/{job['id']}/result", headers=auth(key)).json()
+    outputs = {entry["op"]: entry["outputs"] for entry in result["operations"]}
+    reference = _reference(alice_data, "fim", "implicit")
+    v = engine.PVector(
+        engine.LayerCollection.from_model(alice_data.model), vector_repr=alice_data.vector
+    )
+    torch.testing.assert_close(
+        torch.tensor(outputs["norm"]["value"]), reference.norm().float(), rtol=1e-4, atol=1e-6
+    )
+    diag = _download(client, key, outputs["get_diag"]["value"]["href"])
+    torch.testing.assert_close(diag, reference.get_diag().float(), rtol=1e-4, atol=1e-6)
+    solved = _download(client, key, outputs["solve"]["value"]["href"])
+    expected = reference.solve(v, regul=0.1).get_flat_representation()
+    torch.testing.assert_close(solved, expected.float(), rtol=1e-3, atol=1e-5)

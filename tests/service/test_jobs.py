@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
 from tests.service.conftest import auth, st_bytes, upload, wait_job
 from tests.service.models import ARCH, BATCH, Uploaded, make_model, upload_all
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
 from tests.service.conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"

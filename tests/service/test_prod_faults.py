@@ -24,10 +24,10 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
-from fimntk.service.config import Settings
+from fimntk.core.config import Settings
+from fimntk.core.storage.artifacts import LocalArtifactStore
 from fimntk.service.main import create_app
 from fimntk.service.reaper import max_detection_s
-from fimntk.service.storage.artifacts import LocalArtifactStore
 from tests.service.conftest import ADMIN_KEY, REDIS_URL, auth, st_bytes, wait_job
 from tests.service.models import BATCH, Uploaded, upload_all
 from tests.service.prod import (

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from fimntk.service import logs
-from fimntk.service.config import Settings
+from fimntk.core import logs
+from fimntk.core.config import Settings
 from tests.service.conftest import ADMIN_KEY, auth, wait_job
 from tests.service.models import BATCH, upload_all
 from tests.service.prod import wait_for

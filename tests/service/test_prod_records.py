@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from fimntk.service.storage import migrate
-from fimntk.service.storage.records import JobFilter, JobRecord, SqlRecordStore, _Base, utcnow
+from fimntk.core.storage import migrate
+from fimntk.core.storage.records import JobFilter, JobRecord, SqlRecordStore, _Base, utcnow
 from tests.service.prod import postgres_database, postgres_unavailable
 
 _PG_REASON = postgres_unavailable()

@@ -11,9 +11,9 @@ import pytest
 import redis
 from safetensors.torch import load
 
+from fimntk.core.errors import NotFoundError
+from fimntk.core.storage.s3 import S3ArtifactStore
 from fimntk.service.embedded import free_port
-from fimntk.service.errors import NotFoundError
-from fimntk.service.storage.s3 import S3ArtifactStore
 from tests.service.conftest import REDIS_URL, auth
 from tests.service.prod import cleanup_queue, start_worker, stop_process
 from tests.service.test_prod_faults import _settings, stack

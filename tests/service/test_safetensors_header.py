@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fimntk.service.errors import InvalidInputError
-from fimntk.service.safetensors_header import read_header
+from fimntk.core.errors import InvalidInputError
+from fimntk.core.safetensors_header import read_header
 from tests.service.conftest import st_bytes
 
 

@@ -5,7 +5,7 @@ RQ retries on its own only while it waits for a job; an error in the bookkeeping
 stops a private redis-server at exactly that moment, from inside the job, and restarts it a
 second later without persistence: the worker must wait, start its loop again and run the next
 job, leaving no thread of the first loop behind. Without the restart in
-:func:`fimntk.worker.cli.run_worker` it returns after the first job.
+:func:`fimntk.worker.compute_worker.run_worker` it returns after the first job.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from redis.client import PubSubWorkerThread
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from fimntk.service.config import Settings
-from fimntk.service.queue import TASK
-from fimntk.worker import cli as worker_cli
+from fimntk.core.config import Settings
+from fimntk.core.queue import TASK
+from fimntk.worker import compute_worker as worker_cli
 from fimntk.worker import tasks as worker_tasks
 from tests.service.prod import RedisServer
 

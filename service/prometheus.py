@@ -21,22 +21,20 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fimntk.service import logs
-from fimntk.service.errors import QueueUnavailableError
-from fimntk.service.storage.records import IN_FLIGHT, TERMINAL, utcnow
-
-if TYPE_CHECKING:
-    from fimntk.service.deps import AppState
+from fimntk.contract.vocabulary import IN_FLIGHT_STATUSES, TERMINAL_STATUSES
+from fimntk.core import logs
+from fimntk.core.errors import QueueUnavailableError
+from fimntk.core.queue import JobQueue
+from fimntk.core.storage.records import RecordStore, utcnow
 
 _access = logging.getLogger("fimntk.service.access")
-_STATUSES = (*IN_FLIGHT, *sorted(TERMINAL))
+_STATUSES = (*IN_FLIGHT_STATUSES, *sorted(TERMINAL_STATUSES))
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _JOB_BUCKETS = (
     0.05,
@@ -64,10 +62,11 @@ class ServiceMetrics:
     """The metrics of one application.
 
     Args:
-        state: The application's state (stores and queue).
+        records: The record store (jobs by status, finished jobs' durations).
+        queue: The job queue (depth, live workers).
     """
 
-    def __init__(self, state: AppState) -> None:
+    def __init__(self, records: RecordStore, queue: JobQueue) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "fimntk_http_requests",
@@ -89,7 +88,7 @@ class ServiceMetrics:
             buckets=_JOB_BUCKETS,
             registry=None,
         )  # collected by _LiveCollector, after it reads new finished jobs
-        self._live = _LiveCollector(state, self)
+        self._live = _LiveCollector(records, queue, self)
         self.registry.register(self._live)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -101,8 +100,9 @@ class ServiceMetrics:
 class _LiveCollector(Collector):
     """Gauges read from Redis and the database at each scrape; feeds the job histogram."""
 
-    def __init__(self, state: AppState, metrics: ServiceMetrics) -> None:
-        self.state = state
+    def __init__(self, records: RecordStore, queue: JobQueue, metrics: ServiceMetrics) -> None:
+        self.records = records
+        self.queue = queue
         self.metrics = metrics
         self._lock = threading.Lock()
         self._watermark: datetime = utcnow()  # jobs finishing from now on
@@ -117,8 +117,8 @@ class _LiveCollector(Collector):
         )
         queue_ok = True
         try:
-            depth: int | None = self.state.queue.depth()
-            workers = self.state.queue.live_workers()
+            depth: int | None = self.queue.depth()
+            workers = self.queue.live_workers()
         except QueueUnavailableError:
             queue_ok, depth, workers = False, None, {}
         up.add_metric(["redis"], float(queue_ok))
@@ -132,7 +132,7 @@ class _LiveCollector(Collector):
         yield by_state
         database_ok = True
         try:
-            counts = self.state.records.count_by_status()
+            counts = self.records.count_by_status()
             self._observe_finished()
         except Exception:  # any database failure: report it as down
             database_ok, counts = False, None
@@ -148,7 +148,7 @@ class _LiveCollector(Collector):
     def _observe_finished(self) -> None:
         """Put the jobs finished since the last scrape into the duration histogram."""
         with self._lock:
-            for job in self.state.records.finished_since(self._watermark):
+            for job in self.records.finished_since(self._watermark):
                 assert job.finished_at is not None
                 self._watermark = max(self._watermark, job.finished_at)
                 if job.started_at is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fimntk.service.schemas import (
+from fimntk.contract.schemas import (
     JobLinks,
     JobPublic,
     OperationResult,
@@ -12,7 +12,7 @@ from fimntk.service.schemas import (
     ResultPublic,
     TensorRef,
 )
-from fimntk.service.storage.records import JobRecord
+from fimntk.core.storage.records import JobRecord
 
 
 def artifact_href(job_id: str, name: str) -> str:

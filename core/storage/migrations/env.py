@@ -1,16 +1,16 @@
-"""Alembic environment: runs on the connection handed over by :mod:`fimntk.service.storage.migrate`,
+"""Alembic environment: runs on the connection handed over by :mod:`fimntk.core.storage.migrate`,
 or on ``sqlalchemy.url`` when alembic is run from the command line."""
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 config = context.config
 connection = config.attributes.get("connection")
 
 
-def _run(conn: object) -> None:
+def _run(conn: Connection) -> None:
     context.configure(connection=conn, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()

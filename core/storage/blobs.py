@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fimntk.service.errors import (
+from fimntk.core.errors import (
     BadRequestError,
     InvalidInputError,
     PayloadTooLargeError,
@@ -103,7 +103,7 @@ class LocalBlobStore(BlobStore):
         return self.path(digest).is_file()
 
     def check_ready(self, min_free_bytes: int) -> str | None:
-        from fimntk.service.storage.artifacts import free_space_problem
+        from fimntk.core.storage.artifacts import free_space_problem
 
         return free_space_problem(self.root / "tmp", min_free_bytes)
 

@@ -40,8 +40,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from fimntk.service.config import Settings
-from fimntk.service.logs import configure_logging
+from fimntk.core.config import Settings
+from fimntk.core.logs import configure_logging
 from fimntk.worker.heartbeat import Heartbeat
 from fimntk.worker.runner import JobRunner
 from fimntk.worker.tasks import get_runner, install_runner

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fimntk.service.errors import InvalidInputError
+from fimntk.core.errors import InvalidInputError
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,

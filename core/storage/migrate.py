@@ -4,7 +4,7 @@
 all): it takes a lock (a PostgreSQL advisory lock, or a lock file beside the SQLite file) so
 that processes starting together migrate once, stamps a database created before migrations
 existed at revision ``0001``, and upgrades to the newest revision. ``python -m
-service.storage.migrate`` does the same from the command line for ``FIMNTK_DATABASE_URL``.
+fimntk.core.storage.migrate`` does the same from the command line for ``FIMNTK_DATABASE_URL``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     """Migrate the database of ``FIMNTK_DATABASE_URL`` (or the default SQLite file)."""
     from sqlalchemy import create_engine
 
-    from fimntk.service.config import Settings
+    from fimntk.core.config import Settings
 
     engine = create_engine(Settings().resolved_database_url)
     upgrade(engine)

@@ -20,8 +20,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fimntk.service.errors import NotFoundError
-from fimntk.service.storage.artifacts import NAME_RE, ArtifactStore, free_space_problem
+from fimntk.core.errors import NotFoundError
+from fimntk.core.storage.artifacts import NAME_RE, ArtifactStore, free_space_problem
 
 
 class S3ArtifactStore(ArtifactStore):

@@ -1,4 +1,4 @@
-"""Wire formats of the API: pydantic models, JSON only.
+"""Wire formats of the API: pydantic models, JSON only (the request and response bodies).
 
 Nothing here names code: a model is a weights blob plus a JSON architecture (built-in
 ``torch.nn`` layers, or a builder name from the server's registry); a dataset is a blob or a
@@ -14,6 +14,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
+from fimntk.contract.vocabulary import (
+    ComputeDtype,
+    JobStatus,
+    Metric,
+    ParamDtype,
+    Representation,
+    Variant,
+)
+
 Digest = Annotated[
     str,
     Field(
@@ -22,14 +31,6 @@ Digest = Annotated[
         examples=["sha256:" + "0" * 64],
     ),
 ]
-Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk"]
-Representation = Literal[
-    "dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "implicit", "mixed"
-]
-Variant = Literal["classif_logits", "classif_binary_logits", "regression"]
-ComputeDtype = Literal["float32", "float64"]
-ParamDtype = Literal["float16", "bfloat16", "float32", "float64"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
 class _Strict(BaseModel):

@@ -18,7 +18,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from fimntk.service.errors import QueueUnavailableError
+from fimntk.core.errors import QueueUnavailableError
 
 TASK = "fimntk.worker.tasks.run_job"
 
@@ -37,6 +37,11 @@ def done_channel(job_id: str) -> str:
 def worker_index_key(queue_name: str) -> str:
     """Redis set of the names of the workers that beat on a queue."""
     return f"fimntk:workers:{queue_name}"
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (replies are bytes unless the client decodes them)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class JobQueue:
@@ -77,7 +82,7 @@ class JobQueue:
         """
         index = worker_index_key(self.name)
         try:
-            names = sorted(n.decode() for n in self.redis.smembers(index))
+            names = sorted(_text(n) for n in self.redis.smembers(index))
             values = self.redis.mget([worker_key(self.name, n) for n in names]) if names else []
             dead = [n for n, v in zip(names, values) if v is None]
             if dead:
@@ -145,7 +150,7 @@ class JobQueue:
             parsed = JSONSerializer.loads(meta) if meta else {}
         except ValueError:
             parsed = {}
-        return (status.decode() if status else None), (parsed if isinstance(parsed, dict) else {})
+        return (_text(status) if status else None), (parsed if isinstance(parsed, dict) else {})
 
     def state(self, job_id: str) -> tuple[str | None, dict[str, Any], str | None]:
         """RQ's view of a job.

@@ -2,9 +2,10 @@
 
 An artifact is a safetensors file ``<job id>/<name>.safetensors``: in a local (or network)
 directory with :class:`LocalArtifactStore`, or in an S3-compatible bucket shared by workers on
-several boxes with :class:`fimntk.service.storage.s3.S3ArtifactStore`; :func:`open_artifact_store`
-picks one from the settings. Writers produce a temporary local file and publish it with
-:meth:`ArtifactStore.publish` (a rename, or one PUT), so readers never see a half-written file.
+several boxes with :class:`fimntk.core.storage.s3.S3ArtifactStore`;
+:func:`fimntk.core.storage.stores.open_artifact_store` picks one from the settings. Writers
+produce a temporary local file and publish it with :meth:`ArtifactStore.publish` (a rename, or
+one PUT), so readers never see a half-written file.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fimntk.service.errors import NotFoundError
-
-if TYPE_CHECKING:
-    from fimntk.service.config import Settings
+from fimntk.core.errors import NotFoundError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -67,21 +64,6 @@ def free_space_problem(directory: Path, min_free_bytes: int) -> str | None:
     if free < min_free_bytes:
         return f"{directory} has {free} bytes free, fewer than the {min_free_bytes} required"
     return None
-
-
-def open_artifact_store(settings: Settings) -> ArtifactStore:
-    """The artifact store the settings name: S3 for ``s3://`` URLs, else the data directory."""
-    url = settings.artifact_url
-    if url and url.startswith("s3://"):
-        from fimntk.service.storage.s3 import S3ArtifactStore
-
-        bucket, _, prefix = url.removeprefix("s3://").partition("/")
-        return S3ArtifactStore(
-            bucket, prefix, settings.data_dir / "artifact-cache", settings.s3_endpoint_url or None
-        )
-    if url:
-        return LocalArtifactStore(Path(url.removeprefix("file://")))
-    return LocalArtifactStore(settings.artifacts_dir)
 
 
 class LocalArtifactStore(ArtifactStore):

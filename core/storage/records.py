@@ -3,7 +3,7 @@
 :class:`SqlRecordStore` works on any SQLAlchemy URL: SQLite (the default, zero setup) is put in
 WAL mode so that the API and workers on the same machine can write concurrently; PostgreSQL
 (``postgresql://...``, through psycopg 3) serves deployments with workers on several boxes.
-The schema is created and upgraded by Alembic migrations (:mod:`fimntk.service.storage.migrate`)
+The schema is created and upgraded by Alembic migrations (:mod:`fimntk.core.storage.migrate`)
 when a store opens. Records are returned as plain dataclasses, never as live ORM objects, so callers
 hold no session.
 """
@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -42,17 +42,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from fimntk.service.config import normalise_database_url
-from fimntk.service.errors import BadRequestError
-from fimntk.service.storage import migrate
-
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-IN_FLIGHT = ("queued", "running")
+from fimntk.contract.vocabulary import IN_FLIGHT_STATUSES, JobStatus
+from fimntk.core.config import normalise_database_url
+from fimntk.core.errors import BadRequestError
+from fimntk.core.storage import migrate
 
 
 def utcnow() -> datetime:
     """Timezone-aware current time in UTC."""
-    return datetime.now(UTC)
+    return datetime.now(timezone.utc)
 
 
 @dataclass
@@ -311,7 +309,7 @@ def _to_user(row: _UserRow) -> User:
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite drops time zones: read naive datetimes back as UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
+        return value.replace(tzinfo=timezone.utc)
     return value
 
 
@@ -543,7 +541,7 @@ class SqlRecordStore(RecordStore):
             query = (
                 select(func.count())
                 .select_from(_JobRow)
-                .where(_JobRow.owner_id == owner_id, _JobRow.status.in_(IN_FLIGHT))
+                .where(_JobRow.owner_id == owner_id, _JobRow.status.in_(IN_FLIGHT_STATUSES))
             )
             return int(s.scalar(query) or 0)
 
@@ -555,7 +553,7 @@ class SqlRecordStore(RecordStore):
                     _JobRow.owner_id == owner_id,
                     _JobRow.rep_key == rep_key,
                     _JobRow.kept.is_(True),
-                    _JobRow.status == "succeeded",
+                    _JobRow.status == JobStatus.SUCCEEDED,
                 )
                 .order_by(_JobRow.created_at.desc())
             ).first()

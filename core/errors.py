@@ -1,4 +1,5 @@
-"""Errors of the service, and their one mapping to RFC 7807 ``application/problem+json``.
+"""Errors of the server (API, storage, queue), each tied to one problem type of the catalogue
+(:mod:`fimntk.contract.problems`).
 
 Hierarchy::
 
@@ -21,114 +22,100 @@ too. :mod:`fimntk.service.problem_handlers` maps them (and the errors of the dat
 queue and request validation) to HTTP responses, in one place.
 
 Every problem carries ``type``, ``title``, ``status``, ``detail`` and, when one field is at
-fault, ``field`` (a dotted path such as ``operations[1].v`` or a header name).
-"""
+fault, ``field`` (a dotted path such as ``operations[1].v`` or a header name)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
+
+from fimntk.contract import problems
+from fimntk.contract.problems import ProblemType, problem
 
 
 class ServiceError(Exception):
-    """Base of every error the service raises on purpose.
+    """Base of every error the server raises on purpose.
 
     Args:
         detail: Human-readable explanation of this occurrence.
         field: Dotted path of the offending field, header or path parameter, if any.
     """
 
-    status: ClassVar[int] = 500
-    slug: ClassVar[str] = "internal-error"
-    title: ClassVar[str] = "Internal error"
+    kind: ClassVar[ProblemType] = problems.INTERNAL_ERROR
 
     def __init__(self, detail: str, field: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.field = field
 
+    @property
+    def status(self) -> int:
+        """The HTTP status of this error's problem type."""
+        return self.kind.status
+
     def to_problem(self) -> dict[str, Any]:
         """The RFC 7807 body of this error."""
-        return problem(self.status, self.slug, self.title, self.detail, self.field)
+        return problem(self.kind, self.detail, self.field)
 
 
 class InvalidInputError(ServiceError, ValueError):
     """A spec, blob or parameter that is well formed but cannot be used."""
 
-    status = 422
-    slug = "invalid-input"
-    title = "Invalid input"
+    kind = problems.INVALID_INPUT
 
 
 class BadRequestError(ServiceError, ValueError):
     """A malformed request, such as a body whose digest differs from its URL."""
 
-    status = 400
-    slug = "bad-request"
-    title = "Bad request"
+    kind = problems.BAD_REQUEST
 
 
 class AuthenticationError(ServiceError):
     """A missing, malformed or unknown API key."""
 
-    status = 401
-    slug = "unauthenticated"
-    title = "Authentication required"
+    kind = problems.UNAUTHENTICATED
 
 
 class PermissionDeniedError(ServiceError):
     """An action reserved to the admin key."""
 
-    status = 403
-    slug = "forbidden"
-    title = "Forbidden"
+    kind = problems.FORBIDDEN
 
 
 class NotFoundError(ServiceError, LookupError):
     """An unknown object, or one owned by another user (indistinguishable on purpose)."""
 
-    status = 404
-    slug = "not-found"
-    title = "Not found"
+    kind = problems.NOT_FOUND
 
 
 class ConflictError(ServiceError):
     """A request that conflicts with the current state (idempotency key, job state)."""
 
-    status = 409
-    slug = "conflict"
-    title = "Conflict"
+    kind = problems.CONFLICT
 
 
 class PayloadTooLargeError(ServiceError):
     """An upload past the configured size cap."""
 
-    status = 413
-    slug = "payload-too-large"
-    title = "Payload too large"
+    kind = problems.PAYLOAD_TOO_LARGE
 
 
 class TooManyJobsError(ServiceError):
     """More jobs in flight than the per-user limit allows."""
 
-    status = 429
-    slug = "too-many-jobs"
-    title = "Too many jobs in flight"
+    kind = problems.TOO_MANY_JOBS
 
 
 class StorageFullError(ServiceError, OSError):
     """No space left on the storage for an upload."""
 
-    status = 507
-    slug = "storage-full"
-    title = "Storage full"
+    kind = problems.STORAGE_FULL
 
 
 class UnavailableError(ServiceError):
     """A dependency of the service is down; the client should retry later."""
 
-    status = 503
-    slug = "unavailable"
-    title = "Service unavailable"
+    kind = problems.UNAVAILABLE
     #: Seconds sent in ``Retry-After``.
     retry_after_s: ClassVar[int] = 5
 
@@ -136,46 +123,16 @@ class UnavailableError(ServiceError):
 class QueueUnavailableError(UnavailableError):
     """The queue (Redis) cannot be reached."""
 
-    slug = "queue-unavailable"
-    title = "Queue unavailable"
+    kind = problems.QUEUE_UNAVAILABLE
 
 
 class DatabaseUnavailableError(UnavailableError):
     """The database cannot be reached."""
 
-    slug = "database-unavailable"
-    title = "Database unavailable"
+    kind = problems.DATABASE_UNAVAILABLE
 
 
-def problem(
-    status: int, slug: str, title: str, detail: str, field: str | None = None, **extra: Any
-) -> dict[str, Any]:
-    """Build an RFC 7807 problem document.
-
-    Args:
-        status: HTTP status code.
-        slug: Last segment of the problem ``type`` URI.
-        title: Short summary of the problem type.
-        detail: Explanation of this occurrence.
-        field: Offending field, if any.
-        **extra: Extension members.
-
-    Returns:
-        The problem as a JSON-ready dict.
-    """
-    body: dict[str, Any] = {
-        "type": f"/problems/{slug}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-    }
-    if field is not None:
-        body["field"] = field
-    body.update(extra)
-    return body
-
-
-def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
+def format_loc(loc: Sequence[Any]) -> str:
     """Turn a pydantic error location into a dotted field path.
 
     Args:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the record database (see :mod:`fimntk.core.storage.migrate`)."""

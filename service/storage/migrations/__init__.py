@@ -1,1 +1,0 @@
-"""Alembic migrations of the record database (see :mod:`fimntk.service.storage.migrate`)."""

@@ -1,0 +1,51 @@
+"""The wire contract against the engine: every public method of the engine's matrices is an
+operation a job may ask for, or is excluded with a reason; every listed operation exists."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from fimntk import engine
+from fimntk.contract.vocabulary import (
+    ESTIMATOR_OPERATIONS,
+    NOT_OPERATIONS,
+    NTK_KEY,
+    OPERATIONS,
+    REPRESENTATIONS,
+)
+
+
+def _matrix_class(key: str) -> type:
+    return engine.FMatDense if key == NTK_KEY else engine.resolve_representation(key)
+
+
+def _public_methods(cls: type) -> set[str]:
+    return {
+        name
+        for name, value in inspect.getmembers(cls)
+        if not name.startswith("_") and callable(value) and not inspect.isclass(value)
+    }
+
+
+@pytest.mark.parametrize("key", [*REPRESENTATIONS, NTK_KEY])
+def test_every_engine_method_is_an_operation_or_excluded(key: str) -> None:
+    methods = _public_methods(_matrix_class(key))
+    assert methods, key
+    unlisted = methods - OPERATIONS[key] - NOT_OPERATIONS.keys()
+    assert unlisted == set(), f"{key}: list these in OPERATIONS or NOT_OPERATIONS: {unlisted}"
+
+
+@pytest.mark.parametrize("key", [*REPRESENTATIONS, NTK_KEY])
+def test_every_listed_operation_exists_in_the_engine(key: str) -> None:
+    methods = _public_methods(_matrix_class(key))
+    missing = OPERATIONS[key] - ESTIMATOR_OPERATIONS - methods
+    assert missing == set(), f"{key}: the engine has no {missing}"
+    assert all(callable(getattr(engine.estimators, op)) for op in ESTIMATOR_OPERATIONS)
+
+
+def test_reasons_are_given_for_methods_that_exist() -> None:
+    every = set().union(*(_public_methods(_matrix_class(k)) for k in [*REPRESENTATIONS, NTK_KEY]))
+    assert set(NOT_OPERATIONS) <= every
+    assert all(len(reason) > 10 for reason in NOT_OPERATIONS.values())
