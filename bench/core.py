@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fimntk.bench import _recipes as r
-from fimntk.bench._common import W1, W2, W3, W4, Case, Settings, Target, Workload, main
+from bench import tool_recipes as r
+from bench._common import W1, W2, W3, W4, Case, Settings, Target, Workload, main
 
 TITLE = "fimntk core benchmarks: dense, diagonal, block-diagonal FIM and NTK Gram"
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench._stack import ADMIN_KEY, Stack, deployment, make_user, tiny_spec
+from bench.loopback_stack import ADMIN_KEY, Stack, deployment, make_user, tiny_spec
 
 TARGET_P99_MS = 50.0
 _LAG_TICK_S = 0.01

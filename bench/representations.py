@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fimntk.bench import _recipes as r
-from fimntk.bench._common import W2, W3, Case, Settings, Target, Workload, main
+from bench import tool_recipes as r
+from bench._common import W2, W3, Case, Settings, Target, Workload, main
 
 TITLE = "fimntk representations: KFAC, EKFAC, diagonal, implicit products"
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench._stack import deployment, make_user, tiny_spec
+from bench.loopback_stack import deployment, make_user, tiny_spec
 from fimntk import engine
 
 MIB = 1024**2

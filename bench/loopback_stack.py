@@ -1,7 +1,7 @@
 """A throwaway deployment on loopback for the service benchmarks: the API (``python -m
-service`` under uvicorn) and workers (``python -m worker``) as processes, on a private queue of
-the Redis at ``FIMNTK_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``), SQLite in a
-temporary directory. Only the processes and keys it creates are removed."""
+fimntk.service`` under uvicorn) and workers (``python -m fimntk.worker``) as processes, on a
+private queue of the Redis at ``FIMNTK_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``),
+SQLite in a temporary directory. Only the processes and keys it creates are removed."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from fimntk.bench._common import (
+from bench._common import (
     NotAvailableError,
     Prepared,
     TensorLoader,
