@@ -12,6 +12,10 @@ absent weight tangent (one wasted convolution per layer); other layers (normalis
 ``t_x`` through their own forward-mode formulas. Parameters of the layers without hooks are made
 dual as usual (``torch.func``-style).
 
+A module whose forward applies its parameters functionally (``nn.MultiheadAttention``, see
+:data:`fimntk.engine.layers.registry.REPLAYS`) is recomputed with dual parameters: its input
+tangent and its own parameters' share both propagate, and its sub-modules' hooks add theirs.
+
 Only valid for layers the generator hooks (called once, parameters used only by their own
 forward; see :meth:`fimntk.engine.generator.Jacobian.settle_paths`). Reference: forward-mode
 automatic differentiation, Griewank & Walther (2008), "Evaluating Derivatives", ch. 3.
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fimntk.engine.generator.hooks import count_calls
+from fimntk.engine.layers.registry import replay_for
 
 
 def _primal(value):
@@ -83,6 +88,10 @@ class TangentCapture:
         return pre_hook
 
     def _hook(self, name: str):
+        replay = replay_for(self.modules[name])
+        if replay is not None:
+            return self._replay_hook(name, replay)
+
         def hook(module, args, kwargs, output):
             if self._inside:  # the replays below
                 return None
@@ -104,5 +113,19 @@ class TangentCapture:
                 self._inside = False
             primal, tangent = fwad.unpack_dual(output)
             return fwad.make_dual(primal, own if tangent is None else own.add_(tangent))
+
+        return hook
+
+    def _replay_hook(self, name: str, replay):
+        def hook(module, args, kwargs, output):
+            if self._inside:
+                return None
+            self.calls[name] = self.calls.get(name, 0) + 1
+            tangents = self.tangents[name]
+            params = {
+                attr: fwad.make_dual(p, tangents[attr])
+                for attr, p in module.named_parameters(recurse=False)
+            }
+            return replay(module, args, kwargs, params, lambda x, y: y)
 
         return hook

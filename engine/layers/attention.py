@@ -1,0 +1,321 @@
+"""``nn.MultiheadAttention`` as Linear layers: the q/k/v projections on their own inputs.
+
+``nn.MultiheadAttention`` applies its projections functionally (``F.linear`` on
+``in_proj_weight`` and ``out_proj.weight``), so no module hook sees their inputs and outputs.
+During the generator's hooked passes :func:`attention_forward` replaces the module's output by a
+re-computation with the same maths (Vaswani et al. 2017, "Attention is all you need"):
+
+.. math::
+
+    q = W_q x_q + b_q,\\quad k = W_k x_k + b_k,\\quad v = W_v x_v + b_v,\\qquad
+    o = W_o \\,\\mathrm{concat}_h\\big(\\mathrm{softmax}(q_h k_hᵀ/\\sqrt{d_h} + M)\\, v_h\\big)
+        + b_o,
+
+in which the projections' outputs form one tensor ``y`` whose gradient the hooks capture, and
+``out_proj`` is called as a module (its own Linear kernel then sees it). The kernel turns
+``(inputs, ∂/∂y)`` into per-example gradients of ``in_proj_weight`` (or ``q/k/v_proj_weight``),
+``in_proj_bias``, ``bias_k`` and ``bias_v``: each projection is a Linear layer whose positions are
+the sequence steps, as in "Kronecker-Factored Approximate Curvature for Modern Neural Network
+Architectures" (Eschenhagen, Immer, Turner, Schneider & Hennig, NeurIPS 2023), where KFAC's
+``expand``/``reduce`` treat the sequence dimension.
+
+Layout of ``y`` (batch first, ``(n, ..., E)``):
+
+* self-attention with packed weights and no ``bias_k``/``bias_v`` (``query is key is value``):
+  ``y = x W_inᵀ + b_in``, ``(n, L, 3E)`` — one Linear ``E → 3E``; the capture's input is ``x``;
+* otherwise ``y = [q; k; v]`` stacked along the sequence, ``(n, L + 2S', E)`` with
+  ``S' = S + 1`` when ``bias_k``/``bias_v`` are appended; the capture's input is
+  :class:`AttentionInputs`.
+
+With packed weights and ``L = S'`` the three projections are the three groups of a
+``(3, E, E + 1)`` matrix view, so KFAC, EKFAC and the quasi-diagonal hold one Kronecker block per
+projection.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.layers.base import LayerKernel, chunked_sq_sum
+from fimntk.engine.layers.layout import MatLayout
+
+#: ``record(x, y) -> y``: called with each projection site's input and output.
+Record = Callable[["Tensor | AttentionInputs", Tensor], Tensor]
+
+_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The inputs of the three projections, batch first: ``(n, L, E_q)``, ``(n, S, k_dim)``,
+    ``(n, S, v_dim)``."""
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+
+    def detach(self) -> AttentionInputs:
+        return AttentionInputs(self.query.detach(), self.key.detach(), self.value.detach())
+
+    @property
+    def shape(self) -> torch.Size:
+        """The query's shape: its first dimension counts the examples."""
+        return self.query.shape
+
+    def __getitem__(self, rows: slice) -> AttentionInputs:
+        return AttentionInputs(self.query[rows], self.key[rows], self.value[rows])
+
+
+def bind_call(args: tuple, kwargs: dict) -> dict:
+    """The arguments of one ``MultiheadAttention.forward`` call by name, defaults filled in."""
+    bound = _SIGNATURE.bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop("self")
+    return out
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True = not attended) as ``-inf``/0 to add to the scores; a float mask
+    as is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _padded(mask: Tensor | None) -> Tensor | None:
+    """One more attended key position (``bias_k`` or a zero key) at the end."""
+    return None if mask is None else F.pad(mask, (0, 1))
+
+
+def _projection_weights(m: nn.MultiheadAttention, params: dict[str, Tensor]) -> list[Tensor]:
+    if m._qkv_same_embed_dim:
+        return list(params["in_proj_weight"].chunk(3))
+    return [params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"]]
+
+
+def self_attention_packed(m: nn.MultiheadAttention, call: dict) -> bool:
+    """Whether one Linear ``E → 3E`` on one input computes q, k and v."""
+    q = call["query"]
+    return m._qkv_same_embed_dim and m.bias_k is None and q is call["key"] is call["value"]
+
+
+def replay_attention(
+    m: nn.MultiheadAttention,
+    args: tuple,
+    kwargs: dict,
+    params: dict[str, Tensor],
+    record: Record,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`attention_forward` on a call's positional and keyword arguments."""
+    return attention_forward(m, bind_call(args, kwargs), params, record)
+
+
+def attention_forward(
+    m: nn.MultiheadAttention, call: dict, params: dict[str, Tensor], record: Record
+) -> tuple[Tensor, Tensor | None]:
+    """``m``'s forward on the bound ``call`` with the projections' parameters ``params``
+    (``{attribute: tensor}``), passing the projections' inputs and output through ``record``.
+
+    Returns what ``m(**call)`` returns: the output (``(n, L, E)`` batch first, else
+    ``(L, n, E)``) and the attention weights (``(n, L, S)``, per head ``(n, H, L, S)`` without
+    ``average_attn_weights``) or ``None`` without ``need_weights``.
+    """
+    query, key, value = call["query"], call["key"], call["value"]
+    if query.dim() != 3:
+        raise InvalidInputError(
+            "MultiheadAttention got an unbatched query: per-example gradients need a batch "
+            "dimension; give inputs of shape (n, L, E) (batch_first) or (L, n, E)"
+        )
+    if call["is_causal"] and call["attn_mask"] is None:
+        raise InvalidInputError(
+            "MultiheadAttention(is_causal=True) needs attn_mask: pass the causal mask too"
+        )
+    packed = self_attention_packed(m, call)
+    first = (lambda t: t) if m.batch_first else (lambda t: t.transpose(0, 1))
+    xq, xk, xv = first(query), first(key), first(value)
+    n, length, e = xq.shape[0], xq.shape[1], m.embed_dim
+    bias = params.get("in_proj_bias")
+    biases = [None] * 3 if bias is None else list(bias.chunk(3))
+    if packed:
+        q, k, v = record(xq, F.linear(xq, params["in_proj_weight"], bias)).chunk(3, dim=-1)
+    else:
+        ws = _projection_weights(m, params)
+        q, k, v = (F.linear(x, w, b) for x, w, b in zip((xq, xk, xv), ws, biases))
+        if m.bias_k is not None:
+            k = torch.cat([k, params["bias_k"].reshape(1, 1, e).expand(n, 1, e)], dim=1)
+            v = torch.cat([v, params["bias_v"].reshape(1, 1, e).expand(n, 1, e)], dim=1)
+        y = record(AttentionInputs(xq, xk, xv), torch.cat([q, k, v], dim=1))
+        q, k, v = y.split([length, k.shape[1], v.shape[1]], dim=1)
+    scores_dtype = q.dtype
+    attn_mask = _additive(call["attn_mask"], scores_dtype)
+    pad_mask = _additive(call["key_padding_mask"], scores_dtype)
+    if m.bias_k is not None:
+        attn_mask, pad_mask = _padded(attn_mask), _padded(pad_mask)
+    if m.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(n, 1, e)], dim=1)
+        v = torch.cat([v, v.new_zeros(n, 1, e)], dim=1)
+        attn_mask, pad_mask = _padded(attn_mask), _padded(pad_mask)
+    heads, d_h = m.num_heads, m.head_dim
+    split = lambda t: t.reshape(n, t.shape[1], heads, d_h).transpose(1, 2)  # noqa: E731
+    qh, kh, vh = split(q), split(k), split(v)
+    mask = _scores_mask(attn_mask, pad_mask, n, heads)
+    if call["need_weights"]:
+        scores = qh @ kh.transpose(-1, -2) / math.sqrt(d_h)
+        weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        ctx = weights @ vh
+        returned = weights.mean(dim=1) if call["average_attn_weights"] else weights
+    else:
+        ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        returned = None
+    out = m.out_proj(ctx.transpose(1, 2).reshape(n, length, e))
+    return (out if m.batch_first else out.transpose(0, 1)), returned
+
+
+def _scores_mask(
+    attn_mask: Tensor | None, pad_mask: Tensor | None, n: int, heads: int
+) -> Tensor | None:
+    """The additive mask of the scores ``(n, H, L, S)``, broadcast where it can be."""
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask
+        if attn_mask.dim() == 3:  # (n·H, L, S)
+            mask = attn_mask.reshape(n, heads, *attn_mask.shape[1:])
+    if pad_mask is not None:
+        pad = pad_mask.reshape(n, 1, 1, -1)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+class MultiheadAttentionKernel(LayerKernel):
+    """Per-example gradients of the input projections of ``nn.MultiheadAttention``.
+
+    ``out_proj`` is a layer of its own (a Linear kernel); this kernel covers ``in_proj_weight``
+    (or ``q/k/v_proj_weight``), ``in_proj_bias``, ``bias_k`` and ``bias_v``. The gradient of
+    projection ``p ∈ {q, k, v}`` of one pseudo-output is ``Σ_t g_{p,t} x_{p,t}ᵀ`` over its
+    positions t; ``bias_k``'s (``bias_v``'s) is the gradient of the appended key (value)
+    position.
+    """
+
+    param_attrs = (
+        "in_proj_weight",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "in_proj_bias",
+        "bias_k",
+        "bias_v",
+    )
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module.out_proj, nn.Linear)
+
+    def check(self) -> None:
+        m = self.module
+        if m.training and m.dropout > 0:
+            raise InvalidInputError(
+                "MultiheadAttention is in train mode with dropout, so the outputs are random and "
+                "the Fisher or NTK would be a random matrix: call model.eval() first"
+            )
+
+    # ----- the projections as (input, output gradient) pairs ------------------------------
+    @property
+    def has_bias(self) -> bool:
+        return isinstance(self.module.in_proj_bias, nn.Parameter)
+
+    def _extra(self) -> int:
+        return int(self.module.bias_k is not None)
+
+    def sites(self, x: Tensor | AttentionInputs, gy: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``[(x_p (n, T_p, P_p), g_p (K, n, T_p, E))]`` for p = q, k, v (bias positions
+        left out)."""
+        e = self.module.embed_dim
+        if isinstance(x, Tensor):
+            return [(x, g) for g in gy.split(e, dim=-1)]
+        length, s = x.query.shape[1], x.key.shape[1]
+        gq, gk, gv = gy.split([length, s + self._extra(), s + self._extra()], dim=2)
+        return [(x.query, gq), (x.key, gk[:, :, :s]), (x.value, gv[:, :, :s])]
+
+    def _bias_kv_grads(self, x: AttentionInputs, gy: Tensor) -> list[Tensor]:
+        """Per-example gradients of ``bias_k`` and ``bias_v``: ``(K, n, E)`` each."""
+        length, s = x.query.shape[1], x.key.shape[1]
+        return [gy[:, :, length + s], gy[:, :, length + 2 * s + 1]]
+
+    def per_example_grads(self, x: Tensor | AttentionInputs, gy: Tensor) -> Tensor:
+        sites = self.sites(x, gy)
+        k, n = gy.shape[0], gy.shape[1]
+        parts = [torch.einsum("kntq,ntp->knqp", g, a).reshape(k, n, -1) for a, g in sites]
+        if self.has_bias:
+            parts += [g.sum(dim=2) for _, g in sites]
+        if self._extra():
+            parts += self._bias_kv_grads(x, gy)
+        return torch.cat(parts, dim=2)
+
+    def grad_sum(self, x: Tensor | AttentionInputs, gy: Tensor) -> Tensor:
+        sites = self.sites(x, gy)
+        parts = [torch.einsum("kntq,ntp->qp", g, a).reshape(-1) for a, g in sites]
+        if self.has_bias:
+            parts += [g.sum(dim=(0, 1, 2)) for _, g in sites]
+        if self._extra():
+            parts += [g.sum(dim=(0, 1)) for g in self._bias_kv_grads(x, gy)]
+        return torch.cat(parts)
+
+    def sq_grad_sum(self, x: Tensor | AttentionInputs, gy: Tensor) -> Tensor:
+        return chunked_sq_sum(
+            lambda rows: self.per_example_grads(x[rows], gy[:, rows]),
+            x.shape[0],
+            per_example_numel=gy.shape[0] * self.numel(),
+        )
+
+    # ----- the matrix view: one group per projection ---------------------------------------
+    def mat_layout(self) -> MatLayout | None:
+        """``(3, E, E + bias)`` for packed weights without ``bias_k``/``bias_v``; ``None``
+        (no Kronecker structure across the three) otherwise."""
+        m = self.module
+        if not m._qkv_same_embed_dim or m.bias_k is not None:
+            return None
+        return MatLayout(3, m.embed_dim, m.embed_dim, self.has_bias)
+
+    def outer(self, x: Tensor | AttentionInputs, gy: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inputs(x), self.output_grads(x, gy)
+
+    def inputs(self, x: Tensor | AttentionInputs) -> Tensor:
+        """``a (n, 3, T, E)``: the inputs of q, k and v (a broadcast view in
+        self-attention)."""
+        if isinstance(x, Tensor):
+            return x.unsqueeze(1).expand(x.shape[0], 3, *x.shape[1:])
+        self._same_positions(x)
+        return torch.stack([x.query, x.key, x.value], dim=1)
+
+    def output_grads(self, x: Tensor | AttentionInputs, gy: Tensor) -> Tensor:
+        """``g (K, n, 3, T, E)``."""
+        k, n, e = gy.shape[0], gy.shape[1], self.module.embed_dim
+        if isinstance(x, Tensor):
+            return gy.reshape(k, n, -1, 3, e).transpose(2, 3)
+        self._same_positions(x)
+        return gy.reshape(k, n, 3, -1, e)
+
+    def positions(self, x: Tensor | AttentionInputs) -> int:
+        return x.shape[1]
+
+    @staticmethod
+    def _same_positions(x: AttentionInputs) -> None:
+        if x.key.shape[1] != x.query.shape[1]:
+            raise InvalidInputError(
+                f"cross-attention with {x.query.shape[1]} query and {x.key.shape[1]} key "
+                "positions has no (3, E, E+1) matrix view: use a representation without "
+                "Kronecker factors for this layer (diag, block-diag, dense, implicit)"
+            )
