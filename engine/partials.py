@@ -275,6 +275,20 @@ def eigenbases(kfac: PMatKFAC, layers: Iterable[str]) -> dict[str, EKronBlock]:
     return out
 
 
+def bases_to_tensors(bases: dict[str, EKronBlock]) -> dict[str, Tensor]:
+    """Eigenbases as flat tensors named ``<layer>/<u_a|u_g|s|rest>`` (for a file)."""
+    return {f"{n}/{k}": t for n, blk in bases.items() for k, t in blk.tensors().items()}
+
+
+def bases_from_tensors(kfac: PMatKFAC, tensors: dict[str, Tensor]) -> dict[str, EKronBlock]:
+    """Inverse of :func:`bases_to_tensors`, with each layer's layout from ``kfac``."""
+    own: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        layer, name = key.rsplit("/", 1)
+        own.setdefault(layer, {})[name] = t
+    return {n: EKronBlock.from_tensors(t, kfac.data[n].layout) for n, t in own.items()}
+
+
 def ekfac_from(kfac: PMatKFAC, bases: dict[str, EKronBlock]) -> PMatEKFAC:
     """The EKFAC of reduced KFAC factors: the given eigenbases for the Kronecker layers, the
     exact blocks of the others as they are."""
