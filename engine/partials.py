@@ -54,10 +54,10 @@ from fimntk.engine.pspace import (
     PMatDiag,
     PMatEKFAC,
     PMatKFAC,
-    PMatLayered,
+    PMatLayerwise,
     PMatLowRank,
 )
-from fimntk.engine.pspace._blocks import BLOCKS, Block, EKronBlock, KronBlock
+from fimntk.engine.pspace.blocks import BLOCKS, Block, EKronBlock, KronBlock
 from fimntk.engine.serialization import _decode, _encode
 
 #: Key of the partial's own metadata in the safetensors header.
@@ -108,7 +108,7 @@ def _additive(rep: PMatAbstract) -> dict[str, Tensor]:
         return {"data": rep.data}
     if isinstance(rep, PMatBlockDiag):
         return {f"block/{n}": t for n, t in rep.data.items()}
-    if isinstance(rep, PMatLayered):
+    if isinstance(rep, PMatLayerwise):
         return {
             f"{n}/{k}": t
             for n, blk in rep.data.items()
@@ -123,7 +123,7 @@ def _additive(rep: PMatAbstract) -> dict[str, Tensor]:
 
 def _rows(rep: PMatAbstract) -> dict[str, int | None]:
     """A's rank bound of each Kronecker layer."""
-    if not isinstance(rep, PMatLayered):
+    if not isinstance(rep, PMatLayerwise):
         return {}
     return {n: b.rows for n, b in rep.data.items() if isinstance(b, KronBlock)}
 
@@ -136,7 +136,7 @@ def _rebuilt(rep: PMatAbstract, tensors: dict[str, Tensor], rows: dict[str, int 
         return PMatBlockDiag(
             rep.layer_collection, data={n: tensors[f"block/{n}"] for n in rep.data}
         )
-    assert isinstance(rep, PMatLayered)
+    assert isinstance(rep, PMatLayerwise)
     blocks: dict[str, Block] = {}
     for name, blk in rep.data.items():
         own = {k: tensors[f"{name}/{k}"] for k in blk.tensors() if k not in _BASIS}
@@ -227,7 +227,7 @@ def finalize(part: Partial, dtype: torch.dtype) -> PMatAbstract:
     else:
         means = {k: (t / n).to(dtype) for k, t in _additive(part.matrix).items()}
         rep = _rebuilt(part.matrix, means, _rows(part.matrix))
-        for name, blk in rep.data.items() if isinstance(rep, PMatLayered) else ():
+        for name, blk in rep.data.items() if isinstance(rep, PMatLayerwise) else ():
             if isinstance(blk, EKronBlock):
                 rep.data[name] = EKronBlock(
                     blk.u_a.to(dtype), blk.u_g.to(dtype), blk.s, blk.layout, blk.rest
