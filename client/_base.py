@@ -303,12 +303,14 @@ class BaseClient:
         from fimntk.client._compute import prepare
 
         timeout = options.pop("timeout", None)
+        shards = options.pop("shards", 1)
         prepared: Prepared = prepare(model, data, **options)
         try:
             ops = make_ops(prepared.target)
-            job, values = yield from self._run_ops_flow(
-                prepared.spec(ops, keep), ops, prepared.blobs(ops), timeout
-            )
+            spec = prepared.spec(ops, keep)
+            if shards != 1:
+                spec["shards"] = shards
+            job, values = yield from self._run_ops_flow(spec, ops, prepared.blobs(ops), timeout)
         finally:
             prepared.discard()
         return job, values, prepared.target
@@ -398,6 +400,7 @@ def compute_options(
     dtype: Any,
     batch_size: int | None,
     timeout: float | None,
+    shards: int | str = 1,
 ) -> dict[str, Any]:
     """The keyword arguments of the computations, as :func:`fimntk.client._compute.prepare` takes
     them."""
@@ -411,4 +414,5 @@ def compute_options(
         "dtype": dtype,
         "batch_size": batch_size,
         "timeout": timeout,
+        "shards": shards,
     }

@@ -146,6 +146,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """:math:`\\mathrm{tr}(M)` of the FIM (``rep=``) or the NTK (``metric="ntk"``).
 
@@ -164,6 +165,8 @@ class Client(BaseClient):
             dtype: ``"float32"`` or ``"float64"``; default the model's.
             batch_size: Examples per batch on the server; default the loader's.
             timeout: Limit on the wait, in seconds (default the client's).
+            shards: Split the examples into this many fixed ranges computed by
+                several workers and added (``"auto"``: the server decides; 1: one worker).
 
         Returns:
             A 0-d tensor, as the engine returns.
@@ -180,6 +183,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: scalar_op("trace", t), options)
@@ -199,6 +203,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """The Frobenius norm, a 0-d tensor. Arguments as in :meth:`trace`."""
         from fimntk.client._compute import scalar_op
@@ -213,6 +218,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: scalar_op("norm", t), options)
@@ -232,6 +238,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """The diagonal ``(d,)`` of the FIM. Arguments as in :meth:`trace`."""
         from fimntk.client._compute import tensor_op
@@ -246,6 +253,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: tensor_op("get_diag", t), options)
@@ -266,6 +274,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """:math:`v^\\top M v`, a 0-d tensor.
 
@@ -285,6 +294,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: scalar_op("vTMv", t, v), options)
@@ -305,6 +315,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """:math:`M v`: a ``PVector`` for the FIM (``{name: tensor}`` without the engine), an
         ``FVector`` for the NTK. ``v`` as in :meth:`vTMv`."""
@@ -320,6 +331,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: vector_op("mv", t, v), options)
@@ -341,6 +353,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0, a
         ``PVector``. ``v`` as in :meth:`vTMv`."""
@@ -356,6 +369,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: vector_op("solve", t, v, regul), options)
@@ -376,6 +390,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """Top-k eigenvalues (descending) and eigenvectors: of a dense or low-rank FIM
         (``(d, k)`` eigenvectors) or of the NTK (``metric="ntk"``, ``(k, c, n)``)."""
@@ -391,6 +406,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(self._one_shot_flow(model, loader, lambda t: eigenpairs_op(t, k), options))
 
@@ -402,6 +418,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> Any:
         """The NTK Gram matrix ``(c, n, c, n)``, as ``fimntk.engine.GramMatrix`` returns it: an
         ``FMatDense`` (the tensor without the engine)."""
@@ -417,6 +434,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(self._one_shot_flow(model, loader, gram_op, options))
 
@@ -436,6 +454,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> RemoteFIM:
         """Compute a Fisher representation once on the server and keep it there.
 
@@ -453,6 +472,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(self._handle_flow(RemoteFIM, model, loader, options))
 
@@ -464,6 +484,7 @@ class Client(BaseClient):
         dtype: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        shards: int | str = 1,
     ) -> RemoteNTK:
         """Compute the NTK Gram matrix once on the server and keep it there.
 
@@ -481,6 +502,7 @@ class Client(BaseClient):
             dtype=dtype,
             batch_size=batch_size,
             timeout=timeout,
+            shards=shards,
         )
         return self._run(self._handle_flow(RemoteNTK, model, loader, options))
 

@@ -217,6 +217,8 @@ def _show_overview(status: dict[str, Any]) -> None:
         reach = "reachable" if queue.get("reachable", True) else "UNREACHABLE"
         depth = queue.get("depth")
         print(f"queue {queue.get('name', '?')}: {reach}, {'?' if depth is None else depth} waiting")
+        if queue.get("shards_in_flight") is not None:
+            print(f"shards in flight: {queue['shards_in_flight']}")
     jobs = status.get("jobs")
     if isinstance(jobs, dict):
         print("jobs: " + "  ".join(f"{k} {v}" for k, v in jobs.items()))

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
 from fimntk.contract.vocabulary import (
+    MAX_SHARDS,
+    SHARDED_IMPLICIT_OPERATIONS,
     ComputeDtype,
     JobStatus,
     Metric,
@@ -261,10 +263,20 @@ class JobCreate(_Strict):
     keep: bool = Field(default=False, description="Store the representation for reuse.")
     reuse: str | None = Field(default=None, description="Id of a kept job to reuse.")
     timeout_s: int | None = Field(default=None, ge=1, description="Job time limit.")
+    shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
+        default=1,
+        description=(
+            "Split the examples into this many fixed ranges computed by any workers and added "
+            "(the result does not depend on how many workers run them); 'auto' picks one shard "
+            "below the size where splitting cannot pay (Settings.shard_min_work)."
+        ),
+        examples=[4, "auto"],
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> JobCreate:
         if self.reuse is not None:
+            self.check_shards()
             return self
         for name in ("model", "dataset", "metric"):
             if getattr(self, name) is None:
@@ -287,14 +299,40 @@ class JobCreate(_Strict):
             raise ValueError("'trials' applies to metric 'fim_mc' only")
         if self.update_diag is not None and self.representation != "ekfac":
             raise ValueError("'update_diag' applies to representation 'ekfac' only")
+        self.check_shards()
+
+    def check_shards(self) -> None:
+        """Refuse shards where they cannot apply.
+
+        Raises:
+            ValueError: Shards with ``reuse``, or with an implicit Fisher and an operation that
+                is not a sum over examples.
+        """
+        if self.shards == 1:
+            return
+        if self.reuse is not None:
+            raise ValueError("'shards' does not apply with 'reuse' (nothing is computed again)")
+        if self.representation == "implicit":
+            bad = sorted({op.op for op in self.operations} - SHARDED_IMPLICIT_OPERATIONS)
+            if bad:
+                raise ValueError(
+                    f"'shards' with representation 'implicit' needs operations that add over "
+                    f"examples ({sorted(SHARDED_IMPLICIT_OPERATIONS)}); {bad} iterate over "
+                    "products and run on one worker: use shards=1"
+                )
 
 
 class Progress(BaseModel):
-    """Examples done out of total in the current stage."""
+    """Examples done out of total in the current stage (tasks for a sharded job)."""
 
     done: int = 0
     total: int | None = None
     stage: str = "queued"
+    shards: int | None = Field(
+        default=None,
+        description="Shards of a sharded job (done and total then count its tasks); null for "
+        "a job on one worker.",
+    )
 
 
 class Problem(BaseModel):
@@ -422,6 +460,11 @@ class QueueStatus(BaseModel):
     name: str
     reachable: bool = Field(description="Whether Redis answered.")
     depth: int | None = Field(description="Jobs waiting; null when Redis is unreachable.")
+    shards_in_flight: int | None = Field(
+        default=None,
+        description="Shard tasks of sharded jobs running now (by heartbeat); null when Redis "
+        "is unreachable.",
+    )
 
 
 class WorkerStatus(BaseModel):

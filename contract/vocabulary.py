@@ -143,3 +143,11 @@ ALLOWED_LAYERS = frozenset(
 BUILTIN_BUILDERS = frozenset({"mlp", "cnn", "resnet"})
 #: Buffers that built-in layers put in a state dict; they are not parameters.
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+#: Operations of the implicit Fisher that are sums over examples, one per product (so a sharded
+#: job computes them on every shard and adds): the others iterate (CG, Lanczos, SLQ) or need
+#: the whole matrix and run on one worker.
+SHARDED_IMPLICIT_OPERATIONS = frozenset(
+    {"trace", "get_diag", "mv", "vTMv", "hutchinson_trace", "hutchinson_diag"}
+)
+#: Largest ``shards`` a spec may ask for (a server may allow fewer: ``Settings.max_shards``).
+MAX_SHARDS = 1024

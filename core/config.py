@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         requeue_after_s: A queued job unknown to the queue (Redis restarted without
             persistence) is enqueued again once this old.
         min_free_bytes: ``/readyz`` fails when the data directory has less free space.
+        max_shards: Largest ``shards`` a job may ask for (422 past it); ``auto`` never picks
+            more.
+        shard_min_work: Examples × parameters below which ``shards: "auto"`` runs one shard
+            (about three minutes of one CPU core for a KFAC: below that, the round trips and the
+            reduce cost more than a second worker saves; raise it for GPU workers); above it,
+            one shard per ``shard_min_work``.
         log_format: ``json`` (one object per line, with request and job ids) or ``text``.
         log_level: Level of the service's logs.
     """
@@ -77,6 +83,8 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=5, gt=0)
     requeue_after_s: float = Field(default=30, ge=0)
     min_free_bytes: int = Field(default=GIB, ge=0)
+    max_shards: int = Field(default=64, ge=1)
+    shard_min_work: float = Field(default=1e11, gt=0)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

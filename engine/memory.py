@@ -30,7 +30,7 @@ from fimntk.engine.errors import InvalidInputError, MemoryBudgetError
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import kernel_for
 from fimntk.engine.layers.norm import AffineNormKernel
-from fimntk.engine.pspace.layered import DENSE_BLOCK_LIMIT
+from fimntk.engine.pspace.layerwise import DENSE_BLOCK_LIMIT
 
 #: Representations from the most to the least faithful, used to suggest a cheaper one.
 CHEAPER = (

@@ -34,12 +34,12 @@ from fimntk.engine.pspace import (
     PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
-    PMatLayered,
+    PMatLayerwise,
     PMatLowRank,
     PMatMixed,
     PMatQuasiDiag,
 )
-from fimntk.engine.pspace._blocks import BLOCKS, EKronBlock, KronBlock
+from fimntk.engine.pspace.blocks import BLOCKS, EKronBlock, KronBlock
 from fimntk.engine.vector import FVector, PVector
 from fimntk.version import __version__
 
@@ -99,7 +99,7 @@ def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
     if isinstance(obj, PMatBlockDiag):
         names = [e.name for e in obj.layer_collection]
         return {f"blocks.{i}": obj.data[n] for i, n in enumerate(names)}, meta
-    if isinstance(obj, PMatLayered):
+    if isinstance(obj, PMatLayerwise):
         tensors, blocks = {}, []
         for i, e in enumerate(obj.layer_collection):
             blk = obj.data[e.name]
@@ -267,8 +267,8 @@ def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
 
 
 def _load_layered(
-    path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollection, cls: type[PMatLayered]
-) -> PMatLayered:
+    path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollection, cls: type[PMatLayerwise]
+) -> PMatLayerwise:
     blocks = doc.get("blocks")
     _expect(
         isinstance(blocks, list)

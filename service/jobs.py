@@ -29,6 +29,7 @@ from fimntk.core.errors import (
 )
 from fimntk.core.queue import JobQueue
 from fimntk.core.safetensors_header import Header, read_header
+from fimntk.core.shards import ShardTasks, check_shards
 from fimntk.core.storage.artifacts import ArtifactStore
 from fimntk.core.storage.blobs import BlobStore
 from fimntk.core.storage.records import JobRecord, RecordStore, User, utcnow
@@ -198,6 +199,7 @@ class JobService:
                 read_header(path, "dataset.name", self.settings.max_header_bytes), "dataset.name"
             )
         check_operations(spec)
+        check_shards(spec.shards, self.settings.max_shards)
         for i, operation in enumerate(spec.operations):
             vector = getattr(operation, "v", None)
             if vector is not None:
@@ -379,6 +381,7 @@ class JobService:
             if done:
                 return self.records.get_job(job_id) or record
         self.queue.stop_running(job_id)
+        ShardTasks(self.queue).cancel_all(job_id)
         return self.records.get_job(job_id) or record
 
     def result(self, job_id: str, user: User) -> ResultPublic:

@@ -6,6 +6,7 @@ Served at ``/metrics`` in the text exposition format:
   ``fimntk_http_request_duration_seconds{method,route}``: one per route template, so job ids
   never become labels.
 * ``fimntk_queue_depth``, ``fimntk_jobs{status}``, ``fimntk_workers{state}``,
+  ``fimntk_shards_in_flight``,
   ``fimntk_dependency_up{dependency}``: read from Redis and the database at scrape time.
 * ``fimntk_job_duration_seconds{metric,representation,status}``: start-to-end time of every
   job finished since the API started, read from the database at scrape time.
@@ -31,6 +32,7 @@ from fimntk.contract.vocabulary import IN_FLIGHT_STATUSES, TERMINAL_STATUSES
 from fimntk.core import logs
 from fimntk.core.errors import QueueUnavailableError
 from fimntk.core.queue import JobQueue
+from fimntk.core.shards import shards_in_flight
 from fimntk.core.storage.records import RecordStore, utcnow
 
 _access = logging.getLogger("fimntk.service.access")
@@ -130,6 +132,12 @@ class _LiveCollector(Collector):
         for state in ("idle", "busy"):
             by_state.add_metric([state], sum(w.get("state") == state for w in workers.values()))
         yield by_state
+        if queue_ok:
+            yield GaugeMetricFamily(
+                "fimntk_shards_in_flight",
+                "Shard tasks of sharded jobs running now (by heartbeat).",
+                value=shards_in_flight(workers),
+            )
         database_ok = True
         try:
             counts = self.records.count_by_status()

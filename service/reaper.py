@@ -15,6 +15,8 @@ of the API, runs every ``reaper_interval_s`` and:
 * enqueues again a ``queued`` job that Redis does not hold (restarted without append-only
   persistence) once it is ``requeue_after_s`` old: the database, not Redis, is the record of
   what was submitted, so queued jobs are never silently lost.
+* watches sharded jobs (:class:`~fimntk.core.shards.ShardSupervisor`): a shard task whose
+  worker died is enqueued once more, then fails the job; a job whose tasks Redis lost resumes.
 
 While Redis is unreachable the reaper judges nothing.
 """
@@ -32,6 +34,7 @@ from fimntk.contract.vocabulary import JobStatus
 from fimntk.core.config import Settings
 from fimntk.core.errors import QueueUnavailableError
 from fimntk.core.queue import JobQueue
+from fimntk.core.shards import ShardSupervisor, is_sharded
 from fimntk.core.storage.artifacts import ArtifactStore
 from fimntk.core.storage.records import RecordStore, utcnow
 
@@ -61,6 +64,7 @@ class Reaper:
         self.queue = queue
         self.artifacts = artifacts
         self._orphan_since: dict[str, float] = {}
+        self.shards = ShardSupervisor(settings, records, queue, artifacts)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,7 +72,9 @@ class Reaper:
         """One pass.
 
         Returns:
-            Ids of the jobs failed (``lost``) and enqueued again (``requeued``).
+            Ids of the jobs failed (``lost``) and enqueued again (``requeued``), and what the
+            shard supervisor did (``retried`` tasks, ``resumed`` and ``canceled`` jobs; the
+            sharded jobs it failed join ``lost``).
         """
         done: dict[str, list[str]] = {"lost": [], "requeued": []}
         try:
@@ -78,6 +84,8 @@ class Reaper:
         now = time.monotonic()
         orphans = set()
         for job in self.records.jobs_with_status(JobStatus.RUNNING):
+            if is_sharded(job):  # its tasks are watched by the shard supervisor
+                continue
             beat = live.get(job.worker or "")
             if beat is not None and beat.get("job_id") == job.id:
                 continue
@@ -86,6 +94,8 @@ class Reaper:
             if now - since >= self.settings.heartbeat_ttl_s and self._fail_lost(job.id, job.worker):
                 done["lost"].append(job.id)
         self._orphan_since = {k: v for k, v in self._orphan_since.items() if k in orphans}
+        for key, ids in self.shards.supervise_once(live).items():
+            done.setdefault(key, []).extend(ids)
         horizon = utcnow() - timedelta(seconds=self.settings.requeue_after_s)
         try:
             for job in self.records.jobs_with_status(JobStatus.QUEUED):

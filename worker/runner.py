@@ -375,6 +375,22 @@ class JobRunner:
         clock = time.monotonic()
         representation, reused_from = self._representation(record, model, loader, progress)
         timings["compute_s"] = time.monotonic() - clock
+        return self.operations_result(record, representation, reused_from, progress, timings)
+
+    def operations_result(
+        self,
+        record: JobRecord,
+        representation: Any,
+        reused_from: str | None,
+        progress: _Progress,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """Run the job's operations on a computed representation (and keep it if asked).
+
+        Returns:
+            The result document.
+        """
+        spec = record.spec
         clock = time.monotonic()
         progress.stage("operations")
         outputs = []

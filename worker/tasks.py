@@ -1,8 +1,9 @@
 """Entry points that RQ calls by dotted path; each takes only a job id.
 
-``fimntk.worker.tasks.run_job`` is what the API enqueues. The runner is created once per worker
-process (by :mod:`fimntk.worker.compute_worker`, or lazily from the environment) and reused by every
-job.
+``fimntk.worker.tasks.run_job`` is what the API enqueues; a sharded job enqueues its own
+tasks (``run_shard_task``, ``resume_shards``: :mod:`fimntk.worker.sharded`). The runner is
+created once per worker process (by :mod:`fimntk.worker.compute_worker`, or lazily from the
+environment) and reused by every job.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fimntk.core.config import Settings
+from fimntk.worker import sharded
 from fimntk.worker.runner import JobRunner
 
 _runner: JobRunner | None = None
@@ -35,4 +37,16 @@ def run_job(job_id: str) -> dict[str, Any]:
     Returns:
         A JSON summary, e.g. ``{"status": "succeeded"}``.
     """
-    return get_runner().run(job_id)
+    runner = get_runner()
+    return sharded.start(runner, job_id) or runner.run(job_id)
+
+
+def run_shard_task(job_id: str, stage: int, index: int) -> dict[str, Any]:
+    """Run task ``index`` of stage ``stage`` of the sharded job ``job_id``
+    (:mod:`fimntk.worker.sharded`)."""
+    return sharded.run_task(get_runner(), job_id, stage, index)
+
+
+def resume_shards(job_id: str) -> dict[str, Any]:
+    """Enqueue the missing tasks of a sharded job whose tasks Redis lost."""
+    return sharded.resume(get_runner(), job_id)

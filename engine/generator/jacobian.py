@@ -22,12 +22,12 @@ from torch.autograd.graph import GradientEdge
 from torch.func import functional_call, jacrev, vmap
 
 from fimntk.engine.errors import InvalidInputError
-from fimntk.engine.generator._syrk import add_lower_gram, symmetrize_lower
 from fimntk.engine.generator.hooks import ForwardCapture
 from fimntk.engine.generator.outputs import Identity, PseudoOutputs
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel, kernel_for
 from fimntk.engine.layers.norm import BatchNormKernel
+from fimntk.engine.linalg import add_lower_gram, symmetrize_lower
 
 HOOKS = "hooks"
 FALLBACK = "torch.func"
@@ -730,7 +730,7 @@ class Jacobian:
     def accumulate(
         self, loader: Iterable, accumulators: list | Callable[[], list], stage: str = "statistics"
     ) -> dict:
-        """Run each accumulator (see :mod:`fimntk.engine.generator.covariance`) over the loader in
+        """Run each accumulator (see :mod:`fimntk.engine.generator.accumulators`) over the loader in
         one pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
         them, called once the first batch has settled which layers take the hooks."""
         accs = None if callable(accumulators) else accumulators

@@ -12,15 +12,15 @@ from torch import nn
 
 from fimntk.engine.layers.attention import MultiheadAttentionKernel, replay_attention
 from fimntk.engine.layers.base import LayerKernel
-from fimntk.engine.layers.norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
-from fimntk.engine.layers.outer import (
+from fimntk.engine.layers.conv import (
     Conv1dKernel,
     ConvKernel,
     ConvTranspose1dKernel,
     ConvTransposeKernel,
-    EmbeddingKernel,
-    LinearKernel,
 )
+from fimntk.engine.layers.embedding import EmbeddingKernel
+from fimntk.engine.layers.linear import LinearKernel
+from fimntk.engine.layers.norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
 
 KERNELS: dict[type[nn.Module], type[LayerKernel]] = {
     nn.Linear: LinearKernel,

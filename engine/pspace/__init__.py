@@ -7,9 +7,13 @@ from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.pspace.blockdiag import PMatBlockDiag
 from fimntk.engine.pspace.dense import PMatDense
 from fimntk.engine.pspace.diag import PMatDiag
+from fimntk.engine.pspace.ekfac import PMatEKFAC
 from fimntk.engine.pspace.implicit import PMatImplicit
-from fimntk.engine.pspace.layered import PMatEKFAC, PMatKFAC, PMatLayered, PMatMixed, PMatQuasiDiag
+from fimntk.engine.pspace.kfac import PMatKFAC
+from fimntk.engine.pspace.layerwise import PMatLayerwise
 from fimntk.engine.pspace.lowrank import PMatLowRank
+from fimntk.engine.pspace.mixed import PMatMixed
+from fimntk.engine.pspace.quasidiag import PMatQuasiDiag
 
 REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
     cls.name: cls
@@ -49,7 +53,7 @@ __all__ = [
     "PMatEKFAC",
     "PMatImplicit",
     "PMatKFAC",
-    "PMatLayered",
+    "PMatLayerwise",
     "PMatLowRank",
     "PMatMixed",
     "PMatQuasiDiag",

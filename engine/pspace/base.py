@@ -216,27 +216,6 @@ def _tree_zip(fn, a, b):
     return a
 
 
-def spd_solve(m: Tensor, rhs: Tensor, regul: float) -> Tensor:
-    """Solve ``(m + regul·I) x = rhs`` for a symmetric PSD ``m`` (Cholesky, else LU).
-
-    ``rhs`` may be ``(d,)`` or ``(d, r)``.
-    """
-    a = m + regul * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    vec = rhs.dim() == 1
-    b = rhs.unsqueeze(1) if vec else rhs
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        x = torch.cholesky_solve(b, chol)
-    else:
-        try:
-            x = torch.linalg.solve(a, b)
-        except RuntimeError as err:
-            raise InvalidInputError(
-                f"the matrix plus regul={regul}·I is singular: use a positive regul"
-            ) from err
-    return x.squeeze(1) if vec else x
-
-
 def frobenius(t: Tensor) -> Tensor:
     """Frobenius norm accumulated in float64, returned in ``t``'s dtype."""
     return torch.linalg.vector_norm(t.double()).to(t.dtype)

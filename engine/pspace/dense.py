@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fimntk.engine.pspace.base import PMatAbstract, frobenius, spd_solve
+from fimntk.engine.linalg import spd_solve
+from fimntk.engine.pspace.base import PMatAbstract, frobenius
 from fimntk.engine.vector import PVector
 
 

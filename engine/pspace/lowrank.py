@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
-from fimntk.engine.pspace.base import PMatAbstract, spd_solve
+from fimntk.engine.linalg import spd_solve
+from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.vector import PVector
 
 

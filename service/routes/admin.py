@@ -14,6 +14,7 @@ from fimntk.contract.schemas import (
 )
 from fimntk.contract.vocabulary import IN_FLIGHT_STATUSES, TERMINAL_STATUSES, JobStatus
 from fimntk.core.errors import QueueUnavailableError
+from fimntk.core.shards import shards_in_flight
 from fimntk.core.storage.records import JobFilter
 from fimntk.service.deps import AdminUser, AppState, StateDep
 from fimntk.service.reaper import max_detection_s
@@ -59,7 +60,12 @@ def build_status(state: AppState) -> AdminStatus:
         )
     settings = state.settings
     return AdminStatus(
-        queue=QueueStatus(name=settings.queue_name, reachable=reachable, depth=depth),
+        queue=QueueStatus(
+            name=settings.queue_name,
+            reachable=reachable,
+            depth=depth,
+            shards_in_flight=shards_in_flight(beats) if reachable else None,
+        ),
         workers=[WorkerStatus.model_validate(beat) for beat in beats.values()],
         jobs={
             status: counts.get(status, 0)

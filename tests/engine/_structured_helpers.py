@@ -353,7 +353,7 @@ def kfac_factors(
     approx: str = "expand",
     variant: str = "classif_logits",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, G)`` from the documented definitions (engine/generator/covariance.py):
+    """``(A, G)`` from the documented definitions (engine/generator/kfac_factors.py):
 
     * expand: ``A = (1/n) Σ_{i,t} ã ãᵀ``, ``G = (1/n) Σ_i (1/T) Σ_t J_tᵀ H_i J_t``;
     * reduce: ``A = (1/n) Σ_i â âᵀ`` with ``â = mean_t ã``,

@@ -146,12 +146,12 @@ def test_update_diag_needs_a_generator():
 def test_column_major_bases_are_made_row_major_in_place(n):
     """LAPACK's column-major eigenvectors become row-major without a second copy of the basis
     (blocks of the storage are swapped), with exactly the same values."""
-    from fimntk.engine.pspace._blocks import _row_major
+    from fimntk.engine.linalg import row_major
 
     m = torch.randn(2, n, n, dtype=torch.float64)
     col = m.transpose(-1, -2).contiguous().transpose(-1, -2)
     storage = col.untyped_storage().data_ptr()
-    out = _row_major(col)
+    out = row_major(col)
     assert out.is_contiguous() and torch.equal(out, m)
     assert out.untyped_storage().data_ptr() == storage
 

@@ -95,13 +95,13 @@ def test_remembered_verification_still_moves_a_weight_used_outside(monkeypatch):
     first = engine.FIM(model, loader, "dense")
     assert first.paths == {"fc": "torch.func", "head": "hooks"}
     checks = []
-    real = engine.layers.outer.OuterKernel.grad_sum
+    real = engine.layers.outer_product.OuterKernel.grad_sum
 
     def counting(self, *args):
         checks.append(1)
         return real(self, *args)
 
-    monkeypatch.setattr(engine.layers.outer.OuterKernel, "grad_sum", counting)
+    monkeypatch.setattr(engine.layers.outer_product.OuterKernel, "grad_sum", counting)
     for rep in ("dense", "kfac", "implicit"):
         mat = engine.FIM(model, loader, rep)
         if rep == "implicit":

@@ -311,18 +311,18 @@ def test_a_low_rank_input_factor_is_inverted_through_its_thin_basis(monkeypatch,
     """norms' Linear(100 → 6) has A summed from 13 vectors: solve and pow go through A's thin
     eigenbasis (no factorization of the 101² factor; their values are checked above against
     the π-damped Kronecker inverse), and the rank bound survives a file round trip."""
-    from fimntk.engine.pspace import _blocks
+    from fimntk.engine.pspace.blocks import kron
 
     mat = H.fim("norms", "kfac")
     blk = mat.data["4"]
     assert blk.rows == 13 and blk.thin_eigh_a() is not None
     sizes = []
-    real_solve, real_pow = _blocks._spd_solve, _blocks._sym_pow
+    real_solve, real_pow = kron.spd_solve_batched, kron.sym_pow
     monkeypatch.setattr(
-        _blocks, "_spd_solve", lambda f, s, r: sizes.append(f.shape[-1]) or real_solve(f, s, r)
+        kron, "spd_solve_batched", lambda f, s, r: sizes.append(f.shape[-1]) or real_solve(f, s, r)
     )
     monkeypatch.setattr(
-        _blocks, "_sym_pow", lambda m, e, s: sizes.append(m.shape[-1]) or real_pow(m, e, s)
+        kron, "sym_pow", lambda m, e, s: sizes.append(m.shape[-1]) or real_pow(m, e, s)
     )
     v = H.rand_pvector(mat, 3)
     mat.solve(v, 1e-2)

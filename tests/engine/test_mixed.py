@@ -1,6 +1,6 @@
 """PMatMixed: a block kind per layer, chosen by policy, with documented defaults and fallbacks.
 
-Defaults (engine.pspace.layered): KFAC for hook-path Linear/Conv/Embedding, a dense block for
+Defaults (engine.pspace.mixed): KFAC for hook-path Linear/Conv/Embedding, a dense block for
 normalisation layers, the diagonal for layers on the ``torch.func`` path, else a dense block up to
 4096 parameters. Each block is checked against its own definition from the reference Fisher.
 """

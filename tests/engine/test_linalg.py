@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimntk import engine
-from fimntk.engine.generator._syrk import add_lower_gram, strip_height, symmetrize_lower
+from fimntk.engine.linalg import add_lower_gram, strip_height, symmetrize_lower
 from tests import reference as ref
 from tests.engine import _structured_helpers as H
 

@@ -1,0 +1,71 @@
+"""EKFAC: eigenvalues re-estimated in the Kronecker eigenbasis, ``E[(U_Gᵀ ∇W U_A)²]``
+(George, Laurent, Bouthillier, Ballas & Vincent, NeurIPS 2018), accumulated over a loader."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fimntk.engine.generator.accumulators import (
+    Accumulator,
+    mat_grads,
+    one_position,
+)
+from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.layers.layout import MatLayout
+
+
+class EigenDiagAcc(Accumulator):
+    """EKFAC's diagonal ``(1/n) Σ (U_Gᵀ ∇W U_A)²`` in a fixed Kronecker eigenbasis."""
+
+    def __init__(self, name: str, u_a: Tensor, u_g: Tensor, layout: MatLayout) -> None:
+        super().__init__(name)
+        self.u_a, self.u_g, self.layout = u_a, u_g, layout
+        self.s: Tensor | None = None
+        self.thin = u_a.shape[-1] < u_a.shape[-2]
+        self.energy: Tensor | None = None  # Σ ‖∇W‖², for the complement of a thin basis
+
+    def update(self, bj: BatchJacobian) -> None:
+        one = one_position(bj, self.name)
+        if one is not None:  # s += Σ_i (U_Gᵀ g_i)² ((U_Aᵀ ã_i)²)ᵀ, g² summed over k first
+            a, g = one
+            rg = torch.einsum("kngq,gqs->kngs", g, self.u_g)
+            rg2 = bj.batch_sum(("eigendiag", self.name), (rg * rg).sum(0))  # (n, G, Q)
+            if rg2 is None:
+                return
+            p = a.shape[2]
+            # U_Aᵀ ã = U_A[:P]ᵀ a (+ the bias row U_A[P]): no folded ã = [a; 1] is built
+            if self.layout.bias:
+                ra = torch.baddbmm(self.u_a[:, p:], a.transpose(0, 1), self.u_a[:, :p])
+            else:
+                ra = torch.bmm(a.transpose(0, 1), self.u_a)
+            ra.square_()  # (G, n, R)
+            if self.s is None:
+                self.s = a.new_zeros(rg2.shape[1], rg2.shape[2], ra.shape[2])
+            self.s.baddbmm_(rg2.permute(1, 2, 0), ra)
+            if self.thin:  # ‖g ãᵀ‖² = ‖g‖² ‖ã‖²
+                sq_a = (a * a).sum(-1) + self.layout.bias  # (n, G)
+                self._add_energy((rg2.sum(-1) * sq_a).sum())
+            return
+        m = mat_grads(bj, self.name, self.layout)
+        r = self.u_g.transpose(-1, -2) @ m @ self.u_a
+        s = (r * r).sum(dim=(0, 1))
+        self.s = s if self.s is None else self.s.add_(s)
+        if self.thin:
+            self._add_energy((m * m).sum())
+
+    def _add_energy(self, e: Tensor) -> None:
+        self.energy = e if self.energy is None else self.energy + e
+
+    def result(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
+        """``s`` ``(G, Q, R)``; for a thin basis ``(s, rest)``, ``rest`` the energy outside the
+        basis per dimension (0 when it is below the rounding of the total)."""
+        s = self.s.div_(n)
+        if not self.thin:
+            return s
+        total = self.energy / n
+        outside = total - s.sum()
+        eps = torch.finfo(s.dtype).eps
+        if outside <= 64 * eps * total:
+            outside = torch.zeros_like(outside)
+        return s, outside / (self.layout.numel - s.numel())

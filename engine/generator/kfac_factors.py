@@ -1,0 +1,80 @@
+"""KFAC factors ``A`` and ``G`` accumulated over a loader in one pass.
+
+KFAC factors (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions; Eschenhagen, Immer,
+Turner, Schneider & Hennig 2023 for weight sharing). With positions t (sequence steps, output
+pixels) and pseudo-outputs k:
+
+* ``expand`` (default, = KFC for convolutions): ``A = (1/n) Σ_{i,t} ã ãᵀ``,
+  ``G = (1/n) Σ_{i,k} (1/T) Σ_t g gᵀ``: positions are treated as extra examples;
+* ``reduce``: ``A = (1/n) Σ_i â âᵀ`` with ``â = (1/T) Σ_t ã``, ``G = (1/n) Σ_{i,k} ĝ ĝᵀ`` with
+  ``ĝ = Σ_t g``: positions are aggregated first.
+
+Both are exact (equal to the layer's Fisher block) when every example has the same input ``ã``
+and ``T = 1``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fimntk.engine.generator.accumulators import (
+    Accumulator,
+    finish_gram,
+    sum_gram,
+)
+from fimntk.engine.generator.jacobian import BatchJacobian
+
+KFAC_APPROX = ("expand", "reduce")
+
+
+class KronAcc(Accumulator):
+    """KFAC factors ``(A, G)`` of one layer (see the module docstring for the conventions).
+
+    The bias is folded in without building ``ã = [a; 1]``: ``A`` is bordered by ``Σ a`` and the
+    count of positions, ``[[Σ a aᵀ, Σ a], [Σ aᵀ, Σ 1]]``.
+    """
+
+    def __init__(self, name: str, approx: str = "expand") -> None:
+        super().__init__(name)
+        self.approx = approx
+        self.a: Tensor | None = None
+        self.g: Tensor | None = None
+        self.t = 1
+        self.bias = False
+        self.rows = 0  # vectors summed into A (per group): a bound on its rank
+
+    def update(self, bj: BatchJacobian) -> None:
+        kernel = bj.kernels[self.name]
+        x, gy = bj.captured[self.name]
+        reduce = self.approx == "reduce"
+        if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
+            a = kernel.inputs(x)
+            self.t = a.shape[2]
+            if reduce and a.shape[2] > 1:
+                a = a.mean(dim=2, keepdim=True)
+            grp, p = a.shape[1], a.shape[3]
+            self.rows += a.shape[0] * a.shape[2]
+            self.bias = kernel.mat_layout().bias
+            if self.a is None:  # the bordered matrix, filled in place (no second copy)
+                self.a = a.new_zeros(grp, p + self.bias, p + self.bias)
+            sum_gram(a, self.a[:, :p, :p])
+            if self.bias:
+                self.a[:, :p, p] += a.sum(dim=(0, 2))
+                self.a[:, p, p] += a.shape[0] * a.shape[2]
+        g = kernel.output_grads(x, gy)
+        if reduce and g.shape[3] > 1:
+            g = g.sum(dim=3, keepdim=True)
+        self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
+
+    def result(self, n: int) -> tuple[Tensor, Tensor]:
+        t = 1 if self.approx == "reduce" else self.t
+        lower = self.a.shape[0] == 1 and t == 1
+        a = self.a
+        if self.bias:
+            p = a.shape[1] - 1
+            finish_gram(a[:, :p, :p], lower)
+            a[:, p, :p] = a[:, :p, p]
+        else:
+            finish_gram(a, lower)
+        g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(n * t)
+        return a.div_(n), g

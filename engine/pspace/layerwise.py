@@ -1,0 +1,184 @@
+"""The base of the representations made of one block per layer: KFAC (:mod:`.kfac`), EKFAC
+(:mod:`.ekfac`), QuasiDiag (:mod:`.quasidiag`) and Mixed (:mod:`.mixed`).
+
+A layerwise matrix is block-diagonal across layers; each layer's block has its own structure
+(:mod:`fimntk.engine.pspace.blocks`). Which structure a layer gets is the representation's
+*policy*:
+
+========================  ===========================================================
+representation            block per layer
+========================  ===========================================================
+``PMatKFAC``              Kronecker ``G ⊗ A`` for Linear, Conv1d/2d, Embedding; an exact
+                          dense block for every other layer with at most
+                          ``DENSE_BLOCK_LIMIT`` parameters, else its diagonal
+``PMatEKFAC``             as KFAC, Kronecker blocks in their eigenbasis
+``PMatQuasiDiag``         quasi-diagonal for layers with a bias (Linear, Conv, norms),
+                          else the diagonal
+``PMatMixed`` (default)   KFAC for Linear/Conv/Embedding, dense for normalisation layers,
+                          diagonal for everything on the ``torch.func`` path
+========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.generator.accumulators import DenseAcc, DiagAcc, QuasiDiagAcc
+from fimntk.engine.generator.kfac_factors import KFAC_APPROX, KronAcc
+from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.pspace.blocks import (
+    Block,
+    DenseBlock,
+    DiagBlock,
+    EKronBlock,
+    KronBlock,
+    QuasiDiagBlock,
+)
+from fimntk.engine.vector import PVector
+
+#: Largest layer (parameters) that gets an exact dense block where its structure is unknown.
+DENSE_BLOCK_LIMIT = 4096
+
+BLOCK_KINDS = ("kfac", "ekfac", "quasidiag", "dense", "diag")
+
+
+def kron_capable(generator, name: str) -> bool:
+    """Whether layer ``name`` has a hooked outer-product kernel whose bias folds."""
+    k = generator.kernel(name)
+    return k is not None and hasattr(k, "outer") and k.mat_layout() is not None
+
+
+class PMatLayerwise(PMatAbstract):
+    """Block-diagonal across layers; ``data = {layer: Block}``."""
+
+    name = "layered"
+
+    def _set_options(self, kfac_approx: str = "expand", **options: Any) -> None:
+        if kfac_approx not in KFAC_APPROX:
+            raise InvalidInputError(
+                f"kfac_approx must be one of {list(KFAC_APPROX)}, got {kfac_approx!r}"
+            )
+        self.kfac_approx = kfac_approx
+        super()._set_options(**options)
+
+    # ----- building ----------------------------------------------------------------------------
+    def _policy(self, generator) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _fallback_kind(self, name: str) -> str:
+        return "dense" if self.layer_collection[name].numel <= DENSE_BLOCK_LIMIT else "diag"
+
+    def _compute(self, generator, examples: Iterable) -> dict[str, Block]:
+        kinds: dict[str, str] = {}
+        kron_accs: dict[str, KronAcc] = {}
+
+        def make_accumulators() -> list:  # after the first batch has settled the paths
+            kinds.update(self._policy(generator))
+            accs = []
+            for name, kind in kinds.items():
+                kernel = generator.kernel(name)
+                if kind in ("kfac", "ekfac"):
+                    kron_accs[name] = KronAcc(name, self.kfac_approx)
+                    accs.append(kron_accs[name])
+                elif kind == "quasidiag":
+                    accs.append(QuasiDiagAcc(name, kernel.mat_layout()))
+                elif kind == "dense":
+                    accs.append(DenseAcc(name))
+                else:
+                    accs.append(DiagAcc(name))
+            return accs
+
+        stats = generator.accumulate(examples, make_accumulators, stage=self.name)
+        blocks: dict[str, Block] = {}
+        for name, kind in kinds.items():
+            st = stats[name]
+            if kind in ("kfac", "ekfac"):
+                blk = KronBlock(
+                    st[0], st[1], generator.kernel(name).mat_layout(), kron_accs[name].rows
+                )
+                blocks[name] = EKronBlock.from_kron(blk) if kind == "ekfac" else blk
+            elif kind == "quasidiag":
+                blocks[name] = QuasiDiagBlock(st[0], st[1], generator.kernel(name).mat_layout())
+            elif kind == "dense":
+                blocks[name] = DenseBlock(st)
+            else:
+                blocks[name] = DiagBlock(st)
+        return blocks
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """``{layer: block kind}``."""
+        return {n: b.kind for n, b in self.data.items()}
+
+    # ----- operations --------------------------------------------------------------------------
+    def _split(self, x: Tensor):
+        for name, (start, end) in self.layer_collection.offsets().items():
+            yield name, x[..., start:end]
+
+    def _apply(self, v: PVector, fn) -> PVector:
+        self._check_vector(v)
+        x = v.get_flat_representation()
+        return PVector(
+            self.layer_collection,
+            torch.cat([fn(self.data[n], xl) for n, xl in self._split(x)], dim=-1),
+        )
+
+    def mv(self, v: PVector) -> PVector:
+        return self._apply(v, lambda b, x: b.mm(x))
+
+    def trace(self) -> Tensor:
+        return sum(b.trace() for b in self.data.values())
+
+    def frobenius_norm(self) -> Tensor:
+        sq = sum(b.frob_sq() for b in self.data.values())
+        return sq.sqrt().to(self._dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(iter(next(iter(self.data.values())).tensors().values())).dtype
+
+    def get_diag(self) -> Tensor:
+        return torch.cat([self.data[e.name].diag() for e in self.layer_collection])
+
+    def to_torch(self) -> Tensor:
+        return torch.block_diag(*[self.data[e.name].dense() for e in self.layer_collection])
+
+    def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
+        regul = self._check_regul(regul)
+        return self._apply(v, lambda b, x: b.solve(x, regul))
+
+    def inv(self, regul: float = 1e-8) -> PMatLayerwise:
+        regul = self._check_regul(regul)
+        return self._new({n: b.inv(regul) for n, b in self.data.items()})
+
+    def pow(self, exponent: float, regul: float = 0.0) -> PMatLayerwise:
+        """``M^exponent`` blockwise, damped like :meth:`solve` (KFAC: π-corrected factors)."""
+        regul = self._check_regul(regul)
+        return self._new({n: b.pow(float(exponent), regul) for n, b in self.data.items()})
+
+    def _new(self, data: dict[str, Block]) -> PMatLayerwise:
+        out = type(self)(self.layer_collection, data=data, kfac_approx=self.kfac_approx)
+        out.paths = self.paths
+        return out
+
+    def __add__(self, other: PMatAbstract) -> PMatLayerwise:
+        self._same(other, "+")
+        return self._new({n: b.combine(other.data[n], 1.0) for n, b in self.data.items()})
+
+    def __sub__(self, other: PMatAbstract) -> PMatLayerwise:
+        self._same(other, "-")
+        return self._new({n: b.combine(other.data[n], -1.0) for n, b in self.data.items()})
+
+    def __mul__(self, x: float) -> PMatLayerwise:
+        if isinstance(x, Tensor) and x.dim() == 0:
+            x = x.item()
+        if not isinstance(x, (int, float)):
+            return NotImplemented
+        return self._new({n: b.scaled(float(x)) for n, b in self.data.items()})
+
+    __rmul__ = __mul__
