@@ -79,18 +79,18 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Cross-attention, sequence first: queries from the first 3 steps, keys and values from the
-    last 3, a float attention mask and a key-padding mask read off the data (the first key is
+    """Cross-attention, sequence first: queries from the first 2 steps, keys and values from the
+    last 4, a float attention mask and a key-padding mask read off the data (the first key is
     always attended)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.att = nn.MultiheadAttention(4, 2)
         self.head = nn.Linear(4, 3)
-        self.register_buffer("bias", torch.linspace(-1.0, 1.0, 9).reshape(3, 3))
+        self.register_buffer("bias", torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
 
     def forward(self, x):
-        q, kv = x[:, :3].transpose(0, 1), x[:, 3:].transpose(0, 1)
+        q, kv = x[:, :2].transpose(0, 1), x[:, 2:].transpose(0, 1)
         pad = kv[..., 0].t() > 0.8
         pad[:, 0] = False
         pad = torch.zeros(pad.shape, dtype=x.dtype).masked_fill(pad, float("-inf"))

@@ -10,11 +10,14 @@ pixels) and pseudo-outputs k:
   ``ĝ = Σ_t g``: positions are aggregated first.
 
 Both are exact (equal to the layer's Fisher block) when every example has the same input ``ã``
-and ``T = 1``.
+and ``T = 1``. A kernel whose groups have different numbers of positions (attention's query and
+key projections, ``L ≠ S``) pads them with zeros to one ``T`` and says how many are real
+(``group_positions``); ``T`` above is then each group's own.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fimntk.engine.generator.accumulators import (
@@ -39,7 +42,7 @@ class KronAcc(Accumulator):
         self.approx = approx
         self.a: Tensor | None = None
         self.g: Tensor | None = None
-        self.t = 1
+        self.t: Tensor | None = None  # positions per group (G,), of the last batch
         self.bias = False
         self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
@@ -49,10 +52,10 @@ class KronAcc(Accumulator):
         reduce = self.approx == "reduce"
         if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
             a = kernel.inputs(x)
-            self.t = a.shape[2]
-            if reduce and a.shape[2] > 1:
-                a = a.mean(dim=2, keepdim=True)
             grp, p = a.shape[1], a.shape[3]
+            self.t = _group_positions(kernel, x, a)
+            if reduce and a.shape[2] > 1:
+                a = a.sum(dim=2, keepdim=True) / self.t.reshape(1, grp, 1, 1)
             self.rows += a.shape[0] * a.shape[2]
             self.bias = kernel.mat_layout().bias
             if self.a is None:  # the bordered matrix, filled in place (no second copy)
@@ -60,15 +63,15 @@ class KronAcc(Accumulator):
             sum_gram(a, self.a[:, :p, :p])
             if self.bias:
                 self.a[:, :p, p] += a.sum(dim=(0, 2))
-                self.a[:, p, p] += a.shape[0] * a.shape[2]
+                self.a[:, p, p] += a.shape[0] * (1 if a.shape[2] == 1 else self.t)
         g = kernel.output_grads(x, gy)
         if reduce and g.shape[3] > 1:
             g = g.sum(dim=3, keepdim=True)
         self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
-        t = 1 if self.approx == "reduce" else self.t
-        lower = self.a.shape[0] == 1 and t == 1
+        t = torch.ones_like(self.t) if self.approx == "reduce" else self.t
+        lower = self.a.shape[0] == 1 and bool((t == 1).all())
         a = self.a
         if self.bias:
             p = a.shape[1] - 1
@@ -76,5 +79,14 @@ class KronAcc(Accumulator):
             a[:, p, :p] = a[:, :p, p]
         else:
             finish_gram(a, lower)
-        g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(n * t)
+        g = finish_gram(self.g, lower).div_(n * t.reshape(-1, 1, 1))
         return a.div_(n), g
+
+
+def _group_positions(kernel, x, a: Tensor) -> Tensor:
+    """Real positions per group ``(G,)``: ``kernel.group_positions(x)`` where the kernel pads
+    groups, else ``T`` for every group of ``a (n, G, T, P)``."""
+    counts = getattr(kernel, "group_positions", None)
+    if counts is None:
+        return a.new_full((a.shape[1],), float(a.shape[2]))
+    return a.new_tensor([float(c) for c in counts(x)])

@@ -27,9 +27,10 @@ Layout of ``y`` (batch first, ``(n, ..., E)``):
   ``S' = S + 1`` when ``bias_k``/``bias_v`` are appended; the capture's input is
   :class:`AttentionInputs`.
 
-With packed weights and ``L = S'`` the three projections are the three groups of a
-``(3, E, E + 1)`` matrix view, so KFAC, EKFAC and the quasi-diagonal hold one Kronecker block per
-projection.
+With packed weights (and no ``bias_k``/``bias_v``) the three projections are the three groups
+of a ``(3, E, E + 1)`` matrix view, so KFAC, EKFAC and the quasi-diagonal hold one Kronecker
+block per projection; when ``L ≠ S`` the groups' positions are zero-padded to one length and
+:meth:`MultiheadAttentionKernel.group_positions` gives each group's own count.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ class MultiheadAttentionKernel(LayerKernel):
     # ----- the matrix view: one group per projection ---------------------------------------
     def mat_layout(self) -> MatLayout | None:
         """``(3, E, E + bias)`` for packed weights without ``bias_k``/``bias_v``; ``None``
-        (no Kronecker structure across the three) otherwise."""
+        otherwise (the three weights differ in width, or ``bias_k``/``bias_v`` lie outside)."""
         m = self.module
         if not m._qkv_same_embed_dim or m.bias_k is not None:
             return None
@@ -293,29 +294,39 @@ class MultiheadAttentionKernel(LayerKernel):
         return self.inputs(x), self.output_grads(x, gy)
 
     def inputs(self, x: Tensor | AttentionInputs) -> Tensor:
-        """``a (n, 3, T, E)``: the inputs of q, k and v (a broadcast view in
-        self-attention)."""
+        """``a (n, 3, T, E)``: the inputs of q, k and v (a broadcast view in self-attention),
+        with ``T = max(L, S)`` and zeros after a group's own positions (see
+        :meth:`group_positions`)."""
         if isinstance(x, Tensor):
             return x.unsqueeze(1).expand(x.shape[0], 3, *x.shape[1:])
-        self._same_positions(x)
-        return torch.stack([x.query, x.key, x.value], dim=1)
+        t = max(x.query.shape[1], x.key.shape[1])
+        return torch.stack([_pad_positions(a, t) for a in (x.query, x.key, x.value)], dim=1)
 
     def output_grads(self, x: Tensor | AttentionInputs, gy: Tensor) -> Tensor:
-        """``g (K, n, 3, T, E)``."""
+        """``g (K, n, 3, T, E)``, zero-padded like :meth:`inputs`."""
         k, n, e = gy.shape[0], gy.shape[1], self.module.embed_dim
         if isinstance(x, Tensor):
             return gy.reshape(k, n, -1, 3, e).transpose(2, 3)
-        self._same_positions(x)
-        return gy.reshape(k, n, 3, -1, e)
+        if x.query.shape[1] == x.key.shape[1]:
+            return gy.reshape(k, n, 3, -1, e)
+        t = max(x.query.shape[1], x.key.shape[1])
+        return torch.stack([_pad_positions(g, t, dim=2) for _, g in self.sites(x, gy)], dim=2)
+
+    def group_positions(self, x: Tensor | AttentionInputs) -> tuple[int, int, int]:
+        """Real positions of the q, k and v groups: ``(L, S, S)``."""
+        if isinstance(x, Tensor):
+            return (x.shape[1],) * 3
+        return x.query.shape[1], x.key.shape[1], x.value.shape[1]
 
     def positions(self, x: Tensor | AttentionInputs) -> int:
-        return x.shape[1]
+        return max(self.group_positions(x))
 
-    @staticmethod
-    def _same_positions(x: AttentionInputs) -> None:
-        if x.key.shape[1] != x.query.shape[1]:
-            raise InvalidInputError(
-                f"cross-attention with {x.query.shape[1]} query and {x.key.shape[1]} key "
-                "positions has no (3, E, E+1) matrix view: use a representation without "
-                "Kronecker factors for this layer (diag, block-diag, dense, implicit)"
-            )
+
+def _pad_positions(t: Tensor, length: int, dim: int = 1) -> Tensor:
+    """``t`` with zeros appended along ``dim`` up to ``length`` positions."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -268,7 +268,7 @@ def functional_io(model: nn.Module, x: torch.Tensor, weight: torch.Tensor):
 
 
 def attention_a_j(model: nn.Module, x: torch.Tensor, module: nn.Module):
-    """``a (n, 3, T, E)`` and ``J (n, c, 3, T, E)`` of the q/k/v projections of a packed
+    """``[a (n, T_p, E)]`` and ``[J (n, c, T_p, E)]`` of the q, k and v projections of a packed
     attention module, read off torch's own ``F.linear`` calls; and the logits."""
     e = module.embed_dim
     calls, logits = functional_io(model, x, module.in_proj_weight)
@@ -277,7 +277,7 @@ def attention_a_j(model: nn.Module, x: torch.Tensor, module: nn.Module):
         for r in range(jac.shape[-1] // e):
             a[first // e + r] = inp
             j[first // e + r] = jac[..., r * e : (r + 1) * e]
-    return torch.stack(a, dim=1), torch.stack(j, dim=2), logits
+    return a, j, logits
 
 
 def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -316,13 +316,15 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def layer_a_g(model: nn.Module, x: torch.Tensor, module: nn.Module, variant: str):
     """``ã (n, groups, T, cols)`` (inputs with the bias 1) and ``G_i = J_tᵀ H J_s`` pieces:
-    returns ``(ã, J (n, c, groups, T, q), H (n, c, c))``."""
+    returns ``([ã_γ (n, 1, T_γ, cols)], [J_γ (n, c, 1, T_γ, q)], H (n, c, c))`` per group γ
+    (attention's query and key projections may have different numbers of positions)."""
     view = view_of(module)
     if isinstance(module, nn.MultiheadAttention):
-        a, j, logits = attention_a_j(model, x, module)
+        a_s, j_s, logits = attention_a_j(model, x, module)
         if view.bias:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        return a, j, ref.output_fisher(logits, variant)
+            a_s = [torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) for a in a_s]
+        a_s, j_s = [a[:, None] for a in a_s], [j[:, :, None] for j in j_s]
+        return a_s, j_s, ref.output_fisher(logits, variant)
     if type(module).__name__ == "NonDynamicallyQuantizableLinear":  # called functionally
         [(_, inp, jac)], logits = functional_io(model, x, module.weight)
     else:
@@ -343,7 +345,7 @@ def layer_a_g(model: nn.Module, x: torch.Tensor, module: nn.Module, variant: str
         j = jac.reshape(n, c, view.groups, view.q, -1).transpose(3, 4)
     if view.bias:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-    return a, j, h
+    return list(a.split(1, dim=1)), list(j.split(1, dim=2)), h
 
 
 def kfac_factors(
@@ -364,15 +366,19 @@ def kfac_factors(
     """
     a_tot, g_tot, n = 0, 0, 0
     for batch in loader:
-        a, j, h = layer_a_g(model, batch[0], module, variant)
-        t = a.shape[2]
-        if approx == "reduce":
-            a = a.mean(dim=2, keepdim=True)
-            j = j.sum(dim=3, keepdim=True)
-            t = 1
-        a_tot = a_tot + torch.einsum("ngtp,ngtr->gpr", a, a)
-        g_tot = g_tot + torch.einsum("ncgtq,ncd,ndgts->gqs", j, h, j) / t
-        n += a.shape[0]
+        a_s, j_s, h = layer_a_g(model, batch[0], module, variant)
+        a_b, g_b = [], []
+        for a, j in zip(a_s, j_s):
+            t = a.shape[2]
+            if approx == "reduce":
+                a = a.mean(dim=2, keepdim=True)
+                j = j.sum(dim=3, keepdim=True)
+                t = 1
+            a_b.append(torch.einsum("ngtp,ngtr->gpr", a, a))
+            g_b.append(torch.einsum("ncgtq,ncd,ndgts->gqs", j, h, j) / t)
+        a_tot = a_tot + torch.cat(a_b)
+        g_tot = g_tot + torch.cat(g_b)
+        n += batch[0].shape[0]
     return a_tot / n, g_tot / n
 
 
