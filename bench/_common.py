@@ -102,6 +102,65 @@ def cnn_small() -> nn.Module:
     )
 
 
+class _BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the identity (or a 1x1 conv-BN shortcut), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(c_out)
+        self.c2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(c_out)
+        self.short = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(h)) + self.short(x))
+
+
+def resnet8() -> nn.Module:
+    """CIFAR ResNet-8: a 16-channel stem, one basic block per stage (16, 32, 64), BatchNorm
+    (evaluated with running statistics), average pooling, a Linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        _BasicBlock(16, 16, 1),
+        _BasicBlock(16, 32, 2),
+        _BasicBlock(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+class _Encoder(nn.Module):
+    """Linear 16→64 on each of the 32 steps, two ``nn.TransformerEncoderLayer`` (d = 64, 4
+    heads, feed-forward 128, batch first), mean over the steps, Linear 64→10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 64)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True) for _ in range(2)
+        )
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(dim=1))
+
+
+def transformer_encoder() -> nn.Module:
+    return _Encoder()
+
+
 @dataclass(frozen=True)
 class Workload:
     """A model and generated data (``torch.randn`` inputs, uniform labels; fixed seeds)."""
@@ -149,7 +208,25 @@ W3 = Workload(
 W4 = Workload(
     "W4", "NTK of W1's MLP on 200 examples (2000x2000 Gram)", 200, 200, (64,), 10, mlp_small
 )
-WORKLOADS = {w.name: w for w in (W1, W2, W3, W4)}
+W5 = Workload(
+    "W5",
+    "ResNet-8 16-32-64, BatchNorm eval, residual, on 3x32x32 (78,042 params)",
+    256,
+    64,
+    (3, 32, 32),
+    10,
+    resnet8,
+)
+W6 = Workload(
+    "W6",
+    "2 TransformerEncoderLayer d=64 4 heads ff=128, 32 steps of 16 (68,682 params)",
+    256,
+    64,
+    (32, 16),
+    10,
+    transformer_encoder,
+)
+WORKLOADS = {w.name: w for w in (W1, W2, W3, W4, W5, W6)}
 
 
 def weight_mask(model: nn.Module) -> Tensor:
