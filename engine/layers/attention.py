@@ -173,14 +173,14 @@ def attention_forward(
     split = lambda t: t.reshape(n, t.shape[1], heads, d_h).transpose(1, 2)  # noqa: E731
     qh, kh, vh = split(q), split(k), split(v)
     mask = _scores_mask(attn_mask, pad_mask, n, heads)
+    # the math kernel, written out: forward-mode AD and double backward run through it (the
+    # fused CPU kernels of F.scaled_dot_product_attention have neither)
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(d_h)
+    weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+    ctx = weights @ vh
+    returned = None
     if call["need_weights"]:
-        scores = qh @ kh.transpose(-1, -2) / math.sqrt(d_h)
-        weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
-        ctx = weights @ vh
         returned = weights.mean(dim=1) if call["average_attn_weights"] else weights
-    else:
-        ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-        returned = None
     out = m.out_proj(ctx.transpose(1, 2).reshape(n, length, e))
     return (out if m.batch_first else out.transpose(0, 1)), returned
 

@@ -49,11 +49,13 @@ def _jv_by_double_backward(
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         out = f(params)
         u = torch.zeros_like(out, requires_grad=True)
+        # scalars differentiated, no grad_outputs: torch checks those with its symbolic
+        # shapes, whose first use imports sympy (about a second)
         grads = torch.autograd.grad(
-            out, list(params.values()), u, create_graph=True, allow_unused=True
+            (out * u).sum(), list(params.values()), create_graph=True, allow_unused=True
         )
         pairs = [(g, tangent[k]) for g, k in zip(grads, params) if g is not None]
-        jv = torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs])[0]
+        jv = torch.autograd.grad(sum((g * t).sum() for g, t in pairs), u)[0]
     return out.detach(), jv
 
 
