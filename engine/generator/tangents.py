@@ -23,6 +23,7 @@ automatic differentiation, Griewank & Walther (2008), "Evaluating Derivatives", 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,12 +49,15 @@ class TangentCapture:
         modules: ``{layer: module}`` whose parameter tangents the hooks add.
         tangents: ``{layer: {attribute: tangent}}`` (e.g. ``{"weight": tW, "bias": tb}``).
         input_linear: layers linear in their input, whose input tangent the hooks carry.
+        input_maps: ``{layer: map}`` for layers affine in their input (BatchNorm in eval mode):
+            the hooks carry the input tangent as ``map(t_x)``.
         counted: ``{layer: module}`` whose calls are only counted (to detect reuse).
     """
 
     modules: dict[str, nn.Module]
     tangents: dict[str, dict[str, Tensor]]
     input_linear: set[str] = field(default_factory=set)
+    input_maps: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
     counted: dict[str, nn.Module] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     _inside: bool = False
@@ -62,7 +66,7 @@ class TangentCapture:
 
     def __enter__(self) -> TangentCapture:
         for name, module in self.modules.items():
-            if name in self.input_linear:
+            if name in self.input_linear or name in self.input_maps:
                 self._handles.append(
                     module.register_forward_pre_hook(self._strip(name), with_kwargs=True)
                 )
@@ -105,7 +109,9 @@ class TangentCapture:
             try:
                 with torch.no_grad():
                     own = functional_call(module, self.tangents[name], args, kwargs)
-                    if t_in is not None:  # L_W(t_x): the module with a zero bias
+                    if t_in is not None and name in self.input_maps:
+                        own = own.add_(self.input_maps[name](t_in))
+                    elif t_in is not None:  # L_W(t_x): the module with a zero bias
                         bias = getattr(module, "bias", None)
                         zero = {} if bias is None else {"bias": torch.zeros_like(bias)}
                         own = own.add_(functional_call(module, zero, (t_in, *args[1:]), kwargs))

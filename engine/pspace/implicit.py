@@ -136,7 +136,14 @@ class PMatImplicit(PMatAbstract):
                     for pn in e.param_names()
                 ]
                 linear = {nm for nm in hooked if gen._kernels[nm].input_linear}
-                capture = TangentCapture(hooked, per_layer, linear, counted=gen._modules)
+                maps = {
+                    nm: k.input_tangent
+                    for nm, k in gen._kernels.items()
+                    if nm in hooked and hasattr(k, "input_tangent")
+                }
+                capture = TangentCapture(
+                    hooked, per_layer, linear, input_maps=maps, counted=gen._modules
+                )
                 with fwad.dual_level(), capture:
                     if dual:
                         swap = {
