@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.linalg import add_lower_gram, symmetrize_lower
 

@@ -11,7 +11,7 @@ from fimntk.engine.generator.accumulators import (
     mat_grads,
     one_position,
 )
-from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
 from fimntk.engine.layers.layout import MatLayout
 
 

@@ -22,7 +22,7 @@ from fimntk.engine.generator.accumulators import (
     finish_gram,
     sum_gram,
 )
-from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
 
 KFAC_APPROX = ("expand", "reduce")
 

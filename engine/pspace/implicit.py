@@ -26,12 +26,11 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
-from fimntk.engine.generator.hooks import ForwardCapture
-from fimntk.engine.generator.jacobian import Jacobian, check_finite, weighted_grad
+from fimntk.engine.generator.batch_jacobian import check_finite, weighted_grad
+from fimntk.engine.generator.jacobian import Jacobian
 from fimntk.engine.generator.tangents import TangentCapture
 from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.vector import PVector
@@ -99,7 +98,7 @@ class PMatImplicit(PMatAbstract):
         self._replay()
         gen = self.generator
         for raw in self.examples:
-            yield gen._prepare(raw)
+            yield gen.prepare(raw)
 
     def _jv(self, batch: tuple, tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs ``(n, c)`` and ``J v`` ``(n, c)`` by forward-mode AD.
@@ -116,7 +115,7 @@ class PMatImplicit(PMatAbstract):
         named = dict(gen.model.named_parameters(remove_duplicate=False))
         try:
             while True:
-                hooked = {nm: gen._modules[nm] for nm in gen._kernels}
+                hooked = gen.hooked_modules()
                 per_layer = {
                     nm: {
                         attr: tangent[pn]
@@ -133,33 +132,30 @@ class PMatImplicit(PMatAbstract):
                     if e.name not in hooked
                     for pn in e.param_names()
                 ]
-                linear = {nm for nm in hooked if gen._kernels[nm].input_linear}
-                capture = TangentCapture(hooked, per_layer, linear, counted=gen._modules)
+                linear = {nm for nm in hooked if gen.kernel(nm).input_linear}
+                capture = TangentCapture(hooked, per_layer, linear, counted=gen.layer_modules)
                 with fwad.dual_level(), capture:
                     if dual:
-                        swap = {
-                            f"model.{pn}": fwad.make_dual(named[pn], tangent[pn]) for pn in dual
-                        }
-                        out = functional_call(gen._wrapper, swap, batch)
+                        swap = {pn: fwad.make_dual(named[pn], tangent[pn]) for pn in dual}
+                        out = gen.call_with(swap, batch)
                     else:
                         out = gen.function(*batch)
                     out, jv = fwad.unpack_dual(out)
                 demote = {nm for nm in hooked if capture.calls.get(nm, 0) != 1}
                 if not demote:
                     break
-                for nm in demote:  # called twice or never: forward mode through its params
-                    gen._kernels.pop(nm)
+                # called twice or never: forward mode through its params
+                gen.move_to_fallback(demote)
         except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError) as err:
             primals = {k: named[k].detach() for k in tangent}
 
             def f(p):
-                return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()}, batch)
+                return gen.call_with(p, batch)
 
             try:
                 out, jv = _jv_by_double_backward(f, primals, tangent)
             except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
-                with torch.no_grad():  # bad input: the generator's forward names the fix
-                    gen._forward(batch, ForwardCapture({}))
+                gen.check_forward(batch)  # bad input: the generator's forward names the fix
                 try:
                     jv = self._jv_by_per_example_grads(batch, tangent)
                 except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
@@ -196,7 +192,7 @@ class PMatImplicit(PMatAbstract):
         }
         parts = []
         with torch.enable_grad():
-            for bj in raw._run_batch(batch):
+            for bj in raw.run_batch(batch):
                 part = None
                 for e in self.layer_collection:
                     g = bj.layer_grads(e.name).detach()  # (K, n, d_l)
