@@ -190,8 +190,8 @@ def add_partials(parts: Sequence[Partial]) -> Partial:
     count = sum(p.count for p in parts)
     extra = {k: _sum([p.extra[k] for p in parts]) for k in first.extra}
     if isinstance(first.matrix, PMatLowRank):
-        rows = torch.cat([p.matrix.data for p in parts])
-        return Partial(PMatLowRank(first.matrix.layer_collection, data=rows), count, extra)
+        stacked = torch.cat([p.matrix.data for p in parts])
+        return Partial(PMatLowRank(first.matrix.layer_collection, data=stacked), count, extra)
     each = [_additive(p.matrix) for p in parts]
     if any(set(e) != set(each[0]) for e in each):
         raise InvalidInputError("partials hold different statistics: shards of different jobs?")

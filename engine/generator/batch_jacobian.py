@@ -4,6 +4,8 @@ layers plus the ``torch.func`` layers' Jacobians; kernels turn them into per-lay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
@@ -14,7 +16,7 @@ from fimntk.engine.layers import LayerKernel
 
 
 def weighted_grad(
-    out: Tensor, inputs: list[Tensor | GradientEdge], weight: Tensor, retain_graph: bool = False
+    out: Tensor, inputs: Sequence[Tensor | GradientEdge], weight: Tensor, retain_graph: bool = False
 ) -> tuple:
     """``∂⟨w, out⟩/∂inputs`` (a vector-Jacobian product), ``None`` for an unused input.
 
@@ -23,7 +25,10 @@ def weighted_grad(
     (seconds, and tens of MB of resident memory) — a cost no FIM should pay.
     """
     return torch.autograd.grad(
-        (out * weight).sum(), inputs, retain_graph=retain_graph, allow_unused=True
+        (out * weight).sum(),
+        inputs,  # type: ignore[arg-type]  # torch's stub refuses a mix of tensors and edges
+        retain_graph=retain_graph,
+        allow_unused=True,
     )
 
 

@@ -60,9 +60,11 @@ class EigenDiagAcc(Accumulator):
     def result(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
         """``s`` ``(G, Q, R)``; for a thin basis ``(s, rest)``, ``rest`` the energy outside the
         basis per dimension (0 when it is below the rounding of the total)."""
+        assert self.s is not None, "no batch was accumulated"
         s = self.s.div_(n)
         if not self.thin:
             return s
+        assert self.energy is not None
         total = self.energy / n
         outside = total - s.sum()
         eps = torch.finfo(s.dtype).eps

@@ -5,7 +5,7 @@ pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ class TorchFuncFallback:
                 "Embedding(max_norm=...)) or that mix examples are not supported; leave them "
                 "out with layer_collection=LayerCollection.from_model(model).sub([...])"
             ) from err
+        assert jac is not None
         out = {}
         for name in names:
             parts = [
@@ -85,7 +86,7 @@ class TorchFuncFallback:
         return out
 
     @staticmethod
-    def _check_fallback(jac: dict[str, Tensor], out: Tensor, named: dict[str, Tensor]) -> bool:
+    def _check_fallback(jac: dict[str, Tensor], out: Tensor, named: Mapping[str, Tensor]) -> bool:
         """Whether the per-example Jacobians ``{param: (n, c, *shape)}`` add up to the batch's.
 
         For a random ``r`` of shape ``(n, c)``, ``Σ_i r_iᵀ J_i`` must equal ``∂⟨r, out⟩/∂θ``

@@ -9,6 +9,7 @@ hands a copy downstream and keeps the original.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ def count_calls(
     """Forward hooks adding each call of a module of ``counted`` (not in ``skip``, whose own
     hooks count) to ``calls``; the handles, to remove."""
 
-    def counter(name: str):
+    def counter(name: str) -> Callable[..., None]:
         def hook(module, inputs, output):
             calls[name] = calls.get(name, 0) + 1
 
@@ -63,7 +64,10 @@ class Capture:
     @property
     def target(self) -> GradientEdge | Tensor:
         """What ``torch.autograd.grad`` differentiates with respect to to get ``∂/∂y``."""
-        return self.y if self.edge is None else self.edge
+        if self.edge is not None:
+            return self.edge
+        assert self.y is not None, "the output was released"
+        return self.y
 
     def zeros(self, *lead: int) -> Tensor:
         """A zero output gradient, ``(*lead, *y.shape)``."""
@@ -95,12 +99,12 @@ class ForwardCapture:
         self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _capture_hook(self, name: str):
+    def _capture_hook(self, name: str) -> Callable[..., None]:
         def hook(module, args, kwargs, output):
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0] if args else next(iter(kwargs.values()), None)

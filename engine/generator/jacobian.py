@@ -99,7 +99,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     # ----- layer paths ---------------------------------------------------------------------
     # ----- batches -------------------------------------------------------------------------
-    def _prepare(self, batch) -> tuple:
+    def _prepare(self, batch: object) -> tuple:
         if isinstance(batch, Tensor):
             batch = (batch,)
         elif isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
@@ -129,7 +129,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             ) from err
         return self.check_outputs(out)
 
-    def check_outputs(self, out) -> Tensor:
+    def check_outputs(self, out: Tensor) -> Tensor:
         """Validate the model's outputs: an ``(n, c)`` finite tensor (``(n,)`` becomes
         ``(n, 1)``) with ``c = n_output`` when given."""
         if not isinstance(out, Tensor):
@@ -173,9 +173,10 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 if k == 1:
                     stacked[j] = g.unsqueeze(0)
                     continue
-                if stacked[j] is None:  # written in place: no list of K copies, then a stack
-                    stacked[j] = g.new_empty(k, *g.shape)
-                stacked[j][i] = g
+                slot = stacked[j]
+                if slot is None:  # written in place: no list of K copies, then a stack
+                    slot = stacked[j] = g.new_empty(k, *g.shape)
+                slot[i] = g
         return stacked
 
     def _forward_batch(self, batch: tuple) -> tuple[Tensor, Tensor, ForwardCapture]:
@@ -299,9 +300,10 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     def get_covariance_matrix(self, loader: Iterable) -> Tensor:
         """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
-        total = None
+        total: Tensor | None = None
         for bj in self.batches(loader, "dense"):
             total = add_lower_gram(total, bj.grads().reshape(-1, self.layer_collection.numel()))
+        assert total is not None, "batches() refuses an empty loader"
         total = symmetrize_lower(total).div_(self.n_examples)
         check_finite(torch.diagonal(total), "Fisher")  # a NaN/inf in J reaches the diagonal
         return total
@@ -315,6 +317,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 views = total.split([e.numel for e in self.layer_collection])
             for e, view in zip(self.layer_collection, views):
                 bj.add_layer_sq_sum(e.name, view)
+        assert total is not None, "batches() refuses an empty loader"
         return check_finite(total.div_(self.n_examples), "Fisher diagonal")
 
     def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:
@@ -352,7 +355,8 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
     def get_mean_gradient(self, loader: Iterable) -> Tensor:
         """``(1/n) Σ_{i,k} g_{k,i}``: ``(d,)``, one ordinary backward pass per batch."""
         params = self.layer_collection.parameters(self.model)
-        total, n = None, 0
+        total: Tensor | None = None
+        n = 0
         for raw in loader:
             batch = self._prepare(raw)
             out = self._forward(batch, ForwardCapture({}))
@@ -366,7 +370,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             )
             total = flat if total is None else total + flat
             n += out.shape[0]
-        if n == 0:
+        if total is None:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         return check_finite(total / n, "mean gradient")
 
@@ -379,9 +383,11 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         accs = None if callable(accumulators) else accumulators
         for bj in self.batches(loader, stage):
             if accs is None:
+                assert callable(accumulators)
                 accs = accumulators()
             for acc in accs:
                 acc.update(bj)
+        assert accs is not None, "batches() refuses an empty loader"
         out = {acc.name: acc.result(self.n_examples) for acc in accs}
         for name, stat in out.items():
             for t in stat if isinstance(stat, tuple) else (stat,):
@@ -436,12 +442,10 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             batch = self._prepare(raw)
             with torch.no_grad():
                 out = self._forward(batch, ForwardCapture({}))
-            state = None
             sampler = getattr(self.pseudo_outputs, "generator", None)
-            if sampler is not None:
-                state = sampler.get_state()
+            state = None if sampler is None else sampler.get_state()
             k = self.pseudo_outputs(out, batch).shape[0]
-            if state is not None:
+            if sampler is not None:
                 sampler.set_state(state)
             return out.shape[1], k
         raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")

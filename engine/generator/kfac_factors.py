@@ -15,14 +15,18 @@ and ``T = 1``.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor
 
+from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.accumulators import (
     Accumulator,
     finish_gram,
     sum_gram,
 )
 from fimntk.engine.generator.batch_jacobian import BatchJacobian
+from fimntk.engine.layers.outer_product import OuterKernel
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -44,7 +48,7 @@ class KronAcc(Accumulator):
         self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
     def update(self, bj: BatchJacobian) -> None:
-        kernel = bj.kernels[self.name]
+        kernel = cast(OuterKernel, bj.kernels[self.name])  # KFAC layers are outer-product ones
         x, gy = bj.captured[self.name]
         reduce = self.approx == "reduce"
         if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
@@ -54,7 +58,9 @@ class KronAcc(Accumulator):
                 a = a.mean(dim=2, keepdim=True)
             grp, p = a.shape[1], a.shape[3]
             self.rows += a.shape[0] * a.shape[2]
-            self.bias = kernel.mat_layout().bias
+            layout = kernel.mat_layout()
+            assert layout is not None, "KFAC layers have a matrix view"
+            self.bias = layout.bias
             if self.a is None:  # the bordered matrix, filled in place (no second copy)
                 self.a = a.new_zeros(grp, p + self.bias, p + self.bias)
             sum_gram(a, self.a[:, :p, :p])
@@ -68,8 +74,10 @@ class KronAcc(Accumulator):
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
         t = 1 if self.approx == "reduce" else self.t
-        lower = self.a.shape[0] == 1 and t == 1
+        if self.a is None or self.g is None:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         a = self.a
+        lower = a.shape[0] == 1 and t == 1
         if self.bias:
             p = a.shape[1] - 1
             finish_gram(a[:, :p, :p], lower)

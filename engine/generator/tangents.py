@@ -19,7 +19,9 @@ automatic differentiation, Griewank & Walther (2008), "Evaluating Derivatives", 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -65,12 +67,12 @@ class TangentCapture:
         self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _strip(self, name: str):
+    def _strip(self, name: str) -> Callable[..., Any]:
         def pre_hook(module, args, kwargs):
             if self._inside or not args or not isinstance(args[0], Tensor):
                 return None
@@ -82,7 +84,7 @@ class TangentCapture:
 
         return pre_hook
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[..., Any]:
         def hook(module, args, kwargs, output):
             if self._inside:  # the replays below
                 return None

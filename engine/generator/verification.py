@@ -92,7 +92,7 @@ class PathVerification:
         ys = [c.target for c in caps]
         params = [p for nm in names for _, p in self._kernels[nm].parameters()]
         grads = weighted_grad(
-            out, ys + params, torch.einsum("k,knc->nc", r, weights), retain_graph=True
+            out, [*ys, *params], torch.einsum("k,knc->nc", r, weights), retain_graph=True
         )
         gys, true = grads[: len(ys)], grads[len(ys) :]
         i, failed = 0, set()
@@ -109,7 +109,9 @@ class PathVerification:
             gy = c.zeros() if gy is None else gy
             hooked = kernel.grad_sum(c.x, gy.unsqueeze(0))
             tol = 1e-4 if ref.dtype == torch.float32 else 1e-9
-            if not torch.allclose(hooked, ref, rtol=tol * 10, atol=tol * (ref.abs().max() + 1)):
+            if not torch.allclose(
+                hooked, ref, rtol=tol * 10, atol=float(tol * (ref.abs().max() + 1))
+            ):
                 failed.add(nm)
         for nm in failed:
             self._kernels.pop(nm)

@@ -20,7 +20,7 @@ restored), so repeated operations see the same matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ MAX_DENSE_ELEMENTS = 1 << 28
 
 
 def _jv_by_double_backward(
-    f, primals: dict[str, Tensor], tangent: dict[str, Tensor]
+    f: Callable[[dict[str, Tensor]], Tensor], primals: dict[str, Tensor], tangent: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """``J v`` as the VJP of a VJP, for layers without forward-mode AD (e.g. fused attention,
     run here with the differentiable-twice math kernel)."""
@@ -64,12 +64,12 @@ class PMatImplicit(PMatAbstract):
     _per_example_jv = False
     _raw_jacobian: Jacobian | None = None
 
-    def _compute(self, generator, examples: Iterable) -> dict[str, Tensor]:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> dict[str, Tensor]:
         self.examples = examples
         sampler = getattr(generator.pseudo_outputs, "generator", None)
         self._sampler_state = sampler.get_state() if sampler is not None else None
         dataset = getattr(examples, "dataset", None)
-        self.n_examples = len(dataset) if hasattr(dataset, "__len__") else None
+        self.n_examples = len(dataset) if isinstance(dataset, Sized) else None
         return {"scale": torch.ones((), dtype=generator.dtype)}
 
     @property
@@ -190,14 +190,15 @@ class PMatImplicit(PMatAbstract):
             e.name: torch.cat([tangent[pn].reshape(-1) for pn in e.param_names()])
             for e in self.layer_collection
         }
-        parts = []
+        parts: list[Tensor] = []
         with torch.enable_grad():
             for bj in raw.run_batch(batch):
-                part = None
+                part: Tensor | None = None
                 for e in self.layer_collection:
                     g = bj.layer_grads(e.name).detach()  # (K, n, d_l)
                     term = g @ flat[e.name].to(g.dtype)
                     part = term if part is None else part.add_(term)
+                assert part is not None, "an empty layer collection is refused when built"
                 parts.append(part)
         return torch.cat(parts, dim=0).t()
 
@@ -223,14 +224,18 @@ class PMatImplicit(PMatAbstract):
 
     def vTMv(self, v: PVector) -> Tensor:
         tangent = self._tangent(v)
-        total, n = 0.0, 0
+        total: Tensor | None = None
+        n = 0
         with torch.no_grad():
             for batch in self._batches():
                 out, jv = self._jv(batch, tangent)
                 w = self.generator.pseudo_outputs(out, batch)
                 proj = torch.einsum("knc,nc->kn", w, jv)
-                total = total + (proj * proj).sum()
+                sq = (proj * proj).sum()
+                total = sq if total is None else total + sq
                 n += out.shape[0]
+        if total is None:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         return check_finite(total / n * self._scale, "vTMv")
 
     def mv(self, v: PVector) -> PVector:
@@ -239,7 +244,9 @@ class PMatImplicit(PMatAbstract):
         tangent = self._tangent(v)
         gen = self.generator
         params = self.layer_collection.parameters(gen.model)
-        total, n = None, 0
+        total: Tensor | None = None
+        views: tuple[Tensor, ...] = ()
+        n = 0
         for batch in self._batches():
             with torch.enable_grad():
                 out, jv = self._jv(batch, tangent)
@@ -256,6 +263,8 @@ class PMatImplicit(PMatAbstract):
                     view.add_(g.reshape(-1))
             del grads
             n += out.shape[0]
+        if total is None:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         total.div_(n).mul_(self._scale)
         return PVector(self.layer_collection, check_finite(total, "product F v"))
 
