@@ -189,7 +189,13 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             capture = ForwardCapture(fast, counted=self._modules, clone=self._clone)
             out = self._forward(batch, capture)
             demote = {n for n in fast if capture.calls.get(n, 0) != 1}
-            if demote:  # a layer called twice or never: its hooks cannot see all its uses
+            examples = out.shape[0]
+            demote |= {  # its first dimension does not index the examples (e.g. broadcast)
+                n
+                for n in set(fast) - demote
+                if not self._kernels[n].carries_examples(capture.captures[n][0].x, examples)
+            }
+            if demote:  # called twice or never, or not per example: the hooks cannot split it
                 for n in demote:
                     self._kernels.pop(n)
                 fast = {n: self._modules[n] for n in self._kernels}

@@ -77,24 +77,34 @@ class PathVerification:
                 self._forward_batch(batch)
 
     def _verify(self, out: Tensor, weights: Tensor, capture: ForwardCapture) -> None:
-        """Check that each hooked layer's parameters are used only by the layer's own forward:
-        on a random combination ``Σ_k r_k w_k`` of the pseudo-outputs, the hooks' summed gradient
-        must equal autograd's (one extra backward pass). A layer that fails (its weight also used
-        elsewhere) moves to the ``torch.func`` path. The outcome is remembered per model,
-        function and layer collection, so later metrics on the same model skip the check."""
+        """Check that each hooked layer's parameters are used only by the layer's own forward and
+        that its captured first dimension indexes the examples.
+
+        For a random combination ``u = Σ_k r_k w_k`` of the pseudo-outputs and per-example
+        weights ``s_i`` (0.5, 1, 2, 0.5, ...: powers of two scale exactly), the hooks'
+        ``Σ_i s_i g_i``, per-example gradients of ``⟨u_i, out_i⟩`` split off the captured output
+        gradient, must equal autograd's gradient of ``Σ_i s_i ⟨u_i, out_i⟩`` (two extra backward
+        passes). A layer whose weight is also used elsewhere fails through the sum; a layer
+        whose rows are shared by the examples (a broadcast, a layer applied to a parameter whose
+        first dimension happens to be n) fails through ``s``, since its output rows feed every
+        example. A failing layer moves to the ``torch.func`` path. The outcome is remembered per
+        model, function and layer collection, so later metrics on the same model skip the check.
+        """
         key = self._verify_key()
         if self._apply_known(key):
             return
         gen = torch.Generator().manual_seed(0)
         r = torch.randn(weights.shape[0], generator=gen, dtype=weights.dtype).to(weights.device)
+        # powers of two: scaling by them is exact, so a model computing in a lower precision
+        # inside (e.g. an RMSNorm in float32) rounds both passes alike
+        s = 2.0 ** (torch.arange(out.shape[0], device=out.device) % 3 - 1).to(weights.dtype)
         names = list(self._kernels)
         caps = [capture.captures[nm][0] for nm in names]
         ys = [c.target for c in caps]
         params = [p for nm in names for _, p in self._kernels[nm].parameters()]
-        grads = weighted_grad(
-            out, [*ys, *params], torch.einsum("k,knc->nc", r, weights), retain_graph=True
-        )
-        gys, true = grads[: len(ys)], grads[len(ys) :]
+        u = torch.einsum("k,knc->nc", r, weights)
+        gys = weighted_grad(out, ys, u, retain_graph=True)
+        true = weighted_grad(out, params, s[:, None] * u, retain_graph=True)
         i, failed = 0, set()
         for nm, c, gy in zip(names, caps, gys):
             kernel = self._kernels[nm]
@@ -107,7 +117,10 @@ class PathVerification:
             )
             i += len(kp)
             gy = c.zeros() if gy is None else gy
-            hooked = kernel.grad_sum(c.x, gy.unsqueeze(0))
+            if not kernel.carries_examples(c.x, out.shape[0]):
+                failed.add(nm)
+                continue
+            hooked = kernel.grad_sum(c.x, kernel.scale_examples(gy, s).unsqueeze(0))
             tol = 1e-4 if ref.dtype == torch.float32 else 1e-9
             if not torch.allclose(
                 hooked, ref, rtol=tol * 10, atol=float(tol * (ref.abs().max() + 1))

@@ -48,6 +48,18 @@ class LayerKernel(ABC):
         """Raise an ``InvalidInputError`` when per-example gradients are not defined."""
         return None
 
+    def carries_examples(self, x: object, n: int) -> bool:
+        """Whether the captured input ``x`` holds the batch's ``n`` examples along its first
+        dimension, as the kernels read it. A layer applied to a tensor shared by the batch (BERT's
+        position embeddings looked up with a batch dimension of 1 and broadcast, a layer applied
+        to a parameter) does not: summing its gradient over the batch would be right, splitting it
+        per example is not, so it takes the ``torch.func`` path."""
+        return isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n
+
+    def scale_examples(self, gy: Tensor, s: Tensor) -> Tensor:
+        """The output gradient ``gy`` ``(n, ...)`` with example ``i`` scaled by ``s[i]``."""
+        return gy * s.reshape(-1, *([1] * (gy.dim() - 1))).to(gy.dtype)
+
     def parameters(self) -> list[tuple[str, Tensor]]:
         """The module's parameters handled here, ``(attribute, tensor)``, in engine order."""
         out: list[tuple[str, Tensor]] = []

@@ -1,7 +1,9 @@
 """Which kernel computes per-example gradients of which module type.
 
 A dict keyed by the exact module type: subclasses (which may override ``forward``) are not
-assumed to behave like their parent. A miss means the ``torch.func`` fallback path.
+assumed to behave like their parent; layers of libraries the engine does not import (Hugging
+Face ``transformers``) by their exact qualified name (:mod:`.hf`). A miss means the
+``torch.func`` fallback path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fimntk.engine.layers.conv import (
     ConvTransposeKernel,
 )
 from fimntk.engine.layers.embedding import EmbeddingKernel
+from fimntk.engine.layers.hf import KERNELS_BY_NAME, RMSNormKernel
 from fimntk.engine.layers.linear import LinearKernel
 from fimntk.engine.layers.norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
 
@@ -31,6 +34,7 @@ KERNELS: dict[type[nn.Module], type[LayerKernel]] = {
     nn.BatchNorm3d: BatchNormKernel,
     nn.GroupNorm: GroupNormKernel,
     nn.LayerNorm: LayerNormKernel,
+    nn.RMSNorm: RMSNormKernel,
 }
 
 
@@ -39,7 +43,8 @@ def kernel_for(module: nn.Module) -> LayerKernel | None:
 
     The fast path also requires every parameter of the module to require a gradient.
     """
-    cls = KERNELS.get(type(module))
+    kind = type(module)
+    cls = KERNELS.get(kind) or KERNELS_BY_NAME.get((kind.__module__, kind.__qualname__))
     if cls is None or not cls.supports(module):
         return None
     own = [p for _, p in module.named_parameters(recurse=False)]
