@@ -25,8 +25,9 @@ Partials travel as safetensors files in the format of :mod:`fimntk.engine.serial
 every symmetric matrix packed as its upper triangle (``d(d+1)/2`` numbers instead of ``d²``).
 
 The NTK Gram is not a sum over examples but a set of independent tiles
-``K[:, I_a, :, I_b]`` (Jacot et al. 2018); :func:`gram_tile` and :func:`gram_from_tiles` compute
-the upper-triangle tiles (``a ≤ b``) and mirror them.
+``K[:, I_a, :, I_b]`` (Jacot et al. 2018): :func:`gram_cross` computes an off-diagonal tile from
+the two blocks' per-layer factors, and :func:`gram_from_tiles` mirrors the upper-triangle tiles
+(``a ≤ b``) into the whole Gram.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from fimntk.engine.errors import InvalidInputError, SerializationError
 from fimntk.engine.estimators import _BLOCK, _as_operator, _check_int, _generator, _probes
+from fimntk.engine.generator import Identity, Jacobian
+from fimntk.engine.generator.jacobian import Progress
+from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.pspace import (
     PMatAbstract,
     PMatBlockDiag,
@@ -347,21 +351,49 @@ def tile_pairs(shards: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(shards) for b in range(a, shards)]
 
 
-def gram_tile(gram: Tensor, n_a: int, same: bool) -> Tensor:
-    """One tile of the Gram of two blocks of examples computed together.
+def gram_cross(
+    model: nn.Module,
+    rows: Iterable,
+    cols: Iterable,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """The off-diagonal tile ``K[:, I_a, :, I_b]`` of the NTK Gram, and nothing else.
+
+    Each block's per-layer factors (inputs and output gradients of every layer, for all c
+    outputs) are computed once per batch, then only the cross products
+    ``⟨∂f_k(x_i), ∂f_l(x_j)⟩`` for ``i ∈ I_a``, ``j ∈ I_b`` are formed (Novak et al. 2022's
+    structured products, as :func:`~fimntk.engine.metrics.GramMatrix` does for the whole Gram).
 
     Args:
-        gram: ``(c, n_a + n_b, c, n_a + n_b)``, the Gram of block a's examples followed by
-            block b's (or ``(c, n_a, c, n_a)`` when ``same``).
-        n_a: Examples of block a.
-        same: Whether the tile is on the diagonal (a = b).
+        model: The network.
+        rows: Loader of block a's examples.
+        cols: Loader of block b's examples.
+        device: Where batches go.
+        progress: ``progress(done, total, stage)`` callback.
 
     Returns:
-        ``K[:, I_a, :, I_b]``, shape ``(c, n_a, c, n_b)``.
+        ``(c, n_a, c, n_b)``.
     """
-    if same:
-        return gram.contiguous()
-    return gram[:, :n_a, :, n_a:].contiguous()
+    lc = LayerCollection.from_model(model)
+    gen = Jacobian(model, lc, pseudo_outputs=Identity(), device=device, progress=progress)
+    left = list(gen.batches(rows, "gram", split=False))
+    right = list(gen.batches(cols, "gram", split=False))
+    if not left or not right:
+        raise InvalidInputError("a Gram tile needs examples on both sides")
+    k = left[0].k
+    n_a, n_b = sum(b.n for b in left), sum(b.n for b in right)
+    gram = torch.zeros(k, n_a, k, n_b, dtype=left[0].dtype, device=left[0].device)
+    i = 0
+    for b1 in left:
+        j = 0
+        for b2 in right:
+            block = gram[:, i : i + b1.n, :, j : j + b2.n]
+            for e in lc:
+                b1.add_layer_gram(e.name, b2, block)
+            j += b2.n
+        i += b1.n
+    return gram
 
 
 def gram_from_tiles(tiles: dict[tuple[int, int], Tensor], bounds: Sequence[int]) -> Tensor:

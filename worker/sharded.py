@@ -514,13 +514,14 @@ def _tile_task(
     """NTK: one upper-triangle tile ``K[:, I_a, :, I_b]``, ``a ≤ b``."""
     shards = len(plan["bounds"]) - 1
     a, b = partials.tile_pairs(shards)[index]
-    rows = _indexes(plan, a)
-    indexes = rows + (_indexes(plan, b) if a != b else [])
-    loader = _shard_loader(runner, record.spec, indexes)
+    rows = _shard_loader(runner, record.spec, _indexes(plan, a))
     progress.stage("gram tile")
     model = runner._model(record.spec)
-    gram = engine.GramMatrix(model, loader, device=runner.device, progress=progress).data
-    tile = partials.gram_tile(gram, len(rows), a == b)
+    if a == b:
+        tile = engine.GramMatrix(model, rows, device=runner.device, progress=progress).data
+    else:
+        cols = _shard_loader(runner, record.spec, _indexes(plan, b))
+        tile = partials.gram_cross(model, rows, cols, runner.device, progress)
     if a == b:  # symmetric: its upper triangle only
         c, n = tile.shape[:2]
         payload = {"packed": partials.pack_symmetric(tile.reshape(c * n, c * n))}
