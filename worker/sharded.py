@@ -116,8 +116,19 @@ def _examples(runner: JobRunner, spec: dict[str, Any]) -> int:
     return len(dataset)
 
 
+#: The last dataset a task of this process read: the tasks of one job share it (one entry, so
+#: a worker holds at most one dataset beyond what its current job uses).
+_last_loader: dict[str, DataLoader] = {}
+
+
 def _full_loader(runner: JobRunner, spec: dict[str, Any]) -> DataLoader:
-    return runner._loader(spec, DTYPES[spec["dtype"]], spec["metric"] == "empirical_fim")
+    key = json.dumps([spec["dataset"], spec["dtype"], spec["metric"]], sort_keys=True)
+    loader = _last_loader.get(key)
+    if loader is None:
+        loader = runner._loader(spec, DTYPES[spec["dtype"]], spec["metric"] == "empirical_fim")
+        _last_loader.clear()
+        _last_loader[key] = loader
+    return loader
 
 
 def _shard_loader(runner: JobRunner, spec: dict[str, Any], indexes: list[int]) -> DataLoader:
