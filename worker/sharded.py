@@ -12,7 +12,8 @@ flow           stages (each depends on all tasks of the stage before)
 additive       S shard partials (dense, diag, blockdiag, quasidiag, kfac, mixed, lowrank) → final
 ekfac          S KFAC partials → reduce → S eigen tasks (layers spread by cost) → S partials
                of the corrected eigenvalues (if ``update_diag``) → final
-ntk            S(S+1)/2 upper-triangle Gram tiles → final (mirrored)
+ntk            S blocks' per-layer factors → S(S+1)/2 upper-triangle Gram tiles → final
+               (mirrored)
 implicit       S shards of each additive operation (per product or probe) → final
 =============  =================================================================================
 
@@ -88,7 +89,7 @@ def flow_of(spec: dict[str, Any]) -> str:
 def stages(flow: str, shards: int, update_diag: bool) -> list[int]:
     """Tasks per stage of a flow over ``shards`` shards; the last stage is the final task."""
     if flow == "ntk":
-        return [len(partials.tile_pairs(shards)), 1]
+        return [shards, len(partials.tile_groups(shards)), 1]
     if flow == "ekfac":
         return [shards, 1, shards, shards, 1] if update_diag else [shards, 1, shards, 1]
     return [shards, 1]
@@ -519,26 +520,38 @@ def _diag_task(
     _save_partial(runner, record.id, 3, index, partials.partial_of(rep, len(indexes)))
 
 
+def _factors_task(
+    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
+) -> None:
+    """NTK round 1: one block's per-layer factors (the forward and c backward passes)."""
+    loader = _shard_loader(runner, record.spec, _indexes(plan, index))
+    progress.stage("gram factors")
+    model = runner._model(record.spec)
+    factors = partials.gram_factors(model, loader, runner.device, progress)
+    _save_tensors(runner, record.id, 0, index, factors, {"block": index})
+
+
 def _tile_task(
     runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
 ) -> None:
-    """NTK: one upper-triangle tile ``K[:, I_a, :, I_b]``, ``a ≤ b``."""
+    """NTK round 2: one group of upper-triangle tiles ``K[:, I_a, :, I_b]``, ``a ≤ b``
+    (:func:`~fimntk.engine.partials.tile_groups`), each contracted from two blocks' factors."""
     shards = len(plan["bounds"]) - 1
-    a, b = partials.tile_pairs(shards)[index]
-    rows = _shard_loader(runner, record.spec, _indexes(plan, a))
-    progress.stage("gram tile")
+    progress.stage("gram tiles")
     model = runner._model(record.spec)
-    if a == b:
-        tile = engine.GramMatrix(model, rows, device=runner.device, progress=progress).data
-    else:
-        cols = _shard_loader(runner, record.spec, _indexes(plan, b))
-        tile = partials.gram_cross(model, rows, cols, runner.device, progress)
-    if a == b:  # symmetric: its upper triangle only
-        c, n = tile.shape[:2]
-        payload = {"packed": partials.pack_symmetric(tile.reshape(c * n, c * n))}
-    else:
-        payload = {"tile": tile}
-    _save_tensors(runner, record.id, 0, index, payload, {"a": a, "b": b, "c": tile.shape[0]})
+    payload: dict[str, torch.Tensor] = {}
+    for a, b in partials.tile_groups(shards)[index]:
+        progress.check()
+        rows, _ = _load_tensors(runner, record.id, 0, a)
+        cols = None if a == b else _load_tensors(runner, record.id, 0, b)[0]
+        tile = partials.gram_tile(model, rows, cols, runner.device)
+        if a == b:  # symmetric: its upper triangle only
+            c, n = tile.shape[:2]
+            payload[f"{a}_{b}.packed"] = partials.pack_symmetric(tile.reshape(c * n, c * n))
+        else:
+            payload[f"{a}_{b}.tile"] = tile
+        c = tile.shape[0]
+    _save_tensors(runner, record.id, 1, index, payload, {"c": c})
 
 
 def _products_task(
@@ -575,7 +588,8 @@ _TASKS = {
     ("ekfac", 1): _reduce_task,
     ("ekfac", 2): _eigen_task,
     ("ekfac", 3): _diag_task,
-    ("ntk", 0): _tile_task,
+    ("ntk", 0): _factors_task,
+    ("ntk", 1): _tile_task,
     ("implicit", 0): _products_task,
 }
 
@@ -623,20 +637,21 @@ def _final(runner: JobRunner, record: JobRecord, plan: dict[str, Any], progress:
 
 
 def _gram(runner: JobRunner, record: JobRecord, plan: dict[str, Any]) -> torch.Tensor:
-    shards = len(plan["bounds"]) - 1
+    shard_bounds = plan["bounds"]
     tiles = {}
-    for index, (a, b) in enumerate(partials.tile_pairs(shards)):
-        tensors, meta = _load_tensors(runner, record.id, 0, index)
-        if (meta.get("a"), meta.get("b")) != (a, b):
-            raise IncompleteShardsError(f"tile {index} is not tile {(a, b)}")
-        if a == b:
-            c = int(meta["c"])
-            n = plan["bounds"][a + 1] - plan["bounds"][a]
-            full = partials.unpack_symmetric(tensors["packed"], c * n)
-            tiles[(a, b)] = full.reshape(c, n, c, n)
-        else:
-            tiles[(a, b)] = tensors["tile"]
-    return partials.gram_from_tiles(tiles, plan["bounds"])
+    for index, group in enumerate(partials.tile_groups(len(shard_bounds) - 1)):
+        tensors, meta = _load_tensors(runner, record.id, 1, index)
+        c = int(meta["c"])
+        for a, b in group:
+            if a == b:
+                n = shard_bounds[a + 1] - shard_bounds[a]
+                packed = tensors.get(f"{a}_{b}.packed")
+                if packed is None:
+                    raise IncompleteShardsError(f"tile {(a, b)} is missing from task {index}")
+                tiles[(a, b)] = partials.unpack_symmetric(packed, c * n).reshape(c, n, c, n)
+            elif f"{a}_{b}.tile" in tensors:
+                tiles[(a, b)] = tensors[f"{a}_{b}.tile"]
+    return partials.gram_from_tiles(tiles, shard_bounds)
 
 
 def _implicit_result(runner: JobRunner, record: JobRecord, plan: dict[str, Any]) -> dict[str, Any]:
