@@ -24,7 +24,7 @@ from fimntk.core.shards import (
 )
 from fimntk.core.storage.artifacts import LocalArtifactStore
 from fimntk.engine import partials
-from fimntk.worker import sharded
+from fimntk.worker import shard_store
 
 
 def test_bounds_are_fixed_ranges_without_padding() -> None:
@@ -63,28 +63,28 @@ def _write_partials(runner: Any, plan: dict[str, Any], skip: int | None, wrong: 
         loader = DataLoader(torch.utils.data.Subset(data, range(lo, hi)), batch_size=4)
         count = hi - lo + (1 if i == wrong else 0)
         part = partials.partial_of(engine.FIM(model, loader, "diag"), count)
-        sharded._save_partial(runner, "j_x", 0, i, part)
+        shard_store.save_partial(runner, "j_x", 0, i, part)
 
 
 def test_the_reduce_refuses_a_missing_partial(tmp_path: Path) -> None:
     runner = _runner(tmp_path)
     plan = {"bounds": bounds(10, 3), "stages": [3, 1]}
     _write_partials(runner, plan, skip=1, wrong=None)
-    with pytest.raises(sharded.IncompleteShardsError, match="partial set"):
-        sharded._all_partials(runner, "j_x", 0, plan)
+    with pytest.raises(shard_store.IncompleteShardsError, match="partial set"):
+        shard_store.all_partials(runner, "j_x", 0, plan)
 
 
 def test_the_reduce_refuses_a_partial_of_the_wrong_count(tmp_path: Path) -> None:
     runner = _runner(tmp_path)
     plan = {"bounds": bounds(10, 3), "stages": [3, 1]}
     _write_partials(runner, plan, skip=None, wrong=2)
-    with pytest.raises(sharded.IncompleteShardsError, match="shard 2"):
-        sharded._all_partials(runner, "j_x", 0, plan)
+    with pytest.raises(shard_store.IncompleteShardsError, match="shard 2"):
+        shard_store.all_partials(runner, "j_x", 0, plan)
 
 
 def test_a_complete_set_reduces(tmp_path: Path) -> None:
     runner = _runner(tmp_path)
     plan = {"bounds": bounds(10, 3), "stages": [3, 1]}
     _write_partials(runner, plan, skip=None, wrong=None)
-    assert sharded._all_partials(runner, "j_x", 0, plan).count == 10
+    assert shard_store.all_partials(runner, "j_x", 0, plan).count == 10
     assert (tmp_path / "artifacts" / namespace("j_x") / f"{output_name(0, 2)}.safetensors").exists()
