@@ -255,7 +255,7 @@ class ShardTasks:
             if int(self.redis.hincrby(_retries_key(job_id), rq_id, 1)) > RETRIES:
                 return False
             job = Job.fetch(rq_id, connection=self.redis, serializer=JSONSerializer)
-            StartedJobRegistry(queue=self.queue.queue).remove(job)
+            StartedJobRegistry(queue=self.queue.queue).remove_executions(job)
             self.queue.queue.enqueue_job(job, at_front=True)
         except NoSuchJobError:
             return False

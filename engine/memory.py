@@ -58,7 +58,7 @@ def _layer_sizes(model: nn.Module, lc: LayerCollection) -> dict[str, dict[str, i
         info = {"d": d, "block": d * d, "fallback": small, "quasi": d}
         if layout is not None and layout.bias:
             info["quasi"] = d + layout.groups * layout.q * layout.p
-        if kron:
+        if kron and layout is not None:
             g, q, c = layout.groups, layout.q, layout.cols
             info["kfac"] = g * (c * c + q * q)
             info["ekfac"] = info["kfac"] + g * q * c
@@ -184,7 +184,7 @@ def check_budget(
     )
 
 
-def _fmt(n: int) -> str:
+def _fmt(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

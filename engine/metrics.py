@@ -11,7 +11,8 @@ Tangent Kernel".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from fimntk.engine.generator import (
     Identity,
     Jacobian,
     MonteCarloFisher,
+    PseudoOutputs,
 )
 from fimntk.engine.generator.jacobian import Progress
 from fimntk.engine.layercollection import LayerCollection
@@ -34,16 +36,16 @@ from fimntk.engine.pspace import PMatAbstract, resolve_representation
 def _build(
     model: nn.Module,
     loader: Iterable,
-    representation,
-    pseudo,
+    representation: str | type[PMatAbstract],
+    pseudo: PseudoOutputs,
     *,
-    function,
-    n_output,
-    layer_collection,
-    device,
-    verbose,
-    progress,
-    options,
+    function: Callable | None,
+    n_output: int | None,
+    layer_collection: LayerCollection | None,
+    device: str | torch.device | None,
+    verbose: bool,
+    progress: Progress | None,
+    options: dict[str, Any],
 ) -> PMatAbstract:
     cls = resolve_representation(representation)
     if not isinstance(model, nn.Module):
@@ -63,7 +65,7 @@ def _build(
     if budget is not None:
         c, k = gen.probe(loader)
         dataset = getattr(loader, "dataset", None)
-        n = len(dataset) if hasattr(dataset, "__len__") else None
+        n = len(dataset) if isinstance(dataset, Sized) else None
         check_budget(model, cls.name, int(budget), c, n, k, lc)
     return cls(lc, generator=gen, examples=loader, **options)
 
@@ -71,7 +73,7 @@ def _build(
 def FIM(
     model: nn.Module,
     loader: Iterable,
-    representation,
+    representation: str | type[PMatAbstract],
     variant: str = "classif_logits",
     device: str | torch.device | None = None,
     function: Callable | None = None,
@@ -80,7 +82,7 @@ def FIM(
     n_output: int | None = None,
     sigma: float = 1.0,
     progress: Progress | None = None,
-    **options,
+    **options: Any,
 ) -> PMatAbstract:
     """The Fisher Information Matrix with the expectation over ``y`` computed exactly.
 
@@ -128,7 +130,7 @@ def FIM(
 def FIM_MonteCarlo(
     model: nn.Module,
     loader: Iterable,
-    representation,
+    representation: str | type[PMatAbstract],
     variant: str = "classif_logits",
     trials: int = 1,
     device: str | torch.device | None = None,
@@ -139,7 +141,7 @@ def FIM_MonteCarlo(
     sigma: float = 1.0,
     seed: int | None = None,
     progress: Progress | None = None,
-    **options,
+    **options: Any,
 ) -> PMatAbstract:
     """The Fisher with the expectation over ``y`` replaced by ``trials`` samples per example.
 
@@ -169,7 +171,7 @@ def FIM_MonteCarlo(
 def EmpiricalFIM(
     model: nn.Module,
     loader: Iterable,
-    representation,
+    representation: str | type[PMatAbstract],
     variant: str = "classif_logits",
     centering: bool = False,
     device: str | torch.device | None = None,
@@ -179,7 +181,7 @@ def EmpiricalFIM(
     n_output: int | None = None,
     sigma: float = 1.0,
     progress: Progress | None = None,
-    **options,
+    **options: Any,
 ) -> PMatAbstract:
     """The empirical Fisher ``(1/n) Σ_i ∇ log p(y_i|x_i) ∇ log p(y_i|x_i)ᵀ`` at the true targets.
 

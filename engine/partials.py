@@ -25,13 +25,15 @@ Partials travel as safetensors files in the format of :mod:`fimntk.engine.serial
 every symmetric matrix packed as its upper triangle (``d(d+1)/2`` numbers instead of ``d²``).
 
 The NTK Gram is not a sum over examples but a set of independent tiles
-``K[:, I_a, :, I_b]`` (Jacot et al. 2018); :func:`gram_tile` and :func:`gram_from_tiles` compute
-the upper-triangle tiles (``a ≤ b``) and mirror them.
+``K[:, I_a, :, I_b]`` (Jacot et al. 2018): :func:`gram_factors` computes a block's per-layer
+factors once, :func:`gram_tile` contracts two blocks' factors into one tile, and
+:func:`gram_from_tiles` mirrors the upper-triangle tiles (``a ≤ b``) into the whole Gram.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -43,10 +45,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from fimntk.engine.errors import InvalidInputError, SerializationError
 from fimntk.engine.estimators import _BLOCK, _as_operator, _check_int, _generator, _probes
+from fimntk.engine.generator import Identity, Jacobian
+from fimntk.engine.generator.jacobian import BatchJacobian, Progress
+from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.pspace import (
     PMatAbstract,
     PMatBlockDiag,
@@ -190,8 +195,8 @@ def add_partials(parts: Sequence[Partial]) -> Partial:
     count = sum(p.count for p in parts)
     extra = {k: _sum([p.extra[k] for p in parts]) for k in first.extra}
     if isinstance(first.matrix, PMatLowRank):
-        rows = torch.cat([p.matrix.data for p in parts])
-        return Partial(PMatLowRank(first.matrix.layer_collection, data=rows), count, extra)
+        stacked = torch.cat([p.matrix.data for p in parts])
+        return Partial(PMatLowRank(first.matrix.layer_collection, data=stacked), count, extra)
     each = [_additive(p.matrix) for p in parts]
     if any(set(e) != set(each[0]) for e in each):
         raise InvalidInputError("partials hold different statistics: shards of different jobs?")
@@ -341,27 +346,134 @@ def probe_estimate(samples: Tensor) -> tuple[Tensor, Tensor]:
 # ----- the NTK ---------------------------------------------------------------------------------
 
 
+def tile_groups(shards: int) -> list[list[tuple[int, int]]]:
+    """The upper-triangle tiles in groups of equal work: each off-diagonal tile alone, the
+    diagonal tiles (symmetric: half the products of an off-diagonal one) two by two. Workers
+    then finish together whatever order the queue hands the groups out in."""
+    cross = [[(a, b)] for a, b in tile_pairs(shards) if a != b]
+    diagonal = [(a, a) for a in range(shards)]
+    return cross + [diagonal[i : i + 2] for i in range(0, shards, 2)]
+
+
 def tile_pairs(shards: int) -> list[tuple[int, int]]:
     """The upper-triangle tiles ``(a, b)``, ``a ≤ b``, of a Gram over ``shards`` blocks, row
     by row."""
     return [(a, b) for a in range(shards) for b in range(a, shards)]
 
 
-def gram_tile(gram: Tensor, n_a: int, same: bool) -> Tensor:
-    """One tile of the Gram of two blocks of examples computed together.
+def _gram_generator(
+    model: nn.Module, device: str | torch.device | None, progress: Progress | None
+) -> Jacobian:
+    lc = LayerCollection.from_model(model)
+    return Jacobian(model, lc, pseudo_outputs=Identity(), device=device, progress=progress)
+
+
+def gram_factors(
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Tensor]:
+    """The per-layer factors of a block of examples, from which any Gram tile is contracted.
+
+    For each batch and layer: the layer's inputs and the output gradients of all c outputs
+    (hooked layers, ``(x, ∂f/∂y)``; the Gram takes ``(x₁·x₂)(g₁·g₂)`` from them, Novak et al.
+    2022), or its per-example gradients (layers on the ``torch.func`` path). Computing them is
+    the forward and c backward passes; contracting two blocks' factors is the rest of the NTK.
 
     Args:
-        gram: ``(c, n_a + n_b, c, n_a + n_b)``, the Gram of block a's examples followed by
-            block b's (or ``(c, n_a, c, n_a)`` when ``same``).
-        n_a: Examples of block a.
-        same: Whether the tile is on the diagonal (a = b).
+        model: The network.
+        loader: The block's examples.
+        device: Where batches go.
+        progress: ``progress(done, total, stage)`` callback.
 
     Returns:
-        ``K[:, I_a, :, I_b]``, shape ``(c, n_a, c, n_b)``.
+        Flat tensors: ``b<i>.n`` and ``b<i>.k`` (sizes), ``b<i>.x.<layer>``,
+        ``b<i>.g.<layer>`` and ``b<i>.j.<layer>`` (per-example gradients).
     """
-    if same:
-        return gram.contiguous()
-    return gram[:, :n_a, :, n_a:].contiguous()
+    gen = _gram_generator(model, device, progress)
+    out: dict[str, Tensor] = {}
+    for i, b in enumerate(gen.batches(loader, "gram factors", split=False)):
+        out[f"b{i}.n"] = torch.tensor(b.n)
+        out[f"b{i}.k"] = torch.tensor(b.k)
+        for name, (x, g) in b.captured.items():
+            out[f"b{i}.x.{name}"], out[f"b{i}.g.{name}"] = x.detach(), g.detach()
+        for name, j in b.fallback.items():
+            out[f"b{i}.j.{name}"] = j.detach()
+    if not out:
+        raise InvalidInputError("a Gram block needs examples: the loader yielded none")
+    return out
+
+
+def _batches(gen: Jacobian, factors: dict[str, Tensor]) -> list[BatchJacobian]:
+    """The batches of :func:`gram_factors`, ready for :meth:`BatchJacobian.add_layer_gram`."""
+    count = sum(1 for key in factors if key.endswith(".n") and key.count(".") == 1)
+    out = []
+    for i in range(count):
+        captured, fallback = {}, {}
+        for e in gen.layer_collection:
+            x = factors.get(f"b{i}.x.{e.name}")
+            if x is not None:
+                captured[e.name] = (x.to(gen.device), factors[f"b{i}.g.{e.name}"].to(gen.device))
+            j = factors.get(f"b{i}.j.{e.name}")
+            if j is not None:
+                fallback[e.name] = j.to(gen.device)
+        kernels = {n: k for n in captured if (k := gen.kernel(n)) is not None}
+        some = next(iter(factors.values()))
+        dtype = next((t.dtype for t in factors.values() if t.is_floating_point()), some.dtype)
+        out.append(
+            BatchJacobian(
+                int(factors[f"b{i}.n"]),
+                int(factors[f"b{i}.k"]),
+                kernels,
+                captured,
+                fallback,
+                gen.layer_collection,
+                dtype,
+                gen.device,
+            )
+        )
+    return out
+
+
+def gram_tile(
+    model: nn.Module,
+    rows: dict[str, Tensor],
+    cols: dict[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """The tile ``K[:, I_a, :, I_b]`` of the NTK Gram from two blocks' :func:`gram_factors`.
+
+    Args:
+        model: The network (its layer kernels contract the factors).
+        rows: Factors of block a.
+        cols: Factors of block b; ``None`` for the diagonal tile (a = b), whose lower batch
+            pairs are mirrored.
+        device: Where to contract.
+
+    Returns:
+        ``(c, n_a, c, n_b)``.
+    """
+    gen = _gram_generator(model, device, None)
+    left = _batches(gen, rows)
+    right = left if cols is None else _batches(gen, cols)
+    k = left[0].k
+    n_a, n_b = sum(b.n for b in left), sum(b.n for b in right)
+    gram = torch.zeros(k, n_a, k, n_b, dtype=left[0].dtype, device=gen.device)
+    starts_a = [0, *itertools.accumulate(b.n for b in left)]
+    starts_b = [0, *itertools.accumulate(b.n for b in right)]
+    for bi, b1 in enumerate(left):
+        for bj, b2 in enumerate(right):
+            if cols is None and bj > bi:
+                break
+            s1 = slice(starts_a[bi], starts_a[bi + 1])
+            s2 = slice(starts_b[bj], starts_b[bj + 1])
+            block = gram[:, s1, :, s2]
+            for e in gen.layer_collection:
+                b1.add_layer_gram(e.name, b2, block)
+            if cols is None and bi != bj:
+                gram[:, s2, :, s1] = block.permute(2, 3, 0, 1)
+    return gram
 
 
 def gram_from_tiles(tiles: dict[tuple[int, int], Tensor], bounds: Sequence[int]) -> Tensor:
@@ -398,18 +510,21 @@ def pack_symmetric(m: Tensor) -> Tensor:
     """The upper triangles of the last two (equal) dimensions, row by row:
     ``(..., c, c) → (..., c(c+1)/2)``."""
     c = m.shape[-1]
-    rows, cols = torch.triu_indices(c, c)
-    return m[..., rows, cols].contiguous()
+    return torch.cat([m[..., i, i:] for i in range(c)], dim=-1).contiguous()
 
 
 def unpack_symmetric(packed: Tensor, c: int) -> Tensor:
-    """Inverse of :func:`pack_symmetric`: the symmetric ``(..., c, c)`` matrix."""
+    """Inverse of :func:`pack_symmetric`: the symmetric ``(..., c, c)`` matrix (the lower
+    triangle mirrors the upper one exactly)."""
     if packed.shape[-1] != c * (c + 1) // 2:
         raise SerializationError(f"{packed.shape[-1]} numbers do not pack a {c}×{c} triangle")
-    rows, cols = torch.triu_indices(c, c)
-    out = packed.new_zeros((*packed.shape[:-1], c, c))
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
+    out = packed.new_empty((*packed.shape[:-1], c, c))
+    start = 0
+    for i in range(c):
+        row = packed[..., start : start + c - i]
+        out[..., i, i:] = row
+        out[..., i:, i] = row
+        start += c - i
     return out
 
 

@@ -184,7 +184,7 @@ def _read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return doc, tensors
 
 
-def _expect(cond: bool, path, msg: str) -> None:
+def _expect(cond: bool, path: str | Path, msg: str) -> None:
     if not cond:
         raise SerializationError(f"{path}: {msg}")
 
@@ -197,6 +197,8 @@ def _block_shapes(
         return {"m": (d, d)}
     if kind == "diag":
         return {"d": (d,)}
+    if layout is None:
+        raise SerializationError(f"a {kind} block needs a layout")
     g, q, c = layout.groups, layout.q, layout.cols
     if kind == "kfac":
         return {"a": (g, c, c), "g": (g, q, q)}
@@ -218,7 +220,7 @@ def load(path: str | Path) -> Any:
         raise SerializationError(f"{path}: metadata and tensors disagree: {err!r}") from err
 
 
-def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
+def _decode(path: str | Path, doc: dict, tensors: dict[str, Tensor]) -> Any:
     kind = doc.get("object")
     if kind not in OBJECTS:
         raise SerializationError(f"{path}: unknown object {kind!r}; expected one of {OBJECTS}")
@@ -228,18 +230,15 @@ def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
             lc = LayerCollection.from_json(doc["layer_collection"])
         except (KeyError, TypeError, ValueError) as err:
             raise SerializationError(f"{path}: malformed layer collection: {err}") from err
+    if lc is None and kind not in ("FVector", "FMatDense"):
+        raise SerializationError(f"{path}: a {kind} needs its layer collection")
     d = lc.numel() if lc is not None else None
     obj: Any
-    if kind == "PVector":
+    if kind in ("FVector", "FMatDense") or lc is None:
+        obj = _decode_function_space(path, kind, doc, tensors)
+    elif kind == "PVector":
         _expect(list(tensors["vector"].shape) == [d], path, "vector length != layer collection")
         obj = PVector(lc, tensors["vector"])
-    elif kind == "FVector":
-        _expect(tensors["vector"].dim() == 2, path, "an FVector is (c, n)")
-        obj = FVector(tensors["vector"])
-    elif kind == "FMatDense":
-        g = tensors["gram"]
-        _expect(g.dim() == 4 and g.shape[:2] == g.shape[2:], path, "a Gram matrix is (c,n,c,n)")
-        obj = FMatDense(g, paths=doc.get("paths") or {})
     elif kind == "PMatBlockDiag":
         data = {}
         for i, e in enumerate(lc):
@@ -266,8 +265,24 @@ def _decode(path, doc: dict, tensors: dict[str, Tensor]) -> Any:
     return obj
 
 
+def _decode_function_space(
+    path: str | Path, kind: str, doc: dict, tensors: dict[str, Tensor]
+) -> FVector | FMatDense:
+    """An ``FVector`` ``(c, n)`` or an ``FMatDense`` ``(c, n, c, n)``: no layer collection."""
+    if kind == "FVector":
+        _expect(tensors["vector"].dim() == 2, path, "an FVector is (c, n)")
+        return FVector(tensors["vector"])
+    g = tensors["gram"]
+    _expect(g.dim() == 4 and g.shape[:2] == g.shape[2:], path, "a Gram matrix is (c,n,c,n)")
+    return FMatDense(g, paths=doc.get("paths") or {})
+
+
 def _load_layered(
-    path, doc: dict, tensors: dict[str, Tensor], lc: LayerCollection, cls: type[PMatLayerwise]
+    path: str | Path,
+    doc: dict,
+    tensors: dict[str, Tensor],
+    lc: LayerCollection,
+    cls: type[PMatLayerwise],
 ) -> PMatLayerwise:
     blocks = doc.get("blocks")
     _expect(
@@ -277,6 +292,7 @@ def _load_layered(
         path,
         "one block per layer expected",
     )
+    assert isinstance(blocks, list)
     allowed = _BLOCK_KINDS.get(cls.__name__)
     _expect(
         allowed is None or all(b.get("kind") in allowed for b in blocks),
@@ -304,12 +320,17 @@ def _load_layered(
         rank = b.get("rank")
         _expect(
             rank is None
-            or (b["kind"] == "ekfac" and isinstance(rank, int) and 0 < rank < layout.cols),
+            or (
+                b["kind"] == "ekfac"
+                and isinstance(rank, int)
+                and layout is not None
+                and 0 < rank < layout.cols
+            ),
             path,
             f"block {i}: a rank is only given for a thin EKFAC basis, 0 < rank < columns",
         )
         shapes = _block_shapes(b["kind"], layout, e.numel, rank)
-        part = {}
+        part: dict[str, Tensor] = {}
         for k, shape in shapes.items():
             t = tensors.get(f"blocks.{i}.{k}")
             _expect(
@@ -317,6 +338,7 @@ def _load_layered(
                 path,
                 f"tensor blocks.{i}.{k} missing or not of shape {shape}",
             )
+            assert t is not None
             part[k] = t
             used.add(f"blocks.{i}.{k}")
         data[e.name] = BLOCKS[b["kind"]].from_tensors(part, layout)
@@ -326,14 +348,15 @@ def _load_layered(
             path,
             f"block {i}: rows (a bound on the rank of A) is a positive integer of a KFAC block",
         )
-        if rows is not None:
-            data[e.name].rows = rows
+        block = data[e.name]
+        if rows is not None and isinstance(block, KronBlock):
+            block.rows = rows
     _expect(used == set(tensors), path, f"extra tensors {sorted(set(tensors) - used)}")
     opts = doc.get("options") or {}
     kwargs: dict[str, Any] = {"kfac_approx": opts.get("kfac_approx", "expand")}
     if cls is PMatMixed:
         kwargs["policy"] = opts.get("policy")
     obj = cls(lc, data=data, **kwargs)
-    if cls is PMatEKFAC:
+    if isinstance(obj, PMatEKFAC):
         obj.diag_updated = bool(opts.get("diag_updated", False))
     return obj

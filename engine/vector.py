@@ -7,6 +7,8 @@ module for the order); :meth:`PVector.get_dict_representation` gives the per-lay
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +36,7 @@ class PVector:
         if vector_repr is None:
             if dict_repr is None:
                 raise InvalidInputError("give vector_repr (a flat tensor) or dict_repr")
-            parts = []
+            parts: list[Tensor] = []
             for e in layer_collection:
                 if e.name not in dict_repr:
                     raise InvalidInputError(f"dict_repr has no entry for layer {e.name!r}")
@@ -103,7 +105,7 @@ class PVector:
         offsets = self.layer_collection.offsets()
         for e in self.layer_collection:
             start = offsets[e.name][0]
-            parts = []
+            parts: list[Tensor] = []
             for _, shape in e.params:
                 n = 1
                 for s in shape:
@@ -164,7 +166,7 @@ class PVector:
     def detach(self) -> PVector:
         return PVector(self.layer_collection, self._flat.detach())
 
-    def to(self, *args, **kwargs) -> PVector:
+    def to(self, *args: Any, **kwargs: Any) -> PVector:
         return PVector(self.layer_collection, self._flat.to(*args, **kwargs))
 
     @property

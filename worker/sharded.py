@@ -12,15 +12,18 @@ flow           stages (each depends on all tasks of the stage before)
 additive       S shard partials (dense, diag, blockdiag, quasidiag, kfac, mixed, lowrank) → final
 ekfac          S KFAC partials → reduce → S eigen tasks (layers spread by cost) → S partials
                of the corrected eigenvalues (if ``update_diag``) → final
-ntk            S(S+1)/2 upper-triangle Gram tiles → final (mirrored)
+ntk            S blocks' per-layer factors → the S(S+1)/2 upper-triangle Gram tiles in groups
+               of equal work → final (mirrored)
 implicit       S shards of each additive operation (per product or probe) → final
 =============  =================================================================================
 
-Each task writes one artifact keyed (job, stage, index), so a task retried after its worker
-was lost overwrites the same key. The final task reads every partial of its stage, refuses a
+Each task writes one artifact keyed (job, stage, index) (:mod:`fimntk.worker.shard_store`), so a
+task retried after its worker was lost overwrites the same key; what each task computes is in
+:mod:`fimntk.worker.shard_tasks`. The final task reads every partial of its stage, refuses a
 partial set (a missing partial, or counts that do not add to n), adds them in shard order in
 float64 (:mod:`fimntk.engine.partials`), runs the operations and records the result. Monte
-Carlo draws and probes of shard s in round r are seeded from (job seed, r, s).
+Carlo draws of shard s in round r are seeded from (job seed, r, s); Hutchinson probes from the
+operation's seed, the same on every shard (so that their values add).
 
 CG, Lanczos and SLQ stay on one worker: each iteration needs the previous product, so every
 step would be a round trip through the queue (tens of ms plus fetching the model and the
@@ -30,49 +33,32 @@ about a minute per product (a dataset of ~10⁵ examples on a GPU).
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from typing import Any
 
-import torch
 from rq import get_current_job
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from fimntk import engine
 from fimntk.contract.vocabulary import JobStatus
 from fimntk.core import logs
-from fimntk.core.errors import NotFoundError
 from fimntk.core.queue import JobQueue, done_channel
 from fimntk.core.shards import (
-    PLAN,
     ShardTasks,
     bounds,
     namespace,
-    output_name,
     resolve_shards,
     task_id,
 )
 from fimntk.core.storage.records import JobRecord, utcnow
 from fimntk.engine import partials
-from fimntk.worker import artifacts
 from fimntk.worker.errors import JobCanceledError
-from fimntk.worker.models import DTYPES
 from fimntk.worker.runner import JobRunner, _Progress
+from fimntk.worker.shard_store import has_output, read_plan, write_plan
+from fimntk.worker.shard_tasks import TASKS, examples, final_result
 
 _log = logging.getLogger(__name__)
 
 #: Representations whose statistics are plain sums over examples (one round).
 ADDITIVE = frozenset({"dense", "diag", "blockdiag", "quasidiag", "kfac", "mixed", "lowrank"})
-
-
-class IncompleteShardsError(RuntimeError):
-    """A reduce found fewer partials (or examples) than its plan: no result is made."""
-
-
-# ----- the plan ----------------------------------------------------------------------------------
 
 
 def flow_of(spec: dict[str, Any]) -> str:
@@ -88,41 +74,10 @@ def flow_of(spec: dict[str, Any]) -> str:
 def stages(flow: str, shards: int, update_diag: bool) -> list[int]:
     """Tasks per stage of a flow over ``shards`` shards; the last stage is the final task."""
     if flow == "ntk":
-        return [len(partials.tile_pairs(shards)), 1]
+        return [shards, len(partials.tile_groups(shards)), 1]
     if flow == "ekfac":
         return [shards, 1, shards, shards, 1] if update_diag else [shards, 1, shards, 1]
     return [shards, 1]
-
-
-def _write_plan(runner: JobRunner, job_id: str, plan: dict[str, Any]) -> None:
-    store = runner.artifacts
-    staged = store.staging_path(namespace(job_id), PLAN)
-    try:
-        save_file({}, str(staged), metadata={"plan": json.dumps(plan)})
-        store.publish(namespace(job_id), PLAN, staged)
-    finally:
-        staged.unlink(missing_ok=True)
-
-
-def _read_plan(runner: JobRunner, job_id: str) -> dict[str, Any]:
-    path = runner.artifacts.path(namespace(job_id), PLAN)
-    with safe_open(str(path), framework="pt") as f:
-        return dict(json.loads((f.metadata() or {})["plan"]))
-
-
-def _examples(runner: JobRunner, spec: dict[str, Any]) -> int:
-    dataset = _full_loader(runner, spec).dataset
-    assert isinstance(dataset, TensorDataset)
-    return len(dataset)
-
-
-def _full_loader(runner: JobRunner, spec: dict[str, Any]) -> DataLoader:
-    return runner._loader(spec, DTYPES[spec["dtype"]], spec["metric"] == "empirical_fim")
-
-
-def _shard_loader(runner: JobRunner, spec: dict[str, Any], indexes: list[int]) -> DataLoader:
-    full = _full_loader(runner, spec)
-    return DataLoader(Subset(full.dataset, indexes), batch_size=full.batch_size, shuffle=False)
 
 
 # ----- entry points ------------------------------------------------------------------------------
@@ -142,18 +97,18 @@ def start(runner: JobRunner, job_id: str) -> dict[str, Any] | None:
     if spec.get("shards", 1) == 1 or record.reuse_job_id is not None:
         return None
     try:
-        examples = _examples(runner, spec)
+        n = examples(runner, spec)
         model = runner._model(spec)
     except Exception:  # bad input: the runner reports it with the right problem
         return None
     parameters = sum(p.numel() for p in model.parameters())
-    shards = resolve_shards(spec["shards"], examples, parameters, runner.settings)
+    shards = resolve_shards(spec["shards"], n, parameters, runner.settings)
     if shards == 1:
         return None
     flow = flow_of(spec)
     plan: dict[str, Any] = {
         "flow": flow,
-        "bounds": bounds(examples, shards),
+        "bounds": bounds(n, shards),
         "stages": stages(flow, shards, spec.get("update_diag") is not False),
     }
     total = sum(plan["stages"])
@@ -168,7 +123,7 @@ def start(runner: JobRunner, job_id: str) -> dict[str, Any] | None:
     if not started:
         return {"status": "abandoned"}
     try:
-        _write_plan(runner, job_id, plan)
+        write_plan(runner, job_id, plan)
         _enqueue(runner, job_id, plan, done=set())
     except Exception as exc:
         _end(runner, job_id, JobStatus.FAILED, runner._problem_for(exc, record))
@@ -183,12 +138,12 @@ def resume(runner: JobRunner, job_id: str) -> dict[str, Any]:
     record = runner.records.get_job(job_id)
     if record is None or record.status != JobStatus.RUNNING:
         return {"status": "skipped"}
-    plan = _read_plan(runner, job_id)
+    plan = read_plan(runner, job_id)
     done = {
         (stage, index)
         for stage, count in enumerate(plan["stages"])
         for index in range(count)
-        if _has_output(runner, job_id, stage, index)
+        if has_output(runner, job_id, stage, index)
     }
     _enqueue(runner, job_id, plan, done)
     return {"status": "resumed", "outputs_kept": len(done)}
@@ -217,16 +172,15 @@ def _run_task(runner: JobRunner, job_id: str, stage: int, index: int) -> dict[st
     if record.cancel_requested:
         _end(runner, job_id, JobStatus.CANCELED)
         return {"status": JobStatus.CANCELED}
-    plan = _read_plan(runner, job_id)
+    plan = read_plan(runner, job_id)
     runner.current_job_id = task_id(job_id, stage, index)
     runner.stop_requested.clear()
     progress = _Progress(runner, job_id)
     try:
-        final = stage == len(plan["stages"]) - 1
-        if final:
-            _final(runner, record, plan, progress)
-            return {"status": JobStatus.SUCCEEDED}
-        _TASKS[(plan["flow"], stage)](runner, record, plan, index, progress)
+        if stage == len(plan["stages"]) - 1:
+            result, timings = final_result(runner, record, plan, progress)
+            return _succeed(runner, record, plan, result, timings)
+        TASKS[(plan["flow"], stage)](runner, record, plan, index, progress)
     except JobCanceledError:
         _end(runner, job_id, JobStatus.CANCELED)
         return {"status": JobStatus.CANCELED}
@@ -240,6 +194,37 @@ def _run_task(runner: JobRunner, job_id: str, stage: int, index: int) -> dict[st
         runner.stop_requested.clear()
     _count_done(runner, job_id, plan, stage)
     return {"status": "done"}
+
+
+def _succeed(
+    runner: JobRunner,
+    record: JobRecord,
+    plan: dict[str, Any],
+    result: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Record the result (unless the job ended meanwhile) and clean up the partials."""
+    total = sum(plan["stages"])
+    done = runner.records.update_job(
+        record.id,
+        only_if_status=(JobStatus.RUNNING,),
+        status=JobStatus.SUCCEEDED,
+        finished_at=utcnow(),
+        result=result,
+        kept=bool(record.spec.get("keep")),
+        timings=timings,
+        progress={
+            "done": total,
+            "total": total,
+            "stage": "done",
+            "shards": len(plan["bounds"]) - 1,
+        },
+    )
+    if not done:
+        runner.artifacts.delete_job(record.id)
+    status = JobStatus.SUCCEEDED if done else "abandoned"
+    _cleanup(runner, _queue(runner), record.id, status)
+    return {"status": status}
 
 
 def _count_done(runner: JobRunner, job_id: str, plan: dict[str, Any], stage: int) -> None:
@@ -316,344 +301,3 @@ def _enqueue(
         for stage, count in enumerate(plan["stages"])
     ]
     ShardTasks(_queue(runner)).enqueue(job_id, todo, timeout, runner.settings.result_ttl_s)
-
-
-# ----- outputs -----------------------------------------------------------------------------------
-
-
-def _has_output(runner: JobRunner, job_id: str, stage: int, index: int) -> bool:
-    try:
-        runner.artifacts.path(namespace(job_id), output_name(stage, index))
-    except NotFoundError:
-        return False
-    return True
-
-
-def _publish(runner: JobRunner, job_id: str, stage: int, index: int, write: Any) -> None:
-    store = runner.artifacts
-    name = output_name(stage, index)
-    staged = store.staging_path(namespace(job_id), name)
-    try:
-        write(staged)
-        store.publish(namespace(job_id), name, staged)
-    finally:
-        staged.unlink(missing_ok=True)
-
-
-def _save_partial(
-    runner: JobRunner, job_id: str, stage: int, index: int, part: partials.Partial
-) -> None:
-    _publish(runner, job_id, stage, index, lambda path: partials.save_partial(part, path))
-
-
-def _save_tensors(
-    runner: JobRunner,
-    job_id: str,
-    stage: int,
-    index: int,
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, Any],
-) -> None:
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _publish(
-        runner,
-        job_id,
-        stage,
-        index,
-        lambda path: save_file(cpu, str(path), metadata={"meta": json.dumps(meta)}),
-    )
-
-
-def _load_tensors(
-    runner: JobRunner, job_id: str, stage: int, index: int
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path = _output_path(runner, job_id, stage, index)
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
-
-
-def _output_path(runner: JobRunner, job_id: str, stage: int, index: int) -> Any:
-    try:
-        return runner.artifacts.path(namespace(job_id), output_name(stage, index))
-    except NotFoundError as exc:
-        raise IncompleteShardsError(
-            f"the output of stage {stage} task {index} is missing: no result is made from a "
-            "partial set of shards"
-        ) from exc
-
-
-def _all_partials(
-    runner: JobRunner, job_id: str, stage: int, plan: dict[str, Any]
-) -> partials.Partial:
-    """Every shard's partial of a stage, added in shard order; refuses a partial set."""
-    shard_bounds = plan["bounds"]
-    parts = []
-    for index in range(len(shard_bounds) - 1):
-        part = partials.load_partial(_output_path(runner, job_id, stage, index))
-        expected = shard_bounds[index + 1] - shard_bounds[index]
-        if part.count != expected:
-            raise IncompleteShardsError(
-                f"shard {index} of stage {stage} summed {part.count} examples, not {expected}"
-            )
-        parts.append(part)
-    return partials.add_partials(parts)
-
-
-# ----- computing ---------------------------------------------------------------------------------
-
-
-def _indexes(plan: dict[str, Any], shard: int) -> list[int]:
-    return list(range(plan["bounds"][shard], plan["bounds"][shard + 1]))
-
-
-def _job_seed(record: JobRecord) -> int:
-    seed = record.spec.get("seed")
-    if seed is not None:
-        return int(seed)
-    return int.from_bytes(record.id.encode()[-8:].rjust(8, b"\0"), "big") >> 1
-
-
-def _fisher(
-    runner: JobRunner,
-    record: JobRecord,
-    loader: DataLoader,
-    representation: str,
-    round_: int,
-    shard: int,
-    progress: _Progress,
-) -> Any:
-    """The job's Fisher metric over one shard, its Monte Carlo draws seeded by the shard."""
-    spec = record.spec
-    model = runner._model(spec)
-    common: dict[str, Any] = {
-        "device": runner.device,
-        "progress": progress,
-        "variant": spec["variant"],
-    }
-    metric = spec["metric"]
-    if metric == "fim":
-        return engine.FIM(model, loader, representation, **common)
-    if metric == "fim_mc":
-        seed = partials.derive_seed(_job_seed(record), round_, shard)
-        return engine.FIM_MonteCarlo(
-            model, loader, representation, trials=spec["trials"], seed=seed, **common
-        )
-    return engine.EmpiricalFIM(model, loader, representation, **common)
-
-
-def _mean_gradient(record: JobRecord, rep: Any, loader: DataLoader) -> dict[str, torch.Tensor]:
-    if record.spec["metric"] == "empirical_fim" and record.spec.get("centering"):
-        return {"mean_gradient": rep.generator.get_mean_gradient(loader)}
-    return {}
-
-
-def _partial_task(
-    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
-) -> None:
-    """Round 1 of a Fisher: the shard's statistics (KFAC factors for EKFAC)."""
-    indexes = _indexes(plan, index)
-    loader = _shard_loader(runner, record.spec, indexes)
-    progress.stage("shard")
-    rep_name = "kfac" if plan["flow"] == "ekfac" else record.spec["representation"]
-    rep = _fisher(runner, record, loader, rep_name, 1, index, progress)
-    part = partials.partial_of(rep, len(indexes), _mean_gradient(record, rep, loader))
-    _save_partial(runner, record.id, 0, index, part)
-
-
-def _reduce_task(
-    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
-) -> None:
-    """EKFAC: the KFAC factors over all examples (float64 sums, finalized by readers)."""
-    progress.stage("reduce")
-    _save_partial(runner, record.id, 1, 0, _all_partials(runner, record.id, 0, plan))
-
-
-def _kfac(runner: JobRunner, record: JobRecord) -> Any:
-    reduced = partials.load_partial(_output_path(runner, record.id, 1, 0))
-    return partials.finalize(reduced, DTYPES[record.spec["dtype"]])
-
-
-def _eigen_task(
-    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
-) -> None:
-    """EKFAC: the eigendecompositions of this task's share of the layers (spread by cost)."""
-    progress.stage("eigendecompositions")
-    kfac = _kfac(runner, record)
-    groups = partials.spread_by_cost(partials.eigen_costs(kfac), plan["stages"][2])
-    layers = groups[index] if index < len(groups) else []
-    tensors = partials.bases_to_tensors(partials.eigenbases(kfac, layers))
-    _save_tensors(runner, record.id, 2, index, tensors, {"layers": layers})
-
-
-def _ekfac(runner: JobRunner, record: JobRecord, plan: dict[str, Any]) -> Any:
-    """The EKFAC of the reduced factors in the eigenbases the eigen tasks computed."""
-    kfac = _kfac(runner, record)
-    bases: dict[str, Any] = {}
-    for index in range(plan["stages"][2]):
-        tensors, _ = _load_tensors(runner, record.id, 2, index)
-        bases |= partials.bases_from_tensors(kfac, tensors)
-    return partials.ekfac_from(kfac, bases)
-
-
-def _diag_task(
-    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
-) -> None:
-    """EKFAC round 2: the shard's eigenvalue corrections in the shared eigenbasis."""
-    indexes = _indexes(plan, index)
-    loader = _shard_loader(runner, record.spec, indexes)
-    progress.stage("update_diag")
-    generator = _fisher(runner, record, loader, "implicit", 2, index, progress).generator
-    rep = _ekfac(runner, record, plan).update_diag(loader, generator)
-    _save_partial(runner, record.id, 3, index, partials.partial_of(rep, len(indexes)))
-
-
-def _tile_task(
-    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
-) -> None:
-    """NTK: one upper-triangle tile ``K[:, I_a, :, I_b]``, ``a ≤ b``."""
-    shards = len(plan["bounds"]) - 1
-    a, b = partials.tile_pairs(shards)[index]
-    rows = _indexes(plan, a)
-    indexes = rows + (_indexes(plan, b) if a != b else [])
-    loader = _shard_loader(runner, record.spec, indexes)
-    progress.stage("gram tile")
-    model = runner._model(record.spec)
-    gram = engine.GramMatrix(model, loader, device=runner.device, progress=progress).data
-    tile = partials.gram_tile(gram, len(rows), a == b)
-    if a == b:  # symmetric: its upper triangle only
-        c, n = tile.shape[:2]
-        payload = {"packed": partials.pack_symmetric(tile.reshape(c * n, c * n))}
-    else:
-        payload = {"tile": tile}
-    _save_tensors(runner, record.id, 0, index, payload, {"a": a, "b": b, "c": tile.shape[0]})
-
-
-def _products_task(
-    runner: JobRunner, record: JobRecord, plan: dict[str, Any], index: int, progress: _Progress
-) -> None:
-    """Implicit Fisher: the shard's share (times its count) of every additive operation."""
-    indexes = _indexes(plan, index)
-    count = len(indexes)
-    loader = _shard_loader(runner, record.spec, indexes)
-    progress.stage("products")
-    rep = _fisher(runner, record, loader, "implicit", 1, index, progress)
-    tensors: dict[str, torch.Tensor] = {}
-    for i, op in enumerate(record.spec["operations"]):
-        progress.check()
-        tensors[f"op{i}"] = _implicit_value(runner, rep, i, op, record.spec).double() * count
-    _save_tensors(runner, record.id, 0, index, tensors, {"count": count})
-
-
-def _implicit_value(
-    runner: JobRunner, rep: Any, index: int, op: dict[str, Any], spec: dict[str, Any]
-) -> torch.Tensor:
-    name = op["op"]
-    if name in ("trace", "get_diag"):
-        return torch.as_tensor(getattr(rep, name)())
-    if name in ("mv", "vTMv"):
-        v = runner._vector(op["v"], index, rep, spec)
-        return rep.vTMv(v) if name == "vTMv" else rep.mv(v).get_flat_representation()
-    return partials.probe_samples(rep, name, int(op["n_samples"]), int(op["seed"]))
-
-
-_TASKS = {
-    ("additive", 0): _partial_task,
-    ("ekfac", 0): _partial_task,
-    ("ekfac", 1): _reduce_task,
-    ("ekfac", 2): _eigen_task,
-    ("ekfac", 3): _diag_task,
-    ("ntk", 0): _tile_task,
-    ("implicit", 0): _products_task,
-}
-
-
-# ----- the final task ----------------------------------------------------------------------------
-
-
-def _final(runner: JobRunner, record: JobRecord, plan: dict[str, Any], progress: _Progress) -> None:
-    """Reduce the last stage, run the operations and record the result."""
-    clock = time.monotonic()
-    progress.stage("reduce")
-    dtype = DTYPES[record.spec["dtype"]]
-    flow = plan["flow"]
-    timings: dict[str, float] = {}
-    if flow == "implicit":
-        result = _implicit_result(runner, record, plan)
-    else:
-        if flow == "ntk":
-            rep: Any = engine.FMatDense(_gram(runner, record, plan).to(dtype))
-        elif flow == "ekfac" and len(plan["stages"]) == 4:  # no update_diag
-            rep = _ekfac(runner, record, plan)
-        else:
-            stage = len(plan["stages"]) - 2
-            rep = partials.finalize(_all_partials(runner, record.id, stage, plan), dtype)
-        timings["reduce_s"] = time.monotonic() - clock
-        result = runner.operations_result(record, rep, None, progress, timings)
-    done = runner.records.update_job(
-        record.id,
-        only_if_status=(JobStatus.RUNNING,),
-        status=JobStatus.SUCCEEDED,
-        finished_at=utcnow(),
-        result=result,
-        kept=bool(record.spec.get("keep")),
-        timings=timings,
-        progress={
-            "done": sum(plan["stages"]),
-            "total": sum(plan["stages"]),
-            "stage": "done",
-            "shards": len(plan["bounds"]) - 1,
-        },
-    )
-    if not done:
-        runner.artifacts.delete_job(record.id)
-    _cleanup(runner, _queue(runner), record.id, JobStatus.SUCCEEDED if done else "abandoned")
-
-
-def _gram(runner: JobRunner, record: JobRecord, plan: dict[str, Any]) -> torch.Tensor:
-    shards = len(plan["bounds"]) - 1
-    tiles = {}
-    for index, (a, b) in enumerate(partials.tile_pairs(shards)):
-        tensors, meta = _load_tensors(runner, record.id, 0, index)
-        if (meta.get("a"), meta.get("b")) != (a, b):
-            raise IncompleteShardsError(f"tile {index} is not tile {(a, b)}")
-        if a == b:
-            c = int(meta["c"])
-            n = plan["bounds"][a + 1] - plan["bounds"][a]
-            full = partials.unpack_symmetric(tensors["packed"], c * n)
-            tiles[(a, b)] = full.reshape(c, n, c, n)
-        else:
-            tiles[(a, b)] = tensors["tile"]
-    return partials.gram_from_tiles(tiles, plan["bounds"])
-
-
-def _implicit_result(runner: JobRunner, record: JobRecord, plan: dict[str, Any]) -> dict[str, Any]:
-    shard_bounds = plan["bounds"]
-    n = shard_bounds[-1]
-    sums: dict[str, torch.Tensor] = {}
-    for index in range(len(shard_bounds) - 1):
-        tensors, meta = _load_tensors(runner, record.id, 0, index)
-        if meta.get("count") != shard_bounds[index + 1] - shard_bounds[index]:
-            raise IncompleteShardsError(f"shard {index} summed {meta.get('count')} examples")
-        for key, value in tensors.items():
-            sums[key] = value.clone() if key not in sums else sums[key] + value
-    dtype = DTYPES[record.spec["dtype"]]
-    outputs = []
-    for i, op in enumerate(record.spec["operations"]):
-        mean = sums[f"op{i}"] / n
-        name = op["op"]
-        prefix = f"op{i}_{name}"
-        if name.startswith("hutchinson"):
-            estimate, stderr = partials.probe_estimate(mean)
-            values = {"estimate": estimate.to(dtype), "stderr": stderr.to(dtype)}
-        else:
-            values = {"value": mean.to(dtype)}
-        out: dict[str, Any] = {}
-        for field, value in values.items():
-            if value.dim() == 0:
-                out[field] = artifacts.scalar(value)
-            else:
-                label = prefix if field == "value" else f"{prefix}_{field}"
-                out[field] = artifacts.save_tensor(runner.artifacts, record.id, label, value)
-        outputs.append({"index": i, "op": name, "outputs": out})
-    return {"operations": outputs, "reused_from": None, "representation_artifact": None}

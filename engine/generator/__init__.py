@@ -1,6 +1,7 @@
 """Per-example gradient generation (hooks, torch.func fallback, pseudo-outputs)."""
 
-from fimntk.engine.generator.jacobian import FALLBACK, HOOKS, BatchJacobian, Jacobian
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
+from fimntk.engine.generator.jacobian import Jacobian
 from fimntk.engine.generator.outputs import (
     EmpiricalFisher,
     ExactFisher,
@@ -8,6 +9,7 @@ from fimntk.engine.generator.outputs import (
     MonteCarloFisher,
     PseudoOutputs,
 )
+from fimntk.engine.generator.paths import FALLBACK, HOOKS
 
 __all__ = [
     "FALLBACK",

@@ -12,12 +12,15 @@ The factored accumulators of KFAC and EKFAC live in :mod:`.kfac_factors` and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
 from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.layers.outer_product import OuterKernel
 from fimntk.engine.linalg import add_lower_gram, symmetrize_lower
 
 
@@ -30,6 +33,7 @@ def one_position(bj: BatchJacobian, name: str) -> tuple[Tensor, Tensor] | None:
     kernel = bj.kernels[name]
     if not hasattr(kernel, "outer") or kernel.mat_layout() is None:
         return None
+    kernel = cast(OuterKernel, kernel)  # duck-typed: it has ``outer``
     x, gy = bj.captured[name]
     if kernel.positions(x) != 1:
         return None
@@ -59,6 +63,7 @@ def sum_gram(x: Tensor, total: Tensor | None) -> Tensor:
     for s in range(0, m, step):
         part = torch.matmul(x[s : s + step].mT, x[s : s + step]).sum(dim=0)
         total = part if total is None else total.add_(part)
+    assert total is not None, "no examples"
     return total
 
 
@@ -77,7 +82,7 @@ class Accumulator(ABC):
     def update(self, bj: BatchJacobian) -> None: ...
 
     @abstractmethod
-    def result(self, n: int): ...
+    def result(self, n: int) -> Any: ...
 
 
 class DenseAcc(Accumulator):
@@ -90,7 +95,7 @@ class DenseAcc(Accumulator):
         self.total = add_lower_gram(self.total, j.reshape(-1, j.shape[-1]))
 
     def result(self, n: int) -> Tensor:
-        return symmetrize_lower(self.total).div_(n)
+        return symmetrize_lower(_accumulated(self.total)).div_(n)
 
 
 class DiagAcc(Accumulator):
@@ -106,7 +111,7 @@ class DiagAcc(Accumulator):
         bj.add_layer_sq_sum(self.name, self.total)
 
     def result(self, n: int) -> Tensor:
-        return self.total.div_(n)
+        return _accumulated(self.total).div_(n)
 
 
 class QuasiDiagAcc(Accumulator):
@@ -130,6 +135,7 @@ class QuasiDiagAcc(Accumulator):
                 self.d = a.new_zeros(grp, q, p + 1)
                 self.c = a.new_zeros(grp, q, p)
             g2t, at = g2.permute(1, 2, 0), a.transpose(0, 1)  # (G, Q, n), (G, n, P)
+            assert self.c is not None
             self.d[..., :p].baddbmm_(g2t, at * at)
             self.d[..., p] += g2.sum(dim=0)
             self.c.baddbmm_(g2t, at)
@@ -141,4 +147,12 @@ class QuasiDiagAcc(Accumulator):
         self.c = c if self.c is None else self.c.add_(c)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.d.div_(n), self.c.div_(n)
+        return _accumulated(self.d).div_(n), _accumulated(self.c).div_(n)
+
+
+def _accumulated(total: Tensor | None) -> Tensor:
+    """An accumulator's sum, which exists once a batch was seen (the generator refuses an empty
+    loader before results are asked for)."""
+    if total is None:
+        raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+    return total

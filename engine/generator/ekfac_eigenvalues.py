@@ -11,8 +11,9 @@ from fimntk.engine.generator.accumulators import (
     mat_grads,
     one_position,
 )
-from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
 from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.layers.outer_product import OuterKernel
 
 #: Elements of the rotated per-example gradients formed at once (a chunk of examples).
 _ROTATED_CHUNK = 1 << 22
@@ -66,7 +67,7 @@ class EigenDiagAcc(Accumulator):
         (``Q²·P + Q·P·R``: for a convolution with ``P = C_in·k²`` the second dominates). Adds
         to ``s`` and returns True for a hooked outer-product layer, else returns False."""
         kernel = bj.kernels.get(self.name)
-        if self.name not in bj.captured or not hasattr(kernel, "outer"):
+        if self.name not in bj.captured or not isinstance(kernel, OuterKernel):
             return False
         x, gy = bj.captured[self.name]
         key = ("eigen_inputs", self.name)
@@ -96,9 +97,11 @@ class EigenDiagAcc(Accumulator):
     def result(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
         """``s`` ``(G, Q, R)``; for a thin basis ``(s, rest)``, ``rest`` the energy outside the
         basis per dimension (0 when it is below the rounding of the total)."""
+        assert self.s is not None, "no batch was accumulated"
         s = self.s.div_(n)
         if not self.thin:
             return s
+        assert self.energy is not None
         total = self.energy / n
         outside = total - s.sum()
         eps = torch.finfo(s.dtype).eps

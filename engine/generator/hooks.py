@@ -13,6 +13,7 @@ exposes its parameter sites; each site is one :class:`Capture`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
+from fimntk.engine.layers.attention import Replay
 from fimntk.engine.layers.registry import replay_for
 
 
@@ -30,7 +32,7 @@ def count_calls(
     """Forward hooks adding each call of a module of ``counted`` (not in ``skip``, whose own
     hooks count) to ``calls``; the handles, to remove."""
 
-    def counter(name: str):
+    def counter(name: str) -> Callable[..., None]:
         def hook(module, inputs, output):
             calls[name] = calls.get(name, 0) + 1
 
@@ -63,7 +65,7 @@ class Capture:
     edge: GradientEdge | None
 
     @classmethod
-    def of(cls, x, y: Tensor) -> Capture:
+    def of(cls, x: Any, y: Tensor) -> Capture:
         """``x``: the site's input, a tensor or an object with ``detach()`` the kernel reads."""
         edge = get_gradient_edge(y) if y.requires_grad else None
         return cls(x.detach(), y, y._version, y.shape, y.dtype, y.device, edge)
@@ -71,7 +73,10 @@ class Capture:
     @property
     def target(self) -> GradientEdge | Tensor:
         """What ``torch.autograd.grad`` differentiates with respect to to get ``∂/∂y``."""
-        return self.y if self.edge is None else self.edge
+        if self.edge is not None:
+            return self.edge
+        assert self.y is not None, "the output was released"
+        return self.y
 
     def zeros(self, *lead: int) -> Tensor:
         """A zero output gradient, ``(*lead, *y.shape)``."""
@@ -103,12 +108,12 @@ class ForwardCapture:
         self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _capture_hook(self, name: str):
+    def _capture_hook(self, name: str) -> Callable[..., Any]:
         replay = replay_for(self.modules[name])
         if replay is not None:
             return self._replay_hook(name, replay)
@@ -123,14 +128,14 @@ class ForwardCapture:
 
         return hook
 
-    def _replay_hook(self, name: str, replay):
-        def record(x, y: Tensor) -> Tensor:
+    def _replay_hook(self, name: str, replay: Replay) -> Callable[..., Any]:
+        def record(x: Any, y: Tensor) -> Tensor:
             self.captures.setdefault(name, []).append(Capture.of(x, y))
             return y
 
-        def hook(module, args, kwargs, output):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             self.calls[name] = self.calls.get(name, 0) + 1
-            params = dict(module.named_parameters(recurse=False))
+            params: dict[str, Tensor] = dict(module.named_parameters(recurse=False))
             return replay(module, args, kwargs, params, record)
 
         return hook

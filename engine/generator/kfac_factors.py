@@ -17,15 +17,19 @@ key projections, ``L ≠ S``) pads them with zeros to one ``T`` and says how man
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor
 
+from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.accumulators import (
     Accumulator,
     finish_gram,
     sum_gram,
 )
-from fimntk.engine.generator.jacobian import BatchJacobian
+from fimntk.engine.generator.batch_jacobian import BatchJacobian
+from fimntk.engine.layers.outer_product import OuterKernel
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -47,7 +51,7 @@ class KronAcc(Accumulator):
         self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
     def update(self, bj: BatchJacobian) -> None:
-        kernel = bj.kernels[self.name]
+        kernel = cast(OuterKernel, bj.kernels[self.name])  # KFAC layers are outer-product ones
         x, gy = bj.captured[self.name]
         reduce = self.approx == "reduce"
         if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
@@ -57,7 +61,9 @@ class KronAcc(Accumulator):
             if reduce and a.shape[2] > 1:
                 a = a.sum(dim=2, keepdim=True) / self.t.reshape(1, grp, 1, 1)
             self.rows += a.shape[0] * a.shape[2]
-            self.bias = kernel.mat_layout().bias
+            layout = kernel.mat_layout()
+            assert layout is not None, "KFAC layers have a matrix view"
+            self.bias = layout.bias
             if self.a is None:  # the bordered matrix, filled in place (no second copy)
                 self.a = a.new_zeros(grp, p + self.bias, p + self.bias)
             sum_gram(a, self.a[:, :p, :p])
@@ -70,6 +76,8 @@ class KronAcc(Accumulator):
         self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
+        if self.a is None or self.g is None or self.t is None:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         t = torch.ones_like(self.t) if self.approx == "reduce" else self.t
         lower = self.a.shape[0] == 1 and bool((t == 1).all())
         a = self.a
@@ -83,7 +91,7 @@ class KronAcc(Accumulator):
         return a.div_(n), g
 
 
-def _group_positions(kernel, x, a: Tensor) -> Tensor:
+def _group_positions(kernel: OuterKernel, x: Any, a: Tensor) -> Tensor:
     """Real positions per group ``(G,)``: ``kernel.group_positions(x)`` where the kernel pads
     groups, else ``T`` for every group of ``a (n, G, T, P)``."""
     counts = getattr(kernel, "group_positions", None)

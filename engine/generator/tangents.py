@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fimntk.engine.generator.hooks import count_calls
+from fimntk.engine.layers.attention import Replay
 from fimntk.engine.layers.registry import replay_for
 
 
@@ -74,12 +76,12 @@ class TangentCapture:
         self._handles += count_calls(self.counted, self.modules, self.calls)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _strip(self, name: str):
+    def _strip(self, name: str) -> Callable[..., Any]:
         def pre_hook(module, args, kwargs):
             if self._inside or not args or not isinstance(args[0], Tensor):
                 return None
@@ -91,7 +93,7 @@ class TangentCapture:
 
         return pre_hook
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[..., Any]:
         replay = replay_for(self.modules[name])
         if replay is not None:
             return self._replay_hook(name, replay)
@@ -122,8 +124,8 @@ class TangentCapture:
 
         return hook
 
-    def _replay_hook(self, name: str, replay):
-        def hook(module, args, kwargs, output):
+    def _replay_hook(self, name: str, replay: Replay) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if self._inside:
                 return None
             self.calls[name] = self.calls.get(name, 0) + 1

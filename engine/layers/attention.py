@@ -39,6 +39,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.layers.base import LayerKernel, chunked_sq_sum
 from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.layers.outer_product import OuterKernel
 
 #: ``record(x, y) -> y``: called with each projection site's input and output.
 Record = Callable[["Tensor | AttentionInputs", Tensor], Tensor]
@@ -114,13 +116,14 @@ def self_attention_packed(m: nn.MultiheadAttention, call: dict) -> bool:
 
 
 def replay_attention(
-    m: nn.MultiheadAttention,
+    m: nn.Module,
     args: tuple,
     kwargs: dict,
     params: dict[str, Tensor],
     record: Record,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`attention_forward` on a call's positional and keyword arguments."""
+    assert isinstance(m, nn.MultiheadAttention)
     return attention_forward(m, bind_call(args, kwargs), params, record)
 
 
@@ -200,15 +203,25 @@ def _scores_mask(
     return mask
 
 
-class MultiheadAttentionKernel(LayerKernel):
+#: ``replay(module, args, kwargs, params, record)``: see
+#: :data:`fimntk.engine.layers.registry.REPLAYS`.
+Replay = Callable[[nn.Module, tuple, dict, dict[str, Tensor], Record], Any]
+
+
+class MultiheadAttentionKernel(OuterKernel):
     """Per-example gradients of the input projections of ``nn.MultiheadAttention``.
 
     ``out_proj`` is a layer of its own (a Linear kernel); this kernel covers ``in_proj_weight``
     (or ``q/k/v_proj_weight``), ``in_proj_bias``, ``bias_k`` and ``bias_v``. The gradient of
     projection ``p ∈ {q, k, v}`` of one pseudo-output is ``Σ_t g_{p,t} x_{p,t}ᵀ`` over its
     positions t; ``bias_k``'s (``bias_v``'s) is the gradient of the appended key (value)
-    position.
+    position. With a matrix view (packed weights, no ``bias_k``/``bias_v``) the outer-product
+    machinery of :class:`~fimntk.engine.layers.outer_product.OuterKernel` applies to the three
+    projections as groups; without one, the generic per-example routes of
+    :class:`~fimntk.engine.layers.base.LayerKernel`.
     """
+
+    input_linear = False
 
     param_attrs = (
         "in_proj_weight",
@@ -219,6 +232,8 @@ class MultiheadAttentionKernel(LayerKernel):
         "bias_k",
         "bias_v",
     )
+
+    module: nn.MultiheadAttention
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -231,6 +246,13 @@ class MultiheadAttentionKernel(LayerKernel):
                 "MultiheadAttention is in train mode with dropout, so the outputs are random and "
                 "the Fisher or NTK would be a random matrix: call model.eval() first"
             )
+
+    def carries_examples(self, x: object, n: int) -> bool:
+        """Whether the projections' inputs (batch first, as the re-computation captures them)
+        all hold the batch's ``n`` examples along their first dimension."""
+        if isinstance(x, AttentionInputs):
+            return all(t.dim() == 3 and t.shape[0] == n for t in (x.query, x.key, x.value))
+        return super().carries_examples(x, n)
 
     # ----- the projections as (input, output gradient) pairs ------------------------------
     @property
@@ -261,7 +283,7 @@ class MultiheadAttentionKernel(LayerKernel):
         parts = [torch.einsum("kntq,ntp->knqp", g, a).reshape(k, n, -1) for a, g in sites]
         if self.has_bias:
             parts += [g.sum(dim=2) for _, g in sites]
-        if self._extra():
+        if isinstance(x, AttentionInputs) and self._extra():
             parts += self._bias_kv_grads(x, gy)
         return torch.cat(parts, dim=2)
 
@@ -270,7 +292,7 @@ class MultiheadAttentionKernel(LayerKernel):
         parts = [torch.einsum("kntq,ntp->qp", g, a).reshape(-1) for a, g in sites]
         if self.has_bias:
             parts += [g.sum(dim=(0, 1, 2)) for _, g in sites]
-        if self._extra():
+        if isinstance(x, AttentionInputs) and self._extra():
             parts += [g.sum(dim=(0, 1)) for g in self._bias_kv_grads(x, gy)]
         return torch.cat(parts)
 
@@ -290,8 +312,19 @@ class MultiheadAttentionKernel(LayerKernel):
             return None
         return MatLayout(3, m.embed_dim, m.embed_dim, self.has_bias)
 
-    def outer(self, x: Tensor | AttentionInputs, gy: Tensor) -> tuple[Tensor, Tensor]:
-        return self.inputs(x), self.output_grads(x, gy)
+    def sq_output_sum(self, x: Any, gy: Tensor) -> Tensor | None:
+        return None if self.mat_layout() is None else super().sq_output_sum(x, gy)
+
+    def gram(self, x1: Any, gy1: Tensor, x2: Any, gy2: Tensor) -> Tensor:
+        if self.mat_layout() is None:
+            return LayerKernel.gram(self, x1, gy1, x2, gy2)
+        return super().gram(x1, gy1, x2, gy2)
+
+    def add_gram(self, x1: Any, gy1: Tensor, x2: Any, gy2: Tensor, out: Tensor) -> None:
+        if self.mat_layout() is None:
+            out.add_(self.gram(x1, gy1, x2, gy2))
+            return
+        super().add_gram(x1, gy1, x2, gy2, out)
 
     def inputs(self, x: Tensor | AttentionInputs) -> Tensor:
         """``a (n, 3, T, E)``: the inputs of q, k and v (a broadcast view in self-attention),

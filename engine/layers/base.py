@@ -16,6 +16,7 @@ cheaper formula (e.g. Linear: ``(A Aᵀ) ⊙ (G Gᵀ)``, Novak et al. 2022).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +48,21 @@ class LayerKernel(ABC):
         """Raise an ``InvalidInputError`` when per-example gradients are not defined."""
         return None
 
+    def carries_examples(self, x: object, n: int) -> bool:
+        """Whether the captured input ``x`` holds the batch's ``n`` examples along its first
+        dimension, as the kernels read it. A layer applied to a tensor shared by the batch (BERT's
+        position embeddings looked up with a batch dimension of 1 and broadcast, a layer applied
+        to a parameter) does not: summing its gradient over the batch would be right, splitting it
+        per example is not, so it takes the ``torch.func`` path."""
+        return isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n
+
+    def scale_examples(self, gy: Tensor, s: Tensor) -> Tensor:
+        """The output gradient ``gy`` ``(n, ...)`` with example ``i`` scaled by ``s[i]``."""
+        return gy * s.reshape(-1, *([1] * (gy.dim() - 1))).to(gy.dtype)
+
     def parameters(self) -> list[tuple[str, Tensor]]:
         """The module's parameters handled here, ``(attribute, tensor)``, in engine order."""
-        out = []
+        out: list[tuple[str, Tensor]] = []
         for attr in self.param_attrs:
             p = getattr(self.module, attr, None)
             if isinstance(p, nn.Parameter):
@@ -63,10 +76,12 @@ class LayerKernel(ABC):
     def grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         """``Σ_{k,i} g_{k,i}``: the ordinary gradient of the summed pseudo-outputs, ``(d_l,)``."""
         step = max(1, _CHUNK_ELEMENTS // max(1, gy.shape[0] * self.numel()))
-        return sum(
-            self.per_example_grads(x[s : s + step], gy[:, s : s + step]).sum(dim=(0, 1))
-            for s in range(0, x.shape[0], step)
-        )
+        total: Tensor | None = None
+        for s in range(0, x.shape[0], step):
+            part = self.per_example_grads(x[s : s + step], gy[:, s : s + step]).sum(dim=(0, 1))
+            total = part if total is None else total + part
+        assert total is not None, "no examples"
+        return total
 
     def sq_grad_sum(self, x: Tensor, gy: Tensor) -> Tensor:
         """``Σ_{k,i} g_{k,i} ⊙ g_{k,i}`` over pseudo-outputs k and examples i, ``(d_l,)``."""
@@ -110,7 +125,7 @@ class LayerKernel(ABC):
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def chunked_sq_sum(grads_of, n: int, per_example_numel: int) -> Tensor:
+def chunked_sq_sum(grads_of: Callable[[slice], Tensor], n: int, per_example_numel: int) -> Tensor:
     """Sum of squared per-example gradients, built a chunk of examples at a time.
 
     Args:
@@ -119,9 +134,10 @@ def chunked_sq_sum(grads_of, n: int, per_example_numel: int) -> Tensor:
         per_example_numel: ``K · d_l``, used to bound the memory of one chunk.
     """
     step = max(1, _CHUNK_ELEMENTS // max(1, per_example_numel))
-    total = None
+    total: Tensor | None = None
     for start in range(0, n, step):
         g = grads_of(slice(start, start + step))
         s = (g * g).sum(dim=(0, 1))
         total = s if total is None else total + s
+    assert total is not None, "no examples"
     return total

@@ -6,16 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import grad as nn_grad
 
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.layers.outer_product import OuterKernel
 
 
-def _conv_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """Apply the module's own padding to ``x`` when unfold cannot; return the padding left."""
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        x = F.pad(x, list(module._reversed_padding_repeated_twice), mode=mode)
         return x, (0,) * (x.dim() - 2)
     return x, tuple(module.padding)
 
@@ -31,6 +32,8 @@ def _pair(v: tuple[int, ...], spatial_dims: int, fill: int) -> tuple[int, int]:
 
 class ConvKernel(OuterKernel):
     """``nn.Conv1d`` / ``nn.Conv2d`` with any stride, padding, dilation, groups, padding mode."""
+
+    module: nn.Conv1d | nn.Conv2d
 
     spatial_dims = 2
 
@@ -87,7 +90,7 @@ class ConvKernel(OuterKernel):
         m, sd = self.module, self.spatial_dims
         k, n = gy.shape[0], x.shape[0]
         x, padding = _conv_input(m, x)
-        weight_grad = torch.nn.grad.conv1d_weight if sd == 1 else torch.nn.grad.conv2d_weight
+        weight_grad = nn_grad.conv1d_weight if sd == 1 else nn_grad.conv2d_weight
         xi = x.reshape(1, n * m.in_channels, *x.shape[2:])
         size = (n * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
         gw = torch.stack(
@@ -112,7 +115,7 @@ class ConvKernel(OuterKernel):
         """The ordinary weight gradient of the summed pseudo-outputs (one convolution)."""
         m, sd = self.module, self.spatial_dims
         x, padding = _conv_input(m, x)
-        weight_grad = torch.nn.grad.conv1d_weight if sd == 1 else torch.nn.grad.conv2d_weight
+        weight_grad = nn_grad.conv1d_weight if sd == 1 else nn_grad.conv2d_weight
         g = gy.sum(dim=0)
         gw = weight_grad(
             x,
@@ -145,6 +148,8 @@ class ConvTransposeKernel(OuterKernel):
     unfolded output gradient, and the weight is the transpose of the outer product.
     """
 
+    module: nn.ConvTranspose1d | nn.ConvTranspose2d
+
     spatial_dims = 2
     bias_folds = False
 
@@ -163,6 +168,7 @@ class ConvTransposeKernel(OuterKernel):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
+        assert isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d)
         return module.padding_mode == "zeros" and all(
             op < s for op, s in zip(module.output_padding, module.stride)
         )
@@ -179,7 +185,7 @@ class ConvTransposeKernel(OuterKernel):
             _as_2d(gy.reshape(k * n, *gy.shape[2:]), sd),
             kernel_size=_pair(m.kernel_size, sd, 1),
             dilation=_pair(m.dilation, sd, 1),
-            padding=_pair(m.padding, sd, 0),
+            padding=_pair(m.padding, sd, 0),  # type: ignore[arg-type]  # transposed: never a str
             stride=_pair(m.stride, sd, 1),
         )
         if cols.shape[-1] != positions:

@@ -12,6 +12,8 @@ from fimntk.engine.layers.outer_product import OuterKernel
 class EmbeddingKernel(OuterKernel):
     """``nn.Embedding``: ``a`` is the one-hot token, so ``a·a'`` tests token equality."""
 
+    module: nn.Embedding
+
     param_attrs = ("weight",)
     input_linear = False
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.layers.outer_product import OuterKernel
@@ -10,6 +10,8 @@ from fimntk.engine.layers.outer_product import OuterKernel
 
 class LinearKernel(OuterKernel):
     """``nn.Linear`` on inputs ``(n, ..., d_in)``: positions are the middle dimensions."""
+
+    module: nn.Linear
 
     def _layout(self) -> MatLayout:
         m = self.module

@@ -50,6 +50,8 @@ class AffineNormKernel(LayerKernel):
 class BatchNormKernel(AffineNormKernel):
     """``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics."""
 
+    module: nn.modules.batchnorm._BatchNorm
+
     def check(self) -> None:
         m = self.module
         if m.training or not m.track_running_stats:
@@ -66,13 +68,16 @@ class BatchNormKernel(AffineNormKernel):
         on its first use)."""
         m = self.module
         shape = (1, -1) + (1,) * (t.dim() - 2)
-        scale = torch.rsqrt(m.running_var + m.eps)
+        var = m.running_var
+        assert var is not None, "checked: eval mode with running statistics"
+        scale = torch.rsqrt(var + m.eps)
         if m.weight is not None:
             scale = scale * m.weight.detach()
         return t * scale.reshape(shape)
 
     def normalized(self, x: Tensor) -> Tensor:
         m = self.module
+        assert m.running_mean is not None and m.running_var is not None, "checked in check()"
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = m.running_mean.reshape(shape)
         std = torch.sqrt(m.running_var.reshape(shape) + m.eps)
@@ -82,6 +87,8 @@ class BatchNormKernel(AffineNormKernel):
 class GroupNormKernel(AffineNormKernel):
     """``nn.GroupNorm``: statistics per example and group."""
 
+    module: nn.GroupNorm
+
     def normalized(self, x: Tensor) -> Tensor:
         m = self.module
         return F.group_norm(x, m.num_groups, eps=m.eps)
@@ -90,9 +97,11 @@ class GroupNormKernel(AffineNormKernel):
 class LayerNormKernel(AffineNormKernel):
     """``nn.LayerNorm`` over the trailing ``normalized_shape`` dimensions."""
 
+    module: nn.LayerNorm
+
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return module.elementwise_affine
+        return bool(getattr(module, "elementwise_affine", False))
 
     def normalized(self, x: Tensor) -> Tensor:
         m = self.module

@@ -1,16 +1,16 @@
 """Which kernel computes per-example gradients of which module type.
 
 A dict keyed by the exact module type: subclasses (which may override ``forward``) are not
-assumed to behave like their parent. A miss means the ``torch.func`` fallback path.
+assumed to behave like their parent; layers of libraries the engine does not import (Hugging
+Face ``transformers``) by their exact qualified name (:mod:`.hf`). A miss means the
+``torch.func`` fallback path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
-from fimntk.engine.layers.attention import MultiheadAttentionKernel, replay_attention
+from fimntk.engine.layers.attention import MultiheadAttentionKernel, Replay, replay_attention
 from fimntk.engine.layers.base import LayerKernel
 from fimntk.engine.layers.conv import (
     Conv1dKernel,
@@ -19,6 +19,7 @@ from fimntk.engine.layers.conv import (
     ConvTransposeKernel,
 )
 from fimntk.engine.layers.embedding import EmbeddingKernel
+from fimntk.engine.layers.hf import KERNELS_BY_NAME, RMSNormKernel
 from fimntk.engine.layers.linear import LinearKernel
 from fimntk.engine.layers.norm import BatchNormKernel, GroupNormKernel, LayerNormKernel
 
@@ -36,16 +37,17 @@ KERNELS: dict[type[nn.Module], type[LayerKernel]] = {
     nn.BatchNorm3d: BatchNormKernel,
     nn.GroupNorm: GroupNormKernel,
     nn.LayerNorm: LayerNormKernel,
+    nn.RMSNorm: RMSNormKernel,
 }
 
 #: Module types whose output the hooked passes recompute with exposed parameter sites:
 #: ``replay(module, args, kwargs, params, record)`` returns what ``module(*args, **kwargs)``
 #: returns, built from ``params`` (``{attribute: tensor}``), handing each site's input and
 #: output to ``record(x, y) -> y``. Their sub-modules are called as modules inside.
-REPLAYS: dict[type[nn.Module], Callable] = {nn.MultiheadAttention: replay_attention}
+REPLAYS: dict[type[nn.Module], Replay] = {nn.MultiheadAttention: replay_attention}
 
 
-def replay_for(module: nn.Module) -> Callable | None:
+def replay_for(module: nn.Module) -> Replay | None:
     """The re-computation of ``module``'s forward (see :data:`REPLAYS`), or ``None``."""
     return REPLAYS.get(type(module))
 
@@ -55,7 +57,8 @@ def kernel_for(module: nn.Module) -> LayerKernel | None:
 
     The fast path also requires every parameter of the module to require a gradient.
     """
-    cls = KERNELS.get(type(module))
+    kind = type(module)
+    cls = KERNELS.get(kind) or KERNELS_BY_NAME.get((kind.__module__, kind.__qualname__))
     if cls is None or not cls.supports(module):
         return None
     own = [p for _, p in module.named_parameters(recurse=False)]

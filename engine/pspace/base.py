@@ -16,7 +16,7 @@ matrix remembers which path each layer took in :attr:`paths`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -165,11 +165,11 @@ class PMatAbstract(ABC):
         if other.layer_collection != self.layer_collection:
             raise InvalidInputError(f"{op} needs matrices on the same layer collection")
 
-    def _map(self, fn) -> Any:
+    def _map(self, fn: Callable[[Tensor], Any]) -> Any:
         """Apply ``fn`` to every stored tensor (``data`` may be a tensor, dict or tuple)."""
         return _tree_map(fn, self.data)
 
-    def _zip(self, other: PMatAbstract, fn) -> Any:
+    def _zip(self, other: PMatAbstract, fn: Callable[[Tensor, Tensor], Any]) -> Any:
         return _tree_zip(fn, self.data, other.data)
 
     def _new(self, data: Any) -> PMatAbstract:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.linalg import spd_solve
 from fimntk.engine.pspace.base import PMatAbstract, frobenius
 from fimntk.engine.vector import PVector
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
 
 
 class PMatBlockDiag(PMatAbstract):
@@ -15,10 +22,10 @@ class PMatBlockDiag(PMatAbstract):
 
     name = "blockdiag"
 
-    def _compute(self, generator, examples) -> dict[str, Tensor]:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> dict[str, Tensor]:
         return generator.get_covariance_layer_blocks(examples)
 
-    def _split(self, v: PVector):
+    def _split(self, v: PVector) -> Iterator[tuple[str, Tensor]]:
         x = v.get_flat_representation()
         for name, (start, end) in self.layer_collection.offsets().items():
             yield name, x[start:end]
@@ -31,13 +38,13 @@ class PMatBlockDiag(PMatAbstract):
 
     def vTMv(self, v: PVector) -> Tensor:
         self._check_vector(v)
-        return sum(x @ self.data[n] @ x for n, x in self._split(v))
+        return _tensor_sum(x @ self.data[n] @ x for n, x in self._split(v))
 
     def trace(self) -> Tensor:
-        return sum(torch.diagonal(b).sum() for b in self.data.values())
+        return _tensor_sum(torch.diagonal(b).sum() for b in self.data.values())
 
     def frobenius_norm(self) -> Tensor:
-        sq = sum(frobenius(b).double() ** 2 for b in self.data.values())
+        sq = _tensor_sum(frobenius(b).double() ** 2 for b in self.data.values())
         return sq.sqrt().to(next(iter(self.data.values())).dtype)
 
     def get_diag(self) -> Tensor:
@@ -68,3 +75,13 @@ class PMatBlockDiag(PMatAbstract):
             start, end = self.layer_collection.offsets()[e.name]
             out[e.name] = self.data[e.name] - torch.outer(mean[start:end], mean[start:end])
         return PMatBlockDiag(self.layer_collection, data=out)
+
+
+def _tensor_sum(terms: Iterable[Tensor]) -> Tensor:
+    """``Σ terms`` in order (as ``sum`` would, without its integer start)."""
+    total: Tensor | None = None
+    for term in terms:
+        total = term if total is None else total + term
+    if total is None:
+        raise InvalidInputError("the matrix has no layers")
+    return total

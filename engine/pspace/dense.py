@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -9,13 +12,16 @@ from fimntk.engine.linalg import spd_solve
 from fimntk.engine.pspace.base import PMatAbstract, frobenius
 from fimntk.engine.vector import PVector
 
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
+
 
 class PMatDense(PMatAbstract):
     """Dense matrix; ``data`` is ``(d, d)``. Memory ``d²``; exact for every operation."""
 
     name = "dense"
 
-    def _compute(self, generator, examples) -> Tensor:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> Tensor:
         return generator.get_covariance_matrix(examples)
 
     def mv(self, v: PVector) -> PVector:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from fimntk.engine.pspace.base import PMatAbstract, frobenius
 from fimntk.engine.vector import PVector
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
 
 
 class PMatDiag(PMatAbstract):
@@ -14,7 +20,7 @@ class PMatDiag(PMatAbstract):
 
     name = "diag"
 
-    def _compute(self, generator, examples) -> Tensor:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> Tensor:
         return generator.get_covariance_diag(examples)
 
     def mv(self, v: PVector) -> PVector:

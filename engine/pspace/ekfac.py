@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fimntk.engine.errors import InvalidInputError
-from fimntk.engine.generator.accumulators import DenseAcc, DiagAcc
+from fimntk.engine.generator.accumulators import Accumulator, DenseAcc, DiagAcc
 from fimntk.engine.generator.ekfac_eigenvalues import EigenDiagAcc
 from fimntk.engine.pspace.blocks import DenseBlock, DiagBlock, EKronBlock
 from fimntk.engine.pspace.layerwise import PMatLayerwise, kron_capable
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
 
 
 class PMatEKFAC(PMatLayerwise):
@@ -23,7 +26,7 @@ class PMatEKFAC(PMatLayerwise):
 
     name = "ekfac"
 
-    def _policy(self, generator) -> dict[str, str]:
+    def _policy(self, generator: Jacobian) -> dict[str, str]:
         return {
             e.name: "ekfac" if kron_capable(generator, e.name) else self._fallback_kind(e.name)
             for e in self.layer_collection
@@ -36,7 +39,7 @@ class PMatEKFAC(PMatLayerwise):
             raise InvalidInputError(
                 "update_diag needs a Jacobian generator: pass generator=Jacobian(model, ...)"
             )
-        accs = []
+        accs: list[Accumulator] = []
         for name, blk in self.data.items():
             if isinstance(blk, EKronBlock):
                 accs.append(EigenDiagAcc(name, blk.u_a, blk.u_g, blk.layout))

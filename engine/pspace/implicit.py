@@ -20,18 +20,17 @@ restored), so repeated operations see the same matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
-from fimntk.engine.generator.hooks import ForwardCapture
-from fimntk.engine.generator.jacobian import Jacobian, check_finite, weighted_grad
+from fimntk.engine.generator.batch_jacobian import check_finite, weighted_grad
+from fimntk.engine.generator.jacobian import Jacobian
 from fimntk.engine.generator.tangents import TangentCapture
 from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.vector import PVector
@@ -41,7 +40,7 @@ MAX_DENSE_ELEMENTS = 1 << 28
 
 
 def _jv_by_double_backward(
-    f, primals: dict[str, Tensor], tangent: dict[str, Tensor]
+    f: Callable[[dict[str, Tensor]], Tensor], primals: dict[str, Tensor], tangent: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """``J v`` as the VJP of a VJP, for layers without forward-mode AD (e.g. fused attention,
     run here with the differentiable-twice math kernel)."""
@@ -55,7 +54,8 @@ def _jv_by_double_backward(
             (out * u).sum(), list(params.values()), create_graph=True, allow_unused=True
         )
         pairs = [(g, tangent[k]) for g, k in zip(grads, params) if g is not None]
-        jv = torch.autograd.grad(sum((g * t).sum() for g, t in pairs), u)[0]
+        inner = torch.stack([(g * t).sum() for g, t in pairs]).sum()
+        jv = torch.autograd.grad(inner, u)[0]
     return out.detach(), jv
 
 
@@ -67,12 +67,12 @@ class PMatImplicit(PMatAbstract):
     _per_example_jv = False
     _raw_jacobian: Jacobian | None = None
 
-    def _compute(self, generator, examples: Iterable) -> dict[str, Tensor]:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> dict[str, Tensor]:
         self.examples = examples
         sampler = getattr(generator.pseudo_outputs, "generator", None)
         self._sampler_state = sampler.get_state() if sampler is not None else None
         dataset = getattr(examples, "dataset", None)
-        self.n_examples = len(dataset) if hasattr(dataset, "__len__") else None
+        self.n_examples = len(dataset) if isinstance(dataset, Sized) else None
         return {"scale": torch.ones((), dtype=generator.dtype)}
 
     @property
@@ -101,7 +101,7 @@ class PMatImplicit(PMatAbstract):
         self._replay()
         gen = self.generator
         for raw in self.examples:
-            yield gen._prepare(raw)
+            yield gen.prepare(raw)
 
     def _jv(self, batch: tuple, tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs ``(n, c)`` and ``J v`` ``(n, c)`` by forward-mode AD.
@@ -118,7 +118,7 @@ class PMatImplicit(PMatAbstract):
         named = dict(gen.model.named_parameters(remove_duplicate=False))
         try:
             while True:
-                hooked = {nm: gen._modules[nm] for nm in gen._kernels}
+                hooked = gen.hooked_modules()
                 per_layer = {
                     nm: {
                         attr: tangent[pn]
@@ -135,40 +135,37 @@ class PMatImplicit(PMatAbstract):
                     if e.name not in hooked
                     for pn in e.param_names()
                 ]
-                linear = {nm for nm in hooked if gen._kernels[nm].input_linear}
+                linear = {nm for nm in hooked if gen.kernel(nm).input_linear}
                 maps = {
                     nm: k.input_tangent
-                    for nm, k in gen._kernels.items()
-                    if nm in hooked and hasattr(k, "input_tangent")
+                    for nm, k in ((nm, gen.kernel(nm)) for nm in hooked)
+                    if hasattr(k, "input_tangent")
                 }
                 capture = TangentCapture(
-                    hooked, per_layer, linear, input_maps=maps, counted=gen._modules
+                    hooked, per_layer, linear, input_maps=maps, counted=gen.layer_modules
                 )
                 with fwad.dual_level(), capture:
                     if dual:
-                        swap = {
-                            f"model.{pn}": fwad.make_dual(named[pn], tangent[pn]) for pn in dual
-                        }
-                        out = functional_call(gen._wrapper, swap, batch)
+                        swap = {pn: fwad.make_dual(named[pn], tangent[pn]) for pn in dual}
+                        out = gen.call_with(swap, batch)
                     else:
                         out = gen.function(*batch)
                     out, jv = fwad.unpack_dual(out)
                 demote = {nm for nm in hooked if capture.calls.get(nm, 0) != 1}
                 if not demote:
                     break
-                for nm in demote:  # called twice or never: forward mode through its params
-                    gen._kernels.pop(nm)
+                # called twice or never: forward mode through its params
+                gen.move_to_fallback(demote)
         except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError) as err:
             primals = {k: named[k].detach() for k in tangent}
 
             def f(p):
-                return functional_call(gen._wrapper, {f"model.{k}": t for k, t in p.items()}, batch)
+                return gen.call_with(p, batch)
 
             try:
                 out, jv = _jv_by_double_backward(f, primals, tangent)
             except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
-                with torch.no_grad():  # bad input: the generator's forward names the fix
-                    gen._forward(batch, ForwardCapture({}))
+                gen.check_forward(batch)  # bad input: the generator's forward names the fix
                 try:
                     jv = self._jv_by_per_example_grads(batch, tangent)
                 except (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError):
@@ -203,14 +200,15 @@ class PMatImplicit(PMatAbstract):
             e.name: torch.cat([tangent[pn].reshape(-1) for pn in e.param_names()])
             for e in self.layer_collection
         }
-        parts = []
+        parts: list[Tensor] = []
         with torch.enable_grad():
-            for bj in raw._run_batch(batch):
-                part = None
+            for bj in raw.run_batch(batch):
+                part: Tensor | None = None
                 for e in self.layer_collection:
                     g = bj.layer_grads(e.name).detach()  # (K, n, d_l)
                     term = g @ flat[e.name].to(g.dtype)
                     part = term if part is None else part.add_(term)
+                assert part is not None, "an empty layer collection is refused when built"
                 parts.append(part)
         return torch.cat(parts, dim=0).t()
 
@@ -236,14 +234,18 @@ class PMatImplicit(PMatAbstract):
 
     def vTMv(self, v: PVector) -> Tensor:
         tangent = self._tangent(v)
-        total, n = 0.0, 0
+        total: Tensor | None = None
+        n = 0
         with torch.no_grad():
             for batch in self._batches():
                 out, jv = self._jv(batch, tangent)
                 w = self.generator.pseudo_outputs(out, batch)
                 proj = torch.einsum("knc,nc->kn", w, jv)
-                total = total + (proj * proj).sum()
+                sq = (proj * proj).sum()
+                total = sq if total is None else total + sq
                 n += out.shape[0]
+        if total is None:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         return check_finite(total / n * self._scale, "vTMv")
 
     def mv(self, v: PVector) -> PVector:
@@ -252,7 +254,9 @@ class PMatImplicit(PMatAbstract):
         tangent = self._tangent(v)
         gen = self.generator
         params = self.layer_collection.parameters(gen.model)
-        total, n = None, 0
+        total: Tensor | None = None
+        views: tuple[Tensor, ...] = ()
+        n = 0
         for batch in self._batches():
             with torch.enable_grad():
                 out, jv = self._jv(batch, tangent)
@@ -269,6 +273,8 @@ class PMatImplicit(PMatAbstract):
                     view.add_(g.reshape(-1))
             del grads
             n += out.shape[0]
+        if total is None:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         total.div_(n).mul_(self._scale)
         return PVector(self.layer_collection, check_finite(total, "product F v"))
 

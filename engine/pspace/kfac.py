@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from fimntk.engine.pspace.blocks import KronBlock
 from fimntk.engine.pspace.layerwise import PMatLayerwise, kron_capable
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
 
 
 class PMatKFAC(PMatLayerwise):
@@ -20,7 +25,7 @@ class PMatKFAC(PMatLayerwise):
 
     name = "kfac"
 
-    def _policy(self, generator) -> dict[str, str]:
+    def _policy(self, generator: Jacobian) -> dict[str, str]:
         return {
             e.name: "kfac" if kron_capable(generator, e.name) else self._fallback_kind(e.name)
             for e in self.layer_collection

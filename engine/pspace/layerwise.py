@@ -21,15 +21,17 @@ representation            block per layer
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError
-from fimntk.engine.generator.accumulators import DenseAcc, DiagAcc, QuasiDiagAcc
+from fimntk.engine.generator.accumulators import Accumulator, DenseAcc, DiagAcc, QuasiDiagAcc
 from fimntk.engine.generator.kfac_factors import KFAC_APPROX, KronAcc
+from fimntk.engine.layers import LayerKernel
+from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.pspace.blocks import (
     Block,
@@ -41,13 +43,16 @@ from fimntk.engine.pspace.blocks import (
 )
 from fimntk.engine.vector import PVector
 
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
+
 #: Largest layer (parameters) that gets an exact dense block where its structure is unknown.
 DENSE_BLOCK_LIMIT = 4096
 
 BLOCK_KINDS = ("kfac", "ekfac", "quasidiag", "dense", "diag")
 
 
-def kron_capable(generator, name: str) -> bool:
+def kron_capable(generator: Jacobian, name: str) -> bool:
     """Whether layer ``name`` has a hooked outer-product kernel whose bias folds."""
     k = generator.kernel(name)
     return k is not None and hasattr(k, "outer") and k.mat_layout() is not None
@@ -67,26 +72,26 @@ class PMatLayerwise(PMatAbstract):
         super()._set_options(**options)
 
     # ----- building ----------------------------------------------------------------------------
-    def _policy(self, generator) -> dict[str, str]:
+    def _policy(self, generator: Jacobian) -> dict[str, str]:
         raise NotImplementedError
 
     def _fallback_kind(self, name: str) -> str:
         return "dense" if self.layer_collection[name].numel <= DENSE_BLOCK_LIMIT else "diag"
 
-    def _compute(self, generator, examples: Iterable) -> dict[str, Block]:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> dict[str, Block]:
         kinds: dict[str, str] = {}
         kron_accs: dict[str, KronAcc] = {}
 
         def make_accumulators() -> list:  # after the first batch has settled the paths
             kinds.update(self._policy(generator))
-            accs = []
+            accs: list[Accumulator] = []
             for name, kind in kinds.items():
                 kernel = generator.kernel(name)
                 if kind in ("kfac", "ekfac"):
                     kron_accs[name] = KronAcc(name, self.kfac_approx)
                     accs.append(kron_accs[name])
                 elif kind == "quasidiag":
-                    accs.append(QuasiDiagAcc(name, kernel.mat_layout()))
+                    accs.append(QuasiDiagAcc(name, _layout_of(kernel)))
                 elif kind == "dense":
                     accs.append(DenseAcc(name))
                 else:
@@ -99,11 +104,11 @@ class PMatLayerwise(PMatAbstract):
             st = stats[name]
             if kind in ("kfac", "ekfac"):
                 blk = KronBlock(
-                    st[0], st[1], generator.kernel(name).mat_layout(), kron_accs[name].rows
+                    st[0], st[1], _layout_of(generator.kernel(name)), kron_accs[name].rows
                 )
                 blocks[name] = EKronBlock.from_kron(blk) if kind == "ekfac" else blk
             elif kind == "quasidiag":
-                blocks[name] = QuasiDiagBlock(st[0], st[1], generator.kernel(name).mat_layout())
+                blocks[name] = QuasiDiagBlock(st[0], st[1], _layout_of(generator.kernel(name)))
             elif kind == "dense":
                 blocks[name] = DenseBlock(st)
             else:
@@ -116,11 +121,11 @@ class PMatLayerwise(PMatAbstract):
         return {n: b.kind for n, b in self.data.items()}
 
     # ----- operations --------------------------------------------------------------------------
-    def _split(self, x: Tensor):
+    def _split(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
         for name, (start, end) in self.layer_collection.offsets().items():
             yield name, x[..., start:end]
 
-    def _apply(self, v: PVector, fn) -> PVector:
+    def _apply(self, v: PVector, fn: Callable[[Block, Tensor], Tensor]) -> PVector:
         self._check_vector(v)
         x = v.get_flat_representation()
         return PVector(
@@ -182,3 +187,11 @@ class PMatLayerwise(PMatAbstract):
         return self._new({n: b.scaled(float(x)) for n, b in self.data.items()})
 
     __rmul__ = __mul__
+
+
+def _layout_of(kernel: LayerKernel | None) -> MatLayout:
+    """The matrix view of a layer that its representation's policy gave a structured block."""
+    layout = None if kernel is None else kernel.mat_layout()
+    if layout is None:
+        raise InvalidInputError("a structured block needs a layer with a matrix view")
+    return layout

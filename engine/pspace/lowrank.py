@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,13 +20,16 @@ from fimntk.engine.linalg import spd_solve
 from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.vector import PVector
 
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
+
 
 class PMatLowRank(PMatAbstract):
     """Low-rank representation; ``data`` is ``J`` of shape ``(K·n, d)``."""
 
     name = "lowrank"
 
-    def _compute(self, generator, examples) -> Tensor:
+    def _compute(self, generator: Jacobian, examples: Iterable) -> Tensor:
         j = generator.get_jacobian(examples)
         return j.reshape(-1, j.shape[-1]) / math.sqrt(generator.n_examples)
 

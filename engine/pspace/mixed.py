@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.layers.norm import AffineNormKernel
 from fimntk.engine.pspace.blocks import Block
 from fimntk.engine.pspace.layerwise import BLOCK_KINDS, PMatLayerwise, kron_capable
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
 
 
 class PMatMixed(PMatLayerwise):
@@ -23,7 +26,9 @@ class PMatMixed(PMatLayerwise):
 
     name = "mixed"
 
-    def _set_options(self, policy: dict[str, str] | None = None, **options: Any) -> None:
+    def _set_options(  # type: ignore[override]  # adds `policy`; kfac_approx goes on in options
+        self, policy: dict[str, str] | None = None, **options: Any
+    ) -> None:
         policy = dict(policy or {})
         bad = {k: v for k, v in policy.items() if v not in BLOCK_KINDS}
         if bad:
@@ -38,7 +43,7 @@ class PMatMixed(PMatLayerwise):
         out.paths = self.paths
         return out
 
-    def _default(self, generator, name: str) -> str:
+    def _default(self, generator: Jacobian, name: str) -> str:
         k = generator.kernel(name)
         if k is None:
             return "diag"
@@ -48,7 +53,7 @@ class PMatMixed(PMatLayerwise):
             return "dense"
         return self._fallback_kind(name)
 
-    def _allowed(self, generator, name: str, kind: str) -> bool:
+    def _allowed(self, generator: Jacobian, name: str, kind: str) -> bool:
         k = generator.kernel(name)
         if kind in ("kfac", "ekfac"):
             return kron_capable(generator, name)
@@ -56,7 +61,7 @@ class PMatMixed(PMatLayerwise):
             return k is not None and k.mat_layout() is not None and k.mat_layout().bias
         return True
 
-    def _policy(self, generator) -> dict[str, str]:
+    def _policy(self, generator: Jacobian) -> dict[str, str]:
         paths = generator.paths
         out = {}
         for e in self.layer_collection:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fimntk.engine.pspace.layerwise import PMatLayerwise
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator.jacobian import Jacobian
 
 
 class PMatQuasiDiag(PMatLayerwise):
@@ -14,7 +19,7 @@ class PMatQuasiDiag(PMatLayerwise):
 
     name = "quasidiag"
 
-    def _policy(self, generator) -> dict[str, str]:
+    def _policy(self, generator: Jacobian) -> dict[str, str]:
         out = {}
         for e in self.layer_collection:
             k = generator.kernel(e.name)

@@ -126,12 +126,9 @@ def test_ntk_tiles_mirrored() -> None:
     model, data = _model(), _data()
     whole = reference.ntk(model, DataLoader(data, batch_size=20))
     tiles = {}
+    factors = [partials.gram_factors(model, loader) for loader in _shards(data)]
     for a, b in partials.tile_pairs(3):
-        idx = list(range(BOUNDS[a], BOUNDS[a + 1]))
-        if a != b:
-            idx += list(range(BOUNDS[b], BOUNDS[b + 1]))
-        gram = engine.GramMatrix(model, DataLoader(Subset(data, idx), batch_size=6)).data
-        tiles[(a, b)] = partials.gram_tile(gram, BOUNDS[a + 1] - BOUNDS[a], a == b)
+        tiles[(a, b)] = partials.gram_tile(model, factors[a], None if a == b else factors[b])
     assert len(tiles) == 6
     torch.testing.assert_close(partials.gram_from_tiles(tiles, BOUNDS), whole)
     del tiles[(0, 2)]
@@ -172,3 +169,12 @@ def test_a_matrix_that_is_no_sum_is_refused() -> None:
     implicit = engine.FIM(model, DataLoader(data, batch_size=5), "implicit")
     with pytest.raises(engine.InvalidInputError, match="one shard"):
         partials.partial_of(implicit, 20)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4, 5])
+def test_tile_groups_cover_the_upper_triangle_once(shards: int) -> None:
+    groups = partials.tile_groups(shards)
+    tiles = [t for g in groups for t in g]
+    assert sorted(tiles) == partials.tile_pairs(shards)
+    work = [sum(1 if a == b else 2 for a, b in g) for g in groups]
+    assert set(work) <= {1, 2} and work.count(1) == shards % 2  # a lone diagonal tile is lighter

@@ -19,7 +19,7 @@ import redis
 import torch
 from safetensors.torch import load as st_load
 
-from tests.service.conftest import ADMIN_KEY, REDIS_URL, auth, st_bytes
+from tests.service.conftest import ADMIN_KEY, REDIS_URL, auth, st_bytes, upload
 from tests.service.prod import cleanup_queue, start_worker, stop_process, wait_for
 from tests.service.test_prod_faults import Stack, _settings, stack
 
@@ -165,3 +165,50 @@ def test_sharded_results_do_not_depend_on_the_workers(
             _assert_close(by_workers[1][case], one_job[case])
         _assert_identical(by_workers[2][case], by_workers[1][case])
         _assert_identical(by_workers[4][case], by_workers[1][case])
+
+
+def test_a_failing_shard_fails_the_job_with_its_problem(
+    sharded_stack: tuple[Stack, Workers],
+) -> None:
+    s, workers = sharded_stack
+    workers.grow_to(1)
+    d = sum(p.numel() for p in s.data.model.parameters())
+    bad = upload(s.client, s.key, st_bytes({"v": torch.full((d,), float("nan"))}))
+    job = s.submit(
+        representation="implicit",
+        dataset=_dataset(s),
+        shards=3,
+        operations=[{"op": "mv", "v": bad}],
+    )
+    done = s.wait(job["id"], timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["type"] == "/problems/invalid-input"
+    assert done["error"]["field"] == "operations[0].v"
+    assert "NaN" in done["error"]["detail"]
+    assert not (s.settings.artifacts_dir / f"{job['id']}.shards").exists()
+
+
+def test_auto_runs_a_small_job_as_one(sharded_stack: tuple[Stack, Workers]) -> None:
+    s, workers = sharded_stack
+    workers.grow_to(1)
+    job = s.submit(representation="kfac", dataset=_dataset(s), shards="auto")
+    done = s.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["shards"] is None
+
+
+def test_more_shards_than_the_server_allows_are_refused(
+    sharded_stack: tuple[Stack, Workers],
+) -> None:
+    s, _ = sharded_stack
+    response = s.post(dataset=_dataset(s), shards=s.settings.max_shards + 1)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "shards"
+    response = s.post(
+        representation="implicit",
+        dataset=_dataset(s),
+        shards=2,
+        operations=[{"op": "lanczos_eigenpairs", "k": 2}],
+    )
+    assert response.status_code == 422, response.text
+    assert "one worker" in response.text

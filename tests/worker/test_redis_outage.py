@@ -33,6 +33,13 @@ from tests.service.prod import RedisServer
 pytestmark = pytest.mark.timeout(120)
 
 
+class _NoRecords:
+    """No job has a record: every job takes the one-worker path (no shard plan)."""
+
+    def get_job(self, job_id: str) -> None:
+        return None
+
+
 class _OutageRunner:
     """Stands in for the job runner: the first job takes Redis down and schedules its
     restart (and the next job); every job is recorded."""
@@ -46,6 +53,7 @@ class _OutageRunner:
         self.on_job_done: Any = None
         self.ran: list[str] = []
         self.restarted = threading.Event()
+        self.records = _NoRecords()
 
     def request_stop(self, job_id: str | None) -> None:
         """Nothing runs long enough to be stopped."""

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import UnsupportedOperationError
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.layers.layout import MatLayout
 
 
@@ -74,3 +74,10 @@ class Block(ABC):
             )
         t1, t2 = self.tensors(), other.tensors()
         return type(self).from_tensors({k: t1[k] + sign * t2[k] for k in t1}, self.layout)
+
+
+def require_layout(layout: MatLayout | None) -> MatLayout:
+    """The layout of a structured block, which cannot be built without one."""
+    if layout is None:
+        raise InvalidInputError("a structured block (kfac, ekfac, quasidiag) needs its layout")
+    return layout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.linalg import spd_solve
 from fimntk.engine.pspace.blocks.base import Block
 
@@ -21,7 +22,7 @@ class DenseBlock(Block):
         return {"m": self.m}
 
     @classmethod
-    def from_tensors(cls, t, layout=None) -> DenseBlock:
+    def from_tensors(cls, t: dict[str, Tensor], layout: MatLayout | None = None) -> DenseBlock:
         return cls(t["m"])
 
     def mm(self, x: Tensor) -> Tensor:

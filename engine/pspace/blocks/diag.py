@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.pspace.blocks.base import Block
 
 
@@ -20,7 +21,7 @@ class DiagBlock(Block):
         return {"d": self.d}
 
     @classmethod
-    def from_tensors(cls, t, layout=None) -> DiagBlock:
+    def from_tensors(cls, t: dict[str, Tensor], layout: MatLayout | None = None) -> DiagBlock:
         return cls(t["d"])
 
     def mm(self, x: Tensor) -> Tensor:

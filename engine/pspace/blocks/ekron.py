@@ -8,7 +8,7 @@ from torch import Tensor
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.linalg import eigh, row_major
-from fimntk.engine.pspace.blocks.base import Block
+from fimntk.engine.pspace.blocks.base import Block, require_layout
 from fimntk.engine.pspace.blocks.kron import KronBlock
 
 
@@ -63,13 +63,13 @@ class EKronBlock(Block):
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"u_a": self.u_a, "u_g": self.u_g, "s": self.s}
-        if self.thin:
+        if self.rest is not None:
             out["rest"] = self.rest
         return out
 
     @classmethod
-    def from_tensors(cls, t, layout) -> EKronBlock:
-        return cls(t["u_a"], t["u_g"], t["s"], layout, t.get("rest"))
+    def from_tensors(cls, t: dict[str, Tensor], layout: MatLayout | None) -> EKronBlock:
+        return cls(t["u_a"], t["u_g"], t["s"], require_layout(layout), t.get("rest"))
 
     def _with(self, s: Tensor, rest: Tensor | None) -> EKronBlock:
         return EKronBlock(self.u_a, self.u_g, s, self._layout, rest)
@@ -101,19 +101,19 @@ class EKronBlock(Block):
         return self._apply(x, self.s, self.rest)
 
     def trace(self) -> Tensor:
-        if self.thin:
+        if self.rest is not None:
             return self.s.sum() + self.rest * self._rest_dims
         return self.s.sum()
 
     def frob_sq(self) -> Tensor:
         out = (self.s.double() ** 2).sum()
-        if self.thin:
+        if self.rest is not None:
             out = out + self.rest.double() ** 2 * self._rest_dims
         return out
 
     def diag(self) -> Tensor:
         d = (self.u_g**2) @ self.s @ (self.u_a**2).transpose(-1, -2)
-        if self.thin:  # rest · diag(I − U_A U_Aᵀ), the same on every row (U_G is square)
+        if self.rest is not None:  # rest · diag(I − U_A U_Aᵀ), equal on every row (U_G square)
             d = d + self.rest * (1 - (self.u_a**2).sum(-1))[..., None, :]
         return self._layout.from_mat(d)
 
@@ -141,5 +141,5 @@ class EKronBlock(Block):
                 "EKFAC matrices add only when they share their eigenbasis: convert with "
                 "to_torch() and use PMatDense"
             )
-        rest = None if self.rest is None else self.rest + sign * other.rest
+        rest = None if self.rest is None or other.rest is None else self.rest + sign * other.rest
         return self._with(self.s + sign * other.s, rest)

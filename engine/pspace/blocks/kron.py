@@ -16,7 +16,7 @@ from fimntk.engine.linalg import (
     spd_solve_batched,
     sym_pow,
 )
-from fimntk.engine.pspace.blocks.base import Block
+from fimntk.engine.pspace.blocks.base import Block, require_layout
 
 
 class KronBlock(Block):
@@ -59,8 +59,8 @@ class KronBlock(Block):
         return {"a": self.a, "g": self.g}
 
     @classmethod
-    def from_tensors(cls, t, layout) -> KronBlock:
-        return cls(t["a"], t["g"], layout)
+    def from_tensors(cls, t: dict[str, Tensor], layout: MatLayout | None) -> KronBlock:
+        return cls(t["a"], t["g"], require_layout(layout))
 
     def mm(self, x: Tensor) -> Tensor:
         m = self._layout.to_mat(x)

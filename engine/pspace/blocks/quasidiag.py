@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.layers.layout import MatLayout
-from fimntk.engine.pspace.blocks.base import Block
+from fimntk.engine.pspace.blocks.base import Block, require_layout
 
 
 class QuasiDiagBlock(Block):
@@ -31,8 +31,8 @@ class QuasiDiagBlock(Block):
         return {"d": self.d, "c": self.c}
 
     @classmethod
-    def from_tensors(cls, t, layout) -> QuasiDiagBlock:
-        return cls(t["d"], t["c"], layout)
+    def from_tensors(cls, t: dict[str, Tensor], layout: MatLayout | None) -> QuasiDiagBlock:
+        return cls(t["d"], t["c"], require_layout(layout))
 
     def mm(self, x: Tensor) -> Tensor:
         m = self._layout.to_mat(x)
