@@ -24,6 +24,12 @@ from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, weighted_grad
 from fimntk.engine.generator.fallback import TorchFuncFallback
 from fimntk.engine.generator.hooks import ForwardCapture
+from fimntk.engine.generator.inputs import (
+    default_function,
+    positions_mask,
+    tensors_of,
+    to_device,
+)
 from fimntk.engine.generator.outputs import Identity, PseudoOutputs
 from fimntk.engine.generator.paths import PathChoice
 from fimntk.engine.generator.verification import PathVerification
@@ -47,11 +53,6 @@ class _FunctionModule(nn.Module):
 
     def forward(self, *args):
         return self._function(*args)
-
-
-def default_function(model: nn.Module) -> Callable:
-    """The model applied to the first element of each batch."""
-    return lambda *batch: model(batch[0])
 
 
 class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
@@ -100,28 +101,14 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
     # ----- layer paths ---------------------------------------------------------------------
     # ----- batches -------------------------------------------------------------------------
     def _prepare(self, batch: object) -> tuple:
-        if isinstance(batch, Tensor):
-            batch = (batch,)
-        elif isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
-            raise InvalidInputError(
-                "the loader must yield tensors or tuples of tensors such as (x,) or (x, y); "
-                "pass function= to read other batch structures"
-            )
-        out = []
-        for t in batch:
-            if isinstance(t, Tensor):
-                t = t.to(self.device)
-                if t.is_floating_point() and t.dtype != self.dtype:
-                    t = t.to(self.dtype)
-            out.append(t)
-        return tuple(out)
+        return to_device(batch, self.device, self.dtype)
 
     def _forward(self, batch: tuple, capture: ForwardCapture) -> Tensor:
         try:
             with capture:
                 out = self.function(*batch)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            shapes = [tuple(t.shape) for t in batch if isinstance(t, Tensor)]
+            shapes = [tuple(t.shape) for t in tensors_of(batch)]
             raise InvalidInputError(
                 f"the model could not be applied to a batch with tensors of shapes {shapes}: "
                 f"{err}. Make the loader yield inputs of the shape the model expects, or pass "
@@ -234,6 +221,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             per_k = sum(c.shape.numel() for c in caps) * out.element_size()
             step = max(1, min(k, K_CHUNK_BYTES // max(1, per_k)))
         cache: dict = {}
+        mask = positions_mask(batch)
         for s in range(0, k, step):
             e = min(s + step, k)
             captured = {}
@@ -254,6 +242,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 first=s == 0,
                 last=e == k,
                 cache=cache,
+                positions_mask=mask,
             )
             del captured
             yield bj
