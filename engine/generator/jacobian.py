@@ -23,7 +23,7 @@ from torch.func import functional_call
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, weighted_grad
 from fimntk.engine.generator.fallback import TorchFuncFallback
-from fimntk.engine.generator.hooks import ForwardCapture
+from fimntk.engine.generator.hooks import Capture, ForwardCapture
 from fimntk.engine.generator.inputs import (
     default_function,
     positions_mask,
@@ -92,6 +92,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         self._modules = self.layer_collection.modules(model)
         self._kernels = self._select_kernels()
         self._clone: set[str] = set()
+        self._broadcast: set[str] = set()  # layers on a tensor shared by the batch, expanded
         self._verified = False
         self._loop_examples = False  # vmap failed or was wrong once: see _check_fallback
         self._function_key = "default" if function is None else function
@@ -172,16 +173,34 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         Returns the outputs ``(n, c)``, the pseudo-output weights ``(K, n, c)`` and the capture.
         """
         fast = {n: self._modules[n] for n in self._kernels}
+        plain: Tensor | None = None  # the outputs before any layer was expanded
         while True:
-            capture = ForwardCapture(fast, counted=self._modules, clone=self._clone)
+            capture = ForwardCapture(
+                fast,
+                counted=self._modules,
+                clone=self._clone,
+                broadcast=self._broadcast,
+                examples=_examples(batch),
+            )
             out = self._forward(batch, capture)
             demote = {n for n in fast if capture.calls.get(n, 0) != 1}
             examples = out.shape[0]
-            demote |= {  # its first dimension does not index the examples (e.g. broadcast)
+            shared = {  # its first dimension does not index the examples (e.g. broadcast)
                 n
                 for n in set(fast) - demote
                 if not self._kernels[n].carries_examples(capture.captures[n][0].x, examples)
             }
+            expandable = {n for n in shared if _batch_of_one(capture.captures[n][0])}
+            if expandable - self._broadcast and examples > 1:
+                plain = out.detach()  # try them expanded to the batch (checked below)
+                self._broadcast |= expandable
+                continue
+            demote |= shared
+            if plain is not None and self._broadcast:
+                if not _same_outputs(plain, out.detach()):  # expanding changed the function
+                    demote |= self._broadcast & set(fast)
+                    self._broadcast.clear()
+                plain = None
             if demote:  # called twice or never, or not per example: the hooks cannot split it
                 for n in demote:
                     self._kernels.pop(n)
@@ -444,3 +463,22 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 sampler.set_state(state)
             return out.shape[1], k
         raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+
+
+def _examples(batch: tuple) -> int:
+    """The number of examples of a prepared batch (the first dimension of its first tensor)."""
+    tensors = [t for t in tensors_of(batch) if t.dim() > 0]
+    return tensors[0].shape[0] if tensors else 0
+
+
+def _batch_of_one(capture: Capture) -> bool:
+    """Whether a layer was called on a tensor with a batch dimension of 1 (then broadcast)."""
+    return capture.x.dim() > 0 and capture.x.shape[0] == 1 and capture.shape[0] == 1
+
+
+def _same_outputs(a: Tensor, b: Tensor) -> bool:
+    """Whether expanding the broadcast layers left the outputs as they were (to rounding)."""
+    tol = 100 * torch.finfo(a.dtype).eps
+    return a.shape == b.shape and bool(
+        torch.allclose(a, b, rtol=tol, atol=float(tol * a.abs().max()))
+    )
