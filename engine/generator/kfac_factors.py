@@ -46,7 +46,9 @@ class KronAcc(Accumulator):
         self.approx = approx
         self.a: Tensor | None = None
         self.g: Tensor | None = None
-        self.t: Tensor | None = None  # positions per group (G,), of the last batch
+        self.t = 1
+        # positions counted in G's normalisation (expand), per group: Σ_i T_i
+        self.positions: Tensor | None = None
         self.bias = False
         self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
@@ -54,13 +56,26 @@ class KronAcc(Accumulator):
         kernel = cast(OuterKernel, bj.kernels[self.name])  # KFAC layers are outer-product ones
         x, gy = bj.captured[self.name]
         reduce = self.approx == "reduce"
+        mask = _sequence_mask(bj.positions_mask, x.shape[0], kernel.positions(x))
         if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
             a = kernel.inputs(x)
-            grp, p = a.shape[1], a.shape[3]
-            self.t = _group_positions(kernel, x, a)
+            self.t = a.shape[2]
+            group_t = _group_positions(kernel, x, a)  # (G,)
+            count = a.shape[0] * group_t
+            if mask is not None:  # padded positions count nowhere
+                a = a * mask[:, None, :, None]
+                count = mask.sum().expand_as(group_t).to(a.dtype)
+            self.positions = count if self.positions is None else self.positions + count
             if reduce and a.shape[2] > 1:
-                a = a.sum(dim=2, keepdim=True) / self.t.reshape(1, grp, 1, 1)
-            self.rows += a.shape[0] * a.shape[2]
+                real = (
+                    group_t.reshape(1, -1, 1, 1)
+                    if mask is None
+                    else mask.sum(1).clamp_min(1)[:, None, None, None]
+                )
+                a = a.sum(dim=2, keepdim=True) / real
+                count = torch.full_like(group_t, a.shape[0])
+            grp, p = a.shape[1], a.shape[3]
+            self.rows += int(count.max())
             layout = kernel.mat_layout()
             assert layout is not None, "KFAC layers have a matrix view"
             self.bias = layout.bias
@@ -69,25 +84,28 @@ class KronAcc(Accumulator):
             sum_gram(a, self.a[:, :p, :p])
             if self.bias:
                 self.a[:, :p, p] += a.sum(dim=(0, 2))
-                self.a[:, p, p] += a.shape[0] * (1 if a.shape[2] == 1 else self.t)
+                self.a[:, p, p] += count
         g = kernel.output_grads(x, gy)
+        if mask is not None:
+            g = g * mask[None, :, None, :, None]
         if reduce and g.shape[3] > 1:
             g = g.sum(dim=3, keepdim=True)
         self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
-        if self.a is None or self.g is None or self.t is None:
+        t = 1 if self.approx == "reduce" else self.t
+        if self.a is None or self.g is None or self.positions is None:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
-        t = torch.ones_like(self.t) if self.approx == "reduce" else self.t
-        lower = self.a.shape[0] == 1 and bool((t == 1).all())
         a = self.a
+        lower = a.shape[0] == 1 and t == 1
         if self.bias:
             p = a.shape[1] - 1
             finish_gram(a[:, :p, :p], lower)
             a[:, p, :p] = a[:, :p, p]
         else:
             finish_gram(a, lower)
-        g = finish_gram(self.g, lower).div_(n * t.reshape(-1, 1, 1))
+        positions = n if self.approx == "reduce" else self.positions.reshape(-1, 1, 1)
+        g = finish_gram(self.g, lower).div_(positions)
         return a.div_(n), g
 
 
@@ -98,3 +116,11 @@ def _group_positions(kernel: OuterKernel, x: Any, a: Tensor) -> Tensor:
     if counts is None:
         return a.new_full((a.shape[1],), float(a.shape[2]))
     return a.new_tensor([float(c) for c in counts(x)])
+
+
+def _sequence_mask(mask: Tensor | None, n: int, positions: int) -> Tensor | None:
+    """The batch's ``(n, T)`` padding mask when this layer's positions are its sequence
+    positions (same n and T), in the layer's dtype; else None (e.g. a layer after pooling)."""
+    if mask is None or tuple(mask.shape) != (n, positions):
+        return None
+    return mask
