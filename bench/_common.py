@@ -161,6 +161,29 @@ def transformer_encoder() -> nn.Module:
     return _Encoder()
 
 
+class _GPT2(nn.Module):
+    """A small GPT-2 built from a config (no download): 2 blocks, d = 64, 4 heads, vocabulary
+    100, 32 positions; the mean of the last hidden states through a Linear 64→10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model  # bench-only dependency (the hf extra)
+
+        config = GPT2Config(
+            vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        self.gpt2 = GPT2Model(config)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.gpt2(input_ids=ids).last_hidden_state.mean(dim=1))
+
+
+def gpt2_small() -> nn.Module:
+    return _GPT2()
+
+
 @dataclass(frozen=True)
 class Workload:
     """A model and generated data (``torch.randn`` inputs, uniform labels; fixed seeds)."""
@@ -172,6 +195,7 @@ class Workload:
     input_shape: tuple[int, ...]
     n_classes: int
     builder: Callable[[], nn.Module]
+    vocab: int | None = None  # token inputs: uniform ids below ``vocab`` instead of randn
 
     def model(self, device: str = "cpu") -> nn.Module:
         torch.manual_seed(0)
@@ -179,7 +203,10 @@ class Workload:
 
     def loader(self, device: str = "cpu") -> TensorLoader:
         gen = torch.Generator().manual_seed(1234)
-        x = torch.randn((self.n, *self.input_shape), generator=gen)
+        if self.vocab is None:
+            x = torch.randn((self.n, *self.input_shape), generator=gen)
+        else:
+            x = torch.randint(self.vocab, (self.n, *self.input_shape), generator=gen)
         y = torch.randint(self.n_classes, (self.n,), generator=gen)
         return TensorLoader(x.to(device), y.to(device), self.batch_size)
 
@@ -226,7 +253,17 @@ W6 = Workload(
     10,
     transformer_encoder,
 )
-WORKLOADS = {w.name: w for w in (W1, W2, W3, W4, W5, W6)}
+W7 = Workload(
+    "W7",
+    "GPT-2 from a config: 2 blocks d=64 4 heads, vocab 100, 32 tokens (109,194 params)",
+    256,
+    64,
+    (32,),
+    10,
+    gpt2_small,
+    vocab=100,
+)
+WORKLOADS = {w.name: w for w in (W1, W2, W3, W4, W5, W6, W7)}
 
 
 def weight_mask(model: nn.Module) -> Tensor:

@@ -1,5 +1,6 @@
-"""Representations on a ResNet and a transformer (issue 17): W5 (ResNet-8, BatchNorm in eval
-mode, residual) and W6 (two ``nn.TransformerEncoderLayer``): diagonal, KFAC, EKFAC (with
+"""Representations on a ResNet and transformers (issue 17): W5 (ResNet-8, BatchNorm in eval
+mode, residual), W6 (two ``nn.TransformerEncoderLayer``) and W7 (a small GPT-2 built from a
+config; needs ``transformers``): diagonal, KFAC, EKFAC (with
 ``update_diag``), matrix-free ``vᵀFv``, each against one plain forward+backward pass and against
 every peer that runs the model, with peak memory in full mode.
 
@@ -18,17 +19,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bench import tool_recipes as r
-from bench._common import W5, W6, Case, Settings, Target, Workload, main
+from bench._common import W5, W6, W7, Case, Settings, Target, Workload, main
 
-TITLE = "fimntk on a ResNet and a transformer: diagonal, KFAC, EKFAC, implicit vTMv"
+TITLE = "fimntk on a ResNet and transformers: diagonal, KFAC, EKFAC, implicit vTMv"
 
-TARGETS = [Target(q, w) for q in ("kfac", "diag", "vTMv") for w in ("W5", "W6")]
+TARGETS = [Target(q, w) for q in ("kfac", "diag", "vTMv") for w in ("W5", "W6", "W7")]
 
 
 def _workloads(settings: Settings) -> list[Workload]:
     if settings.quick:
-        return [W5.scaled(128), W6.scaled(128)]
-    return [W5, W6]
+        return [W5.scaled(128), W6.scaled(128), W7.scaled(128)]
+    return [W5, W6, W7]
 
 
 def build_cases(settings: Settings) -> list[Case]:
