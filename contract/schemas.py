@@ -14,6 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
+from fimntk.contract.arguments import (
+    MAX_MODULES,
+    ArgumentError,
+    check_architecture_size,
+)
 from fimntk.contract.vocabulary import (
     MAX_SHARDS,
     SHARDED_IMPLICIT_OPERATIONS,
@@ -43,30 +48,49 @@ class LayerSpec(_Strict):
     """One built-in ``torch.nn`` layer, by type and constructor arguments."""
 
     type: str = Field(
-        description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.", examples=["Linear"]
+        max_length=64,
+        description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.",
+        examples=["Linear"],
     )
-    args: list[JsonValue] = Field(default_factory=list, examples=[[4, 8]])
-    kwargs: dict[str, JsonValue] = Field(default_factory=dict, examples=[{"bias": True}])
+    args: list[JsonValue] = Field(default_factory=list, max_length=16, examples=[[4, 8]])
+    kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict, max_length=16, examples=[{"bias": True}]
+    )
     layers: list[LayerSpec] | None = Field(
         default=None, description="Children, only for type 'Sequential' (nesting allowed)."
     )
 
 
 class SequentialArchitecture(_Strict):
-    """An ``nn.Sequential`` of built-in layers; state-dict keys are ``0.weight``, ``2.bias``..."""
+    """An ``nn.Sequential`` of built-in layers; state-dict keys are ``0.weight``, ``2.bias``...
+
+    At most ``MAX_DEPTH`` nested levels and ``MAX_MODULES`` modules, checked on the raw JSON
+    before the layers are parsed."""
 
     kind: Literal["sequential"]
-    layers: list[LayerSpec] = Field(min_length=1)
+    layers: list[LayerSpec] = Field(min_length=1, max_length=MAX_MODULES)
     dtype: ParamDtype = Field(default="float32", description="dtype of the parameters.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_tree(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("layers"), list):
+            try:
+                check_architecture_size(data["layers"], "layers")
+            except ArgumentError as exc:
+                raise ValueError(str(exc)) from None
+        return data
 
 
 class BuilderArchitecture(_Strict):
     """A model from the server's builder registry (built in: mlp, cnn, resnet)."""
 
     kind: Literal["builder"]
-    name: str = Field(examples=["mlp"])
+    name: str = Field(max_length=64, examples=["mlp"])
     kwargs: dict[str, JsonValue] = Field(
-        default_factory=dict, examples=[{"in_features": 4, "hidden": [8], "out_features": 3}]
+        default_factory=dict,
+        max_length=32,
+        examples=[{"in_features": 4, "hidden": [8], "out_features": 3}],
     )
     dtype: ParamDtype = "float32"
 
@@ -261,7 +285,7 @@ class JobCreate(_Strict):
     )
     operations: list[Operation] = Field(default_factory=list, max_length=64)
     keep: bool = Field(default=False, description="Store the representation for reuse.")
-    reuse: str | None = Field(default=None, description="Id of a kept job to reuse.")
+    reuse: str | None = Field(default=None, max_length=64, description="Id of a kept job to reuse.")
     timeout_s: int | None = Field(default=None, ge=1, description="Job time limit.")
     shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
         default=1,
@@ -426,7 +450,10 @@ class UserCreate(_Strict):
     """A new API user (admin only)."""
 
     name: str = Field(
-        min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["alice"]
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$",
+        examples=["alice"],
     )
 
 

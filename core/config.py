@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fimntk.contract.arguments import MAX_DEPTH, MAX_MODULES
+
 GIB = 1024**3
 
 
@@ -36,6 +38,11 @@ class Settings(BaseSettings):
         builder_modules: Importable modules adding model builders, each defining ``BUILDERS``,
             a dict from name to a function returning an ``nn.Module``. Only modules listed here
             are ever imported; nothing a user sends names a module.
+        max_architecture_depth: Most nested ``Sequential`` levels of a layer spec (at most the
+            contract's ``MAX_DEPTH``, 32).
+        max_architecture_modules: Most modules of a layer spec (at most ``MAX_MODULES``, 4096).
+        max_body_bytes: Largest JSON request body (blob uploads excepted, see
+            ``max_upload_bytes``); refused with 413 before it is parsed or the key checked.
         model_cache_size: Models (and kept representations) a worker keeps in memory.
         result_ttl_s: How long RQ keeps its own job hashes; records live in the database.
         device: Worker device: ``auto`` picks ``cuda`` when available.
@@ -74,6 +81,9 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(default=8 * GIB, gt=0)
     max_header_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     builder_modules: list[str] = Field(default_factory=list)
+    max_architecture_depth: int = Field(default=MAX_DEPTH, ge=1, le=MAX_DEPTH)
+    max_architecture_modules: int = Field(default=MAX_MODULES, ge=1, le=MAX_MODULES)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     model_cache_size: int = Field(default=4, ge=0)
     result_ttl_s: int = Field(default=24 * 3600, gt=0)
     device: str = "auto"

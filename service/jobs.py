@@ -184,7 +184,12 @@ class JobService:
                 data[name] = base.spec.get(name)
             spec = JobCreate.model_validate({**data, "reuse": None})
             reuse_id = base.id
-        check_architecture(spec, self.settings.builder_modules)
+        check_architecture(
+            spec,
+            self.settings.builder_modules,
+            self.settings.max_architecture_depth,
+            self.settings.max_architecture_modules,
+        )
         assert spec.model is not None and spec.dataset is not None
         weights = self._blob_header(spec.model.weights, user, "model.weights")
         n_params = check_weights(weights, "model.weights")
