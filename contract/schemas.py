@@ -40,6 +40,10 @@ Digest = Annotated[
 ]
 
 
+#: A seed torch accepts (``torch.manual_seed``'s range); past it, torch raises at run time.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -115,7 +119,7 @@ class DatasetSpec(_Strict):
     )
     batch_size: int = Field(default=32, ge=1, le=65536)
     subset: int | None = Field(default=None, ge=1, description="Use this many examples.")
-    seed: int = Field(default=0, description="Seed of the subset draw.")
+    seed: Seed = Field(default=0, description="Seed of the subset draw.")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -187,7 +191,7 @@ class HutchinsonTraceOp(_Op):
 
     op: Literal["hutchinson_trace"]
     n_samples: int = Field(default=100, ge=1, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HutchppTraceOp(_Op):
@@ -195,7 +199,7 @@ class HutchppTraceOp(_Op):
 
     op: Literal["hutchpp_trace"]
     n_matvecs: int = Field(default=99, ge=3, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HutchinsonDiagOp(_Op):
@@ -203,7 +207,7 @@ class HutchinsonDiagOp(_Op):
 
     op: Literal["hutchinson_diag"]
     n_samples: int = Field(default=100, ge=1, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class LanczosEigenpairsOp(_Op):
@@ -212,7 +216,7 @@ class LanczosEigenpairsOp(_Op):
     op: Literal["lanczos_eigenpairs"]
     k: int = Field(ge=1, le=4096)
     n_iter: int | None = Field(default=None, ge=2, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SlqDensityOp(_Op):
@@ -221,7 +225,7 @@ class SlqDensityOp(_Op):
     op: Literal["slq_density"]
     n_probes: int = Field(default=10, ge=1, le=10_000)
     n_iter: int = Field(default=30, ge=2, le=10_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 Operation = Annotated[
@@ -277,7 +281,7 @@ class JobCreate(_Strict):
     )
     variant: Variant = "classif_logits"
     trials: int = Field(default=1, ge=1, le=1000, description="Monte Carlo trials (fim_mc).")
-    seed: int | None = Field(default=None, description="Seed of the Monte Carlo draw (fim_mc).")
+    seed: Seed | None = Field(default=None, description="Seed of the Monte Carlo draw (fim_mc).")
     centering: bool = Field(default=False, description="Centre gradients (empirical_fim).")
     dtype: ComputeDtype = "float32"
     update_diag: bool | None = Field(

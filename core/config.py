@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fimntk.contract.arguments import MAX_DEPTH, MAX_MODULES
+from fimntk.core.safetensors_header import MAX_HEADER_ENTRIES
 
 GIB = 1024**3
 
@@ -35,6 +36,10 @@ class Settings(BaseSettings):
         max_job_timeout_s: Largest time limit a spec may ask for.
         max_model_bytes: Largest parameter size a model may have, checked on the meta device.
         max_header_bytes: Largest safetensors JSON header accepted.
+        max_header_entries: Most tensors a safetensors header may list (422 past it), counted
+            before its JSON is parsed.
+        header_cache_entries: Tensor entries the API keeps, over all the blob headers it
+            remembers (about 200 bytes each); a header larger than this is not kept.
         builder_modules: Importable modules adding model builders, each defining ``BUILDERS``,
             a dict from name to a function returning an ``nn.Module``. Only modules listed here
             are ever imported; nothing a user sends names a module.
@@ -80,6 +85,8 @@ class Settings(BaseSettings):
     max_job_timeout_s: int = Field(default=24 * 3600, gt=0)
     max_model_bytes: int = Field(default=8 * GIB, gt=0)
     max_header_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    max_header_entries: int = Field(default=MAX_HEADER_ENTRIES, gt=0)
+    header_cache_entries: int = Field(default=65536, ge=0)
     builder_modules: list[str] = Field(default_factory=list)
     max_architecture_depth: int = Field(default=MAX_DEPTH, ge=1, le=MAX_DEPTH)
     max_architecture_modules: int = Field(default=MAX_MODULES, ge=1, le=MAX_MODULES)

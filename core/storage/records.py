@@ -333,8 +333,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return _aware(datetime.fromisoformat(created)), str(job_id)  # type: ignore[return-value]
-    except (ValueError, TypeError) as exc:
-        raise BadRequestError("malformed cursor", "cursor") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise BadRequestError("malformed cursor", "cursor") from None
 
 
 class SqlRecordStore(RecordStore):

@@ -6,6 +6,7 @@ answers and runs a trivial job.
 
 from __future__ import annotations
 
+import base64
 import sys
 import types
 from typing import Any
@@ -153,3 +154,36 @@ def test_builder_name_collision_refused_at_start(monkeypatch: pytest.MonkeyPatch
         load_builders([module.__name__])
     with pytest.raises(ValueError, match="already taken"):
         lab_builders((module.__name__,))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"x"',
+        b"[null, 1]",
+        b"[1, 2]",
+        b"[" * 150 + b"]" * 150,
+        b"\xff" * 600,
+    ],
+)
+def test_crafted_cursors_are_400(client: TestClient, users: dict[str, str], raw: bytes) -> None:
+    cursor = base64.urlsafe_b64encode(raw).decode()
+    response = client.get("/v1/jobs", params={"cursor": cursor[:512]}, headers=auth(users["alice"]))
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["field"] == "cursor"
+
+
+@pytest.mark.parametrize("where", ["subset", "mc"])
+def test_huge_seeds_are_422(
+    client: TestClient, users: dict[str, str], data: Uploaded, where: str
+) -> None:
+    spec = _spec(data)
+    if where == "subset":
+        spec["dataset"] |= {"subset": 4, "seed": 10**30}
+        field = "dataset.seed"
+    else:
+        spec |= {"metric": "fim_mc", "seed": 10**30}
+        field = "seed"
+    response = client.post("/v1/jobs", json=spec, headers=auth(users["alice"]))
+    assert response.status_code == 422
+    assert field in response.text and len(response.content) < 2000
