@@ -70,8 +70,11 @@ class BatchJacobian:
         first: bool = True,
         last: bool = True,
         cache: dict | None = None,
+        positions_mask: Tensor | None = None,
     ) -> None:
         self.n, self.k = n, k
+        #: ``(n, T)``: 1 for real, 0 for padded sequence positions (see :mod:`.inputs`), or None.
+        self.positions_mask = positions_mask
         self.first, self.last = first, last
         self.cache = {} if cache is None else cache
         self.kernels, self.captured, self.fallback = kernels, captured, fallback

@@ -6,12 +6,14 @@ pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.generator.inputs import example_dims, map_tensors, tensors_of
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel
 
@@ -40,11 +42,11 @@ class TorchFuncFallback:
         params = {pn: named[pn].detach() for pn in pnames}
 
         def single(p, *example):
-            ex = tuple(t.unsqueeze(0) if isinstance(t, Tensor) else t for t in example)
+            ex = map_tensors(example, lambda t: t.unsqueeze(0))
             out = functional_call(self._wrapper, {f"model.{k}": v for k, v in p.items()}, ex)
             return out.reshape(-1)
 
-        in_dims = (None, *[0 if isinstance(t, Tensor) else None for t in batch])
+        in_dims = (None, *example_dims(batch))
         try:
             with torch.no_grad():  # the transforms differentiate; no graph to the real params
                 jac = None
@@ -122,11 +124,16 @@ class TorchFuncFallback:
         and equal to it. Each example's output must not depend on a random draw: its output is
         computed twice and compared, since outside ``vmap`` nothing else would notice.
         """
-        n = next(t.shape[0] for t in batch if isinstance(t, Tensor))
+        n = tensors_of(batch)[0].shape[0]
         rows = []
         for i in range(n):
-            example = tuple(t[i] if isinstance(t, Tensor) else t for t in batch)
+            example = map_tensors(batch, partial(_row, i))
             if i == 0 and not torch.equal(single(params, *example), single(params, *example)):
                 raise RuntimeError("randomness: the model's output changed between two calls")
             rows.append(jacrev(single)(params, *example))
         return {pn: torch.stack([r[pn] for r in rows]) for pn in params}
+
+
+def _row(i: int, t: Tensor) -> Tensor:
+    """Example ``i`` of a batched tensor."""
+    return t[i]

@@ -82,11 +82,17 @@ class ForwardCapture:
         modules: ``{layer: module}`` whose input and output are captured.
         counted: ``{layer: module}`` whose calls are only counted (to detect reuse).
         clone: layers whose output is copied before it goes downstream.
+        broadcast: layers called on a tensor the examples share (a batch dimension of 1, later
+            broadcast): their input and output are expanded to the batch's ``examples`` before
+            they go downstream, so that each example's share of the gradient has its own row.
+        examples: the batch's number of examples (for ``broadcast``).
     """
 
     modules: dict[str, nn.Module]
     counted: dict[str, nn.Module] = field(default_factory=dict)
     clone: set[str] = field(default_factory=set)
+    broadcast: set[str] = field(default_factory=set)
+    examples: int = 0
     captures: dict[str, list[Capture]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
@@ -110,8 +116,20 @@ class ForwardCapture:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(output, Tensor) or not isinstance(x, Tensor):
                 return None
+            expand = (
+                name in self.broadcast
+                and self.examples > 1
+                and x.dim() > 0
+                and output.dim() > 0
+                and x.shape[0] == output.shape[0] == 1
+            )
+            if expand:
+                x = x.expand(self.examples, *x.shape[1:])
+                output = output.expand(self.examples, *output.shape[1:])
             self.captures.setdefault(name, []).append(Capture.of(x, output))
-            return output.clone() if name in self.clone else None
+            if name in self.clone:
+                return output.clone()
+            return output if expand else None
 
         return hook
 

@@ -23,7 +23,13 @@ from torch.func import functional_call
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, weighted_grad
 from fimntk.engine.generator.fallback import TorchFuncFallback
-from fimntk.engine.generator.hooks import ForwardCapture
+from fimntk.engine.generator.hooks import Capture, ForwardCapture
+from fimntk.engine.generator.inputs import (
+    default_function,
+    positions_mask,
+    tensors_of,
+    to_device,
+)
 from fimntk.engine.generator.outputs import Identity, PseudoOutputs
 from fimntk.engine.generator.paths import PathChoice
 from fimntk.engine.generator.verification import PathVerification
@@ -47,11 +53,6 @@ class _FunctionModule(nn.Module):
 
     def forward(self, *args):
         return self._function(*args)
-
-
-def default_function(model: nn.Module) -> Callable:
-    """The model applied to the first element of each batch."""
-    return lambda *batch: model(batch[0])
 
 
 class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
@@ -91,6 +92,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         self._modules = self.layer_collection.modules(model)
         self._kernels = self._select_kernels()
         self._clone: set[str] = set()
+        self._broadcast: set[str] = set()  # layers on a tensor shared by the batch, expanded
         self._verified = False
         self._loop_examples = False  # vmap failed or was wrong once: see _check_fallback
         self._function_key = "default" if function is None else function
@@ -100,28 +102,14 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
     # ----- layer paths ---------------------------------------------------------------------
     # ----- batches -------------------------------------------------------------------------
     def _prepare(self, batch: object) -> tuple:
-        if isinstance(batch, Tensor):
-            batch = (batch,)
-        elif isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
-            raise InvalidInputError(
-                "the loader must yield tensors or tuples of tensors such as (x,) or (x, y); "
-                "pass function= to read other batch structures"
-            )
-        out = []
-        for t in batch:
-            if isinstance(t, Tensor):
-                t = t.to(self.device)
-                if t.is_floating_point() and t.dtype != self.dtype:
-                    t = t.to(self.dtype)
-            out.append(t)
-        return tuple(out)
+        return to_device(batch, self.device, self.dtype)
 
     def _forward(self, batch: tuple, capture: ForwardCapture) -> Tensor:
         try:
             with capture:
                 out = self.function(*batch)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            shapes = [tuple(t.shape) for t in batch if isinstance(t, Tensor)]
+            shapes = [tuple(t.shape) for t in tensors_of(batch)]
             raise InvalidInputError(
                 f"the model could not be applied to a batch with tensors of shapes {shapes}: "
                 f"{err}. Make the loader yield inputs of the shape the model expects, or pass "
@@ -185,16 +173,34 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         Returns the outputs ``(n, c)``, the pseudo-output weights ``(K, n, c)`` and the capture.
         """
         fast = {n: self._modules[n] for n in self._kernels}
+        plain: Tensor | None = None  # the outputs before any layer was expanded
         while True:
-            capture = ForwardCapture(fast, counted=self._modules, clone=self._clone)
+            capture = ForwardCapture(
+                fast,
+                counted=self._modules,
+                clone=self._clone,
+                broadcast=self._broadcast,
+                examples=_examples(batch),
+            )
             out = self._forward(batch, capture)
             demote = {n for n in fast if capture.calls.get(n, 0) != 1}
             examples = out.shape[0]
-            demote |= {  # its first dimension does not index the examples (e.g. broadcast)
+            shared = {  # its first dimension does not index the examples (e.g. broadcast)
                 n
                 for n in set(fast) - demote
                 if not self._kernels[n].carries_examples(capture.captures[n][0].x, examples)
             }
+            expandable = {n for n in shared if _batch_of_one(capture.captures[n][0])}
+            if expandable - self._broadcast and examples > 1:
+                plain = out.detach()  # try them expanded to the batch (checked below)
+                self._broadcast |= expandable
+                continue
+            demote |= shared
+            if plain is not None and self._broadcast:
+                if not _same_outputs(plain, out.detach()):  # expanding changed the function
+                    demote |= self._broadcast & set(fast)
+                    self._broadcast.clear()
+                plain = None
             if demote:  # called twice or never, or not per example: the hooks cannot split it
                 for n in demote:
                     self._kernels.pop(n)
@@ -234,6 +240,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             per_k = sum(c.shape.numel() for c in caps) * out.element_size()
             step = max(1, min(k, K_CHUNK_BYTES // max(1, per_k)))
         cache: dict = {}
+        mask = positions_mask(batch)
         for s in range(0, k, step):
             e = min(s + step, k)
             captured = {}
@@ -254,6 +261,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 first=s == 0,
                 last=e == k,
                 cache=cache,
+                positions_mask=mask,
             )
             del captured
             yield bj
@@ -455,3 +463,22 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 sampler.set_state(state)
             return out.shape[1], k
         raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+
+
+def _examples(batch: tuple) -> int:
+    """The number of examples of a prepared batch (the first dimension of its first tensor)."""
+    tensors = [t for t in tensors_of(batch) if t.dim() > 0]
+    return tensors[0].shape[0] if tensors else 0
+
+
+def _batch_of_one(capture: Capture) -> bool:
+    """Whether a layer was called on a tensor with a batch dimension of 1 (then broadcast)."""
+    return capture.x.dim() > 0 and capture.x.shape[0] == 1 and capture.shape[0] == 1
+
+
+def _same_outputs(a: Tensor, b: Tensor) -> bool:
+    """Whether expanding the broadcast layers left the outputs as they were (to rounding)."""
+    tol = 100 * torch.finfo(a.dtype).eps
+    return a.shape == b.shape and bool(
+        torch.allclose(a, b, rtol=tol, atol=float(tol * a.abs().max()))
+    )

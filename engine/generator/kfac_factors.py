@@ -44,6 +44,7 @@ class KronAcc(Accumulator):
         self.a: Tensor | None = None
         self.g: Tensor | None = None
         self.t = 1
+        self.positions = 0  # positions counted in G's normalisation (expand): Σ_i T_i
         self.bias = False
         self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
@@ -51,13 +52,21 @@ class KronAcc(Accumulator):
         kernel = cast(OuterKernel, bj.kernels[self.name])  # KFAC layers are outer-product ones
         x, gy = bj.captured[self.name]
         reduce = self.approx == "reduce"
+        mask = _sequence_mask(bj.positions_mask, x.shape[0], kernel.positions(x))
         if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
             a = kernel.inputs(x)
             self.t = a.shape[2]
+            count = a.shape[0] * a.shape[2]
+            if mask is not None:  # padded positions count nowhere
+                a = a * mask[:, None, :, None]
+                count = int(mask.sum())
+            self.positions += count
             if reduce and a.shape[2] > 1:
-                a = a.mean(dim=2, keepdim=True)
+                real = a.shape[2] if mask is None else mask.sum(1).clamp_min(1)[:, None, None, None]
+                a = a.sum(dim=2, keepdim=True) / real
+                count = a.shape[0]
             grp, p = a.shape[1], a.shape[3]
-            self.rows += a.shape[0] * a.shape[2]
+            self.rows += count
             layout = kernel.mat_layout()
             assert layout is not None, "KFAC layers have a matrix view"
             self.bias = layout.bias
@@ -66,8 +75,10 @@ class KronAcc(Accumulator):
             sum_gram(a, self.a[:, :p, :p])
             if self.bias:
                 self.a[:, :p, p] += a.sum(dim=(0, 2))
-                self.a[:, p, p] += a.shape[0] * a.shape[2]
+                self.a[:, p, p] += count
         g = kernel.output_grads(x, gy)
+        if mask is not None:
+            g = g * mask[None, :, None, :, None]
         if reduce and g.shape[3] > 1:
             g = g.sum(dim=3, keepdim=True)
         self.g = sum_gram(g.reshape(-1, *g.shape[2:]), self.g)
@@ -84,5 +95,14 @@ class KronAcc(Accumulator):
             a[:, p, :p] = a[:, :p, p]
         else:
             finish_gram(a, lower)
-        g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(n * t)
+        positions = n if self.approx == "reduce" else self.positions
+        g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(positions)
         return a.div_(n), g
+
+
+def _sequence_mask(mask: Tensor | None, n: int, positions: int) -> Tensor | None:
+    """The batch's ``(n, T)`` padding mask when this layer's positions are its sequence
+    positions (same n and T), in the layer's dtype; else None (e.g. a layer after pooling)."""
+    if mask is None or tuple(mask.shape) != (n, positions):
+        return None
+    return mask

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.generator.inputs import targets_of
 
 VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
 
@@ -137,11 +138,13 @@ class EmpiricalFisher(PseudoOutputs):
         self.variant, self.sigma, self.target_index = variant, check_sigma(sigma), target_index
 
     def _targets(self, batch: tuple) -> Tensor:
-        if len(batch) <= self.target_index:
+        targets = targets_of(batch, self.target_index)
+        if targets is None:
             raise InvalidInputError(
-                "the empirical Fisher needs targets: the loader must yield (inputs, targets)"
+                "the empirical Fisher needs targets: the loader must yield (inputs, targets) "
+                "or dictionaries with labels"
             )
-        return batch[self.target_index]
+        return targets
 
     def __call__(self, out: Tensor, batch: tuple) -> Tensor:
         n, c = out.shape

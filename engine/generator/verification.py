@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.batch_jacobian import weighted_grad
 from fimntk.engine.generator.hooks import ForwardCapture
+from fimntk.engine.generator.inputs import map_tensors, tensors_of
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel
 
@@ -24,10 +25,11 @@ _SETTLE_EXAMPLES = 4
 
 def _head(batch: tuple, m: int) -> tuple:
     """The first ``m`` examples of a batch whose tensors all share their first dimension."""
-    sizes = {t.shape[0] for t in batch if isinstance(t, Tensor) and t.dim() > 0}
-    if len(sizes) != 1:
+    tensors = tensors_of(batch)
+    sizes = {t.shape[0] for t in tensors if t.dim() > 0}
+    if len(sizes) != 1 or any(t.dim() == 0 for t in tensors):
         return batch
-    return tuple(t[:m] if isinstance(t, Tensor) and t.dim() > 0 else t for t in batch)
+    return map_tensors(batch, lambda t: t[:m])
 
 
 class PathVerification:

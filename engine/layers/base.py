@@ -35,6 +35,10 @@ class LayerKernel(ABC):
     #: Whether the output is ``f(x; W, b) = L_W(x) + b`` with ``L_W`` linear in ``x`` (Linear,
     #: Conv, ConvTranspose): forward mode then takes ``L_W(t_x)`` for the input's tangent.
     input_linear: bool = False
+    #: Whether the output is linear in the layer's own parameters with no offset (Linear, Conv,
+    #: Embedding, affine normalisations): forward mode then adds ``f(x; t)`` for a parameter
+    #: tangent ``t`` (:mod:`fimntk.engine.generator.tangents`); else its parameters are made dual.
+    forward_by_parameters: bool = True
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

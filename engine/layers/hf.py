@@ -5,6 +5,9 @@ qualified class name (the engine never imports ``transformers``).
   ``(in, out)``, i.e. a Linear layer whose weight is transposed. Per position ``t`` the gradient
   is the outer product ``g_t a_tᵀ`` of the matrix view ``[Wᵀ | b]`` ``(out, in + 1)``; the
   flat order of the parameters is the transposed one (:class:`~.layout.MatLayout`).
+* ViT's embeddings (Dosovitskiy et al. 2021): ``y = [c; P(x)] + E`` with a class token ``c``
+  ``(1, 1, D)`` and a position table ``E`` ``(1, L, D)`` used as raw parameters; per example
+  ``∂c = gy[0]`` and ``∂E = gy``. The patch projection is a Conv2d of its own.
 * RMSNorm (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization") as Llama, Mistral and
   Qwen2 write it: ``y = γ ⊙ x / sqrt(mean(x²) + ε)`` over the last dimension, the statistic in
   float32; ``torch.nn.RMSNorm`` over its ``normalized_shape``. Per example
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fimntk.engine.layers.base import LayerKernel
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.layers.norm import AffineNormKernel
 from fimntk.engine.layers.outer_product import OuterKernel
@@ -79,9 +83,25 @@ class RMSNormKernel(AffineNormKernel):
         return tuple(range(x.dim() - k, x.dim()))
 
 
+class ViTEmbeddingsKernel(LayerKernel):
+    """The class token and the position table of ViT's embeddings (no mask token)."""
+
+    param_attrs = ("cls_token", "position_embeddings")
+    forward_by_parameters = False  # y also holds the patch projection: not linear in (c, E)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return getattr(module, "mask_token", None) is None
+
+    def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
+        k, n = gy.shape[0], gy.shape[1]
+        return torch.cat([gy[:, :, 0, :], gy.reshape(k, n, -1)], dim=2)
+
+
 #: Layers of ``transformers`` by ``(module, class name)``: exactly these classes, whose forward
 #: is known to be the formula above (Gemma's RMSNorm scales by ``1 + γ`` and is not listed).
-KERNELS_BY_NAME: dict[tuple[str, str], type[OuterKernel] | type[AffineNormKernel]] = {
+KERNELS_BY_NAME: dict[tuple[str, str], type[LayerKernel]] = {
+    ("transformers.models.vit.modeling_vit", "ViTEmbeddings"): ViTEmbeddingsKernel,
     ("transformers.pytorch_utils", "Conv1D"): Conv1DKernel,
     ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"): RMSNormKernel,
     ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"): RMSNormKernel,

@@ -115,7 +115,11 @@ class PMatImplicit(PMatAbstract):
         named = dict(gen.model.named_parameters(remove_duplicate=False))
         try:
             while True:
-                hooked = gen.hooked_modules()
+                hooked = {
+                    nm: m
+                    for nm, m in gen.hooked_modules().items()
+                    if gen.kernel(nm).forward_by_parameters
+                }
                 per_layer = {
                     nm: {
                         attr: tangent[pn]

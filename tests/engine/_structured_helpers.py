@@ -203,6 +203,34 @@ def layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
     return store["x"], torch.stack(rows, dim=1), logits.detach()
 
 
+def expanded_layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
+    """:func:`tests.engine._structured_helpers.layer_io` where the layer's input and output are
+    expanded to the batch's n examples (a no-op for a layer that carries the examples; for one
+    called on a batch of one and broadcast, each example's share of its output gets a row)."""
+    n, store = x.shape[0], {}
+
+    def pre(mod, args):
+        store["x"] = args[0].detach().expand(n, *args[0].shape[1:])
+
+    def post(mod, args, out):
+        eps = torch.zeros(n, *out.shape[1:], dtype=out.dtype, requires_grad=True)
+        store["eps"] = eps
+        return out + eps
+
+    h1, h2 = module.register_forward_pre_hook(pre), module.register_forward_hook(post)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            rows = [
+                torch.autograd.grad(logits[:, j].sum(), store["eps"], retain_graph=True)[0]
+                for j in range(logits.shape[1])
+            ]
+    finally:
+        h1.remove()
+        h2.remove()
+    return store["x"], torch.stack(rows, dim=1), logits.detach()
+
+
 def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``(n, groups, T, C_in/groups·k)`` patches of a Conv1d/Conv2d input, in the weight's
     ``(in, kh, kw)`` order, by explicit indexing (padding modes included)."""

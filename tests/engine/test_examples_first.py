@@ -6,7 +6,10 @@ embeddings looked up with a batch dimension of 1 and broadcast (BERT, GPT-2), a 
 parameter whose first dimension happens to equal the batch size, a sequence-first tensor whose
 length equals the batch size — has no per-example split there: its summed gradient is right, so
 the first-batch check of summed gradients alone cannot see it. Each shape of the mistake must
-end on a path that is right (``torch.func``) and give the reference's numbers; a layer fed an
+end on a path that is right and give the reference's numbers: a layer called on a batch of one
+whose output is broadcast stays on the hooks with its input and output expanded to the batch
+(each example's share then has its own row), unless expanding changes the outputs (the output
+summed over its batch dimension); the others take ``torch.func``. A layer fed an
 ``expand``-ed tensor (rows that each belong to one example) stays on the hooks.
 """
 
@@ -62,6 +65,14 @@ class LayerOnBuffer(nn.Module):
         return self.head(torch.tanh(self.inp(x) * self.encode(self.context)))
 
 
+class LayerOnBufferReduced(LayerOnBuffer):
+    """The same, the layer's output summed over its batch dimension of 1: expanding it to the
+    batch would multiply it by n."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inp(x) * self.encode(self.context).sum(dim=0)))
+
+
 class LayerOnParameter(nn.Module):
     """A Linear layer applied to a ``(BATCH, D)`` parameter table: its first dimension equals the
     batch size by coincidence, and every example reads every row."""
@@ -106,9 +117,10 @@ def _x3() -> torch.Tensor:
 
 #: (model, inputs, the layers that must leave the hook path)
 SHAPES = {
-    "broadcast_positions": (BroadcastPositions, _ids, {"positions"}),
+    "broadcast_positions": (BroadcastPositions, _ids, set()),
     "expanded_positions": (ExpandedPositions, _ids, set()),
-    "layer_on_buffer": (LayerOnBuffer, _x2, {"encode"}),
+    "layer_on_buffer": (LayerOnBuffer, _x2, set()),
+    "layer_on_buffer_reduced": (LayerOnBufferReduced, _x2, {"encode"}),
     "layer_on_parameter": (LayerOnParameter, _x2, {"", "encode"}),
     "sequence_first": (SequenceFirst, _x3, {"mix"}),
 }
@@ -122,7 +134,8 @@ def _built(name: str):
 
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("rep", ["dense", "diag", "kfac"])
-def test_fisher_matches_the_reference(name, rep):
+def test_fisher_matches_the_reference(name, rep, monkeypatch):
+    monkeypatch.setattr(H, "layer_io", H.expanded_layer_io)  # broadcast layers: per example
     model, loader = _built(name)
     mat = engine.FIM(model, loader, rep)
     full = ref.fisher(model, loader)
@@ -171,7 +184,7 @@ def test_implicit_products_match_the_reference(name):
 
 def test_a_broadcast_layer_is_found_on_a_later_larger_batch():
     """A first batch of one example cannot show a broadcast (its batch dimension is 1 too);
-    the next, larger batch does, and its numbers stay right."""
+    the next, larger batch does, expands it, and its numbers stay right."""
     torch.manual_seed(0)
     model = BroadcastPositions().double().eval()
     ids = _ids()
@@ -179,4 +192,4 @@ def test_a_broadcast_layer_is_found_on_a_later_larger_batch():
     mat = engine.FIM(model, batches, "diag")
     expected = ref.fisher(model, batches).diagonal()
     ref.assert_close(mat.get_diag(), expected, 1e-9, "diag")
-    assert mat.paths["positions"] == engine.generator.FALLBACK
+    assert mat.paths["positions"] == engine.generator.HOOKS
