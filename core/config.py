@@ -61,6 +61,8 @@ class Settings(BaseSettings):
             ("worker lost") within ``2 * (heartbeat_ttl_s + reaper_interval_s)``.
         requeue_after_s: A queued job unknown to the queue (Redis restarted without
             persistence) is enqueued again once this old.
+        max_queued_without_worker_s: A queued job fails (``no-worker``) once no live worker has
+            listened on the queue for this long while it waited, instead of waiting forever.
         min_free_bytes: ``/readyz`` fails when the data directory has less free space.
         max_shards: Largest ``shards`` a job may ask for (422 past it); ``auto`` never picks
             more.
@@ -99,6 +101,7 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=20, gt=0)
     reaper_interval_s: float = Field(default=5, gt=0)
     requeue_after_s: float = Field(default=30, ge=0)
+    max_queued_without_worker_s: float = Field(default=600, gt=0)
     min_free_bytes: int = Field(default=GIB, ge=0)
     max_shards: int = Field(default=64, ge=1)
     shard_min_work: float = Field(default=1e11, gt=0)
