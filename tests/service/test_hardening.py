@@ -7,17 +7,23 @@ answers and runs a trivial job.
 from __future__ import annotations
 
 import base64
+import math
 import sys
 import types
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from torch import nn
 
 from fimntk.core.config import Settings
+from fimntk.engine.memory import CHEAPER
+from fimntk.service.main import create_app
 from fimntk.service.validation import lab_builders
+from fimntk.worker.memory_check import available_bytes
 from fimntk.worker.models import load_builders
-from tests.service.conftest import ADMIN_KEY, auth, wait_job
+from tests.service.conftest import ADMIN_KEY, auth, st_bytes, upload, wait_job
 from tests.service.models import ARCH, Uploaded, upload_all
 
 
@@ -187,3 +193,34 @@ def test_huge_seeds_are_422(
     response = client.post("/v1/jobs", json=spec, headers=auth(users["alice"]))
     assert response.status_code == 422
     assert field in response.text and len(response.content) < 2000
+
+
+def test_a_representation_past_memory_fails_with_the_bytes_not_a_500(
+    client: TestClient, users: dict[str, str], worker: Any, data: Uploaded, settings: Settings
+) -> None:
+    # A dense Fisher of 4·d² bytes, 2.25 times the memory this host has available.
+    hidden = int(1.5 * math.sqrt(available_bytes(torch.device("cpu")) / 4) / 8) + 1
+    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    arch = {
+        "kind": "sequential",
+        "layers": [
+            {"type": "Linear", "args": [4, hidden]},
+            {"type": "Tanh"},
+            {"type": "Linear", "args": [hidden, 3]},
+        ],
+    }
+    key = users["alice"]
+    roomy = settings.model_copy(update={"max_upload_bytes": 256 * 2**20})
+    with TestClient(create_app(roomy)) as big:
+        weights = upload(big, key, st_bytes(model.state_dict()))
+    spec = _spec(data, arch, representation="dense")
+    spec["model"]["weights"] = weights
+    response = client.post("/v1/jobs", json=spec, headers=auth(key))
+    assert response.status_code == 202, response.text
+    job = wait_job(client, key, response.json()["id"])
+    assert job["status"] == "failed"
+    error = job["error"]
+    assert error["type"].endswith("out-of-memory") and error["status"] == 507
+    assert error["needed_bytes"] > error["available_bytes"] > 0
+    assert error["alternative"] in CHEAPER[1:]  # a representation cheaper than dense
+    _still_serving(client, key, data)
