@@ -47,6 +47,7 @@ JOB_TIMEOUT = ProblemType("job-timeout", 408, "Job timed out")
 OUT_OF_MEMORY = ProblemType("out-of-memory", 507, "Out of memory")
 WORKER_LOST = ProblemType("worker-lost", 500, "Worker lost")
 WORKER_SHUTDOWN = ProblemType("worker-shutdown", 503, "Worker shut down")
+NO_WORKER = ProblemType("no-worker", 503, "No worker")
 
 #: Every problem type, by slug.
 PROBLEM_TYPES: dict[str, ProblemType] = {

@@ -14,6 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
+from fimntk.contract.arguments import (
+    MAX_MODULES,
+    ArgumentError,
+    check_architecture_size,
+)
 from fimntk.contract.vocabulary import (
     MAX_SHARDS,
     SHARDED_IMPLICIT_OPERATIONS,
@@ -35,6 +40,10 @@ Digest = Annotated[
 ]
 
 
+#: A seed torch accepts (``torch.manual_seed``'s range); past it, torch raises at run time.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,30 +52,49 @@ class LayerSpec(_Strict):
     """One built-in ``torch.nn`` layer, by type and constructor arguments."""
 
     type: str = Field(
-        description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.", examples=["Linear"]
+        max_length=64,
+        description="Class name in torch.nn, e.g. 'Linear', 'Conv2d', 'ReLU'.",
+        examples=["Linear"],
     )
-    args: list[JsonValue] = Field(default_factory=list, examples=[[4, 8]])
-    kwargs: dict[str, JsonValue] = Field(default_factory=dict, examples=[{"bias": True}])
+    args: list[JsonValue] = Field(default_factory=list, max_length=16, examples=[[4, 8]])
+    kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict, max_length=16, examples=[{"bias": True}]
+    )
     layers: list[LayerSpec] | None = Field(
         default=None, description="Children, only for type 'Sequential' (nesting allowed)."
     )
 
 
 class SequentialArchitecture(_Strict):
-    """An ``nn.Sequential`` of built-in layers; state-dict keys are ``0.weight``, ``2.bias``..."""
+    """An ``nn.Sequential`` of built-in layers; state-dict keys are ``0.weight``, ``2.bias``...
+
+    At most ``MAX_DEPTH`` nested levels and ``MAX_MODULES`` modules, checked on the raw JSON
+    before the layers are parsed."""
 
     kind: Literal["sequential"]
-    layers: list[LayerSpec] = Field(min_length=1)
+    layers: list[LayerSpec] = Field(min_length=1, max_length=MAX_MODULES)
     dtype: ParamDtype = Field(default="float32", description="dtype of the parameters.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_tree(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("layers"), list):
+            try:
+                check_architecture_size(data["layers"], "layers")
+            except ArgumentError as exc:
+                raise ValueError(str(exc)) from None
+        return data
 
 
 class BuilderArchitecture(_Strict):
     """A model from the server's builder registry (built in: mlp, cnn, resnet)."""
 
     kind: Literal["builder"]
-    name: str = Field(examples=["mlp"])
+    name: str = Field(max_length=64, examples=["mlp"])
     kwargs: dict[str, JsonValue] = Field(
-        default_factory=dict, examples=[{"in_features": 4, "hidden": [8], "out_features": 3}]
+        default_factory=dict,
+        max_length=32,
+        examples=[{"in_features": 4, "hidden": [8], "out_features": 3}],
     )
     dtype: ParamDtype = "float32"
 
@@ -91,7 +119,7 @@ class DatasetSpec(_Strict):
     )
     batch_size: int = Field(default=32, ge=1, le=65536)
     subset: int | None = Field(default=None, ge=1, description="Use this many examples.")
-    seed: int = Field(default=0, description="Seed of the subset draw.")
+    seed: Seed = Field(default=0, description="Seed of the subset draw.")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -163,7 +191,7 @@ class HutchinsonTraceOp(_Op):
 
     op: Literal["hutchinson_trace"]
     n_samples: int = Field(default=100, ge=1, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HutchppTraceOp(_Op):
@@ -171,7 +199,7 @@ class HutchppTraceOp(_Op):
 
     op: Literal["hutchpp_trace"]
     n_matvecs: int = Field(default=99, ge=3, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HutchinsonDiagOp(_Op):
@@ -179,7 +207,7 @@ class HutchinsonDiagOp(_Op):
 
     op: Literal["hutchinson_diag"]
     n_samples: int = Field(default=100, ge=1, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class LanczosEigenpairsOp(_Op):
@@ -188,7 +216,7 @@ class LanczosEigenpairsOp(_Op):
     op: Literal["lanczos_eigenpairs"]
     k: int = Field(ge=1, le=4096)
     n_iter: int | None = Field(default=None, ge=2, le=100_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SlqDensityOp(_Op):
@@ -197,7 +225,7 @@ class SlqDensityOp(_Op):
     op: Literal["slq_density"]
     n_probes: int = Field(default=10, ge=1, le=10_000)
     n_iter: int = Field(default=30, ge=2, le=10_000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 Operation = Annotated[
@@ -253,7 +281,7 @@ class JobCreate(_Strict):
     )
     variant: Variant = "classif_logits"
     trials: int = Field(default=1, ge=1, le=1000, description="Monte Carlo trials (fim_mc).")
-    seed: int | None = Field(default=None, description="Seed of the Monte Carlo draw (fim_mc).")
+    seed: Seed | None = Field(default=None, description="Seed of the Monte Carlo draw (fim_mc).")
     centering: bool = Field(default=False, description="Centre gradients (empirical_fim).")
     dtype: ComputeDtype = "float32"
     update_diag: bool | None = Field(
@@ -261,7 +289,7 @@ class JobCreate(_Strict):
     )
     operations: list[Operation] = Field(default_factory=list, max_length=64)
     keep: bool = Field(default=False, description="Store the representation for reuse.")
-    reuse: str | None = Field(default=None, description="Id of a kept job to reuse.")
+    reuse: str | None = Field(default=None, max_length=64, description="Id of a kept job to reuse.")
     timeout_s: int | None = Field(default=None, ge=1, description="Job time limit.")
     shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
         default=1,
@@ -426,7 +454,10 @@ class UserCreate(_Strict):
     """A new API user (admin only)."""
 
     name: str = Field(
-        min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["alice"]
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$",
+        examples=["alice"],
     )
 
 

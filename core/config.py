@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fimntk.contract.arguments import MAX_DEPTH, MAX_MODULES
+from fimntk.core.safetensors_header import MAX_HEADER_ENTRIES
+
 GIB = 1024**3
 
 
@@ -33,9 +36,18 @@ class Settings(BaseSettings):
         max_job_timeout_s: Largest time limit a spec may ask for.
         max_model_bytes: Largest parameter size a model may have, checked on the meta device.
         max_header_bytes: Largest safetensors JSON header accepted.
+        max_header_entries: Most tensors a safetensors header may list (422 past it), counted
+            before its JSON is parsed.
+        header_cache_entries: Tensor entries the API keeps, over all the blob headers it
+            remembers (about 200 bytes each); a header larger than this is not kept.
         builder_modules: Importable modules adding model builders, each defining ``BUILDERS``,
             a dict from name to a function returning an ``nn.Module``. Only modules listed here
             are ever imported; nothing a user sends names a module.
+        max_architecture_depth: Most nested ``Sequential`` levels of a layer spec (at most the
+            contract's ``MAX_DEPTH``, 32).
+        max_architecture_modules: Most modules of a layer spec (at most ``MAX_MODULES``, 4096).
+        max_body_bytes: Largest JSON request body (blob uploads excepted, see
+            ``max_upload_bytes``); refused with 413 before it is parsed or the key checked.
         model_cache_size: Models (and kept representations) a worker keeps in memory.
         result_ttl_s: How long RQ keeps its own job hashes; records live in the database.
         device: Worker device: ``auto`` picks ``cuda`` when available.
@@ -49,6 +61,8 @@ class Settings(BaseSettings):
             ("worker lost") within ``2 * (heartbeat_ttl_s + reaper_interval_s)``.
         requeue_after_s: A queued job unknown to the queue (Redis restarted without
             persistence) is enqueued again once this old.
+        max_queued_without_worker_s: A queued job fails (``no-worker``) once no live worker has
+            listened on the queue for this long while it waited, instead of waiting forever.
         min_free_bytes: ``/readyz`` fails when the data directory has less free space.
         max_shards: Largest ``shards`` a job may ask for (422 past it); ``auto`` never picks
             more.
@@ -73,7 +87,12 @@ class Settings(BaseSettings):
     max_job_timeout_s: int = Field(default=24 * 3600, gt=0)
     max_model_bytes: int = Field(default=8 * GIB, gt=0)
     max_header_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    max_header_entries: int = Field(default=MAX_HEADER_ENTRIES, gt=0)
+    header_cache_entries: int = Field(default=65536, ge=0)
     builder_modules: list[str] = Field(default_factory=list)
+    max_architecture_depth: int = Field(default=MAX_DEPTH, ge=1, le=MAX_DEPTH)
+    max_architecture_modules: int = Field(default=MAX_MODULES, ge=1, le=MAX_MODULES)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     model_cache_size: int = Field(default=4, ge=0)
     result_ttl_s: int = Field(default=24 * 3600, gt=0)
     device: str = "auto"
@@ -82,6 +101,7 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=20, gt=0)
     reaper_interval_s: float = Field(default=5, gt=0)
     requeue_after_s: float = Field(default=30, ge=0)
+    max_queued_without_worker_s: float = Field(default=600, gt=0)
     min_free_bytes: int = Field(default=GIB, ge=0)
     max_shards: int = Field(default=64, ge=1)
     shard_min_work: float = Field(default=1e11, gt=0)

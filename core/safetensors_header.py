@@ -73,13 +73,24 @@ class Header:
     metadata: dict[str, str]
 
 
-def read_header(path: Path, field: str, max_header_bytes: int = 100 * 1024 * 1024) -> Header:
+#: Most tensors a header may list (``Settings.max_header_entries``): a large Hugging Face model
+#: has a few thousand.
+MAX_HEADER_ENTRIES = 16384
+
+
+def read_header(
+    path: Path,
+    field: str,
+    max_header_bytes: int = 100 * 1024 * 1024,
+    max_entries: int = MAX_HEADER_ENTRIES,
+) -> Header:
     """Read and validate the header of a safetensors file.
 
     Args:
         path: File to read.
         field: Spec field that names this file, reported in errors.
         max_header_bytes: Largest header length accepted.
+        max_entries: Most tensors accepted, counted before the JSON is parsed.
 
     Returns:
         The validated header.
@@ -87,7 +98,8 @@ def read_header(path: Path, field: str, max_header_bytes: int = 100 * 1024 * 102
     Raises:
         InvalidInputError: The file is truncated, its header is not valid JSON, a dtype is
             unknown, a shape is not a list of non-negative integers, or offsets fall outside the
-            data buffer, overlap, or disagree with shape and dtype.
+            data buffer, overlap, leave a gap, or disagree with shape and dtype; or the header
+            lists more than ``max_entries`` tensors.
     """
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -103,10 +115,14 @@ def read_header(path: Path, field: str, max_header_bytes: int = 100 * 1024 * 102
         if n > max_header_bytes:
             raise InvalidInputError(f"safetensors header of {n} bytes is too large", field)
         raw = f.read(n)
+    if raw.count(b"data_offsets") > max_entries:
+        raise InvalidInputError(f"safetensors header lists more than {max_entries} tensors", field)
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"safetensors header is not valid JSON: {exc}", field) from exc
+        raise InvalidInputError(
+            f"safetensors header is not valid JSON (at byte {getattr(exc, 'pos', '?')})", field
+        ) from None
     if not isinstance(doc, dict):
         raise InvalidInputError("safetensors header is not a JSON object", field)
     return _parse_entries(doc, size - 8 - n, field)
@@ -114,7 +130,8 @@ def read_header(path: Path, field: str, max_header_bytes: int = 100 * 1024 * 102
 
 def _parse_entries(doc: dict[str, Any], data_size: int, field: str) -> Header:
     """Validate header entries against the size of the data buffer."""
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -126,8 +143,14 @@ def _parse_entries(doc: dict[str, Any], data_size: int, field: str) -> Header:
     cursor = 0
     for begin, end, name in spans:
         if begin < cursor:
-            raise InvalidInputError(f"tensor {name!r} overlaps another tensor's bytes", field)
-        cursor = max(cursor, end)
+            raise InvalidInputError(f"tensor {_short(name)} overlaps another tensor's bytes", field)
+        if begin > cursor:
+            # The safetensors loader refuses holes in the data buffer: refuse them here too.
+            raise InvalidInputError(
+                f"tensor {_short(name)} starts at byte {begin}, leaving a gap after byte {cursor}",
+                field,
+            )
+        cursor = end
     if cursor != data_size:
         raise InvalidInputError(
             f"tensors cover {cursor} bytes but the data buffer holds {data_size}: "
@@ -137,36 +160,44 @@ def _parse_entries(doc: dict[str, Any], data_size: int, field: str) -> Header:
     return Header(tensors, dict(metadata))
 
 
+def _short(name: str) -> str:
+    """A tensor name quoted and bounded to 60 characters (problems never echo long input)."""
+    return repr(name) if len(name) <= 60 else repr(name[:57] + "...")
+
+
 def _parse_entry(name: str, entry: Any, data_size: int, field: str) -> TensorInfo:
     """Validate one tensor entry."""
     if not isinstance(entry, dict):
-        raise InvalidInputError(f"tensor {name!r}: entry is not an object", field)
+        raise InvalidInputError(f"tensor {_short(name)}: entry is not an object", field)
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise InvalidInputError(f"tensor {name!r}: unknown dtype {dtype!r}", field)
+        raise InvalidInputError(f"tensor {_short(name)}: unknown dtype {dtype!r}", field)
     if not isinstance(shape, list) or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
     ):
-        raise InvalidInputError(f"tensor {name!r}: shape must be non-negative integers", field)
+        raise InvalidInputError(
+            f"tensor {_short(name)}: shape must be non-negative integers", field
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise InvalidInputError(f"tensor {name!r}: data_offsets must be two integers", field)
+        raise InvalidInputError(f"tensor {_short(name)}: data_offsets must be two integers", field)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise InvalidInputError(
-            f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data buffer "
+            f"tensor {_short(name)}: data_offsets [{begin}, {end}] outside the data buffer "
             f"of {data_size} bytes",
             field,
         )
     info = TensorInfo(dtype, tuple(shape), begin, end)
     if end - begin != info.numel * DTYPE_SIZES[dtype]:
         raise InvalidInputError(
-            f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape)} of {dtype}",
+            f"tensor {_short(name)}: {end - begin} bytes do not hold "
+            f"shape {list(shape)} of {dtype}",
             field,
         )
     return info

@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from fimntk.core.config import Settings
 from fimntk.core.logs import configure_logging
 from fimntk.service.auth import generate_key
 from fimntk.service.main import create_app
+from fimntk.service.worker_supervisor import supervised_worker
 
 _log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 15.0
@@ -110,38 +110,6 @@ def local_redis(data_dir: Path, kind: str = "auto") -> Iterator[str]:
         server.server_close()
 
 
-@contextlib.contextmanager
-def worker_process(
-    settings: Settings, redis_url: str, log: Path | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``fimntk worker`` as a child process sharing ``settings``; its output goes to
-    ``log`` when given (appending), else to this process's stderr."""
-    env = {
-        **os.environ,
-        "FIMNTK_DATA_DIR": str(settings.data_dir.resolve()),
-        "FIMNTK_DATABASE_URL": settings.resolved_database_url,
-        "FIMNTK_REDIS_URL": redis_url,
-        "FIMNTK_QUEUE_NAME": settings.queue_name,
-    }
-    with contextlib.ExitStack() as files:
-        out = files.enter_context(log.open("ab")) if log is not None else None
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fimntk", "worker"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-        )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def run_embedded(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -161,7 +129,7 @@ def run_embedded(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     settings = Settings(data_dir=data_dir) if data_dir else Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    admin_key = settings.admin_key or generate_key()
+    admin_key = settings.admin_key or kept_admin_key(settings.data_dir)
     if settings.redis_url:
         configure_logging(settings.log_format, settings.log_level)
         _serve(settings.model_copy(update={"admin_key": admin_key}), host, port, admin_key)
@@ -173,8 +141,31 @@ def run_embedded(
     )
     with local_redis(settings.data_dir, redis_kind) as redis_url:
         embedded = settings.model_copy(update={"redis_url": redis_url, "admin_key": admin_key})
-        with worker_process(embedded, redis_url, logs / "worker.log"):
+        with supervised_worker(embedded, redis_url, logs / "worker.log"):
             _serve(embedded, host, port, admin_key, logs)
+
+
+def kept_admin_key(data_dir: Path) -> str:
+    """The generated admin key, kept in ``<data_dir>/admin.key`` (mode 0600) and reused by
+    every later ``fimntk serve`` on that data directory.
+
+    Args:
+        data_dir: The data directory.
+
+    Returns:
+        The key read from the file, or a new one written there.
+    """
+    path = data_dir / "admin.key"
+    if path.exists():
+        path.chmod(0o600)
+        key = path.read_text().strip()
+        if key:
+            return key
+    key = generate_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -62,7 +62,6 @@ _COMPUTE_FIELDS = (
 #: Finished jobs whose record and public view are kept in memory (oldest dropped first).
 _FINISHED_CACHE_SIZE = 10_000
 #: Safetensors headers of blobs kept in memory for validating submissions.
-_HEADER_CACHE_SIZE = 256
 
 
 class JobService:
@@ -184,7 +183,12 @@ class JobService:
                 data[name] = base.spec.get(name)
             spec = JobCreate.model_validate({**data, "reuse": None})
             reuse_id = base.id
-        check_architecture(spec, self.settings.builder_modules)
+        check_architecture(
+            spec,
+            self.settings.builder_modules,
+            self.settings.max_architecture_depth,
+            self.settings.max_architecture_modules,
+        )
         assert spec.model is not None and spec.dataset is not None
         weights = self._blob_header(spec.model.weights, user, "model.weights")
         n_params = check_weights(weights, "model.weights")
@@ -196,7 +200,13 @@ class JobService:
             assert spec.dataset.name is not None
             path = dataset_path(self.settings.datasets_dir, spec.dataset.name)
             check_dataset(
-                read_header(path, "dataset.name", self.settings.max_header_bytes), "dataset.name"
+                read_header(
+                    path,
+                    "dataset.name",
+                    self.settings.max_header_bytes,
+                    self.settings.max_header_entries,
+                ),
+                "dataset.name",
             )
         check_operations(spec)
         check_shards(spec.shards, self.settings.max_shards)
@@ -234,10 +244,29 @@ class JobService:
             raise InvalidInputError(f"no blob {digest} uploaded by you", field)
         header = self._headers.get(digest)
         if header is None:
-            header = read_header(self.blobs.path(digest), field, self.settings.max_header_bytes)
+            header = read_header(
+                self.blobs.path(digest),
+                field,
+                self.settings.max_header_bytes,
+                self.settings.max_header_entries,
+            )
             with self._cache_lock:
-                _bounded_put(self._headers, digest, header, _HEADER_CACHE_SIZE)
+                self._remember_header(digest, header)
         return header
+
+    def _remember_header(self, digest: str, header: Header) -> None:
+        """Keep ``header``, dropping the oldest ones so that the kept headers list at most
+        ``Settings.header_cache_entries`` tensors in all (the cache is bounded in size, not
+        only in count)."""
+        budget = self.settings.header_cache_entries
+        size = len(header.tensors) + 1
+        if size > budget:
+            return
+        self._headers.pop(digest, None)
+        held = sum(len(h.tensors) + 1 for h in self._headers.values())
+        while self._headers and held + size > budget:
+            held -= len(self._headers.pop(next(iter(self._headers))).tensors) + 1
+        self._headers[digest] = header
 
     # -- reading ----------------------------------------------------------------------------
 

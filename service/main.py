@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from fimntk.core.config import Settings
 from fimntk.core.queue import JobQueue
@@ -13,11 +13,13 @@ from fimntk.core.storage.blobs import LocalBlobStore
 from fimntk.core.storage.records import SqlRecordStore
 from fimntk.core.storage.stores import open_artifact_store
 from fimntk.service.auth import hash_key
+from fimntk.service.body_limit import BodyLimitMiddleware
 from fimntk.service.deps import AppState
 from fimntk.service.jobs import JobService
 from fimntk.service.openapi import install_openapi
 from fimntk.service.problem_handlers import install_error_handlers
 from fimntk.service.prometheus import RequestMiddleware, ServiceMetrics
+from fimntk.service.query_check import reject_unknown_query
 from fimntk.service.reaper import Reaper
 from fimntk.service.routes import admin, blobs, health, jobs, results, users
 from fimntk.version import __version__
@@ -75,11 +77,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.queue.close()
         state.records.close()  # type: ignore[attr-defined]
 
-    app = FastAPI(title="fimntk", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="fimntk",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
+    )
     app.state.fimntk = state
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(RequestMiddleware, metrics=state.metrics)
+    # Added last, so it runs first: before metrics, parsing and authentication.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_body_bytes)
     for module in (blobs, jobs, results, users, admin, health):
         app.include_router(module.router)
     return app

@@ -15,6 +15,9 @@ of the API, runs every ``reaper_interval_s`` and:
 * enqueues again a ``queued`` job that Redis does not hold (restarted without append-only
   persistence) once it is ``requeue_after_s`` old: the database, not Redis, is the record of
   what was submitted, so queued jobs are never silently lost.
+* fails a ``queued`` job ("no worker") once no live worker has listened on the queue for
+  ``max_queued_without_worker_s`` while it waited (a worker that cannot start, or none
+  started), so that clients waiting on it get an answer.
 * watches sharded jobs (:class:`~fimntk.core.shards.ShardSupervisor`): a shard task whose
   worker died is enqueued once more, then fails the job; a job whose tasks Redis lost resumes.
 
@@ -23,6 +26,7 @@ While Redis is unreachable the reaper judges nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -64,6 +68,7 @@ class Reaper:
         self.queue = queue
         self.artifacts = artifacts
         self._orphan_since: dict[str, float] = {}
+        self._no_worker_since: float | None = None
         self.shards = ShardSupervisor(settings, records, queue, artifacts)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,6 +101,7 @@ class Reaper:
         self._orphan_since = {k: v for k, v in self._orphan_since.items() if k in orphans}
         for key, ids in self.shards.supervise_once(live).items():
             done.setdefault(key, []).extend(ids)
+        done["no_worker"] = self._fail_without_worker(live, now)
         horizon = utcnow() - timedelta(seconds=self.settings.requeue_after_s)
         try:
             for job in self.records.jobs_with_status(JobStatus.QUEUED):
@@ -111,6 +117,40 @@ class Reaper:
         except QueueUnavailableError:
             pass
         return done
+
+    def _fail_without_worker(self, live: dict[str, dict[str, object]], now: float) -> list[str]:
+        """Fail the queued jobs that waited ``max_queued_without_worker_s`` with no live worker."""
+        if live:
+            self._no_worker_since = None
+            return []
+        if self._no_worker_since is None:
+            self._no_worker_since = now
+        limit = self.settings.max_queued_without_worker_s
+        waited = now - self._no_worker_since
+        if waited < limit:
+            return []
+        horizon = utcnow() - timedelta(seconds=limit)
+        failed = []
+        detail = (
+            f"no worker has listened on queue {self.settings.queue_name!r} for {waited:.0f} s "
+            "(none started, or each failed at start: see the worker logs); submit the job "
+            "again once /readyz answers 200"
+        )
+        for job in self.records.jobs_with_status(JobStatus.QUEUED):
+            if job.created_at > horizon:
+                continue
+            if self.records.update_job(
+                job.id,
+                only_if_status=(JobStatus.QUEUED,),
+                status=JobStatus.FAILED,
+                finished_at=utcnow(),
+                error=problem(problems.NO_WORKER, detail),
+            ):
+                _log.warning("job %s failed: no worker", job.id, extra={"job_id": job.id})
+                with contextlib.suppress(QueueUnavailableError):
+                    self.queue.cancel_queued(job.id)
+                failed.append(job.id)
+        return failed
 
     def _fail_lost(self, job_id: str, worker: str | None) -> bool:
         detail = (

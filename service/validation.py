@@ -1,8 +1,10 @@
 """Checks of a job spec that need no torch: layer and builder names, operations allowed for a
 representation, the role of each blob (weights, dataset, vector), named datasets.
 
+Constructor arguments are checked against their typed, bounded allowlist
+(:mod:`fimntk.contract.arguments`), and the layer tree against the depth and module caps.
 Whatever can only be checked once the model is built (shapes against the architecture, NaN
-weights, constructor arguments) is checked by the worker and reported as the job's error.
+weights) is checked by the worker and reported as the job's error.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
+from fimntk.contract.arguments import (
+    ArgumentError,
+    check_architecture_size,
+    check_builder_arguments,
+    check_layer_arguments,
+)
 from fimntk.contract.schemas import JobCreate, LayerSpec
 from fimntk.contract.vocabulary import (
     ALLOWED_LAYERS,
@@ -38,58 +46,97 @@ def lab_builders(modules: tuple[str, ...]) -> frozenset[str]:
 
     Returns:
         The builder names.
+
+    Raises:
+        ValueError: A module defines a name that is built in or that another module defines.
     """
     names: set[str] = set()
     for module_name in modules:
         # Allowlist: only module names from the server's own configuration
         # (FIMNTK_BUILDER_MODULES), never a name a user sends.
         module = importlib.import_module(module_name)
-        names.update(getattr(module, "BUILDERS", {}))
+        defined = set(getattr(module, "BUILDERS", {}))
+        taken = defined & (names | BUILTIN_BUILDERS)
+        if taken:
+            raise ValueError(
+                f"builder module {module_name!r} defines {sorted(taken)}, names already taken "
+                "by a built-in or another module: rename them"
+            )
+        names |= defined
     return frozenset(names)
 
 
-def check_layers(layers: Iterable[LayerSpec], field: str) -> None:
-    """Refuse unknown layer types and misplaced children, recursively.
+def check_layers(layers: Iterable[LayerSpec], field: str, max_depth: int, max_modules: int) -> None:
+    """Refuse unknown layer types, misplaced children, constructor arguments outside their
+    allowlist or bounds, and layer trees past the depth or module caps.
 
     Args:
         layers: Layers of a sequential architecture.
         field: Field path of ``layers``.
+        max_depth: Most nested ``Sequential`` levels.
+        max_modules: Most modules in all.
 
     Raises:
-        InvalidInputError: Naming the first offending layer.
+        InvalidInputError: Naming the first offending layer or argument.
     """
-    for i, layer in enumerate(layers):
-        where = f"{field}[{i}]"
-        if layer.type not in ALLOWED_LAYERS:
-            raise InvalidInputError(f"unknown layer type {layer.type!r}", f"{where}.type")
-        if layer.type == "Sequential":
-            if not layer.layers:
-                raise InvalidInputError("a Sequential layer needs 'layers'", f"{where}.layers")
-            check_layers(layer.layers, f"{where}.layers")
-        elif layer.layers is not None:
-            raise InvalidInputError("only a Sequential layer has 'layers'", f"{where}.layers")
+    todo = [(list(layers), field)]
+    try:
+        check_architecture_size(
+            [layer.model_dump() for layer in todo[0][0]], field, max_depth, max_modules
+        )
+        while todo:
+            children, path = todo.pop()
+            for i, layer in enumerate(children):
+                where = f"{path}[{i}]"
+                if layer.type not in ALLOWED_LAYERS:
+                    raise InvalidInputError("unknown layer type", f"{where}.type")
+                check_layer_arguments(layer.type, layer.args, layer.kwargs, where)
+                if layer.type == "Sequential":
+                    if not layer.layers:
+                        raise InvalidInputError(
+                            "a Sequential layer needs 'layers'", f"{where}.layers"
+                        )
+                    todo.append((layer.layers, f"{where}.layers"))
+                elif layer.layers is not None:
+                    raise InvalidInputError(
+                        "only a Sequential layer has 'layers'", f"{where}.layers"
+                    )
+    except ArgumentError as exc:
+        raise InvalidInputError(str(exc), exc.field) from None
 
 
-def check_architecture(spec: JobCreate, builder_modules: Iterable[str]) -> None:
-    """Check layer types or the builder name of the spec's architecture.
+def check_architecture(
+    spec: JobCreate,
+    builder_modules: Iterable[str],
+    max_depth: int,
+    max_modules: int,
+) -> None:
+    """Check layer types and arguments, or the builder name and arguments, of the spec's
+    architecture.
 
     Args:
         spec: Job spec with a model.
         builder_modules: Configured lab builder modules.
+        max_depth: Most nested ``Sequential`` levels.
+        max_modules: Most modules in all.
 
     Raises:
-        InvalidInputError: Unknown layer type or builder.
+        InvalidInputError: Unknown layer type or builder, or a bad constructor argument.
     """
     assert spec.model is not None
     arch = spec.model.architecture
     if arch.kind == "sequential":
-        check_layers(arch.layers, "model.architecture.layers")
+        check_layers(arch.layers, "model.architecture.layers", max_depth, max_modules)
         return
     known = BUILTIN_BUILDERS | lab_builders(tuple(builder_modules))
     if arch.name not in known:
         raise InvalidInputError(
-            f"unknown builder {arch.name!r}; known: {sorted(known)}", "model.architecture.name"
+            f"unknown builder; known: {sorted(known)}", "model.architecture.name"
         )
+    try:
+        check_builder_arguments(arch.name, arch.kwargs, "model.architecture")
+    except ArgumentError as exc:
+        raise InvalidInputError(str(exc), exc.field) from None
 
 
 def check_operations(spec: JobCreate) -> None:

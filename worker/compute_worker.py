@@ -121,6 +121,10 @@ class ComputeWorker(SimpleWorker):
         get_runner().request_stop(job_id)
 
 
+class WorkerConfigurationError(SystemExit):
+    """The worker's settings cannot work; raised at start, before it listens on a queue."""
+
+
 def run_worker(
     redis_url: str,
     queues: Sequence[str],
@@ -150,7 +154,12 @@ def run_worker(
     """
     configure_logging(settings.log_format, settings.log_level)
     _warm_up()
-    runner = JobRunner(settings, device)
+    try:
+        runner = JobRunner(settings, device)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        # A bad configuration (a builder module that cannot be imported or takes a name
+        # already in use, an unknown device) stops the worker at start, saying why.
+        raise WorkerConfigurationError(f"fimntk worker: bad configuration: {exc}") from exc
     install_runner(runner)
     connection = Redis.from_url(redis_url, health_check_interval=30)
 

@@ -17,6 +17,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fimntk.contract.arguments import (
+    ArgumentError,
+    check_architecture_size,
+    check_builder_arguments,
+    check_layer_arguments,
+)
 from fimntk.contract.vocabulary import ALLOWED_LAYERS
 from fimntk.core.safetensors_header import read_header
 from fimntk.worker.errors import JobInputError
@@ -137,14 +143,32 @@ def load_builders(modules: Iterable[str]) -> dict[str, Builder]:
         modules: Importable module names, each defining ``BUILDERS: dict[str, callable]``.
 
     Returns:
-        Builders by name (built-ins cannot be overridden).
+        Builders by name.
+
+    Raises:
+        ValueError: A module defines a name that is built in or that another module defines
+            (a worker refuses to start rather than build another model than the one meant).
     """
-    registry: dict[str, Builder] = {}
+    registry: dict[str, Builder] = dict(BUILTIN_BUILDERS)
     for module_name in modules:
         # Allowlist: module names come from the server configuration only, never from a job.
-        registry.update(getattr(importlib.import_module(module_name), "BUILDERS", {}))
-    registry.update(BUILTIN_BUILDERS)
+        defined = getattr(importlib.import_module(module_name), "BUILDERS", {})
+        taken = sorted(set(defined) & set(registry))
+        if taken:
+            raise ValueError(
+                f"builder module {module_name!r} defines {taken}, names already taken by a "
+                "built-in or another module: rename them"
+            )
+        registry.update(defined)
     return registry
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters: never a C++ stack
+    trace, install path or library address."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def _build_layers(layers: list[dict[str, Any]], field: str) -> list[nn.Module]:
@@ -153,16 +177,22 @@ def _build_layers(layers: list[dict[str, Any]], field: str) -> list[nn.Module]:
         where = f"{field}[{i}]"
         kind = layer["type"]
         if kind not in ALLOWED_LAYERS:
-            raise JobInputError(f"unknown layer type {kind!r}", f"{where}.type")
+            raise JobInputError("unknown layer type", f"{where}.type")
+        try:
+            bound = check_layer_arguments(
+                kind, layer.get("args", []), layer.get("kwargs", {}), where
+            )
+        except ArgumentError as exc:
+            raise JobInputError(str(exc), exc.field) from None
         if kind == "Sequential":
             modules.append(
                 nn.Sequential(*_build_layers(layer.get("layers") or [], f"{where}.layers"))
             )
             continue
         try:
-            modules.append(getattr(nn, kind)(*layer.get("args", []), **layer.get("kwargs", {})))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise JobInputError(f"cannot build {kind}: {exc}", where) from exc
+            modules.append(getattr(nn, kind)(**bound))
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise JobInputError(f"cannot build {kind}: {_short_reason(exc)}", where) from None
     return modules
 
 
@@ -176,6 +206,17 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
     Raises:
         JobInputError: Unknown layer or builder, or bad constructor arguments.
     """
+    try:
+        if arch["kind"] == "sequential":
+            check_architecture_size(arch["layers"], "model.architecture.layers")
+            kwargs: dict[str, Any] = {}
+        else:
+            kwargs = check_builder_arguments(
+                arch["name"], arch.get("kwargs", {}), "model.architecture"
+            )
+    except ArgumentError as exc:
+        raise JobInputError(str(exc), exc.field) from None
+    # Factory arguments are refused above, so nothing leaves the meta device.
     with torch.device("meta"):
         if arch["kind"] == "sequential":
             model: nn.Module = nn.Sequential(
@@ -184,13 +225,13 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
         else:
             name = arch["name"]
             if name not in builders:
-                raise JobInputError(f"unknown builder {name!r}", "model.architecture.name")
+                raise JobInputError("unknown builder", "model.architecture.name")
             try:
-                model = builders[name](**arch.get("kwargs", {}))
-            except (TypeError, ValueError, RuntimeError) as exc:
+                model = builders[name](**kwargs)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
                 raise JobInputError(
-                    f"builder {name!r}: {exc}", "model.architecture.kwargs"
-                ) from exc
+                    f"builder {name!r}: {_short_reason(exc)}", "model.architecture.kwargs"
+                ) from None
             if not isinstance(model, nn.Module):
                 raise JobInputError(
                     f"builder {name!r} did not return a module", "model.architecture.name"

@@ -39,7 +39,8 @@ from fimntk.engine.memory import cheaper_representation
 from fimntk.worker import artifacts
 from fimntk.worker.cache import LRUCache
 from fimntk.worker.data import make_loader
-from fimntk.worker.errors import JobCanceledError, JobInputError
+from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
+from fimntk.worker.memory_check import check_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
 
 _log = logging.getLogger(__name__)
@@ -287,13 +288,15 @@ class JobRunner:
         """The problem document of a failure."""
         if isinstance(exc, JobInputError):
             return problem(problems.INVALID_INPUT, exc.detail, exc.field)
+        if isinstance(exc, JobProblemError):
+            return exc.problem
         if isinstance(exc, OperationError):
             return problem(
                 problems.UNSUPPORTED_OPERATION,
                 exc.detail,
                 f"operations[{exc.index}]",
             )
-        if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError | engine.MemoryBudgetError):
+        if is_out_of_memory(exc):
             oom = self._oom_problem(exc, record)
             self.models.clear()
             self.representations.clear()
@@ -314,7 +317,8 @@ class JobRunner:
                 "the worker shut down during the job; submit it again",
             )
         _log.exception("job %s failed unexpectedly", record.id)
-        return problem(problems.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        # The log has the whole trace; the problem only the first line (no paths, addresses).
+        return problem(problems.INTERNAL_ERROR, f"{type(exc).__name__}: {first_line(exc)}")
 
     def _oom_problem(self, exc: BaseException, record: JobRecord) -> dict[str, Any]:
         spec = record.spec
@@ -475,8 +479,17 @@ class JobRunner:
                     )
         progress.stage("computing")
         data = loader()
-        common: dict[str, Any] = {"device": self.device, "progress": progress}
         metric = spec["metric"]
+        outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+        dataset = getattr(data, "dataset", None)
+        check_fits(
+            model,
+            "ntk" if metric == "ntk" else spec["representation"],
+            outputs[-1] if outputs else 1,
+            len(dataset) if dataset is not None else None,
+            self.device,
+        )
+        common: dict[str, Any] = {"device": self.device, "progress": progress}
         if metric == "ntk":
             return engine.GramMatrix(model, data, **common), None
         common["variant"] = spec["variant"]
@@ -564,3 +577,20 @@ class JobRunner:
                 field,
             )
         return engine.PVector(lc, vector_repr=tensor.reshape(-1))
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "enforce fail at alloc")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a host or CUDA out-of-memory (torch raises some as ``RuntimeError``)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError | engine.MemoryBudgetError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -44,7 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from fimntk.contract.vocabulary import IN_FLIGHT_STATUSES, JobStatus
 from fimntk.core.config import normalise_database_url
-from fimntk.core.errors import BadRequestError
+from fimntk.core.errors import BadRequestError, ConflictError
 from fimntk.core.storage import migrate
 
 
@@ -155,7 +155,11 @@ class RecordStore(abc.ABC):
 
     @abc.abstractmethod
     def create_user(self, name: str, key_hash: str, is_admin: bool = False) -> User:
-        """Create a user identified by the hash of its API key."""
+        """Create a user identified by the hash of its API key.
+
+        Raises:
+            ConflictError: A user of that name exists (names are unique).
+        """
 
     @abc.abstractmethod
     def set_admin_key(self, key_hash: str) -> User:
@@ -242,7 +246,7 @@ class _Base(DeclarativeBase):
 class _UserRow(_Base):
     __tablename__ = "users"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -329,8 +333,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return _aware(datetime.fromisoformat(created)), str(job_id)  # type: ignore[return-value]
-    except (ValueError, TypeError) as exc:
-        raise BadRequestError("malformed cursor", "cursor") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise BadRequestError("malformed cursor", "cursor") from None
 
 
 class SqlRecordStore(RecordStore):
@@ -389,8 +393,11 @@ class SqlRecordStore(RecordStore):
         row = _UserRow(
             id=f"u_{uuid.uuid4().hex[:16]}", name=name, key_hash=key_hash, is_admin=is_admin
         )
-        with self._session.begin() as s:
-            s.add(row)
+        try:
+            with self._session.begin() as s:
+                s.add(row)
+        except IntegrityError:
+            raise ConflictError("a user of that name exists", "name") from None
         return User(row.id, row.name, row.is_admin)
 
     def set_admin_key(self, key_hash: str) -> User:

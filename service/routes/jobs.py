@@ -71,13 +71,15 @@ def list_jobs(
     state: StateDep,
     user: CurrentUser,
     status: JobStatus | None = None,
-    model: Annotated[str | None, Query(description="Weights digest.")] = None,
-    dataset: Annotated[str | None, Query(description="Dataset digest or name.")] = None,
+    model: Annotated[str | None, Query(max_length=71, description="Weights digest.")] = None,
+    dataset: Annotated[
+        str | None, Query(max_length=71, description="Dataset digest or name.")
+    ] = None,
     metric: Metric | None = None,
     representation: RepresentationName | None = None,
     created_after: IsoDatetime | None = None,
     created_before: IsoDatetime | None = None,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobsPublic:
     """Jobs, newest first, for dashboards: filters and cursor pagination. The admin sees

@@ -89,3 +89,43 @@ def test_truncated_file(tmp_path: Path) -> None:
     path.write_bytes(body[:-7])
     with pytest.raises(InvalidInputError, match="outside the data buffer"):
         read_header(path, "model.weights")
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        # Accepted by the header check before issue 19, refused by the safetensors loader.
+        (
+            {"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "__metadata__",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
+            b"\0" * 12,
+            "gap",
+        ),
+    ],
+)
+def test_what_the_loader_refuses_is_refused(
+    tmp_path: Path, header: dict, data: bytes, message: str
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_raw(header, data))
+    with pytest.raises(InvalidInputError, match=message):
+        read_header(path, "model.weights")
+
+
+def test_header_entries_capped_before_parsing(tmp_path: Path) -> None:
+    entries = {
+        f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(100_000)
+    }
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(_raw(entries, b""))
+    with pytest.raises(InvalidInputError, match="more than 16384 tensors"):
+        read_header(path, "model.weights")
+    assert len(read_header(path, "model.weights", max_entries=100_000).tensors) == 100_000

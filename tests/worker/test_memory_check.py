@@ -1,0 +1,47 @@
+"""Memory checked before it is spent (issue 19, defect 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fimntk.engine.memory import estimate_memory
+from fimntk.worker.errors import JobProblemError
+from fimntk.worker.memory_check import available_bytes, check_fits
+from fimntk.worker.runner import first_line, is_out_of_memory
+
+
+def _mlp() -> nn.Module:
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(64, 1300), nn.Tanh(), nn.Linear(1300, 10))  # d ≈ 98k
+
+
+def test_a_dense_fisher_past_memory_is_refused_naming_a_cheaper_one() -> None:
+    model = _mlp()
+    need = estimate_memory(model, "dense", 10)
+    assert need > 30e9  # 4 d² bytes
+    with pytest.raises(JobProblemError) as info:
+        check_fits(model, "dense", 10, 100, torch.device("cpu"), available=2**30)
+    doc = info.value.problem
+    assert doc["type"].endswith("out-of-memory") and doc["field"] == "representation"
+    assert doc["needed_bytes"] == need and doc["available_bytes"] == 2**30
+    alternative = doc["alternative"]
+    assert estimate_memory(model, alternative, 10, 100) <= 0.8 * 2**30
+    assert str(need) in doc["detail"] and alternative in doc["detail"]
+    check_fits(model, "diag", 10, 100, torch.device("cpu"), available=2**30)
+
+
+def test_the_worker_knows_its_memory() -> None:
+    have = available_bytes(torch.device("cpu"))
+    assert 2**24 < have < 2**50
+
+
+def test_out_of_memory_runtime_errors_are_recognised() -> None:
+    alloc = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
+        "\nframe #0: c10::ThrowEnforceNotMet(char const*, int) + 0x58 (0x7f /usr/lib/libc10.so)"
+    )
+    assert is_out_of_memory(alloc) and is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert "\n" not in first_line(alloc) and "libc10" not in first_line(alloc)
