@@ -20,7 +20,15 @@ _ADMIN_ONLY: Responses = {
 }
 
 
-@router.post("", status_code=201, response_model=UserCreated, responses=_ADMIN_ONLY)
+@router.post(
+    "",
+    status_code=201,
+    response_model=UserCreated,
+    responses={
+        409: {"model": Problem, "description": "A user of that name exists."},
+        **_ADMIN_ONLY,
+    },
+)
 def create_user(body: UserCreate, state: StateDep, admin: AdminUser) -> UserCreated:
     """Create a user; its API key is shown only in this response (stored hashed)."""
     key = generate_key()
