@@ -102,6 +102,88 @@ def cnn_small() -> nn.Module:
     )
 
 
+class _BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the identity (or a 1x1 conv-BN shortcut), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(c_out)
+        self.c2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(c_out)
+        self.short = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(h)) + self.short(x))
+
+
+def resnet8() -> nn.Module:
+    """CIFAR ResNet-8: a 16-channel stem, one basic block per stage (16, 32, 64), BatchNorm
+    (evaluated with running statistics), average pooling, a Linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        _BasicBlock(16, 16, 1),
+        _BasicBlock(16, 32, 2),
+        _BasicBlock(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+class _Encoder(nn.Module):
+    """Linear 16→64 on each of the 32 steps, two ``nn.TransformerEncoderLayer`` (d = 64, 4
+    heads, feed-forward 128, batch first), mean over the steps, Linear 64→10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 64)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True) for _ in range(2)
+        )
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(dim=1))
+
+
+def transformer_encoder() -> nn.Module:
+    return _Encoder()
+
+
+class _GPT2(nn.Module):
+    """A small GPT-2 built from a config (no download): 2 blocks, d = 64, 4 heads, vocabulary
+    100, 32 positions; the mean of the last hidden states through a Linear 64→10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model  # bench-only dependency (the hf extra)
+
+        config = GPT2Config(
+            vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        self.gpt2 = GPT2Model(config)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.gpt2(input_ids=ids).last_hidden_state.mean(dim=1))
+
+
+def gpt2_small() -> nn.Module:
+    return _GPT2()
+
+
 @dataclass(frozen=True)
 class Workload:
     """A model and generated data (``torch.randn`` inputs, uniform labels; fixed seeds)."""
@@ -113,6 +195,7 @@ class Workload:
     input_shape: tuple[int, ...]
     n_classes: int
     builder: Callable[[], nn.Module]
+    vocab: int | None = None  # token inputs: uniform ids below ``vocab`` instead of randn
 
     def model(self, device: str = "cpu") -> nn.Module:
         torch.manual_seed(0)
@@ -120,7 +203,10 @@ class Workload:
 
     def loader(self, device: str = "cpu") -> TensorLoader:
         gen = torch.Generator().manual_seed(1234)
-        x = torch.randn((self.n, *self.input_shape), generator=gen)
+        if self.vocab is None:
+            x = torch.randn((self.n, *self.input_shape), generator=gen)
+        else:
+            x = torch.randint(self.vocab, (self.n, *self.input_shape), generator=gen)
         y = torch.randint(self.n_classes, (self.n,), generator=gen)
         return TensorLoader(x.to(device), y.to(device), self.batch_size)
 
@@ -149,7 +235,35 @@ W3 = Workload(
 W4 = Workload(
     "W4", "NTK of W1's MLP on 200 examples (2000x2000 Gram)", 200, 200, (64,), 10, mlp_small
 )
-WORKLOADS = {w.name: w for w in (W1, W2, W3, W4)}
+W5 = Workload(
+    "W5",
+    "ResNet-8 16-32-64, BatchNorm eval, residual, on 3x32x32 (78,042 params)",
+    256,
+    64,
+    (3, 32, 32),
+    10,
+    resnet8,
+)
+W6 = Workload(
+    "W6",
+    "2 TransformerEncoderLayer d=64 4 heads ff=128, 32 steps of 16 (68,682 params)",
+    256,
+    64,
+    (32, 16),
+    10,
+    transformer_encoder,
+)
+W7 = Workload(
+    "W7",
+    "GPT-2 from a config: 2 blocks d=64 4 heads, vocab 100, 32 tokens (109,194 params)",
+    256,
+    64,
+    (32,),
+    10,
+    gpt2_small,
+    vocab=100,
+)
+WORKLOADS = {w.name: w for w in (W1, W2, W3, W4, W5, W6, W7)}
 
 
 def weight_mask(model: nn.Module) -> Tensor:

@@ -66,7 +66,7 @@ class SeqNet(nn.Module):
 
 
 class Attention(nn.Module):
-    """MultiheadAttention (in_proj_weight: fallback) then a Linear head."""
+    """Self-attention (packed ``in_proj_weight``, batch first) then a Linear head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +75,85 @@ class Attention(nn.Module):
 
     def forward(self, x):
         h, _ = self.att(x, x, x, need_weights=False)
+        return self.head(h.mean(dim=1))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention, sequence first: queries from the first 2 steps, keys and values from the
+    last 4, a float attention mask and a key-padding mask read off the data (the first key is
+    always attended)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("bias", torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
+
+    def forward(self, x):
+        q, kv = x[:, :2].transpose(0, 1), x[:, 2:].transpose(0, 1)
+        pad = kv[..., 0].t() > 0.8
+        pad[:, 0] = False
+        pad = torch.zeros(pad.shape, dtype=x.dtype).masked_fill(pad, float("-inf"))
+        h, _ = self.att(q, kv, kv, key_padding_mask=pad, attn_mask=self.bias)
+        return self.head(torch.tanh(h).mean(dim=0))
+
+
+class CrossAttentionKdim(nn.Module):
+    """Cross-attention with separate q/k/v weights (kdim, vdim), no bias, ``bias_k``/``bias_v``,
+    a zero key, per-head boolean masks and per-head weights returned; 3 queries, 4 keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(
+            4, 2, kdim=3, vdim=2, bias=False, add_bias_kv=True, add_zero_attn=True,
+            batch_first=True,
+        )  # fmt: skip
+        self.head = nn.Linear(4 + 12, 3)
+
+    def forward(self, x):
+        q, k, v = x[:, :3, :4], x[:, 3:, :3], x[:, 3:, 3:5]
+        mask = torch.zeros(x.shape[0] * 2, 3, 4, dtype=torch.bool)
+        mask[:, 0, 2] = True
+        h, w = self.att(q, k, v, attn_mask=mask, average_attn_weights=False)
+        return self.head(torch.cat([h.mean(dim=1), w[:, :, 0].reshape(x.shape[0], -1)], dim=1))
+
+
+class Encoder(nn.Module):
+    """Two ``nn.TransformerEncoderLayer`` (post- and pre-norm) with a causal mask, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = dict(d_model=4, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.enc = nn.ModuleList(
+            [
+                nn.TransformerEncoderLayer(**layer),
+                nn.TransformerEncoderLayer(**layer, norm_first=True, activation="gelu"),
+            ]
+        )
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(3))
+
+    def forward(self, x):
+        for layer in self.enc:
+            x = layer(x, src_mask=self.causal, is_causal=True)
+        return self.head(x.mean(dim=1))
+
+
+class Decoder(nn.Module):
+    """``nn.TransformerDecoder`` (one layer, batch first) on a target with a causal mask and a
+    memory made by a Linear from the same input. (Sequence-first Linear layers would not carry
+    the examples along their first dimension.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem = nn.Linear(4, 4)
+        layer = nn.TransformerDecoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.dec = nn.TransformerDecoder(layer, num_layers=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(3)
+        h = self.dec(x, torch.tanh(self.mem(x)), tgt_mask=mask, tgt_is_causal=True)
         return self.head(h.mean(dim=1))
 
 
@@ -180,6 +259,15 @@ CASES = [
     Case("custom", _custom, lambda g, n: torch.randn(n, 5, generator=g), 3),
     Case("shared_twice", SharedTwice, lambda g, n: torch.randn(n, 6, generator=g), 3),
     Case("attention", Attention, lambda g, n: torch.randn(n, 3, 4, generator=g), 3),
+    Case("cross_attention", CrossAttention, lambda g, n: torch.randn(n, 6, 4, generator=g), 3),
+    Case(
+        "cross_attention_kdim",
+        CrossAttentionKdim,
+        lambda g, n: torch.randn(n, 7, 5, generator=g),
+        3,
+    ),
+    Case("transformer_encoder", Encoder, lambda g, n: torch.randn(n, 3, 4, generator=g), 3),
+    Case("transformer_decoder", Decoder, lambda g, n: torch.randn(n, 3, 4, generator=g), 3),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -210,7 +298,6 @@ def build(
 FALLBACK_LAYERS: dict[str, set[str]] = {
     "custom": {"1"},
     "shared_twice": {"shared"},
-    "attention": {"att", "att.out_proj"},
 }
 
 

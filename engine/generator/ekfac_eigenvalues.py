@@ -13,6 +13,10 @@ from fimntk.engine.generator.accumulators import (
 )
 from fimntk.engine.generator.batch_jacobian import BatchJacobian
 from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.layers.outer_product import OuterKernel
+
+#: Elements of the rotated per-example gradients formed at once (a chunk of examples).
+_ROTATED_CHUNK = 1 << 22
 
 
 class EigenDiagAcc(Accumulator):
@@ -47,12 +51,45 @@ class EigenDiagAcc(Accumulator):
                 sq_a = (a * a).sum(-1) + self.layout.bias  # (n, G)
                 self._add_energy((rg2.sum(-1) * sq_a).sum())
             return
+        if not self.thin and self._add_rotated_positions(bj):
+            return
         m = mat_grads(bj, self.name, self.layout)
         r = self.u_g.transpose(-1, -2) @ m @ self.u_a
         s = (r * r).sum(dim=(0, 1))
         self.s = s if self.s is None else self.s.add_(s)
         if self.thin:
             self._add_energy((m * m).sum())
+
+    def _add_rotated_positions(self, bj: BatchJacobian) -> bool:
+        """With several positions, ``U_Gᵀ (Σ_t g_t ã_tᵀ) U_A = Σ_t (U_Gᵀ g_t)(U_Aᵀ ã_t)ᵀ``:
+        rotate each position's ``g`` and ``ã`` first (``T·(Q² + P·R)`` per example), then form the
+        rotated per-example gradients (``T·Q·R``), instead of rotating per-example gradients
+        (``Q²·P + Q·P·R``: for a convolution with ``P = C_in·k²`` the second dominates). Adds
+        to ``s`` and returns True for a hooked outer-product layer, else returns False."""
+        kernel = bj.kernels.get(self.name)
+        if self.name not in bj.captured or not isinstance(kernel, OuterKernel):
+            return False
+        x, gy = bj.captured[self.name]
+        key = ("eigen_inputs", self.name)
+        ra = bj.cache.get(key)
+        if ra is None:  # U_Aᵀ ã per position (n, G, T, R), once per batch
+            a = kernel.inputs(x)
+            p = a.shape[-1]
+            ra = torch.einsum("ngtp,gpr->ngtr", a, self.u_a[:, :p])
+            if self.layout.bias:
+                ra += self.u_a[:, p][None, :, None]
+            if not bj.last:
+                bj.cache[key] = ra
+        rg = torch.einsum("kngtq,gqs->kngts", kernel.output_grads(x, gy), self.u_g)
+        k, n, grp, _, q = rg.shape
+        step = max(1, _ROTATED_CHUNK // max(1, k * grp * q * ra.shape[-1]))
+        for i in range(0, n, step):
+            r = torch.einsum("kngtq,ngtr->kngqr", rg[:, i : i + step], ra[i : i + step])
+            part = r.square_().sum(dim=(0, 1))
+            self.s = part if self.s is None else self.s.add_(part)
+        if bj.last:
+            bj.cache.pop(key, None)
+        return True
 
     def _add_energy(self, e: Tensor) -> None:
         self.energy = e if self.energy is None else self.energy + e

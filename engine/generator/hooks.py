@@ -5,17 +5,25 @@ whose output is later modified in place (``ReLU(inplace=True)`` after a Linear) 
 captured output describe the modified tensor; :class:`ForwardCapture` notices (the tensor's
 version counter moved) so the caller can rerun with ``clone`` for that module: the hook then
 hands a copy downstream and keeps the original.
+
+A module whose parameters its forward applies functionally (``nn.MultiheadAttention``: see
+:data:`fimntk.engine.layers.registry.REPLAYS`) has its output replaced by a re-computation that
+exposes its parameter sites; each site is one :class:`Capture`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
+
+from fimntk.engine.layers.attention import Replay
+from fimntk.engine.layers.registry import replay_for
 
 
 def count_calls(
@@ -48,7 +56,7 @@ class Capture:
     saves its own result) is then freed at once instead of living until the backward passes.
     """
 
-    x: Tensor
+    x: Any
     y: Tensor | None
     version: int
     shape: torch.Size
@@ -57,7 +65,8 @@ class Capture:
     edge: GradientEdge | None
 
     @classmethod
-    def of(cls, x: Tensor, y: Tensor) -> Capture:
+    def of(cls, x: Any, y: Tensor) -> Capture:
+        """``x``: the site's input, a tensor or an object with ``detach()`` the kernel reads."""
         edge = get_gradient_edge(y) if y.requires_grad else None
         return cls(x.detach(), y, y._version, y.shape, y.dtype, y.device, edge)
 
@@ -110,7 +119,11 @@ class ForwardCapture:
             h.remove()
         self._handles.clear()
 
-    def _capture_hook(self, name: str) -> Callable[..., None]:
+    def _capture_hook(self, name: str) -> Callable[..., Any]:
+        replay = replay_for(self.modules[name])
+        if replay is not None:
+            return self._replay_hook(name, replay)
+
         def hook(module, args, kwargs, output):
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0] if args else next(iter(kwargs.values()), None)
@@ -130,6 +143,18 @@ class ForwardCapture:
             if name in self.clone:
                 return output.clone()
             return output if expand else None
+
+        return hook
+
+    def _replay_hook(self, name: str, replay: Replay) -> Callable[..., Any]:
+        def record(x: Any, y: Tensor) -> Tensor:
+            self.captures.setdefault(name, []).append(Capture.of(x, y))
+            return y
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            params: dict[str, Tensor] = dict(module.named_parameters(recurse=False))
+            return replay(module, args, kwargs, params, record)
 
         return hook
 

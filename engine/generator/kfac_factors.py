@@ -10,13 +10,16 @@ pixels) and pseudo-outputs k:
   ``ĝ = Σ_t g``: positions are aggregated first.
 
 Both are exact (equal to the layer's Fisher block) when every example has the same input ``ã``
-and ``T = 1``.
+and ``T = 1``. A kernel whose groups have different numbers of positions (attention's query and
+key projections, ``L ≠ S``) pads them with zeros to one ``T`` and says how many are real
+(``group_positions``); ``T`` above is then each group's own.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
+import torch
 from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError
@@ -44,7 +47,8 @@ class KronAcc(Accumulator):
         self.a: Tensor | None = None
         self.g: Tensor | None = None
         self.t = 1
-        self.positions = 0  # positions counted in G's normalisation (expand): Σ_i T_i
+        # positions counted in G's normalisation (expand), per group: Σ_i T_i
+        self.positions: Tensor | None = None
         self.bias = False
         self.rows = 0  # vectors summed into A (per group): a bound on its rank
 
@@ -56,17 +60,22 @@ class KronAcc(Accumulator):
         if bj.first:  # A depends on the inputs only: once per batch, not per chunk of K
             a = kernel.inputs(x)
             self.t = a.shape[2]
-            count = a.shape[0] * a.shape[2]
+            group_t = _group_positions(kernel, x, a)  # (G,)
+            count = a.shape[0] * group_t
             if mask is not None:  # padded positions count nowhere
                 a = a * mask[:, None, :, None]
-                count = int(mask.sum())
-            self.positions += count
+                count = mask.sum().expand_as(group_t).to(a.dtype)
+            self.positions = count if self.positions is None else self.positions + count
             if reduce and a.shape[2] > 1:
-                real = a.shape[2] if mask is None else mask.sum(1).clamp_min(1)[:, None, None, None]
+                real = (
+                    group_t.reshape(1, -1, 1, 1)
+                    if mask is None
+                    else mask.sum(1).clamp_min(1)[:, None, None, None]
+                )
                 a = a.sum(dim=2, keepdim=True) / real
-                count = a.shape[0]
+                count = torch.full_like(group_t, a.shape[0])
             grp, p = a.shape[1], a.shape[3]
-            self.rows += count
+            self.rows += int(count.max())
             layout = kernel.mat_layout()
             assert layout is not None, "KFAC layers have a matrix view"
             self.bias = layout.bias
@@ -85,7 +94,7 @@ class KronAcc(Accumulator):
 
     def result(self, n: int) -> tuple[Tensor, Tensor]:
         t = 1 if self.approx == "reduce" else self.t
-        if self.a is None or self.g is None:
+        if self.a is None or self.g is None or self.positions is None:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
         a = self.a
         lower = a.shape[0] == 1 and t == 1
@@ -95,9 +104,18 @@ class KronAcc(Accumulator):
             a[:, p, :p] = a[:, :p, p]
         else:
             finish_gram(a, lower)
-        positions = n if self.approx == "reduce" else self.positions
-        g = finish_gram(self.g, self.g.shape[0] == 1 and t == 1).div_(positions)
+        positions = n if self.approx == "reduce" else self.positions.reshape(-1, 1, 1)
+        g = finish_gram(self.g, lower).div_(positions)
         return a.div_(n), g
+
+
+def _group_positions(kernel: OuterKernel, x: Any, a: Tensor) -> Tensor:
+    """Real positions per group ``(G,)``: ``kernel.group_positions(x)`` where the kernel pads
+    groups, else ``T`` for every group of ``a (n, G, T, P)``."""
+    counts = getattr(kernel, "group_positions", None)
+    if counts is None:
+        return a.new_full((a.shape[1],), float(a.shape[2]))
+    return a.new_tensor([float(c) for c in counts(x)])
 
 
 def _sequence_mask(mask: Tensor | None, n: int, positions: int) -> Tensor | None:

@@ -12,6 +12,10 @@ absent weight tangent (one wasted convolution per layer); other layers (normalis
 ``t_x`` through their own forward-mode formulas. Parameters of the layers without hooks are made
 dual as usual (``torch.func``-style).
 
+A module whose forward applies its parameters functionally (``nn.MultiheadAttention``, see
+:data:`fimntk.engine.layers.registry.REPLAYS`) is recomputed with dual parameters: its input
+tangent and its own parameters' share both propagate, and its sub-modules' hooks add theirs.
+
 Only valid for layers the generator hooks (called once, parameters used only by their own
 forward; see :meth:`fimntk.engine.generator.Jacobian.settle_paths`). Reference: forward-mode
 automatic differentiation, Griewank & Walther (2008), "Evaluating Derivatives", ch. 3.
@@ -29,6 +33,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fimntk.engine.generator.hooks import count_calls
+from fimntk.engine.layers.attention import Replay
+from fimntk.engine.layers.registry import replay_for
 
 
 def _primal(value):
@@ -45,12 +51,15 @@ class TangentCapture:
         modules: ``{layer: module}`` whose parameter tangents the hooks add.
         tangents: ``{layer: {attribute: tangent}}`` (e.g. ``{"weight": tW, "bias": tb}``).
         input_linear: layers linear in their input, whose input tangent the hooks carry.
+        input_maps: ``{layer: map}`` for layers affine in their input (BatchNorm in eval mode):
+            the hooks carry the input tangent as ``map(t_x)``.
         counted: ``{layer: module}`` whose calls are only counted (to detect reuse).
     """
 
     modules: dict[str, nn.Module]
     tangents: dict[str, dict[str, Tensor]]
     input_linear: set[str] = field(default_factory=set)
+    input_maps: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
     counted: dict[str, nn.Module] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     _inside: bool = False
@@ -59,7 +68,7 @@ class TangentCapture:
 
     def __enter__(self) -> TangentCapture:
         for name, module in self.modules.items():
-            if name in self.input_linear:
+            if name in self.input_linear or name in self.input_maps:
                 self._handles.append(
                     module.register_forward_pre_hook(self._strip(name), with_kwargs=True)
                 )
@@ -85,6 +94,10 @@ class TangentCapture:
         return pre_hook
 
     def _hook(self, name: str) -> Callable[..., Any]:
+        replay = replay_for(self.modules[name])
+        if replay is not None:
+            return self._replay_hook(name, replay)
+
         def hook(module, args, kwargs, output):
             if self._inside:  # the replays below
                 return None
@@ -98,7 +111,9 @@ class TangentCapture:
             try:
                 with torch.no_grad():
                     own = functional_call(module, self.tangents[name], args, kwargs)
-                    if t_in is not None:  # L_W(t_x): the module with a zero bias
+                    if t_in is not None and name in self.input_maps:
+                        own = own.add_(self.input_maps[name](t_in))
+                    elif t_in is not None:  # L_W(t_x): the module with a zero bias
                         bias = getattr(module, "bias", None)
                         zero = {} if bias is None else {"bias": torch.zeros_like(bias)}
                         own = own.add_(functional_call(module, zero, (t_in, *args[1:]), kwargs))
@@ -106,5 +121,19 @@ class TangentCapture:
                 self._inside = False
             primal, tangent = fwad.unpack_dual(output)
             return fwad.make_dual(primal, own if tangent is None else own.add_(tangent))
+
+        return hook
+
+    def _replay_hook(self, name: str, replay: Replay) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if self._inside:
+                return None
+            self.calls[name] = self.calls.get(name, 0) + 1
+            tangents = self.tangents[name]
+            params = {
+                attr: fwad.make_dual(p, tangents[attr])
+                for attr, p in module.named_parameters(recurse=False)
+            }
+            return replay(module, args, kwargs, params, lambda x, y: y)
 
         return hook

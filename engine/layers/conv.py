@@ -55,6 +55,21 @@ class ConvKernel(OuterKernel):
             "stride": _pair(m.stride, sd, 1),
         }
 
+    def positions(self, x: Tensor) -> int:
+        """T, the output positions, from the input's shape alone (no unfolded input):
+        ``Π ⌊(L + pad − d(k − 1) − 1)/s⌋ + 1`` over the spatial dimensions."""
+        m = self.module
+        sizes = x.shape[2:]
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            pads = m._reversed_padding_repeated_twice  # last dimension first
+            total = [pads[2 * i] + pads[2 * i + 1] for i in range(len(sizes))][::-1]
+        else:
+            total = [2 * p for p in m.padding]
+        t = 1
+        for size, pad, k, d, s in zip(sizes, total, m.kernel_size, m.dilation, m.stride):
+            t *= (size + pad - d * (k - 1) - 1) // s + 1
+        return t
+
     def inputs(self, x: Tensor) -> Tensor:
         m, sd = self.module, self.spatial_dims
         n, grp = x.shape[0], m.groups

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fimntk.engine.layers.attention import MultiheadAttentionKernel, Replay, replay_attention
 from fimntk.engine.layers.base import LayerKernel
 from fimntk.engine.layers.conv import (
     Conv1dKernel,
@@ -24,6 +25,8 @@ from fimntk.engine.layers.norm import BatchNormKernel, GroupNormKernel, LayerNor
 
 KERNELS: dict[type[nn.Module], type[LayerKernel]] = {
     nn.Linear: LinearKernel,
+    nn.modules.linear.NonDynamicallyQuantizableLinear: LinearKernel,  # attention's out_proj
+    nn.MultiheadAttention: MultiheadAttentionKernel,
     nn.Conv1d: Conv1dKernel,
     nn.Conv2d: ConvKernel,
     nn.ConvTranspose1d: ConvTranspose1dKernel,
@@ -36,6 +39,17 @@ KERNELS: dict[type[nn.Module], type[LayerKernel]] = {
     nn.LayerNorm: LayerNormKernel,
     nn.RMSNorm: RMSNormKernel,
 }
+
+#: Module types whose output the hooked passes recompute with exposed parameter sites:
+#: ``replay(module, args, kwargs, params, record)`` returns what ``module(*args, **kwargs)``
+#: returns, built from ``params`` (``{attribute: tensor}``), handing each site's input and
+#: output to ``record(x, y) -> y``. Their sub-modules are called as modules inside.
+REPLAYS: dict[type[nn.Module], Replay] = {nn.MultiheadAttention: replay_attention}
+
+
+def replay_for(module: nn.Module) -> Replay | None:
+    """The re-computation of ``module``'s forward (see :data:`REPLAYS`), or ``None``."""
+    return REPLAYS.get(type(module))
 
 
 def kernel_for(module: nn.Module) -> LayerKernel | None:

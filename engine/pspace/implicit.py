@@ -48,11 +48,14 @@ def _jv_by_double_backward(
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         out = f(params)
         u = torch.zeros_like(out, requires_grad=True)
+        # scalars differentiated, no grad_outputs: torch checks those with its symbolic
+        # shapes, whose first use imports sympy (about a second)
         grads = torch.autograd.grad(
-            out, list(params.values()), u, create_graph=True, allow_unused=True
+            (out * u).sum(), list(params.values()), create_graph=True, allow_unused=True
         )
         pairs = [(g, tangent[k]) for g, k in zip(grads, params) if g is not None]
-        jv = torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs])[0]
+        inner = torch.stack([(g * t).sum() for g, t in pairs]).sum()
+        jv = torch.autograd.grad(inner, u)[0]
     return out.detach(), jv
 
 
@@ -137,7 +140,14 @@ class PMatImplicit(PMatAbstract):
                     for pn in e.param_names()
                 ]
                 linear = {nm for nm in hooked if gen.kernel(nm).input_linear}
-                capture = TangentCapture(hooked, per_layer, linear, counted=gen.layer_modules)
+                maps = {
+                    nm: k.input_tangent
+                    for nm, k in ((nm, gen.kernel(nm)) for nm in hooked)
+                    if hasattr(k, "input_tangent")
+                }
+                capture = TangentCapture(
+                    hooked, per_layer, linear, input_maps=maps, counted=gen.layer_modules
+                )
                 with fwad.dual_level(), capture:
                     if dual:
                         swap = {pn: fwad.make_dual(named[pn], tangent[pn]) for pn in dual}

@@ -172,6 +172,16 @@ def test_a_float64_model_is_computed_in_float64(client: Client) -> None:
     torch.testing.assert_close(ours, _fim(model, loader, "kfac").trace(), rtol=1e-12, atol=0)
 
 
+def test_shards_split_the_job_and_equal_the_engine(client: Client) -> None:
+    model = make_model().double()
+    inputs, targets = make_loader().dataset.tensors
+    loader = DataLoader(TensorDataset(inputs.double(), targets), batch_size=5)
+    ours = client.get_diag(model, loader, rep="kfac", shards=3)
+    job = _newest_job(client)
+    assert job["spec"]["shards"] == 3 and job["progress"]["shards"] == 3
+    torch.testing.assert_close(ours, _fim(model, loader, "kfac").get_diag(), rtol=1e-10, atol=0)
+
+
 def _newest_job(client: Client) -> dict[str, Any]:
     return client.jobs(limit=1)["items"][0]
 

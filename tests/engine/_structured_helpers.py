@@ -10,8 +10,10 @@ that mutates a matrix (``update_diag``) builds its own.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from unittest import mock
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ ATTN_WARNING = pytest.mark.filterwarnings("ignore:There is a performance drop")
 JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 NORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm")
-KRON_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
+KRON_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1d", "Conv2d", "Embedding")
 
 
 # ----- cached zoo objects (read-only in tests) ---------------------------------------------------
@@ -129,8 +131,28 @@ class View:
         return torch.cat([w, b[:, :, None]], dim=2)
 
 
+def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of a layer; attention's input projection is one ``(3E, E)`` weight."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight, module.in_proj_bias
+    return module.weight, getattr(module, "bias", None)
+
+
+def is_kron(module: nn.Module) -> bool:
+    """Whether a hooked ``module`` gets Kronecker factors: Linear (attention's ``out_proj``
+    included), Conv1d/2d, Embedding, and attention with packed q/k/v weights and no
+    ``bias_k``/``bias_v`` (one group per projection)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight is not None and module.bias_k is None
+    return type(module).__name__ in KRON_TYPES
+
+
 def view_of(module: nn.Module) -> View:
-    """The view of a Linear, Conv1d/2d or Embedding, from the module's attributes alone."""
+    """The view of a Linear, Conv1d/2d, Embedding or packed attention, from the module's
+    attributes alone."""
+    if isinstance(module, nn.MultiheadAttention):
+        e = module.embed_dim
+        return View(3, e, e, module.in_proj_bias is not None, False)
     bias = getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
         return View(1, module.out_features, module.in_features, bias, False)
@@ -203,6 +225,61 @@ def layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
     return store["x"], torch.stack(rows, dim=1), logits.detach()
 
 
+@contextmanager
+def linear_calls(weight: torch.Tensor, n: int):
+    """Record every ``F.linear`` call (as torch's own attention makes them) whose weight is
+    ``weight`` or a block of its rows: yields a list of ``(first row, input (n, T, P), eps)``,
+    where the call's output has ``eps (n, T, rows)`` added (to differentiate with respect to).
+    Inputs are seen batch first: ``(T, n, P)`` and ``(T·n, P)`` (attention's layouts) are
+    rearranged."""
+    calls: list = []
+    linear = F.linear
+    base = weight.data_ptr()
+    row = weight.stride(0) * weight.element_size()
+
+    def recording(x, w, b=None):
+        out = linear(x, w, b)
+        if w.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            return out
+        seq = x.reshape(-1, n, x.shape[-1]).transpose(0, 1)  # (n, T, P)
+        eps = torch.zeros(n, seq.shape[1], w.shape[0], dtype=out.dtype, requires_grad=True)
+        calls.append(((w.data_ptr() - base) // row, seq.detach(), eps))
+        return out + eps.transpose(0, 1).reshape(out.shape)
+
+    with mock.patch.object(F, "linear", recording):
+        yield calls
+
+
+def functional_io(model: nn.Module, x: torch.Tensor, weight: torch.Tensor):
+    """``[(first row, input (n, T, P), Jacobian of the logits (n, c, T, rows))]`` of each
+    ``F.linear`` call on (rows of) ``weight``, and the logits ``(n, c)``."""
+    with torch.enable_grad(), linear_calls(weight, x.shape[0]) as calls:
+        logits = model(x)
+        eps = [e for _, _, e in calls]
+        rows = [
+            torch.autograd.grad(logits[:, j].sum(), eps, retain_graph=True)
+            for j in range(logits.shape[1])
+        ]
+    out = [
+        (first, inp, torch.stack([r[i] for r in rows], dim=1))
+        for i, (first, inp, _) in enumerate(calls)
+    ]
+    return out, logits.detach()
+
+
+def attention_a_j(model: nn.Module, x: torch.Tensor, module: nn.Module):
+    """``[a (n, T_p, E)]`` and ``[J (n, c, T_p, E)]`` of the q, k and v projections of a packed
+    attention module, read off torch's own ``F.linear`` calls; and the logits."""
+    e = module.embed_dim
+    calls, logits = functional_io(model, x, module.in_proj_weight)
+    a, j = [None] * 3, [None] * 3
+    for first, inp, jac in calls:
+        for r in range(jac.shape[-1] // e):
+            a[first // e + r] = inp
+            j[first // e + r] = jac[..., r * e : (r + 1) * e]
+    return a, j, logits
+
+
 def expanded_layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
     """:func:`tests.engine._structured_helpers.layer_io` where the layer's input and output are
     expanded to the batch's n examples (a no-op for a layer that carries the examples; for one
@@ -267,11 +344,21 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def layer_a_g(model: nn.Module, x: torch.Tensor, module: nn.Module, variant: str):
     """``ã (n, groups, T, cols)`` (inputs with the bias 1) and ``G_i = J_tᵀ H J_s`` pieces:
-    returns ``(ã, J (n, c, groups, T, q), H (n, c, c))``."""
-    inp, jac, logits = layer_io(model, x, module)
+    returns ``([ã_γ (n, 1, T_γ, cols)], [J_γ (n, c, 1, T_γ, q)], H (n, c, c))`` per group γ
+    (attention's query and key projections may have different numbers of positions)."""
+    view = view_of(module)
+    if isinstance(module, nn.MultiheadAttention):
+        a_s, j_s, logits = attention_a_j(model, x, module)
+        if view.bias:
+            a_s = [torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) for a in a_s]
+        a_s, j_s = [a[:, None] for a in a_s], [j[:, :, None] for j in j_s]
+        return a_s, j_s, ref.output_fisher(logits, variant)
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear":  # called functionally
+        [(_, inp, jac)], logits = functional_io(model, x, module.weight)
+    else:
+        inp, jac, logits = layer_io(model, x, module)
     h = ref.output_fisher(logits, variant)
     n, c = jac.shape[:2]
-    view = view_of(module)
     if isinstance(module, nn.Linear):
         a = inp.reshape(n, 1, -1, inp.shape[-1])
         j = jac.reshape(n, c, 1, -1, view.q)
@@ -286,7 +373,7 @@ def layer_a_g(model: nn.Module, x: torch.Tensor, module: nn.Module, variant: str
         j = jac.reshape(n, c, view.groups, view.q, -1).transpose(3, 4)
     if view.bias:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-    return a, j, h
+    return list(a.split(1, dim=1)), list(j.split(1, dim=2)), h
 
 
 def kfac_factors(
@@ -307,15 +394,19 @@ def kfac_factors(
     """
     a_tot, g_tot, n = 0, 0, 0
     for batch in loader:
-        a, j, h = layer_a_g(model, batch[0], module, variant)
-        t = a.shape[2]
-        if approx == "reduce":
-            a = a.mean(dim=2, keepdim=True)
-            j = j.sum(dim=3, keepdim=True)
-            t = 1
-        a_tot = a_tot + torch.einsum("ngtp,ngtr->gpr", a, a)
-        g_tot = g_tot + torch.einsum("ncgtq,ncd,ndgts->gqs", j, h, j) / t
-        n += a.shape[0]
+        a_s, j_s, h = layer_a_g(model, batch[0], module, variant)
+        a_b, g_b = [], []
+        for a, j in zip(a_s, j_s):
+            t = a.shape[2]
+            if approx == "reduce":
+                a = a.mean(dim=2, keepdim=True)
+                j = j.sum(dim=3, keepdim=True)
+                t = 1
+            a_b.append(torch.einsum("ngtp,ngtr->gpr", a, a))
+            g_b.append(torch.einsum("ncgtq,ncd,ndgts->gqs", j, h, j) / t)
+        a_tot = a_tot + torch.cat(a_b)
+        g_tot = g_tot + torch.cat(g_b)
+        n += batch[0].shape[0]
     return a_tot / n, g_tot / n
 
 
@@ -334,11 +425,11 @@ def quasidiag_mask(case: str) -> torch.Tensor:
         typ = type(m).__name__
         if not (
             on_hooks(case, name)
-            and typ in (*KRON_TYPES, *NORM_TYPES)
-            and getattr(m, "bias", None) is not None
+            and (is_kron(m) or typ in NORM_TYPES)
+            and weight_and_bias(m)[1] is not None
         ):
             continue
-        w = m.weight
+        w = weight_and_bias(m)[0]
         out = w.shape[0]
         per = w.numel() // out
         for o in range(out):

@@ -166,3 +166,17 @@ def test_wrong_vector_is_rejected():
     lc = engine.LayerCollection.from_model(H.built("sequence")[0])
     with pytest.raises(engine.InvalidInputError):
         mat.vTMv(PVector(lc, torch.zeros(lc.numel(), dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("case", ["batchnorm1d", "batchnorm1d_seq"])
+def test_batchnorm_input_tangent_on_1d_inputs(case):
+    """BatchNorm's input tangent ``t ⊙ γ/√(σ²+ε)`` (no torch formula) on ``(n, C)`` and
+    ``(n, C, L)`` inputs: ``vᵀFv`` equals the dense reference's."""
+    model, loader = zoo.build(zoo.EXTRA_CASES[zoo.EXTRA_CASE_IDS.index(case)])
+    expected = ref.fisher(model, loader)
+    v = torch.randn(
+        expected.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    mat = engine.FIM(model, loader, "implicit")
+    got = mat.vTMv(PVector(mat.layer_collection, v))
+    ref.assert_close(got, v @ expected @ v, 1e-10, case)

@@ -25,11 +25,10 @@ TOL = 1e-10
 
 
 def kron_layers(case: str) -> list[str]:
-    """Layers that must get a Kronecker block: hook-path Linear/Conv1d/Conv2d/Embedding."""
+    """Layers that must get a Kronecker block: hook-path Linear/Conv1d/Conv2d/Embedding and packed
+    attention."""
     mods = H.modules(case)
-    return [
-        n for n in H.offsets(case) if H.on_hooks(case, n) and type(mods[n]).__name__ in H.KRON_TYPES
-    ]
+    return [n for n in H.offsets(case) if H.on_hooks(case, n) and H.is_kron(mods[n])]
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])

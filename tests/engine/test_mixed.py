@@ -27,7 +27,7 @@ def default_kind(case: str, name: str) -> str:
     typ = type(m).__name__
     if not H.on_hooks(case, name):
         return "diag"
-    if typ in H.KRON_TYPES:
+    if H.is_kron(m):
         return "kfac"
     if typ in H.NORM_TYPES:
         return "dense"
@@ -158,11 +158,7 @@ def test_a_kind_a_layer_cannot_take_falls_back_to_its_default(case, policy):
             or policy.get("hooks" if H.on_hooks(case, name) else "torch.func")
             or policy.get("default")
         )
-        able = (
-            asked in ("kfac", "ekfac")
-            and H.on_hooks(case, name)
-            and (type(m).__name__ in H.KRON_TYPES)
-        )
+        able = asked in ("kfac", "ekfac") and H.on_hooks(case, name) and H.is_kron(m)
         kinds[name] = asked if able else default_kind(case, name)
     check_blocks(case, mat, kinds)
 
@@ -174,7 +170,8 @@ def test_unknown_block_kind_is_rejected():
 
 def test_layers_no_representation_handles_get_the_fallback():
     """A torch.func layer above 4096 parameters: KFAC and Mixed store its exact diagonal; an
-    attention module under KFAC gets exact dense blocks. No error."""
+    attention module with separate q/k/v weights and ``bias_k`` (no Kronecker view) under KFAC
+    gets an exact dense block, its ``out_proj`` a Kronecker one. No error."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2100), zoo.Scale(2100), nn.Linear(2100, 3))
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
@@ -187,8 +184,8 @@ def test_layers_no_representation_handles_get_the_fallback():
         mat = engine.FIM(model, loader, rep)
         assert mat.kinds == {"0": "kfac", "1": "diag", "2": "kfac"}
         ref.assert_close(mat.data["1"].d, diag[s:e], TOL, f"{rep} diagonal fallback")
-    attention = H.fim("attention", "kfac")
-    assert attention.kinds == {"att": "dense", "att.out_proj": "dense", "head": "kfac"}
+    attention = H.fim("cross_attention_kdim", "kfac")
+    assert attention.kinds == {"att": "dense", "att.out_proj": "kfac", "head": "kfac"}
 
 
 def test_arithmetic():

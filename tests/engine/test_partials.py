@@ -178,3 +178,18 @@ def test_tile_groups_cover_the_upper_triangle_once(shards: int) -> None:
     assert sorted(tiles) == partials.tile_pairs(shards)
     work = [sum(1 if a == b else 2 for a, b in g) for g in groups]
     assert set(work) <= {1, 2} and work.count(1) == shards % 2  # a lone diagonal tile is lighter
+
+
+def test_ntk_tiles_of_a_layer_on_the_torch_func_path() -> None:
+    """PReLU has no hook kernel: its per-example gradients travel as factors instead."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 2)).double()
+    data = _data()
+    factors = [partials.gram_factors(model, loader) for loader in _shards(data)]
+    assert any(".j." in key for key in factors[0])
+    tiles = {
+        (a, b): partials.gram_tile(model, factors[a], None if a == b else factors[b])
+        for a, b in partials.tile_pairs(3)
+    }
+    whole = reference.ntk(model, DataLoader(data, batch_size=20))
+    torch.testing.assert_close(partials.gram_from_tiles(tiles, BOUNDS), whole)

@@ -51,8 +51,8 @@ def test_quasidiag_equals_its_definition(case):
         m = mods[name]
         quasi = (
             H.on_hooks(case, name)
-            and getattr(m, "bias", None) is not None
-            and type(m).__name__ in (*H.KRON_TYPES, *H.NORM_TYPES)
+            and H.weight_and_bias(m)[1] is not None
+            and (H.is_kron(m) or type(m).__name__ in H.NORM_TYPES)
         )
         assert mat.kinds[name] == ("quasidiag" if quasi else "diag"), name
     check_operations(mat, expected, "quasidiag")
