@@ -147,6 +147,7 @@ class JobRunner:
         self.current_job_id: str | None = None
         self.worker_name: str | None = None
         self.on_job_done: Callable[[], None] | None = None
+        self._op_progress: _Progress | None = None
 
     def request_stop(self, job_id: str | None) -> None:
         """Stop the current job if it is ``job_id`` (called from the worker's pub/sub thread)."""
@@ -397,6 +398,7 @@ class JobRunner:
         spec = record.spec
         clock = time.monotonic()
         progress.stage("operations")
+        self._op_progress = progress
         outputs = []
         for i, op in enumerate(spec["operations"]):
             progress.check()
@@ -526,7 +528,10 @@ class JobRunner:
                 out = rep.mv(v) if name == "mv" else rep.solve(v, regul=op["regul"])
                 return {"value": self._tensor(job_id, prefix, out.get_flat_representation())}
             if name == "eigenpairs":
-                evals, evecs = rep.eigenpairs(op["k"])
+                if isinstance(rep, engine.PMatDense):  # partial solver: progress, cancel
+                    evals, evecs = rep.eigenpairs(op["k"], progress=self._op_progress)
+                else:
+                    evals, evecs = rep.eigenpairs(op["k"])
                 return {
                     "eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
                     "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs),

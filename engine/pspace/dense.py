@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fimntk.engine.linalg import spd_solve
+from fimntk.engine.partial_eigen import Progress, top_eigenpairs
 from fimntk.engine.pspace.base import PMatAbstract, frobenius
 from fimntk.engine.vector import PVector
 
@@ -57,8 +58,17 @@ class PMatDense(PMatAbstract):
         eye = torch.eye(self.data.shape[0], dtype=self.data.dtype, device=self.data.device)
         return PMatDense(self.layer_collection, data=spd_solve(self.data, eye, regul))
 
-    def eigenpairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
-        """Top-k eigenvalues (descending) and eigenvectors as columns ``(d, k)``."""
+    def eigenpairs(
+        self, k: int | None = None, progress: Progress | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending) and eigenvectors as columns ``(d, k)``.
+
+        With ``k ≤ d / 8``, Lanczos on the matrix (:func:`~fimntk.engine.partial_eigen.
+        top_eigenpairs`) instead of a full eigendecomposition; ``progress(done, total, stage)``
+        is called after each product (it may raise to stop).
+        """
+        if k is not None and 8 * k <= self.data.shape[0]:
+            return top_eigenpairs(self.data, k, progress)
         evals, evecs = torch.linalg.eigh(self.data)
         evals, evecs = evals.flip(0), evecs.flip(1)
         if k is not None:
