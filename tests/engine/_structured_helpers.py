@@ -196,17 +196,24 @@ def pi_damped_kron_inverse(
 # ----- KFAC factors from their definitions --------------------------------------------------------
 
 
-def layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
+def layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module, expand: bool = False):
     """Input of ``module`` ``(n, ...)``, Jacobian of the logits with respect to its output
     ``(n, c, *out)`` (plain autograd through a perturbation added by our own forward hook), and the
-    logits ``(n, c)``. Requires examples not to interact (eval mode)."""
+    logits ``(n, c)``. Requires examples not to interact (eval mode).
+
+    With ``expand``, the layer's input and output are expanded to the batch's n examples (a
+    no-op for a layer that carries the examples; for one called on a batch of one and broadcast,
+    each example's share of its output gets a row)."""
     store = {}
+    n = x.shape[0]
 
     def pre(mod, args):
-        store["x"] = args[0].detach()
+        inp = args[0].detach()
+        store["x"] = inp.expand(n, *inp.shape[1:]) if expand else inp
 
     def post(mod, args, out):
-        eps = torch.zeros_like(out, requires_grad=True)
+        shape = (n, *out.shape[1:]) if expand else out.shape
+        eps = torch.zeros(shape, dtype=out.dtype, device=out.device, requires_grad=True)
         store["eps"] = eps
         return out + eps
 
@@ -278,34 +285,6 @@ def attention_a_j(model: nn.Module, x: torch.Tensor, module: nn.Module):
             a[first // e + r] = inp
             j[first // e + r] = jac[..., r * e : (r + 1) * e]
     return a, j, logits
-
-
-def expanded_layer_io(model: nn.Module, x: torch.Tensor, module: nn.Module):
-    """:func:`tests.engine._structured_helpers.layer_io` where the layer's input and output are
-    expanded to the batch's n examples (a no-op for a layer that carries the examples; for one
-    called on a batch of one and broadcast, each example's share of its output gets a row)."""
-    n, store = x.shape[0], {}
-
-    def pre(mod, args):
-        store["x"] = args[0].detach().expand(n, *args[0].shape[1:])
-
-    def post(mod, args, out):
-        eps = torch.zeros(n, *out.shape[1:], dtype=out.dtype, requires_grad=True)
-        store["eps"] = eps
-        return out + eps
-
-    h1, h2 = module.register_forward_pre_hook(pre), module.register_forward_hook(post)
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-            rows = [
-                torch.autograd.grad(logits[:, j].sum(), store["eps"], retain_graph=True)[0]
-                for j in range(logits.shape[1])
-            ]
-    finally:
-        h1.remove()
-        h2.remove()
-    return store["x"], torch.stack(rows, dim=1), logits.detach()
 
 
 def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ summed over its batch dimension); the others take ``torch.func``. A layer fed an
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -135,7 +137,7 @@ def _built(name: str):
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("rep", ["dense", "diag", "kfac"])
 def test_fisher_matches_the_reference(name, rep, monkeypatch):
-    monkeypatch.setattr(H, "layer_io", H.expanded_layer_io)  # broadcast layers: per example
+    monkeypatch.setattr(H, "layer_io", partial(H.layer_io, expand=True))  # per example
     model, loader = _built(name)
     mat = engine.FIM(model, loader, rep)
     full = ref.fisher(model, loader)

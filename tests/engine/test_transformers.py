@@ -12,6 +12,7 @@ printed.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -163,7 +164,7 @@ def _conv1d_factors(model: nn.Module, loader, module: nn.Module):
     is stored transposed, ``A = (1/n) Σ_{i,t} ã ãᵀ``, ``G = (1/n) Σ_i (1/T) Σ_t J_tᵀ H_i J_t``."""
     a_tot, g_tot, n = 0, 0, 0
     for (x,) in loader:
-        inp, jac, logits = H.expanded_layer_io(model, x, module)
+        inp, jac, logits = H.layer_io(model, x, module, expand=True)
         h = ref.output_fisher(logits, "classif_logits")
         a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -176,7 +177,7 @@ def _conv1d_factors(model: nn.Module, loader, module: nn.Module):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_kfac_factors_match_their_definition(name, monkeypatch):
-    monkeypatch.setattr(H, "layer_io", H.expanded_layer_io)  # broadcast layers: per example
+    monkeypatch.setattr(H, "layer_io", partial(H.layer_io, expand=True))  # per example
     model, loader, mat = _fim(name, "kfac")
     modules = dict(model.named_modules())
     # some G factors are tiny (1e-9: ViT's q/k projections seen through the class token only),
