@@ -63,6 +63,10 @@ class Settings(BaseSettings):
             persistence) is enqueued again once this old.
         max_queued_without_worker_s: A queued job fails (``no-worker``) once no live worker has
             listened on the queue for this long while it waited, instead of waiting forever.
+        cancel_grace_s: Seconds a running job has, after its cancel reached the worker, to stop
+            at its next check (batch, product, Gram block); past it the worker records the job
+            ``canceled`` and exits (code 75) for its supervisor to start a fresh one (see
+            :mod:`fimntk.worker.cancel_watchdog`).
         min_free_bytes: ``/readyz`` fails when the data directory has less free space.
         max_shards: Largest ``shards`` a job may ask for (422 past it); ``auto`` never picks
             more.
@@ -102,6 +106,7 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=5, gt=0)
     requeue_after_s: float = Field(default=30, ge=0)
     max_queued_without_worker_s: float = Field(default=600, gt=0)
+    cancel_grace_s: float = Field(default=5, ge=0.5, le=3600)
     min_free_bytes: int = Field(default=GIB, ge=0)
     max_shards: int = Field(default=64, ge=1)
     shard_min_work: float = Field(default=1e11, gt=0)

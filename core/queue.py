@@ -28,6 +28,12 @@ def worker_key(queue_name: str, worker_name: str) -> str:
     return f"fimntk:worker:{queue_name}:{worker_name}"
 
 
+#: Exit status of a worker that ended itself to stop a canceled job its code could not interrupt
+#: (:mod:`fimntk.worker.cancel_watchdog`): its supervisor starts a fresh one at once and does not
+#: count the exit as a crash.
+WORKER_EXIT_AFTER_CANCEL = 75
+
+
 def done_channel(job_id: str) -> str:
     """Redis pub/sub channel on which the worker announces that a job reached a terminal
     status (the message is the status); long polls wait on it."""

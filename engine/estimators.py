@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,15 +197,28 @@ class SpectralDensity:
 
 
 # ----- the operator -----------------------------------------------------------------------------
+#: ``progress(done, total, stage)`` after each block of products; it may raise to stop the
+#: estimator (the worker's cancel).
+Progress = Callable[[int, int | None, str], None]
+
+
 @dataclass(frozen=True)
 class _Operator:
-    """``V ↦ M V`` on float64 ``(d, r)`` blocks, whatever M was given as."""
+    """``V ↦ M V`` on float64 ``(d, r)`` blocks, whatever M was given as; counts its products
+    and reports them to ``progress`` (``total`` products expected)."""
 
     dim: int
     dtype: torch.dtype
     device: torch.device
     fn: Callable[[Tensor], Tensor]
     layer_collection: Any = None
+    progress: Progress | None = None
+    total: int | None = None
+    done: list[int] = field(default_factory=lambda: [0])
+
+    def reporting(self, progress: Progress | None, total: int) -> _Operator:
+        """This operator, reporting its products to ``progress`` out of ``total``."""
+        return replace(self, progress=progress, total=total, done=[0])
 
     def matmat(self, V: Tensor) -> Tensor:
         """``M V`` for ``V`` of shape ``(d, r)`` in float64, by blocks of at most ``_BLOCK``."""
@@ -220,6 +233,9 @@ class _Operator:
                     "matmat must return a tensor of the same shape"
                 )
             outs.append(out.to(device=self.device, dtype=_F64))
+            self.done[0] += block.shape[1]
+            if self.progress is not None:
+                self.progress(self.done[0], self.total, "products")
         return torch.cat(outs, dim=1)
 
 
@@ -354,6 +370,7 @@ def hutchinson_trace(
     distribution: str = "rademacher",
     *,
     dim: int | None = None,
+    progress: Progress | None = None,
 ) -> Estimate:
     """Hutchinson's trace estimator (Hutchinson 1989).
 
@@ -371,6 +388,8 @@ def hutchinson_trace(
         seed: seeds the local generator of the probes.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         dim: d, only for a bare callable.
+        progress: ``progress(done, total, stage)`` after each block of products; it may
+            raise to stop the estimator.
 
     Returns:
         :class:`Estimate` with ``estimate`` and ``stderr`` of shape ``()``.
@@ -381,8 +400,8 @@ def hutchinson_trace(
         >>> float(est.estimate), float(est.stderr), est.n_matvecs
         (10.0, 0.0, 8)
     """
-    op = _as_operator(M, dim)
     n_samples = _check_int("n_samples", n_samples, 2)
+    op = _as_operator(M, dim).reporting(progress, n_samples)
     distribution = _check_distribution(distribution)
     g = _generator(seed)
     samples = []
@@ -399,6 +418,7 @@ def hutchpp_trace(
     distribution: str = "rademacher",
     *,
     dim: int | None = None,
+    progress: Progress | None = None,
 ) -> Estimate:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021, "Hutch++: Optimal stochastic trace
     estimation"): the trace of a sketched top subspace exactly, plus Hutchinson on the rest.
@@ -422,6 +442,8 @@ def hutchpp_trace(
         seed: seeds the local generator of ``S`` and ``G``.
         distribution: of the probes, ``"rademacher"`` or ``"gaussian"``.
         dim: d, only for a bare callable.
+        progress: ``progress(done, total, stage)`` after each block of products; it may
+            raise to stop the estimator.
 
     Returns:
         :class:`Estimate` with ``estimate`` and ``stderr`` of shape ``()``.
@@ -433,8 +455,8 @@ def hutchpp_trace(
         >>> round(float(est.estimate), 10), round(float(est.stderr), 10)
         (5.0, 0.0)
     """
-    op = _as_operator(M, dim)
     n_matvecs = _check_int("n_matvecs", n_matvecs, 4)
+    op = _as_operator(M, dim).reporting(progress, n_matvecs)
     distribution = _check_distribution(distribution)
     g = _generator(seed)
     k = n_matvecs // 3
@@ -457,6 +479,7 @@ def hutchinson_diag(
     distribution: str = "rademacher",
     *,
     dim: int | None = None,
+    progress: Progress | None = None,
 ) -> Estimate:
     """The stochastic diagonal estimator of Bekas, Kokiopoulou & Saad (2007).
 
@@ -474,6 +497,8 @@ def hutchinson_diag(
         seed: seeds the local generator of the probes.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         dim: d, only for a bare callable.
+        progress: ``progress(done, total, stage)`` after each block of products; it may
+            raise to stop the estimator.
 
     Returns:
         :class:`Estimate` with ``estimate`` and ``stderr`` of shape ``(d,)``.
@@ -484,8 +509,8 @@ def hutchinson_diag(
         >>> est.estimate.tolist(), est.stderr.tolist()
         ([1.0, 5.0], [0.0, 0.0])
     """
-    op = _as_operator(M, dim)
     n_samples = _check_int("n_samples", n_samples, 2)
+    op = _as_operator(M, dim).reporting(progress, n_samples)
     distribution = _check_distribution(distribution)
     g = _generator(seed)
     count, mean = 0, torch.zeros(op.dim, dtype=_F64, device=op.device)
@@ -556,7 +581,13 @@ def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
 
 
 def lanczos_eigenpairs(
-    M: Any, k: int = 5, n_iter: int | None = None, seed: int = 0, *, dim: int | None = None
+    M: Any,
+    k: int = 5,
+    n_iter: int | None = None,
+    seed: int = 0,
+    *,
+    dim: int | None = None,
+    progress: Progress | None = None,
 ) -> EigenEstimate:
     """The k largest eigenpairs of a symmetric M by the Lanczos method (Lanczos 1950).
 
@@ -578,6 +609,8 @@ def lanczos_eigenpairs(
         n_iter: Lanczos steps m (``k ≤ m``; capped at d); default ``min(d, max(2k + 20, 40))``.
         seed: seeds the start vector (and restarts).
         dim: d, only for a bare callable.
+        progress: ``progress(done, total, stage)`` after each block of products; it may
+            raise to stop the estimator.
 
     Returns:
         :class:`EigenEstimate`: eigenvalues ``(k,)`` descending, eigenvectors ``(d, k)``,
@@ -599,6 +632,7 @@ def lanczos_eigenpairs(
     if n_iter is None:
         n_iter = max(2 * k + 20, 40)
     n_iter = min(_check_int("n_iter", n_iter, k), op.dim)
+    op = op.reporting(progress, n_iter + k)
     g = _generator(seed)
     v0 = torch.randn(op.dim, generator=g, dtype=_F64).to(op.device)
     alpha, beta, V, m = _lanczos(op, v0, n_iter, restart=g)
@@ -619,6 +653,7 @@ def slq_density(
     sigma: float | None = None,
     *,
     dim: int | None = None,
+    progress: Progress | None = None,
 ) -> SpectralDensity:
     """The spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Lin, Saad &
     Yang 2016), as used for network Hessians by Ghorbani, Krishnan & Xiao (2019).
@@ -637,6 +672,8 @@ def slq_density(
         grid: ``(G,)`` points; default 1000 points over the nodes' range ± 5σ.
         sigma: smoothing width (> 0); default 1% of the nodes' range.
         dim: d, only for a bare callable.
+        progress: ``progress(done, total, stage)`` after each block of products; it may
+            raise to stop the estimator.
 
     Returns:
         :class:`SpectralDensity`; ``n_matvecs`` is at most ``n_probes · n_iter``.
@@ -650,6 +687,7 @@ def slq_density(
     op = _as_operator(M, dim)
     n_probes = _check_int("n_probes", n_probes, 2)
     n_iter = min(_check_int("n_iter", n_iter, 1), op.dim)
+    op = op.reporting(progress, n_probes * n_iter)
     if sigma is not None:
         sigma = float(sigma)
         if not (math.isfinite(sigma) and sigma > 0):

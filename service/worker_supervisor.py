@@ -5,7 +5,8 @@ single-machine service never sits with jobs queued and nobody to run them. A wor
 within ``_QUICK_EXIT_S`` of its start, ``_QUICK_EXITS`` times in a row, has a bad
 configuration (a builder module that cannot be imported, an unknown device): it is not started
 again, and its last words are logged as an error (``/readyz`` then answers 503 and the reaper
-fails queued jobs with ``no-worker``).
+fails queued jobs with ``no-worker``). A worker that ended itself to stop a canceled job (exit
+code :data:`~fimntk.core.queue.WORKER_EXIT_AFTER_CANCEL`) is started again and not counted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fimntk.core.config import Settings
+from fimntk.core.queue import WORKER_EXIT_AFTER_CANCEL
 
 _log = logging.getLogger(__name__)
 _QUICK_EXIT_S = 20.0
@@ -87,6 +89,13 @@ class SupervisedWorker:
             assert self.process is not None
             code = self.process.poll()
             if code is None:
+                continue
+            if code == WORKER_EXIT_AFTER_CANCEL:  # it ended itself to stop a canceled job
+                quick_exits = 0
+                _log.info("the worker ended itself to stop a canceled job; starting a new one")
+                self.restarts += 1
+                started = time.monotonic()
+                self.process = self._spawn()
                 continue
             quick_exits = quick_exits + 1 if time.monotonic() - started < _QUICK_EXIT_S else 1
             if quick_exits >= _QUICK_EXITS:

@@ -10,8 +10,9 @@ Choice of worker class, with CUDA in mind:
   context, recently used models and kept representations survive from job to job. RQ's time
   limit still applies (SIGALRM in the main thread). RQ's stop-job command, which would kill a
   work horse, instead raises a flag that the job's progress callback turns into a clean stop
-  within one batch. A crash of the process takes the worker down with the job; run it under a
-  supervisor (systemd, compose) that restarts it.
+  at its next check; a step that cannot be interrupted is stopped by ending the process
+  (:mod:`fimntk.worker.cancel_watchdog`). A crash of the process takes the worker down with
+  the job; run it under a supervisor (systemd, compose) that restarts it.
 
 Faults: SIGTERM is RQ's warm shutdown (the running job finishes, then the worker exits; a second
 SIGTERM stops at once and the job ends ``failed``, "worker shut down"). A worker killed outright
@@ -42,6 +43,7 @@ from rq.serializers import JSONSerializer
 
 from fimntk.core.config import Settings
 from fimntk.core.logs import configure_logging
+from fimntk.worker.cancel_watchdog import CancelWatchdog
 from fimntk.worker.heartbeat import Heartbeat
 from fimntk.worker.runner import JobRunner
 from fimntk.worker.tasks import get_runner, install_runner
@@ -181,9 +183,11 @@ def run_worker(
         for queue in queues
     ]
     runner.on_job_done = lambda: _count_job(heartbeats)
+    watchdog = CancelWatchdog(runner, connection, settings.cancel_grace_s)
     _log.info("worker %s on %s listening on %s", name, runner.device, list(queues))
     for heartbeat in heartbeats:
         heartbeat.start()
+    watchdog.start()
     worked = False
     try:
         while True:
@@ -210,6 +214,7 @@ def run_worker(
                 worker.unsubscribe()
             worker = new_worker()
     finally:
+        watchdog.stop()
         for heartbeat in heartbeats:
             heartbeat.stop()
         _log.info("worker %s stopped", name)

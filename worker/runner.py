@@ -89,13 +89,18 @@ class _Progress:
 
     def __call__(self, done: int, total: int | None, stage: str) -> None:
         self.check()
+        changed = str(stage) != self.state.get("stage")
         self.state = {
             "done": int(done),
             "total": None if total is None else int(total),
             "stage": str(stage),
         }
         now = time.monotonic()
-        if now - self._last_write >= _PROGRESS_EVERY_S or (total is not None and done >= total):
+        if (
+            changed
+            or now - self._last_write >= _PROGRESS_EVERY_S
+            or (total is not None and done >= total)
+        ):
             self._write(now)
 
     def stage(self, name: str) -> None:
@@ -145,6 +150,8 @@ class JobRunner:
         self.representations: LRUCache[Any] = LRUCache(settings.model_cache_size)
         self.stop_requested = threading.Event()
         self.current_job_id: str | None = None
+        self.current_record_id: str | None = None
+        self._end_current: Callable[[str], None] | None = None
         self.worker_name: str | None = None
         self.on_job_done: Callable[[], None] | None = None
         self._op_progress: _Progress | None = None
@@ -153,6 +160,24 @@ class JobRunner:
         """Stop the current job if it is ``job_id`` (called from the worker's pub/sub thread)."""
         if job_id is not None and job_id == self.current_job_id:
             self.stop_requested.set()
+
+    def working_on(self, record_id: str | None, end_canceled: Callable[[str], None] | None) -> None:
+        """Note the job record the work in flight belongs to (``None`` when idle), and how to
+        record it canceled should the :class:`~fimntk.worker.cancel_watchdog.CancelWatchdog`
+        stop it."""
+        self.current_record_id = record_id
+        self._end_current = end_canceled
+
+    def cancel_requested(self, record_id: str) -> bool:
+        """Whether the job record ``record_id`` asks for a cancel."""
+        record = self.records.get_job(record_id)
+        return record is not None and record.cancel_requested
+
+    def end_canceled(self, record_id: str) -> None:
+        """Record the job in flight ``canceled`` (from the watchdog's thread)."""
+        end = self._end_current
+        if end is not None and self.current_record_id == record_id:
+            end(record_id)
 
     # -- one job ----------------------------------------------------------------------------
 
@@ -220,6 +245,9 @@ class JobRunner:
         self.stop_requested.clear()
         progress = _Progress(self, job_id)
         timings: dict[str, float] = {}
+        self.working_on(
+            job_id, lambda rid: self._finish(rid, JobStatus.CANCELED, progress, timings)
+        )
         try:
             result = self._execute(record, progress, timings)
         except JobCanceledError:
@@ -245,6 +273,7 @@ class JobRunner:
             return {"status": JobStatus.FAILED}
         finally:
             self.current_job_id = None
+            self.working_on(None, None)
             self.stop_requested.clear()
         done = self.records.update_job(
             job_id,
@@ -546,8 +575,8 @@ class JobRunner:
         name = op["op"]  # one of the estimator names the job schema allows
         function = getattr(engine.estimators, name)
         accepted = inspect.signature(function).parameters
-        kwargs = {k: v for k, v in op.items() if k != "op" and k in accepted}
-        estimate = function(rep, **kwargs)
+        kwargs = {k: v for k, v in op.items() if k not in ("op", "progress") and k in accepted}
+        estimate = function(rep, **kwargs, progress=self._op_progress)
         outputs: dict[str, Any] = {}
         for field in _ESTIMATE_FIELDS:
             value = getattr(estimate, field, None)

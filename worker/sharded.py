@@ -175,6 +175,7 @@ def _run_task(runner: JobRunner, job_id: str, stage: int, index: int) -> dict[st
     plan = read_plan(runner, job_id)
     runner.current_job_id = task_id(job_id, stage, index)
     runner.stop_requested.clear()
+    runner.working_on(job_id, lambda rid: _end(runner, rid, JobStatus.CANCELED))
     progress = _Progress(runner, job_id)
     try:
         if stage == len(plan["stages"]) - 1:
@@ -191,6 +192,7 @@ def _run_task(runner: JobRunner, job_id: str, stage: int, index: int) -> dict[st
         return {"status": JobStatus.FAILED}
     finally:
         runner.current_job_id = None
+        runner.working_on(None, None)
         runner.stop_requested.clear()
     _count_done(runner, job_id, plan, stage)
     return {"status": "done"}

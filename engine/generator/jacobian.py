@@ -355,6 +355,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         starts = [0]
         for b in batches:
             starts.append(starts[-1] + b.n)
+        pairs, done = len(batches) * (len(batches) + 1) // 2, 0
         for bi, b1 in enumerate(batches):
             for bj in range(bi + 1):
                 b2 = batches[bj]
@@ -364,6 +365,9 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                     b1.add_layer_gram(e.name, b2, block)
                 if bi != bj:
                     gram[:, s2, :, s1] = block.permute(2, 3, 0, 1)
+                done += 1
+                if self.progress is not None:
+                    self.progress(done, pairs, "gram blocks")
         return check_finite(gram, "Gram matrix")
 
     def get_mean_gradient(self, loader: Iterable) -> Tensor:

@@ -65,10 +65,14 @@ class PMatDense(PMatAbstract):
 
         With ``k ≤ d / 8``, Lanczos on the matrix (:func:`~fimntk.engine.partial_eigen.
         top_eigenpairs`) instead of a full eigendecomposition; ``progress(done, total, stage)``
-        is called after each product (it may raise to stop).
+        is called after each product (it may raise to stop); otherwise it is called once,
+        before the full eigendecomposition (which cannot stop half-way).
         """
-        if k is not None and 8 * k <= self.data.shape[0]:
+        d = self.data.shape[0]
+        if k is not None and 8 * k <= d:
             return top_eigenpairs(self.data, k, progress)
+        if progress is not None:
+            progress(0, 1, "full eigendecomposition")
         evals, evecs = torch.linalg.eigh(self.data)
         evals, evecs = evals.flip(0), evecs.flip(1)
         if k is not None:

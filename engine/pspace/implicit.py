@@ -97,11 +97,14 @@ class PMatImplicit(PMatAbstract):
             sampler.set_state(self._sampler_state)
 
     def _batches(self):
-        """Yield the prepared batches, replaying Monte Carlo draws from the start."""
+        """Yield the prepared batches, replaying Monte Carlo draws from the start; the
+        generator's ``progress`` hears of each batch done (a caller may stop there)."""
         self._replay()
         gen = self.generator
-        for raw in self.examples:
+        for done, raw in enumerate(self.examples, start=1):
             yield gen.prepare(raw)
+            if gen.progress is not None:
+                gen.progress(done, None, "implicit product")
 
     def _jv(self, batch: tuple, tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs ``(n, c)`` and ``J v`` ``(n, c)`` by forward-mode AD.
