@@ -1,4 +1,5 @@
-"""Models from JSON: built-in layer sequences and a registry of builders; never user code.
+"""Models from JSON: built-in layer sequences, graphs of allowlisted operations
+(:mod:`.graph`), Hugging Face configs (:mod:`.hf`) and a registry of builders; never user code.
 
 A model is first built on the meta device (no memory), its size checked, its state dict
 compared key by key with the safetensors header of the weights (shapes and dtypes), and only
@@ -23,9 +24,13 @@ from fimntk.contract.arguments import (
     check_builder_arguments,
     check_layer_arguments,
 )
+from fimntk.contract.graph import check_graph
+from fimntk.contract.hf import check_hf
 from fimntk.contract.vocabulary import ALLOWED_LAYERS
 from fimntk.core.safetensors_header import read_header
 from fimntk.worker.errors import JobInputError
+from fimntk.worker.graph import GraphError, build_graph
+from fimntk.worker.hf import build_hf
 
 Builder = Callable[..., nn.Module]
 
@@ -206,10 +211,15 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
     Raises:
         JobInputError: Unknown layer or builder, or bad constructor arguments.
     """
+    kind = arch["kind"]
     try:
-        if arch["kind"] == "sequential":
+        kwargs: dict[str, Any] = {}
+        if kind == "sequential":
             check_architecture_size(arch["layers"], "model.architecture.layers")
-            kwargs: dict[str, Any] = {}
+        elif kind == "graph":
+            check_graph(arch, "model.architecture")
+        elif kind == "hf":
+            check_hf(arch, "model.architecture")
         else:
             kwargs = check_builder_arguments(
                 arch["name"], arch.get("kwargs", {}), "model.architecture"
@@ -218,10 +228,17 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
         raise JobInputError(str(exc), exc.field) from None
     # Factory arguments are refused above, so nothing leaves the meta device.
     with torch.device("meta"):
-        if arch["kind"] == "sequential":
+        if kind == "sequential":
             model: nn.Module = nn.Sequential(
                 *_build_layers(arch["layers"], "model.architecture.layers")
             )
+        elif kind == "graph":
+            try:
+                model = build_graph(arch, "model.architecture")
+            except GraphError as exc:
+                raise JobInputError(str(exc), exc.field) from None
+        elif kind == "hf":
+            model = build_hf(arch, "model.architecture")
         else:
             name = arch["name"]
             if name not in builders:
@@ -305,7 +322,14 @@ def load_model(
         raise JobInputError(
             f"weights hold NaN or infinite values in {bad[:_MAX_LISTED]}", "model.weights"
         )
-    model.load_state_dict(state, strict=True, assign=True)
+    if arch["kind"] == "hf":
+        # Built again for real: its non-persistent buffers (position ids, causal masks) are
+        # computed at construction and are not in the weights.
+        with torch.device("cpu"):
+            model = build_hf(arch, "model.architecture").to(DTYPES[arch.get("dtype", "float32")])
+        model.load_state_dict(state, strict=True)
+    else:
+        model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:
         raise JobInputError(
