@@ -38,6 +38,14 @@ _IN_PLACE = {
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s tracer with built-in layers as leaves, containers traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        return not isinstance(m, containers) and super().is_leaf_module(m, module_qualified_name)
+
+
 @functools.cache
 def _function_names() -> dict[Callable[..., Any], str]:
     """The callable of each allowlisted function name, reversed (the names are the contract's
@@ -61,7 +69,7 @@ def describe_graph(
     Raises:
         GraphTraceError: What could not be traced or described, naming the node or module.
     """
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises anything on data-dependent code
@@ -117,7 +125,7 @@ def _node(node: fx.Node, names: dict[fx.Node, str]) -> dict[str, Any]:
     if node.op == "output":
         return {"op": "output", "args": args}
     if node.op == "call_module":
-        return {"op": "module", "target": node.target}
+        return {"op": "module", "target": node.target, "args": args, "kwargs": kwargs}
     if node.op == "get_attr":
         return {"op": "param", "target": node.target}
     if node.op == "call_method" and node.target in GRAPH_METHODS:
