@@ -199,34 +199,39 @@ def ship_model(model: nn.Module) -> ModelShipment:
     layout = _layout(model)
     dtype = _dtype(model)
     tag = getattr(model, _ATTR, None)
-    state = model.state_dict()
     if tag is not None:
         name, kwargs = tag
         _check_builder(model, name, kwargs)
-        architecture = {"kind": "builder", "name": name, "kwargs": kwargs}
-    elif type(model) is nn.Sequential:
-        _check_unshared(model)
-        try:
-            layers = _describe_sequential(model, "")
-        except _UndescribableError as exc:
-            raise _not_supported(model, str(exc)) from None
-        architecture = {"kind": "sequential", "layers": layers}
-        state = dict(_positional_state(model, ""))
-    elif is_hf_model(model):
-        try:
-            architecture = describe_hf(model)
-        except HFDescribeError as exc:
-            raise _not_supported(model, f"a Hugging Face model, but {exc}") from None
+        architecture: dict[str, Any] = {"kind": "builder", "name": name, "kwargs": kwargs}
+        state = model.state_dict()
     else:
-        _check_unshared(model)
-        try:
-            architecture = describe_graph(model, _describe_layer)
-        except (GraphTraceError, _UndescribableError) as exc:
-            raise _not_supported(model, str(exc)) from None
+        architecture, state = _describe(model)
     if dtype != "float32":
         architecture["dtype"] = dtype
     weights = Blob.from_bytes(save({k: _cpu(v).clone() for k, v in state.items()}))
     return ModelShipment(architecture, weights, layout, dtype)
+
+
+def _describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The architecture of an untagged model and its state dict keyed as the server's model
+    keys it: sequential, else hf, else a traced graph."""
+    _check_unshared(model)
+    if type(model) is nn.Sequential:
+        try:
+            layers = _describe_sequential(model, "")
+        except _UndescribableError:
+            pass  # a custom layer inside: traced as a graph below
+        else:
+            return {"kind": "sequential", "layers": layers}, dict(_positional_state(model, ""))
+    if is_hf_model(model):
+        try:
+            return describe_hf(model), model.state_dict()
+        except HFDescribeError as exc:
+            raise _not_supported(model, f"a Hugging Face model, but {exc}") from None
+    try:
+        return describe_graph(model, _describe_layer), model.state_dict()
+    except (GraphTraceError, _UndescribableError) as exc:
+        raise _not_supported(model, str(exc)) from None
 
 
 def _layout(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -481,10 +486,9 @@ def ship_data(data: Any, batch_size: int | None = None) -> DataShipment:
         Path(name).unlink(missing_ok=True)
         raise
     dataset = RemoteDataset(blob=blob.digest, batch_size=batch_size or inferred)
-    n = _n_examples(parts[0])
-    return DataShipment(
-        dataset, blob, n, len(parts) == 2 or "labels" in parts[0], [blob], _head(parts[0])
-    )
+    x = parts[0]
+    has_targets = len(parts) == 2 or (isinstance(x, dict) and "labels" in x)
+    return DataShipment(dataset, blob, _n_examples(x), has_targets, [blob], _head(x))
 
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
