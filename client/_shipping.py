@@ -214,7 +214,12 @@ def ship_model(model: nn.Module) -> ModelShipment:
 
 def _describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The architecture of an untagged model and its state dict keyed as the server's model
-    keys it: sequential, else hf, else a traced graph."""
+    keys it: sequential, else hf (whose config ties what it shares), else a traced graph."""
+    if is_hf_model(model):
+        try:
+            return describe_hf(model), model.state_dict()
+        except HFDescribeError as exc:
+            raise _not_supported(model, f"a Hugging Face model, but {exc}") from None
     _check_unshared(model)
     if type(model) is nn.Sequential:
         try:
@@ -223,11 +228,6 @@ def _describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             pass  # a custom layer inside: traced as a graph below
         else:
             return {"kind": "sequential", "layers": layers}, dict(_positional_state(model, ""))
-    if is_hf_model(model):
-        try:
-            return describe_hf(model), model.state_dict()
-        except HFDescribeError as exc:
-            raise _not_supported(model, f"a Hugging Face model, but {exc}") from None
     try:
         return describe_graph(model, _describe_layer), model.state_dict()
     except (GraphTraceError, _UndescribableError) as exc:

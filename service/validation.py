@@ -168,12 +168,13 @@ def check_operations(spec: JobCreate) -> None:
             )
 
 
-def check_weights(header: Header, field: str) -> int:
+def check_weights(header: Header, field: str, buffers: Iterable[str] = ()) -> int:
     """Check a weights header and count its parameters (buffers excluded).
 
     Args:
         header: Header of the weights blob.
         field: Field reported on error.
+        buffers: Names of buffers beyond those of built-in layers (a graph's own buffers).
 
     Returns:
         The parameter count d.
@@ -183,8 +184,11 @@ def check_weights(header: Header, field: str) -> int:
     """
     if not header.tensors:
         raise InvalidInputError("weights hold no tensors", field)
+    skipped = set(buffers)
     return sum(
-        info.numel for name, info in header.tensors.items() if not name.endswith(BUFFER_SUFFIXES)
+        info.numel
+        for name, info in header.tensors.items()
+        if not name.endswith(BUFFER_SUFFIXES) and name not in skipped
     )
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fimntk.contract.arguments import check_layer_arguments
 from fimntk.contract.graph import CONTAINER, GRAPH_FUNCTIONS, GRAPH_METHODS
+from fimntk.worker.errors import JobInputError
 
 #: The callable of each allowlisted function name (a static table: never ``getattr`` on a
 #: name from a spec).
@@ -82,12 +83,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
 assert set(FUNCTIONS) == GRAPH_FUNCTIONS, "the table and the contract's allowlist differ"
 
 
-class GraphError(ValueError):
+class GraphError(JobInputError):
     """A graph that cannot be built or run, naming the field at fault."""
-
-    def __init__(self, detail: str, field: str) -> None:
-        super().__init__(detail)
-        self.field = field
 
 
 class _Container(nn.Module):

@@ -29,7 +29,7 @@ from fimntk.contract.hf import check_hf
 from fimntk.contract.vocabulary import ALLOWED_LAYERS
 from fimntk.core.safetensors_header import read_header
 from fimntk.worker.errors import JobInputError
-from fimntk.worker.graph import GraphError, build_graph
+from fimntk.worker.graph import build_graph
 from fimntk.worker.hf import build_hf
 
 Builder = Callable[..., nn.Module]
@@ -233,10 +233,7 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
                 *_build_layers(arch["layers"], "model.architecture.layers")
             )
         elif kind == "graph":
-            try:
-                model = build_graph(arch, "model.architecture")
-            except GraphError as exc:
-                raise JobInputError(str(exc), exc.field) from None
+            model = build_graph(arch, "model.architecture")
         elif kind == "hf":
             model = build_hf(arch, "model.architecture")
         else:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fimntk.contract import problems
 from fimntk.engine.generator.inputs import default_function
 from fimntk.worker.data import split_inputs
-from fimntk.worker.errors import JobProblemError
+from fimntk.worker.errors import JobInputError, JobProblemError
 
 FIELD = "model.probe"
 #: Largest error allowed, relative to ``max(1, max |reference output|)``, by parameter dtype.
@@ -43,8 +43,20 @@ def run_probe(model: nn.Module, path: Path, param_dtype: torch.dtype) -> float:
         inputs = {k: v.to(first.device) for k, v in inputs.items()}
     else:
         inputs = inputs.to(first.device)
-    with torch.no_grad():
-        got: Tensor = default_function(model)(inputs).detach().to("cpu", torch.float64)
+    try:
+        with torch.no_grad():
+            got: Tensor = default_function(model)(inputs).detach().to("cpu", torch.float64)
+    except JobInputError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise JobProblemError(
+            problems.PROBE_MISMATCH,
+            f"the rebuilt model fails on the probe inputs ({type(exc).__name__}: "
+            f"{lines[0][:200]}): the spec does not describe the model the client ran; check "
+            "the traced graph, or register a builder for this model",
+            FIELD,
+        ) from None
     want = reference.to(torch.float64)
     tolerance = TOLERANCE.get(param_dtype, 1e-3)
     if got.shape != want.shape:

@@ -54,13 +54,19 @@ def test_a_model_goes_through_unregistered_and_equals_the_engine(client: Client,
         torch.testing.assert_close(
             client.trace(model, loader, rep=rep), local.trace(), rtol=RTOL, atol=ATOL
         )
+        torch.testing.assert_close(  # v: the model's parameters (the API counts d without buffers)
+            client.vTMv(model, loader, rep=rep),
+            local.vTMv(engine.PVector.from_model(model)),
+            rtol=RTOL,
+            atol=ATOL,
+        )
     gram = client.ntk(model, loader)
     torch.testing.assert_close(
         gram.to_torch(), engine.GramMatrix(model, loader).to_torch(), rtol=RTOL, atol=ATOL
     )
     print(
         f"\n{name}: {spec['kind']} spec of {len(json.dumps(spec))} bytes, "
-        f"7 jobs in {time.monotonic() - clock:.1f} s"
+        f"10 jobs in {time.monotonic() - clock:.1f} s"
     )
 
 
