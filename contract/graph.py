@@ -234,7 +234,7 @@ def _check_modules(modules: Sequence[Any], where: str) -> dict[str, str]:
         if kind == CONTAINER:
             if module.get("args") or module.get("kwargs"):
                 raise ArgumentError("a container takes no arguments", at)
-        elif kind in ALLOWED_LAYERS and kind != "Sequential":
+        elif isinstance(kind, str) and kind in ALLOWED_LAYERS and kind != "Sequential":
             check_layer_arguments(kind, module.get("args", []), module.get("kwargs", {}), at)
         else:
             raise ArgumentError(
@@ -276,7 +276,7 @@ def _check_nodes(nodes: Sequence[Any], kinds: Mapping[str, str], where: str) -> 
         name, op, target = node.get("name"), node.get("op"), node.get("target")
         if not isinstance(name, str) or not _NAME.match(name) or name in defined:
             raise ArgumentError("expected a new identifier (letters, digits, '_')", f"{at}.name")
-        if op not in NODE_OPS:
+        if not isinstance(op, str) or op not in NODE_OPS:
             raise ArgumentError(_fix(f"node kind {_short(op)} is not one of {NODE_OPS}"), at)
         last = i == len(nodes) - 1
         if (op == "output") != last:
@@ -323,7 +323,7 @@ def _check_target(op: str, target: Any, kinds: Mapping[str, str], where: str, no
         check_path(target, where)
         return
     table = GRAPH_FUNCTIONS if op == "function" else GRAPH_METHODS
-    if not isinstance(target, str) or target not in table:
+    if not isinstance(target, str) or target not in table:  # never a free attribute name
         raise ArgumentError(_fix(f"node {node!r}: {op} {_short(target)} is not allowed"), where)
 
 
@@ -356,7 +356,7 @@ def check_literal(value: Any, defined: set[str], where: str, depth: int) -> None
     if isinstance(value, Mapping) and len(value) == 1:
         ((key, inner),) = value.items()
         if key == "node":
-            if inner not in defined:
+            if not isinstance(inner, str) or inner not in defined:
                 raise ArgumentError(f"{_short(inner)} is not an earlier node", where)
             return
         if key == "tuple" and isinstance(inner, list):

@@ -59,12 +59,13 @@ def check_hf(arch: Mapping[str, Any], where: str) -> None:
         ArgumentError: Naming the offending key and what to do.
     """
     head = arch.get("head")
-    if head not in HF_HEADS:
+    if not isinstance(head, str) or head not in HF_HEADS:
         raise ArgumentError(f"the head must be one of {sorted(HF_HEADS)}", f"{where}.head")
     config = arch.get("config")
     if not isinstance(config, Mapping):
         raise ArgumentError("expected an object", f"{where}.config")
-    if config.get("model_type") not in HF_MODEL_TYPES:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
         raise ArgumentError(
             f"model_type must be one of {sorted(HF_MODEL_TYPES)} (the types the engine "
             "handles); for another model, trace it as a graph or register a builder",

@@ -97,3 +97,20 @@ def test_nested_hf_config_values_are_bounded() -> None:
     with pytest.raises(ArgumentError) as caught:
         check_hf({**arch, "config": {"model_type": "gpt2", "x": {"y": {"z": {"w": [1]}}}}}, "a")
     assert caught.value.field == "a.config.x.y.z.w"
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        _graph(op="method", target="add", args=[{"node": ["x"]}]),
+        _graph(op=["method"], target="add"),
+        {"kind": "graph", "modules": [{"name": "a", "type": ["Linear"]}], "nodes": []},
+        {"kind": "hf", "head": ["AutoModel"], "config": {}},
+        {"kind": "hf", "head": "AutoModel", "config": {"model_type": {"bert": 1}}},
+    ],
+    ids=["list-reference", "list-op", "list-type", "list-head", "object-model-type"],
+)
+def test_unhashable_values_are_refused_not_crashed(arch: dict[str, object]) -> None:
+    check = check_hf if arch["kind"] == "hf" else check_graph
+    with pytest.raises(ArgumentError):
+        check(arch, "a")
