@@ -70,11 +70,15 @@ def describe_graph(
         GraphTraceError: What could not be traced or described, naming the node or module.
     """
     tracer = _Tracer()
+    training = model.training
+    model.eval()  # nn.Module.eval: traced as the server runs it (self.training is a constant)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises anything on data-dependent code
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise GraphTraceError(f"torch.fx cannot trace it ({lines[0][:200]})") from None
+    finally:
+        model.train(training)
     modules, params = _modules(model, tracer, describe_layer)
     names: dict[fx.Node, str] = {}
     nodes = []

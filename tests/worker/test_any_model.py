@@ -117,3 +117,20 @@ def test_dictionary_datasets_give_dictionary_batches(tmp_path: Path) -> None:
     assert [set(b[0]) for b in batches] == [{"input_ids", "attention_mask"}] * 2
     assert batches[0][0]["attention_mask"].dtype == torch.float64
     assert sum(len(b[0]["input_ids"]) for b in batches) == 4
+
+
+def test_a_model_in_training_mode_is_traced_as_the_server_runs_it(tmp_path: Path) -> None:
+    class Dropping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.nn.functional.dropout(x, 0.5, training=self.training))
+
+    model = Dropping().train()
+    arch = sh.ship_model(model).architecture
+    assert model.training
+    rebuilt = _rebuild(model, arch, tmp_path)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(rebuilt(x), model.eval()(x))
