@@ -8,8 +8,9 @@ Imports torch; :mod:`client` imports this module only when a computation needs i
 Architectures: an ``nn.Sequential`` (nesting allowed) of built-in ``torch.nn`` layers from the
 server's allowlist is described layer by layer from each layer's constructor signature and
 attributes, and each description is checked by rebuilding the layer from its JSON on the meta
-device. A Hugging Face model is described by its config (:mod:`._hf`); any other model is
-traced into a graph of allowlisted operations (:mod:`._graph`). A model none of these
+device. A Hugging Face model is described by its config (:mod:`._hf`), a torchvision or timm
+model built through :func:`from_library` by its name; any other model is traced into a graph
+of allowlisted operations (:mod:`._graph`). A model none of these
 describes comes from a builder the lab registered on the server, called through
 :func:`register_builder` (or tagged with :func:`describe_as`). A probe batch (:func:`probe_blob`)
 lets the server check that it rebuilt what the client has.
@@ -18,6 +19,7 @@ lets the server check that it rebuilt what the client has.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -39,6 +41,7 @@ from fimntk.client.errors import DataError, ModelNotSupportedError
 from fimntk.contract.vocabulary import DICT_INPUT
 
 _ATTR = "_fimntk_builder"
+_LIBRARY_ATTR = "_fimntk_library"
 _DTYPE_NAMES = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
@@ -158,6 +161,53 @@ def describe_as(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def from_library(library: str, name: str, **kwargs: Any) -> nn.Module:
+    """Build a torchvision (``get_model``) or timm (``create_model``) model without pretrained
+    weights, tagged so that the server builds the same one by name (a ``library`` spec).
+
+    Load your weights into it as usual; the client ships them. Without the tag the model is
+    traced into a graph spec instead, which needs nothing installed on the server.
+
+    Args:
+        library: ``"torchvision"`` or ``"timm"``.
+        name: A model name of the server's allowlist, e.g. ``"resnet18"``.
+        **kwargs: ``num_classes`` (and ``in_chans`` for timm).
+
+    Raises:
+        ModelNotSupportedError: A name or argument the server would refuse, or the library
+            missing here.
+
+    Example::
+
+        model = from_library("torchvision", "resnet18", num_classes=10)
+        client.trace(model, loader, rep="kfac")
+    """
+    from fimntk.contract.arguments import ArgumentError
+    from fimntk.contract.library import check_library
+
+    arch = {"kind": "library", "library": library, "name": name, "kwargs": kwargs}
+    try:
+        check_library(arch, "library")
+    except ArgumentError as exc:
+        raise ModelNotSupportedError(f"{exc.field}: {exc}") from None
+    try:
+        # One of the contract's two library names (checked above), never free text.
+        module = importlib.import_module(
+            "torchvision.models" if library == "torchvision" else "timm"
+        )
+    except Exception as exc:  # a broken install raises more than ImportError (CUDA, ABI)
+        raise ModelNotSupportedError(
+            f"{library} does not import here ({type(exc).__name__}); send the model without "
+            "from_library: the client traces it into a graph spec"
+        ) from None
+    if library == "torchvision":
+        model = module.get_model(name, weights=None, **kwargs)
+    else:
+        model = module.create_model(name, pretrained=False, **kwargs)
+    object.__setattr__(model, _LIBRARY_ATTR, arch)
+    return model
+
+
 class _UndescribableError(Exception):
     """A layer or value the client cannot put into JSON."""
 
@@ -199,11 +249,14 @@ def ship_model(model: nn.Module) -> ModelShipment:
     layout = _layout(model)
     dtype = _dtype(model)
     tag = getattr(model, _ATTR, None)
+    library = getattr(model, _LIBRARY_ATTR, None)
     if tag is not None:
         name, kwargs = tag
         _check_builder(model, name, kwargs)
         architecture: dict[str, Any] = {"kind": "builder", "name": name, "kwargs": kwargs}
         state = model.state_dict()
+    elif library is not None:
+        architecture, state = dict(library), model.state_dict()
     else:
         architecture, state = _describe(model)
     if dtype != "float32":

@@ -151,8 +151,25 @@ class HFArchitecture(_Strict):
     dtype: ParamDtype = "float32"
 
 
+class LibraryArchitecture(_Strict):
+    """A model of torchvision (``get_model``) or timm (``create_model``), by an allowlisted
+    name and without pretrained weights; the server needs the library installed."""
+
+    kind: Literal["library"]
+    library: Literal["torchvision", "timm"]
+    name: str = Field(max_length=64, examples=["resnet18"])
+    kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict, max_length=8, examples=[{"num_classes": 10}]
+    )
+    dtype: ParamDtype = "float32"
+
+
 Architecture = Annotated[
-    SequentialArchitecture | BuilderArchitecture | GraphArchitecture | HFArchitecture,
+    SequentialArchitecture
+    | BuilderArchitecture
+    | GraphArchitecture
+    | HFArchitecture
+    | LibraryArchitecture,
     Field(discriminator="kind"),
 ]
 

@@ -24,6 +24,7 @@ from fimntk.contract.arguments import (
 )
 from fimntk.contract.graph import check_graph
 from fimntk.contract.hf import check_hf
+from fimntk.contract.library import check_library
 from fimntk.contract.schemas import BuilderArchitecture, JobCreate, LayerSpec
 from fimntk.contract.vocabulary import (
     ALLOWED_LAYERS,
@@ -133,7 +134,7 @@ def check_architecture(
         check_layers(arch.layers, "model.architecture.layers", max_depth, max_modules)
         return
     if not isinstance(arch, BuilderArchitecture):
-        check = check_graph if arch.kind == "graph" else check_hf
+        check = {"graph": check_graph, "hf": check_hf, "library": check_library}[arch.kind]
         try:
             check(arch.model_dump(mode="json"), "model.architecture")
         except ArgumentError as exc:

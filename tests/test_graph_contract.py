@@ -9,6 +9,7 @@ import torch
 from fimntk.contract.arguments import ArgumentError
 from fimntk.contract.graph import GRAPH_FUNCTIONS, GRAPH_METHODS, check_graph
 from fimntk.contract.hf import HF_HEADS, check_hf
+from fimntk.contract.library import check_library
 from fimntk.worker.graph import FUNCTIONS
 
 
@@ -114,3 +115,23 @@ def test_unhashable_values_are_refused_not_crashed(arch: dict[str, object]) -> N
     check = check_hf if arch["kind"] == "hf" else check_graph
     with pytest.raises(ArgumentError):
         check(arch, "a")
+
+
+@pytest.mark.parametrize(
+    ("arch", "field"),
+    [
+        ({"library": "os", "name": "resnet18"}, "a.library"),
+        ({"library": "timm", "name": "hf-hub:evil/model"}, "a.name"),
+        ({"library": "timm", "name": "resnet18", "kwargs": {"pretrained": True}}, "a.kwargs"),
+        (
+            {"library": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 0}},
+            "a.kwargs.num_classes",
+        ),
+    ],
+)
+def test_library_specs_outside_the_allowlist_are_refused(
+    arch: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ArgumentError) as caught:
+        check_library({"kind": "library", **arch}, "a")
+    assert caught.value.field == field

@@ -1,5 +1,6 @@
 """Models from JSON: built-in layer sequences, graphs of allowlisted operations
-(:mod:`.graph`), Hugging Face configs (:mod:`.hf`) and a registry of builders; never user code.
+(:mod:`.graph`), Hugging Face configs (:mod:`.hf`), torchvision and timm models by name
+(:mod:`.library`) and a registry of builders; never user code.
 
 A model is first built on the meta device (no memory), its size checked, its state dict
 compared key by key with the safetensors header of the weights (shapes and dtypes), and only
@@ -31,6 +32,7 @@ from fimntk.core.safetensors_header import read_header
 from fimntk.worker.errors import JobInputError
 from fimntk.worker.graph import build_graph
 from fimntk.worker.hf import build_hf
+from fimntk.worker.library import build_library
 
 Builder = Callable[..., nn.Module]
 
@@ -136,6 +138,12 @@ def resnet(
 
 
 BUILTIN_BUILDERS: dict[str, Builder] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+#: Builders of the spec kinds whose models come from a library (Hugging Face, torchvision,
+#: timm), by kind.
+_LIBRARIES: dict[str, Callable[[dict[str, Any], str], nn.Module]] = {
+    "hf": build_hf,
+    "library": build_library,
+}
 
 
 def load_builders(modules: Iterable[str]) -> dict[str, Builder]:
@@ -220,7 +228,7 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
             check_graph(arch, "model.architecture")
         elif kind == "hf":
             check_hf(arch, "model.architecture")
-        else:
+        elif kind != "library":  # checked by its builder, which needs the arguments
             kwargs = check_builder_arguments(
                 arch["name"], arch.get("kwargs", {}), "model.architecture"
             )
@@ -234,8 +242,8 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
             )
         elif kind == "graph":
             model = build_graph(arch, "model.architecture")
-        elif kind == "hf":
-            model = build_hf(arch, "model.architecture")
+        elif kind in _LIBRARIES:
+            model = _LIBRARIES[kind](arch, "model.architecture")
         else:
             name = arch["name"]
             if name not in builders:
@@ -319,11 +327,12 @@ def load_model(
         raise JobInputError(
             f"weights hold NaN or infinite values in {bad[:_MAX_LISTED]}", "model.weights"
         )
-    if arch["kind"] == "hf":
-        # Built again for real: its non-persistent buffers (position ids, causal masks) are
-        # computed at construction and are not in the weights.
+    build = _LIBRARIES.get(arch["kind"])
+    if build is not None:
+        # Built again for real: a library model's non-persistent buffers (position ids, causal
+        # masks) are computed at construction and are not in the weights.
         with torch.device("cpu"):
-            model = build_hf(arch, "model.architecture").to(DTYPES[arch.get("dtype", "float32")])
+            model = build(arch, "model.architecture").to(DTYPES[arch.get("dtype", "float32")])
         model.load_state_dict(state, strict=True)
     else:
         model.load_state_dict(state, strict=True, assign=True)

@@ -29,6 +29,13 @@ HF: dict[str, Any] = {
     "config": {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1},
 }
 
+LIBRARY: dict[str, Any] = {
+    "kind": "library",
+    "library": "torchvision",
+    "name": "resnet18",
+    "kwargs": {"num_classes": 3},
+}
+
 
 def _set(base: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     arch = copy.deepcopy(base)
@@ -120,6 +127,11 @@ MALICIOUS: dict[str, tuple[dict[str, Any], str]] = {
         "model.architecture.config",
     ),
     "unknown-head": (_set(HF, ("head",), "from_pretrained"), "model.architecture.head"),
+    "library-path-name": (_set(LIBRARY, ("name",), "../../evil"), "model.architecture.name"),
+    "library-pretrained-weights": (
+        _set(LIBRARY, ("kwargs",), {"weights": "IMAGENET1K_V1"}),
+        "model.architecture.kwargs",
+    ),
 }
 
 

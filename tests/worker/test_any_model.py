@@ -5,6 +5,7 @@ spec that diverged."""
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimntk import engine
+from fimntk.client import ModelNotSupportedError, from_library
 from fimntk.client import _shipping as sh
 from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobInputError, JobProblemError
@@ -134,3 +136,38 @@ def test_a_model_in_training_mode_is_traced_as_the_server_runs_it(tmp_path: Path
     rebuilt = _rebuild(model, arch, tmp_path)
     x = torch.randn(5, 4)
     torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # torchvision built for CUDA fails with more than ImportError
+        return False
+    return True
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_a_library_model_is_built_by_name_or_refused_where_missing(
+    library: str, tmp_path: Path
+) -> None:
+    arch = {"kind": "library", "library": library, "name": "resnet18", "kwargs": {"num_classes": 3}}
+    if not _imports("torchvision.models" if library == "torchvision" else "timm"):
+        with pytest.raises(JobInputError, match=f"install {library}") as caught:
+            load_model(arch, tmp_path / "unused", {}, 1 << 30, 1 << 20)
+        assert caught.value.field == "model.architecture.library"
+        with pytest.raises(ModelNotSupportedError, match="does not import here"):
+            from_library(library, "resnet18", num_classes=3)
+        return
+    model = from_library(library, "resnet18", num_classes=3).eval()
+    shipment = sh.ship_model(model)
+    assert shipment.architecture == arch
+    rebuilt = _rebuild(model, shipment.architecture, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_a_library_name_or_argument_outside_the_allowlist_is_refused() -> None:
+    with pytest.raises(ModelNotSupportedError, match=r"library.name: torchvision models"):
+        from_library("torchvision", "maxvit_t")
+    with pytest.raises(ModelNotSupportedError, match=r"unknown argument 'weights'"):
+        from_library("torchvision", "resnet18", weights="DEFAULT")
