@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fimntk.contract.arguments import check_layer_arguments
 from fimntk.contract.graph import CONTAINER, GRAPH_FUNCTIONS, GRAPH_METHODS
+from fimntk.contract.vocabulary import ALLOWED_LAYERS
 from fimntk.worker.errors import JobInputError
 
 #: The callable of each allowlisted function name (a static table: never ``getattr`` on a
@@ -151,14 +152,9 @@ def _module(spec: Mapping[str, Any], where: str) -> nn.Module:
         raise GraphError(f"cannot build {kind}: {str(exc)[:200]}", where) from None
 
 
-def _layer_table() -> dict[str, type[nn.Module]]:
-    from fimntk.contract.vocabulary import ALLOWED_LAYERS
-
-    # Names from the contract's static allowlist only, never from a spec.
-    return {name: getattr(nn, name) for name in ALLOWED_LAYERS}
-
-
-_LAYERS = _layer_table()
+#: The class of each allowed layer: names from the contract's static allowlist only, never
+#: from a spec.
+_LAYERS: dict[str, type[nn.Module]] = {name: getattr(nn, name) for name in ALLOWED_LAYERS}
 
 
 class GraphModel(nn.Module):
@@ -209,13 +205,12 @@ class GraphModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Bind the inputs to the placeholders, then run the nodes in order."""
         env = self._bind(args, kwargs)
-        for step in self._steps:
+        *steps, output = self._steps  # checked: the last node, and only it, is the output
+        for step in steps:
             a = _resolve(step.args, env)
             kw = {k: _resolve(v, env) for k, v in step.kwargs.items()}
-            if step.op == "output":
-                return a[0]
             env[step.name] = self._run(step, a, kw)
-        raise GraphError("the graph has no output", "model.architecture.nodes")
+        return _resolve(output.args, env)[0]
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         env: dict[str, Any] = {}
