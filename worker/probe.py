@@ -4,6 +4,8 @@ eager code, a version skew between the client's library and the server's all sho
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,19 @@ from fimntk.worker.errors import JobInputError, JobProblemError
 FIELD = "model.probe"
 #: Largest error allowed, relative to ``max(1, max |reference output|)``, by parameter dtype.
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3, torch.float64: 1e-3}
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """No TF32 on CUDA (cuDNN convolutions use it by default): the probe checks the spec, not
+    the GPU's rounding."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 def run_probe(model: nn.Module, path: Path, param_dtype: torch.dtype) -> float:
@@ -44,7 +59,7 @@ def run_probe(model: nn.Module, path: Path, param_dtype: torch.dtype) -> float:
     else:
         inputs = inputs.to(first.device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32():
             got: Tensor = default_function(model)(inputs).detach().to("cpu", torch.float64)
     except JobInputError:
         raise

@@ -56,7 +56,9 @@ def test_a_traced_model_is_rebuilt_with_real_layers_and_equal_outputs(
             assert type(rebuilt.get_submodule(path)) is type(module), path
     assert [n for n, _ in rebuilt.named_parameters()] == [n for n, _ in model.named_parameters()]
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    tf32 = torch.backends.cudnn.allow_tf32
     assert run_probe(rebuilt, _probe(model, x, tmp_path), torch.float32) == 0.0
+    assert torch.backends.cudnn.allow_tf32 == tf32  # turned off for the probe only
 
 
 @pytest.mark.parametrize("name", list(MODELS))
