@@ -49,6 +49,68 @@ MAX_PATH_SEGMENTS = 16
 #: The type of a module that only holds others (a custom module traced through).
 CONTAINER = "Module"
 
+#: Attributes of ``torch.nn.Module`` (and of the server's graph model): a module or tensor
+#: of that name would shadow a method, so the server could not place it.
+RESERVED_NAMES = frozenset(
+    [
+        "T_destination",
+        "add_module",
+        "apply",
+        "bfloat16",
+        "buffers",
+        "call_super_init",
+        "children",
+        "compile",
+        "compile_nodes",
+        "cpu",
+        "cuda",
+        "double",
+        "dump_patches",
+        "eval",
+        "extra_repr",
+        "float",
+        "forward",
+        "get_buffer",
+        "get_extra_state",
+        "get_parameter",
+        "get_submodule",
+        "half",
+        "ipu",
+        "load_state_dict",
+        "modules",
+        "mtia",
+        "named_buffers",
+        "named_children",
+        "named_modules",
+        "named_parameters",
+        "parameters",
+        "register_backward_hook",
+        "register_buffer",
+        "register_forward_hook",
+        "register_forward_pre_hook",
+        "register_full_backward_hook",
+        "register_full_backward_pre_hook",
+        "register_load_state_dict_post_hook",
+        "register_load_state_dict_pre_hook",
+        "register_module",
+        "register_parameter",
+        "register_state_dict_post_hook",
+        "register_state_dict_pre_hook",
+        "requires_grad_",
+        "set_extra_state",
+        "set_submodule",
+        "share_memory",
+        "state_dict",
+        "to",
+        "to_empty",
+        "train",
+        "training",
+        "type",
+        "xpu",
+        "zero_grad",
+    ]
+)
+
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,63}$")
 _STRING = re.compile(r"^[A-Za-z0-9_\-]{0,32}$")
@@ -212,6 +274,11 @@ def check_path(path: Any, where: str) -> str:
         raise ArgumentError(
             "a path is at most 16 dotted segments of letters, digits and '_' (not leading)",
             where,
+        )
+    reserved = RESERVED_NAMES.intersection(segments)
+    if reserved:
+        raise ArgumentError(
+            f"{sorted(reserved)[0]!r} is an attribute of torch.nn.Module: rename it", where
         )
     return path
 

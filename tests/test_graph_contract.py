@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fimntk.contract.arguments import ArgumentError
-from fimntk.contract.graph import GRAPH_FUNCTIONS, GRAPH_METHODS, check_graph
+from fimntk.contract.graph import GRAPH_FUNCTIONS, GRAPH_METHODS, RESERVED_NAMES, check_graph
 from fimntk.contract.hf import HF_HEADS, check_hf
 from fimntk.contract.library import check_library
 from fimntk.worker.graph import FUNCTIONS
@@ -135,3 +135,12 @@ def test_library_specs_outside_the_allowlist_are_refused(
     with pytest.raises(ArgumentError) as caught:
         check_library({"kind": "library", **arch}, "a")
     assert caught.value.field == field
+
+
+def test_names_of_module_attributes_are_reserved() -> None:
+    assert {n for n in dir(torch.nn.Module()) if not n.startswith("_")} <= RESERVED_NAMES
+    graph = _graph(op="param", target="forward")
+    graph["params"] = [{"name": "forward", "shape": [2]}]
+    with pytest.raises(ArgumentError, match=r"attribute of torch\.nn\.Module") as caught:
+        check_graph(graph, "a")
+    assert caught.value.field == "a.params[0].name"

@@ -98,6 +98,10 @@ MALICIOUS: dict[str, tuple[dict[str, Any], str]] = {
         _set(GRAPH, ("modules", 0, "kwargs"), {"device": "cuda"}),
         "model.architecture.modules[0].kwargs",
     ),
+    "module-shadowing-forward": (
+        _set(GRAPH, ("modules", 0, "name"), "forward"),
+        "model.architecture.modules[0].name",
+    ),
     "dunder-tensor-name": (
         _set(GRAPH, ("params",), [{"name": "__dict__", "shape": [1]}]),
         "model.architecture.params[0].name",
