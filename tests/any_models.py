@@ -106,27 +106,44 @@ def custom_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 
 def tiny_transformer(kind: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A tiny BERT or GPT-2 sequence classifier from its config, and a padded token batch."""
+    """A tiny BERT, GPT-2 or Llama sequence classifier, or ViT image classifier, from its
+    config, and a batch (padded tokens, or images)."""
     import transformers
 
     torch.manual_seed(0)
-    common: dict[str, Any] = {"vocab_size": 40, "num_labels": 3, "pad_token_id": 0}
-    if kind == "bert":
-        config = transformers.BertConfig(
+    gen = torch.Generator().manual_seed(2)
+    if kind == "vit":
+        vit = transformers.ViTConfig(
             hidden_size=16,
             num_hidden_layers=1,
             num_attention_heads=2,
             intermediate_size=24,
-            max_position_embeddings=16,
-            **common,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
         )
-        model = transformers.BertForSequenceClassification(config)
-    else:
-        config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=16, **common)
-        model = transformers.GPT2ForSequenceClassification(config)
-    model.config._attn_implementation = "eager"
-    gen = torch.Generator().manual_seed(2)
+        images = torch.randn(6, 3, 8, 8, generator=gen)
+        return transformers.ViTForImageClassification(vit).eval(), {"pixel_values": images}
+    common: dict[str, Any] = {"vocab_size": 40, "num_labels": 3, "pad_token_id": 0}
+    size = {"num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
+    configs: dict[str, tuple[Any, Any]] = {
+        "bert": (
+            transformers.BertConfig(hidden_size=16, intermediate_size=24, **size, **common),
+            transformers.BertForSequenceClassification,
+        ),
+        "gpt2": (
+            transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=16, **common),
+            transformers.GPT2ForSequenceClassification,
+        ),
+        "llama": (
+            transformers.LlamaConfig(
+                hidden_size=16, intermediate_size=24, num_key_value_heads=1, **size, **common
+            ),
+            transformers.LlamaForSequenceClassification,
+        ),
+    }
+    config, cls = configs[kind]
     ids = torch.randint(1, 40, (6, 7), generator=gen)
     mask = torch.ones(6, 7, dtype=torch.int64)
     mask[:3, 5:] = 0
-    return model.eval(), {"input_ids": ids * mask, "attention_mask": mask}
+    return cls(config).eval(), {"input_ids": ids * mask, "attention_mask": mask}

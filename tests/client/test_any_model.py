@@ -31,7 +31,7 @@ def _cases() -> dict[str, tuple[nn.Module, Any]]:
         import transformers  # noqa: F401
     except ImportError:
         return cases
-    for kind in ("bert", "gpt2"):
+    for kind in ("bert", "gpt2", "llama", "vit"):
         model, batch = tiny_transformer(kind)
         halves = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
         cases[kind] = (model, halves)

@@ -99,13 +99,13 @@ def test_a_param_node_naming_no_tensor_is_refused(tmp_path: Path) -> None:
     assert caught.value.field.startswith("model.architecture.nodes[")
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "vit"])
 def test_a_transformer_is_rebuilt_from_its_config(kind: str, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     model, batch = tiny_transformer(kind)
     shipment = sh.ship_model(model)
     assert shipment.architecture["kind"] == "hf"
-    assert shipment.architecture["head"] == "AutoModelForSequenceClassification"
+    assert shipment.architecture["head"].endswith("Classification")
     rebuilt = _rebuild(model, shipment.architecture, tmp_path)
     assert type(rebuilt) is type(model)
     assert rebuilt.config._attn_implementation == "eager"
