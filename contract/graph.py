@@ -31,7 +31,7 @@ from typing import Any
 from fimntk.contract.arguments import ArgumentError, check_layer_arguments
 from fimntk.contract.vocabulary import ALLOWED_LAYERS
 
-#: Most nodes of a graph (servers may lower it).
+#: Most nodes of a graph.
 MAX_NODES = 10_000
 #: Most modules (containers included) of a graph.
 MAX_GRAPH_MODULES = 4096
@@ -232,7 +232,7 @@ def _fix(what: str) -> str:
     )
 
 
-def check_graph(arch: Mapping[str, Any], where: str, max_nodes: int = MAX_NODES) -> None:
+def check_graph(arch: Mapping[str, Any], where: str) -> None:
     """Check a graph architecture: names, module arguments, node kinds and targets, references
     and literals, and the size caps. Plain Python, no torch: run by the API and again by the
     worker before it builds anything.
@@ -240,14 +240,13 @@ def check_graph(arch: Mapping[str, Any], where: str, max_nodes: int = MAX_NODES)
     Args:
         arch: The raw ``model.architecture`` (``kind == "graph"``).
         where: Field path of the architecture.
-        max_nodes: Most nodes allowed.
 
     Raises:
         ArgumentError: Naming the first offending field and what to do.
     """
     modules = _list(arch.get("modules", []), f"{where}.modules", MAX_GRAPH_MODULES)
     params = _list(arch.get("params", []), f"{where}.params", MAX_GRAPH_PARAMS)
-    nodes = _list(arch.get("nodes"), f"{where}.nodes", max_nodes)
+    nodes = _list(arch.get("nodes"), f"{where}.nodes", MAX_NODES)
     kinds = _check_modules(modules, f"{where}.modules")
     _check_params(params, kinds, f"{where}.params")
     _check_nodes(nodes, kinds, f"{where}.nodes")
