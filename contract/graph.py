@@ -49,8 +49,9 @@ MAX_PATH_SEGMENTS = 16
 #: The type of a module that only holds others (a custom module traced through).
 CONTAINER = "Module"
 
-#: Attributes of ``torch.nn.Module`` (and of the server's graph model): a module or tensor
-#: of that name would shadow a method, so the server could not place it.
+#: Attributes of ``torch.nn.Module`` (with ``smart_apply``, which ``transformers`` adds to it,
+#: and those of the server's graph model): a module or tensor of that name would shadow a
+#: method, so the server could not place it.
 RESERVED_NAMES = frozenset(
     [
         "T_destination",
@@ -100,6 +101,7 @@ RESERVED_NAMES = frozenset(
         "set_extra_state",
         "set_submodule",
         "share_memory",
+        "smart_apply",
         "state_dict",
         "to",
         "to_empty",
