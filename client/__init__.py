@@ -45,7 +45,7 @@ from fimntk.client.errors import (
 )
 
 #: Names that need torch, imported on first use.
-_LAZY = ("RemoteDataset", "describe_as", "register_builder")
+_LAZY = ("RemoteDataset", "describe_as", "from_library", "register_builder")
 
 __all__ = [
     "APIError",
@@ -72,6 +72,7 @@ __all__ = [
     "ServiceUnavailableError",
     "TooManyJobsError",
     "describe_as",
+    "from_library",
     "register_builder",
 ]
 

@@ -51,10 +51,16 @@ class Prepared:
     target: Target
     data: DataShipment
     fields: dict[str, Any]
+    probe: Blob | None = None
 
     def blobs(self, ops: list[Op]) -> list[Blob]:
         """Blobs to upload before submitting, each once."""
-        blobs = [self.target.shipment.weights, self.data.blob, *(op.vector for op in ops)]
+        blobs = [
+            self.target.shipment.weights,
+            self.probe,
+            self.data.blob,
+            *(op.vector for op in ops),
+        ]
         unique = {b.digest: b for b in blobs if b is not None}
         return list(unique.values())
 
@@ -64,6 +70,8 @@ class Prepared:
             "weights": self.target.shipment.weights.digest,
             "architecture": self.target.shipment.architecture,
         }
+        if self.probe is not None:
+            model["probe"] = self.probe.digest
         return {
             "model": model,
             "dataset": self.data.dataset.to_spec(),
@@ -123,7 +131,7 @@ def prepare(
     if metric == "empirical_fim" and shipped.blob is not None and not shipped.has_targets:
         shipped.blob.discard()
         raise DataError("the empirical Fisher needs targets: the loader must yield (x, y)")
-    return Prepared(target, shipped, fields)
+    return Prepared(target, shipped, fields, sh.probe_blob(model, shipped))
 
 
 # -- operations -------------------------------------------------------------------------------

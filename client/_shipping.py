@@ -8,19 +8,24 @@ Imports torch; :mod:`client` imports this module only when a computation needs i
 Architectures: an ``nn.Sequential`` (nesting allowed) of built-in ``torch.nn`` layers from the
 server's allowlist is described layer by layer from each layer's constructor signature and
 attributes, and each description is checked by rebuilding the layer from its JSON on the meta
-device. Any other model must come from a builder the lab registered on the server, called
-through :func:`register_builder` (or tagged with :func:`describe_as`).
+device. A Hugging Face model is described by its config (:mod:`._hf`), a torchvision or timm
+model built through :func:`from_library` by its name; any other model is traced into a graph
+of allowlisted operations (:mod:`._graph`). A model none of these
+describes comes from a builder the lab registered on the server, called through
+:func:`register_builder` (or tagged with :func:`describe_as`). A probe batch (:func:`probe_blob`)
+lets the server check that it rebuilt what the client has.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,13 @@ from safetensors.torch import load, save, save_file
 from torch import nn
 
 from fimntk.client._blob import Blob
+from fimntk.client._graph import GraphTraceError, describe_graph
+from fimntk.client._hf import HFDescribeError, describe_hf, is_hf_model
 from fimntk.client.errors import DataError, ModelNotSupportedError
+from fimntk.contract.vocabulary import DICT_INPUT
 
 _ATTR = "_fimntk_builder"
+_LIBRARY_ATTR = "_fimntk_library"
 _DTYPE_NAMES = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
@@ -152,6 +161,53 @@ def describe_as(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def from_library(library: str, name: str, **kwargs: Any) -> nn.Module:
+    """Build a torchvision (``get_model``) or timm (``create_model``) model without pretrained
+    weights, tagged so that the server builds the same one by name (a ``library`` spec).
+
+    Load your weights into it as usual; the client ships them. Without the tag the model is
+    traced into a graph spec instead, which needs nothing installed on the server.
+
+    Args:
+        library: ``"torchvision"`` or ``"timm"``.
+        name: A model name of the server's allowlist, e.g. ``"resnet18"``.
+        **kwargs: ``num_classes`` (and ``in_chans`` for timm).
+
+    Raises:
+        ModelNotSupportedError: A name or argument the server would refuse, or the library
+            missing here.
+
+    Example::
+
+        model = from_library("torchvision", "resnet18", num_classes=10)
+        client.trace(model, loader, rep="kfac")
+    """
+    from fimntk.contract.arguments import ArgumentError
+    from fimntk.contract.library import check_library
+
+    arch = {"kind": "library", "library": library, "name": name, "kwargs": kwargs}
+    try:
+        check_library(arch, "library")
+    except ArgumentError as exc:
+        raise ModelNotSupportedError(f"{exc.field}: {exc}") from None
+    try:
+        # One of the contract's two library names (checked above), never free text.
+        module = importlib.import_module(
+            "torchvision.models" if library == "torchvision" else "timm"
+        )
+    except Exception as exc:  # a broken install raises more than ImportError (CUDA, ABI)
+        raise ModelNotSupportedError(
+            f"{library} does not import here ({type(exc).__name__}); send the model without "
+            "from_library: the client traces it into a graph spec"
+        ) from None
+    if library == "torchvision":
+        model = module.get_model(name, weights=None, **kwargs)
+    else:
+        model = module.create_model(name, pretrained=False, **kwargs)
+    object.__setattr__(model, _LIBRARY_ATTR, arch)
+    return model
+
+
 class _UndescribableError(Exception):
     """A layer or value the client cannot put into JSON."""
 
@@ -161,9 +217,11 @@ def _not_supported(model: nn.Module, reason: str) -> ModelNotSupportedError:
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", cls).lower()
     return ModelNotSupportedError(
         f"cannot describe {cls} to the server: {reason}.\n"
-        "The client derives the architecture itself only for an nn.Sequential of built-in "
-        "torch.nn layers (Linear, Conv2d, LayerNorm, ReLU, ...; the server's allowlist). "
-        "Any other model must be registered as a builder, under one name on both sides:\n"
+        "The client describes an nn.Sequential of built-in torch.nn layers (Linear, Conv2d, "
+        "LayerNorm, ReLU, ...; the server's allowlist), a Hugging Face model of an allowed "
+        "type, and any model torch.fx traces into built-in layers and allowed functions and "
+        "methods. Any other model must be registered as a builder, under one name on both "
+        "sides:\n"
         "  1. on the server (lab admin): in an importable module, say lab_models.py,\n"
         f'         BUILDERS = {{"{snake}": build_{snake}}}   # a function returning the model\n'
         "     and start the API and every worker with "
@@ -177,39 +235,56 @@ def _not_supported(model: nn.Module, reason: str) -> ModelNotSupportedError:
 
 
 def ship_model(model: nn.Module) -> ModelShipment:
-    """Describe ``model`` for the server.
+    """Describe ``model`` for the server: a registered builder's tag, else a sequential spec
+    for an ``nn.Sequential``, an ``hf`` spec for a Hugging Face ``PreTrainedModel``, and a
+    graph spec traced with ``torch.fx`` for any other model.
 
     Raises:
-        ModelNotSupportedError: A model that is neither an ``nn.Sequential`` of allowed
-            built-in layers nor tagged by a registered builder, or one with frozen, shared or
-            mixed-dtype parameters; the message says how to register it.
+        ModelNotSupportedError: A model none of these describes (untraceable code, a layer or
+            operation outside the server's allowlist), or one with frozen, shared or
+            mixed-dtype parameters; the message says why and how to register a builder.
     """
     if not isinstance(model, nn.Module):
         raise ModelNotSupportedError(f"expected a torch.nn.Module, got {type(model).__name__}")
     layout = _layout(model)
     dtype = _dtype(model)
     tag = getattr(model, _ATTR, None)
+    library = getattr(model, _LIBRARY_ATTR, None)
     if tag is not None:
         name, kwargs = tag
         _check_builder(model, name, kwargs)
-        architecture = {"kind": "builder", "name": name, "kwargs": kwargs}
+        architecture: dict[str, Any] = {"kind": "builder", "name": name, "kwargs": kwargs}
         state = model.state_dict()
-    elif type(model) is nn.Sequential:
-        _check_unshared(model)
-        try:
-            layers = _describe_sequential(model, "")
-        except _UndescribableError as exc:
-            raise _not_supported(model, str(exc)) from None
-        architecture = {"kind": "sequential", "layers": layers}
-        state = dict(_positional_state(model, ""))
+    elif library is not None:
+        architecture, state = dict(library), model.state_dict()
     else:
-        raise _not_supported(
-            model, "it is not an nn.Sequential, and it was not built by a registered builder"
-        )
+        architecture, state = _describe(model)
     if dtype != "float32":
         architecture["dtype"] = dtype
     weights = Blob.from_bytes(save({k: _cpu(v).clone() for k, v in state.items()}))
     return ModelShipment(architecture, weights, layout, dtype)
+
+
+def _describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The architecture of an untagged model and its state dict keyed as the server's model
+    keys it: sequential, else hf (whose config ties what it shares), else a traced graph."""
+    if is_hf_model(model):
+        try:
+            return describe_hf(model), model.state_dict()
+        except HFDescribeError as exc:
+            raise _not_supported(model, f"a Hugging Face model, but {exc}") from None
+    _check_unshared(model)
+    if type(model) is nn.Sequential:
+        try:
+            layers = _describe_sequential(model, "")
+        except _UndescribableError:
+            pass  # a custom layer inside: traced as a graph below
+        else:
+            return {"kind": "sequential", "layers": layers}, dict(_positional_state(model, ""))
+    try:
+        return describe_graph(model, _describe_layer), model.state_dict()
+    except (GraphTraceError, _UndescribableError) as exc:
+        raise _not_supported(model, str(exc)) from None
 
 
 def _layout(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -434,6 +509,7 @@ class DataShipment:
     n_examples: int | None = None
     has_targets: bool = False
     cleanup: list[Blob] = field(default_factory=list)
+    head: torch.Tensor | dict[str, torch.Tensor] | None = None
 
 
 def ship_data(data: Any, batch_size: int | None = None) -> DataShipment:
@@ -453,9 +529,7 @@ def ship_data(data: Any, batch_size: int | None = None) -> DataShipment:
     if isinstance(data, str):
         return DataShipment(RemoteDataset(name=data, batch_size=batch_size or 32))
     parts, inferred = _collect(data)
-    tensors = {"inputs": parts[0]}
-    if len(parts) == 2:
-        tensors["targets"] = parts[1]
+    tensors = _named(parts)
     fd, name = tempfile.mkstemp(prefix="fimntk-dataset-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -465,41 +539,101 @@ def ship_data(data: Any, batch_size: int | None = None) -> DataShipment:
         Path(name).unlink(missing_ok=True)
         raise
     dataset = RemoteDataset(blob=blob.digest, batch_size=batch_size or inferred)
-    return DataShipment(dataset, blob, int(parts[0].shape[0]), len(parts) == 2, [blob])
+    x = parts[0]
+    has_targets = len(parts) == 2 or (isinstance(x, dict) and "labels" in x)
+    return DataShipment(dataset, blob, _n_examples(x), has_targets, [blob], _head(x))
 
 
-def _batch_parts(batch: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+_PROBE_EXAMPLES = 4
+
+
+def _named(parts: tuple[Inputs, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a dataset blob: ``inputs`` (or ``inputs.<key>``) and ``targets``."""
+    x = parts[0]
+    tensors = {f"inputs.{k}": v for k, v in x.items()} if isinstance(x, dict) else {"inputs": x}
+    if len(parts) == 2:
+        tensors["targets"] = _tensor(parts[1])
+    return tensors
+
+
+def _tensor(value: Inputs) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise DataError("targets are one tensor, not a dictionary")
+    return value
+
+
+def _n_examples(x: Inputs) -> int:
+    first = next(iter(x.values())) if isinstance(x, dict) else x
+    return int(first.shape[0])
+
+
+def _head(x: Inputs) -> Inputs:
+    """The first examples, for the probe batch."""
+    if isinstance(x, dict):
+        return {k: v[:_PROBE_EXAMPLES] for k, v in x.items()}
+    return x[:_PROBE_EXAMPLES]
+
+
+def _inputs(value: Any) -> Inputs | None:
+    """A tensor, or a dictionary of tensors with keys the server accepts; None otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value
     if (
-        isinstance(batch, tuple | list)
-        and 1 <= len(batch) <= 2
-        and all(isinstance(t, torch.Tensor) for t in batch)
+        isinstance(value, Mapping)
+        and value
+        and all(isinstance(t, torch.Tensor) for t in value.values())
     ):
-        return tuple(batch)
+        bad = [k for k in value if not isinstance(k, str) or not DICT_INPUT.match(f"inputs.{k}")]
+        if bad:
+            raise DataError(f"dictionary input keys must be identifiers, got {bad[:3]}")
+        return dict(value)
+    return None
+
+
+def _batch_parts(batch: Any) -> tuple[Inputs, ...]:
+    single = _inputs(batch)
+    if single is not None:
+        return (single,)
+    if isinstance(batch, tuple | list) and 1 <= len(batch) <= 2:
+        found = [p for p in map(_inputs, batch) if p is not None]
+        if len(found) == len(batch) and (len(found) == 1 or isinstance(found[1], torch.Tensor)):
+            return tuple(found)
     kind = type(batch).__name__
     size = f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
     raise DataError(
         f"a batch is a {kind}{size}; the server's loader yields (inputs,) or (inputs, "
-        "targets) tensors, and the model is applied as model(inputs): reshape your loader "
-        "to that form"
+        "targets), inputs a tensor or a dictionary of tensors (input_ids, attention_mask, "
+        "labels...) and targets a tensor: reshape your loader to that form"
     )
 
 
-def _collect(data: Any) -> tuple[tuple[torch.Tensor, ...], int]:
+def _cat(chunks: list[Inputs]) -> Inputs:
+    if isinstance(chunks[0], dict):
+        keys = chunks[0].keys()
+        if any(not isinstance(c, dict) or c.keys() != keys for c in chunks):
+            raise DataError("batches have different dictionary keys")
+        return {k: torch.cat([c[k] for c in chunks if isinstance(c, dict)]) for k in keys}
+    if any(not isinstance(c, torch.Tensor) for c in chunks):
+        raise DataError("batches mix tensors and dictionaries")
+    return torch.cat([c for c in chunks if isinstance(c, torch.Tensor)])
+
+
+def _collect(data: Any) -> tuple[tuple[Inputs, ...], int]:
     """Concatenated ``(inputs[, targets])`` and the batch size to rebuild batches with."""
     if isinstance(data, torch.Tensor) or (
         isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor) for t in data)
     ):
         parts = _batch_parts(data)
-        if parts[0].dim() == 0 or parts[0].shape[0] == 0:
+        x = parts[0]
+        if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] == 0):
             raise DataError("no examples: the inputs tensor is empty")
         return parts, 32
-    if not isinstance(data, Iterable):
+    if not isinstance(data, Iterable) or isinstance(data, Mapping):
         raise DataError(
             f"expected a DataLoader, tensors or a RemoteDataset, got {type(data).__name__}"
         )
-    batches: list[tuple[torch.Tensor, ...]] = []
+    batches: list[tuple[Inputs, ...]] = []
     for batch in data:
         parts = _batch_parts(batch)
         if batches and len(parts) != len(batches[0]):
@@ -507,11 +641,45 @@ def _collect(data: Any) -> tuple[tuple[torch.Tensor, ...], int]:
         batches.append(parts)
     if not batches:
         raise DataError("the loader yielded no batch")
-    joined = tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
-    if len(joined) == 2 and joined[1].shape[0] != joined[0].shape[0]:
+    joined = tuple(_cat([b[i] for b in batches]) for i in range(len(batches[0])))
+    sizes = {_n_examples(p) for p in joined}
+    if isinstance(joined[0], dict):
+        sizes |= {int(v.shape[0]) for v in joined[0].values()}
+    if len(sizes) != 1:
         raise DataError("targets and inputs have different numbers of examples")
-    batch_size = getattr(data, "batch_size", None) or int(batches[0][0].shape[0])
+    batch_size = getattr(data, "batch_size", None) or _n_examples(batches[0][0])
     return joined, int(batch_size)
+
+
+def probe_blob(model: nn.Module, data: DataShipment) -> Blob | None:
+    """A few inputs of the data and the model's outputs on them (in eval mode, as the server
+    runs it), or None without local data or without the engine.
+
+    Raises:
+        DataError: The model fails on its own data.
+    """
+    engine = engine_module()
+    if data.head is None or engine is None:
+        return None
+    from fimntk.engine.generator.inputs import default_function
+
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    x = data.head
+    cast = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    inputs = {k: cast(v) for k, v in x.items()} if isinstance(x, dict) else cast(x)
+    training = model.training
+    model.eval()  # nn.Module.eval: inference mode, as the server runs the model
+    try:
+        with torch.no_grad():
+            outputs = default_function(model)(inputs)
+    except Exception as exc:
+        raise DataError(f"the model fails on the first examples: {exc}") from exc
+    finally:
+        model.train(training)
+    tensors = _named((inputs,))
+    tensors["outputs"] = outputs
+    return tensors_blob(tensors)
 
 
 # -- vectors and results ----------------------------------------------------------------------

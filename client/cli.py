@@ -21,7 +21,7 @@ from fimntk.client._sync import Client
 from fimntk.client.errors import ClientError, JobTimeoutError, NotFoundError, PermissionDeniedError
 from fimntk.contract.vocabulary import METRICS, JobStatus
 
-_DIGEST_FIELDS = "model.weights, dataset.blob and operations[].v"
+_DIGEST_FIELDS = "model.weights, model.probe, dataset.blob and operations[].v"
 
 
 # -- running the service ----------------------------------------------------------------------
@@ -130,6 +130,8 @@ def _upload_files(client: Client, spec: dict[str, Any], base: Path) -> dict[str,
     model = spec.get("model")
     if isinstance(model, dict):
         model["weights"] = resolve(model.get("weights"))
+        if "probe" in model:
+            model["probe"] = resolve(model["probe"])
     dataset = spec.get("dataset")
     if isinstance(dataset, dict) and "blob" in dataset:
         dataset["blob"] = resolve(dataset["blob"])

@@ -48,6 +48,9 @@ OUT_OF_MEMORY = ProblemType("out-of-memory", 507, "Out of memory")
 WORKER_LOST = ProblemType("worker-lost", 500, "Worker lost")
 WORKER_SHUTDOWN = ProblemType("worker-shutdown", 503, "Worker shut down")
 NO_WORKER = ProblemType("no-worker", 503, "No worker")
+PROBE_MISMATCH = ProblemType(
+    "probe-mismatch", 422, "The rebuilt model does not reproduce the probe outputs"
+)
 
 #: Every problem type, by slug.
 PROBLEM_TYPES: dict[str, ProblemType] = {

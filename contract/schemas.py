@@ -19,6 +19,7 @@ from fimntk.contract.arguments import (
     ArgumentError,
     check_architecture_size,
 )
+from fimntk.contract.graph import MAX_GRAPH_MODULES, MAX_GRAPH_PARAMS, MAX_NODES
 from fimntk.contract.vocabulary import (
     MAX_SHARDS,
     SHARDED_IMPLICIT_OPERATIONS,
@@ -99,14 +100,93 @@ class BuilderArchitecture(_Strict):
     dtype: ParamDtype = "float32"
 
 
-Architecture = Annotated[SequentialArchitecture | BuilderArchitecture, Field(discriminator="kind")]
+class GraphNode(_Strict):
+    """One node of a graph architecture (:mod:`fimntk.contract.graph`)."""
+
+    name: str = Field(max_length=64, examples=["add"])
+    op: Literal["placeholder", "module", "function", "method", "param", "output"]
+    target: str | None = Field(default=None, max_length=1100, examples=["operator.add"])
+    args: list[JsonValue] = Field(default_factory=list, max_length=16)
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict, max_length=16)
+
+
+class GraphModule(_Strict):
+    """A module of a graph architecture: an allowed ``torch.nn`` layer, or ``"Module"`` for a
+    container (a custom module traced through)."""
+
+    name: str = Field(max_length=1100, examples=["layer1.0.conv1"])
+    type: str = Field(max_length=64, examples=["Conv2d"])
+    args: list[JsonValue] = Field(default_factory=list, max_length=16)
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict, max_length=16)
+
+
+class GraphTensor(_Strict):
+    """A parameter (or buffer) held directly by a container, used by ``param`` nodes."""
+
+    name: str = Field(max_length=1100, examples=["block.scale"])
+    shape: list[int] = Field(max_length=8)
+    buffer: bool = False
+
+
+class GraphArchitecture(_Strict):
+    """A traced model: modules rebuilt from the allowlist and a DAG of allowlisted
+    operations, run by the server's own interpreter. State-dict keys are the modules' paths."""
+
+    kind: Literal["graph"]
+    modules: list[GraphModule] = Field(default_factory=list, max_length=MAX_GRAPH_MODULES)
+    params: list[GraphTensor] = Field(default_factory=list, max_length=MAX_GRAPH_PARAMS)
+    nodes: list[GraphNode] = Field(min_length=2, max_length=MAX_NODES)
+    dtype: ParamDtype = "float32"
+
+
+class HFArchitecture(_Strict):
+    """A Hugging Face model built with ``<head>.from_config(config)`` (eager attention, no
+    remote code); the server needs the ``hf`` extra."""
+
+    kind: Literal["hf"]
+    config: dict[str, JsonValue] = Field(
+        max_length=256, examples=[{"model_type": "bert", "hidden_size": 32}]
+    )
+    head: str = Field(max_length=64, examples=["AutoModelForSequenceClassification"])
+    dtype: ParamDtype = "float32"
+
+
+class LibraryArchitecture(_Strict):
+    """A model of torchvision (``get_model``) or timm (``create_model``), by an allowlisted
+    name and without pretrained weights; the server needs the library installed."""
+
+    kind: Literal["library"]
+    library: Literal["torchvision", "timm"]
+    name: str = Field(max_length=64, examples=["resnet18"])
+    kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict, max_length=8, examples=[{"num_classes": 10}]
+    )
+    dtype: ParamDtype = "float32"
+
+
+Architecture = Annotated[
+    SequentialArchitecture
+    | BuilderArchitecture
+    | GraphArchitecture
+    | HFArchitecture
+    | LibraryArchitecture,
+    Field(discriminator="kind"),
+]
 
 
 class ModelSpec(_Strict):
-    """A weights blob (safetensors state dict) and the architecture it must match exactly."""
+    """A weights blob (safetensors state dict) and the architecture it must match exactly,
+    with an optional probe: a few inputs and the model's own outputs on them, which the
+    worker reproduces before computing anything."""
 
     weights: Digest
     architecture: Architecture
+    probe: Digest | None = Field(
+        default=None,
+        description="Safetensors blob of 'inputs' (or 'inputs.<key>' for dict inputs) and "
+        "'outputs' of the model in eval mode; the job fails with probe-mismatch unless the "
+        "rebuilt model reproduces them.",
+    )
 
 
 class DatasetSpec(_Strict):

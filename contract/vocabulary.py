@@ -5,6 +5,7 @@ representation defines, and the layers and builders an architecture may name.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Literal, get_args
 
@@ -151,3 +152,8 @@ SHARDED_IMPLICIT_OPERATIONS = frozenset(
 )
 #: Largest ``shards`` a spec may ask for (a server may allow fewer: ``Settings.max_shards``).
 MAX_SHARDS = 1024
+#: Name of one tensor of dictionary inputs in a dataset or probe blob: ``inputs.<key>`` (a
+#: Hugging Face batch's ``input_ids``, ``attention_mask``, ``labels``...).
+DICT_INPUT = re.compile(r"^inputs\.([A-Za-z][A-Za-z0-9_]{0,63})$")
+#: Most examples of a probe batch.
+MAX_PROBE = 16

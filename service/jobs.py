@@ -37,6 +37,7 @@ from fimntk.service.validation import (
     check_architecture,
     check_dataset,
     check_operations,
+    check_probe,
     check_vector,
     check_weights,
     representation_key,
@@ -191,7 +192,11 @@ class JobService:
         )
         assert spec.model is not None and spec.dataset is not None
         weights = self._blob_header(spec.model.weights, user, "model.weights")
-        n_params = check_weights(weights, "model.weights")
+        arch = spec.model.architecture
+        buffers = [t.name for t in arch.params if t.buffer] if arch.kind == "graph" else []
+        n_params = check_weights(weights, "model.weights", buffers)
+        if spec.model.probe is not None:
+            check_probe(self._blob_header(spec.model.probe, user, "model.probe"), "model.probe")
         if spec.dataset.blob is not None:
             check_dataset(
                 self._blob_header(spec.dataset.blob, user, "dataset.blob"), "dataset.blob"

@@ -22,11 +22,16 @@ from fimntk.contract.arguments import (
     check_builder_arguments,
     check_layer_arguments,
 )
-from fimntk.contract.schemas import JobCreate, LayerSpec
+from fimntk.contract.graph import check_graph
+from fimntk.contract.hf import check_hf
+from fimntk.contract.library import check_library
+from fimntk.contract.schemas import BuilderArchitecture, JobCreate, LayerSpec
 from fimntk.contract.vocabulary import (
     ALLOWED_LAYERS,
     BUFFER_SUFFIXES,
     BUILTIN_BUILDERS,
+    DICT_INPUT,
+    MAX_PROBE,
     NTK_KEY,
     OPERATIONS,
 )
@@ -128,6 +133,13 @@ def check_architecture(
     if arch.kind == "sequential":
         check_layers(arch.layers, "model.architecture.layers", max_depth, max_modules)
         return
+    if not isinstance(arch, BuilderArchitecture):
+        check = {"graph": check_graph, "hf": check_hf, "library": check_library}[arch.kind]
+        try:
+            check(arch.model_dump(mode="json"), "model.architecture")
+        except ArgumentError as exc:
+            raise InvalidInputError(str(exc), exc.field) from None
+        return
     known = BUILTIN_BUILDERS | lab_builders(tuple(builder_modules))
     if arch.name not in known:
         raise InvalidInputError(
@@ -157,12 +169,13 @@ def check_operations(spec: JobCreate) -> None:
             )
 
 
-def check_weights(header: Header, field: str) -> int:
+def check_weights(header: Header, field: str, buffers: Iterable[str] = ()) -> int:
     """Check a weights header and count its parameters (buffers excluded).
 
     Args:
         header: Header of the weights blob.
         field: Field reported on error.
+        buffers: Names of buffers beyond those of built-in layers (a graph's own buffers).
 
     Returns:
         The parameter count d.
@@ -172,13 +185,22 @@ def check_weights(header: Header, field: str) -> int:
     """
     if not header.tensors:
         raise InvalidInputError("weights hold no tensors", field)
+    skipped = set(buffers)
     return sum(
-        info.numel for name, info in header.tensors.items() if not name.endswith(BUFFER_SUFFIXES)
+        info.numel
+        for name, info in header.tensors.items()
+        if not name.endswith(BUFFER_SUFFIXES) and name not in skipped
     )
 
 
-def check_dataset(header: Header, field: str) -> int:
-    """Check a dataset header: ``inputs`` and optional ``targets`` with matching first axes.
+def check_dataset(header: Header, field: str, second: str = "targets") -> int:
+    """Check a dataset header: ``inputs`` (or dictionary inputs ``inputs.<key>``) and optional
+    ``targets``, all with one non-empty first axis.
+
+    Args:
+        header: Header of the blob.
+        field: Field reported on error.
+        second: Name of the optional tensor beside the inputs (``outputs`` for a probe).
 
     Returns:
         The number of examples.
@@ -187,21 +209,34 @@ def check_dataset(header: Header, field: str) -> int:
         InvalidInputError: Missing ``inputs``, extra tensors, or mismatched lengths.
     """
     tensors = header.tensors
-    if "inputs" not in tensors:
-        raise InvalidInputError("dataset has no tensor named 'inputs'", field)
-    extra = set(tensors) - {"inputs", "targets"}
-    if extra:
-        raise InvalidInputError(f"dataset has unexpected tensors {sorted(extra)}", field)
-    inputs = tensors["inputs"]
-    if not inputs.shape or inputs.shape[0] == 0:
-        raise InvalidInputError("'inputs' must have a non-empty first axis", field)
-    targets = tensors.get("targets")
-    if targets is not None and (not targets.shape or targets.shape[0] != inputs.shape[0]):
+    keyed = [k for k in tensors if DICT_INPUT.match(k)]
+    if ("inputs" in tensors) == bool(keyed):
         raise InvalidInputError(
-            f"'targets' first axis {targets.shape[:1]} differs from inputs' {inputs.shape[0]}",
-            field,
+            "a dataset holds one tensor 'inputs', or dictionary inputs 'inputs.<key>'", field
         )
-    return inputs.shape[0]
+    extra = set(tensors) - {"inputs", second, *keyed}
+    if extra:
+        raise InvalidInputError(f"dataset has unexpected tensors {sorted(extra)[:5]}", field)
+    firsts = {k: info.shape[0] if info.shape else 0 for k, info in tensors.items()}
+    if 0 in firsts.values():
+        raise InvalidInputError("every tensor needs a non-empty first axis", field)
+    if len(set(firsts.values())) != 1:
+        raise InvalidInputError(f"first axes differ: {dict(sorted(firsts.items())[:5])}", field)
+    return next(iter(firsts.values()))
+
+
+def check_probe(header: Header, field: str) -> None:
+    """Check a probe header: inputs as a dataset's, ``outputs``, at most :data:`MAX_PROBE`
+    examples.
+
+    Raises:
+        InvalidInputError: Naming the probe field.
+    """
+    n = check_dataset(header, field, "outputs")
+    if "outputs" not in header.tensors:
+        raise InvalidInputError("a probe holds the model's 'outputs' on its inputs", field)
+    if n > MAX_PROBE:
+        raise InvalidInputError(f"a probe holds at most {MAX_PROBE} examples, not {n}", field)
 
 
 def check_vector(header: Header, field: str, expected: int | None) -> None:

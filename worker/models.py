@@ -1,4 +1,6 @@
-"""Models from JSON: built-in layer sequences and a registry of builders; never user code.
+"""Models from JSON: built-in layer sequences, graphs of allowlisted operations
+(:mod:`.graph`), Hugging Face configs (:mod:`.hf`), torchvision and timm models by name
+(:mod:`.library`) and a registry of builders; never user code.
 
 A model is first built on the meta device (no memory), its size checked, its state dict
 compared key by key with the safetensors header of the weights (shapes and dtypes), and only
@@ -23,9 +25,14 @@ from fimntk.contract.arguments import (
     check_builder_arguments,
     check_layer_arguments,
 )
+from fimntk.contract.graph import check_graph
+from fimntk.contract.hf import check_hf
 from fimntk.contract.vocabulary import ALLOWED_LAYERS
 from fimntk.core.safetensors_header import read_header
 from fimntk.worker.errors import JobInputError
+from fimntk.worker.graph import build_graph
+from fimntk.worker.hf import build_hf
+from fimntk.worker.library import build_library
 
 Builder = Callable[..., nn.Module]
 
@@ -131,6 +138,12 @@ def resnet(
 
 
 BUILTIN_BUILDERS: dict[str, Builder] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+#: Builders of the spec kinds whose models come from a library (Hugging Face, torchvision,
+#: timm), by kind.
+_LIBRARIES: dict[str, Callable[[dict[str, Any], str], nn.Module]] = {
+    "hf": build_hf,
+    "library": build_library,
+}
 
 
 def load_builders(modules: Iterable[str]) -> dict[str, Builder]:
@@ -206,11 +219,16 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
     Raises:
         JobInputError: Unknown layer or builder, or bad constructor arguments.
     """
+    kind = arch["kind"]
     try:
-        if arch["kind"] == "sequential":
+        kwargs: dict[str, Any] = {}
+        if kind == "sequential":
             check_architecture_size(arch["layers"], "model.architecture.layers")
-            kwargs: dict[str, Any] = {}
-        else:
+        elif kind == "graph":
+            check_graph(arch, "model.architecture")
+        elif kind == "hf":
+            check_hf(arch, "model.architecture")
+        elif kind != "library":  # checked by its builder, which needs the arguments
             kwargs = check_builder_arguments(
                 arch["name"], arch.get("kwargs", {}), "model.architecture"
             )
@@ -218,10 +236,14 @@ def build_on_meta(arch: dict[str, Any], builders: dict[str, Builder]) -> nn.Modu
         raise JobInputError(str(exc), exc.field) from None
     # Factory arguments are refused above, so nothing leaves the meta device.
     with torch.device("meta"):
-        if arch["kind"] == "sequential":
+        if kind == "sequential":
             model: nn.Module = nn.Sequential(
                 *_build_layers(arch["layers"], "model.architecture.layers")
             )
+        elif kind == "graph":
+            model = build_graph(arch, "model.architecture")
+        elif kind in _LIBRARIES:
+            model = _LIBRARIES[kind](arch, "model.architecture")
         else:
             name = arch["name"]
             if name not in builders:
@@ -305,7 +327,15 @@ def load_model(
         raise JobInputError(
             f"weights hold NaN or infinite values in {bad[:_MAX_LISTED]}", "model.weights"
         )
-    model.load_state_dict(state, strict=True, assign=True)
+    build = _LIBRARIES.get(arch["kind"])
+    if build is not None:
+        # Built again for real: a library model's non-persistent buffers (position ids, causal
+        # masks) are computed at construction and are not in the weights.
+        with torch.device("cpu"):
+            model = build(arch, "model.architecture").to(DTYPES[arch.get("dtype", "float32")])
+        model.load_state_dict(state, strict=True)
+    else:
+        model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:
         raise JobInputError(

@@ -42,6 +42,7 @@ from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
 from fimntk.worker.memory_check import check_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
+from fimntk.worker.probe import run_probe
 
 _log = logging.getLogger(__name__)
 
@@ -477,6 +478,10 @@ class JobRunner:
             )
             model = model.to(device=self.device, dtype=DTYPES[spec["dtype"]])
             self.models.put(key, model)
+        probe = spec["model"].get("probe")
+        if probe is not None:
+            arch_dtype = DTYPES[spec["model"]["architecture"].get("dtype", "float32")]
+            run_probe(model, self.blobs.path(probe), arch_dtype)
         return model
 
     def _loader(self, spec: dict[str, Any], dtype: torch.dtype, needs_targets: bool) -> Any:

@@ -12,12 +12,13 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
 from fimntk import engine
 from fimntk.core.storage.records import JobRecord
 from fimntk.engine import partials
 from fimntk.worker import artifacts
+from fimntk.worker.data import Examples
 from fimntk.worker.models import DTYPES
 from fimntk.worker.runner import JobRunner, _Progress
 from fimntk.worker.shard_store import (
@@ -32,7 +33,7 @@ from fimntk.worker.shard_store import (
 
 def examples(runner: JobRunner, spec: dict[str, Any]) -> int:
     dataset = _full_loader(runner, spec).dataset
-    assert isinstance(dataset, TensorDataset)
+    assert isinstance(dataset, Examples)
     return len(dataset)
 
 

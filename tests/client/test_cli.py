@@ -238,3 +238,25 @@ def test_reading_commands_need_no_torch(server: Server) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(("ID ", "no jobs"))
+
+
+def test_submit_uploads_a_probe_and_a_wrong_one_fails_the_job(
+    as_alice: Server, files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = make_loader().dataset.tensors[0][:3]
+    with torch.no_grad():
+        outputs = make_model()(inputs)
+    for name, shift in (("probe", 0.0), ("bad-probe", 1.0)):
+        save_file(
+            {"inputs": inputs, "outputs": outputs + shift}, str(files / f"{name}.safetensors")
+        )
+    model = {"weights": "@weights.safetensors", "architecture": ARCH}
+    (files / "good.json").write_text(
+        json.dumps(_spec(model={**model, "probe": "@probe.safetensors"}))
+    )
+    assert _run(capsys, "submit", str(files / "good.json"), "--wait")[0] == 0
+    (files / "bad.json").write_text(
+        json.dumps(_spec(model={**model, "probe": "@bad-probe.safetensors"}))
+    )
+    code, out, err = _run(capsys, "submit", str(files / "bad.json"), "--wait")
+    assert code != 0 and "differ from the client" in out + err, (out, err)

@@ -35,6 +35,7 @@ EXPORTED = [
     "ServiceUnavailableError",
     "TooManyJobsError",
     "describe_as",
+    "from_library",
     "register_builder",
 ]
 CLIENT_METHODS = [
