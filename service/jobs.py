@@ -158,6 +158,9 @@ class JobService:
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             progress={"done": 0, "total": None, "stage": "queued"},
+            labels=resolved["labels"],
+            step=resolved["step"],
+            variant=None if resolved["metric"] == "ntk" else resolved["variant"],
         )
         stored = self.records.create_job(record)
         if stored.id != record.id:

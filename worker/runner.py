@@ -42,6 +42,7 @@ from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
 from fimntk.worker.memory_check import check_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
+from fimntk.worker.outputs import OutputCollector
 
 _log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class JobRunner:
         self.worker_name: str | None = None
         self.on_job_done: Callable[[], None] | None = None
         self._op_progress: _Progress | None = None
+        self._outputs = OutputCollector()
 
     def request_stop(self, job_id: str | None) -> None:
         """Stop the current job if it is ``job_id`` (called from the worker's pub/sub thread)."""
@@ -257,6 +259,7 @@ class JobRunner:
             progress={**progress.state, "stage": "done"},
         )
         if not done:
+            self.records.store_outputs(job_id, [], {})
             self.artifacts.delete_job(job_id)
         return {"status": JobStatus.SUCCEEDED if done else "abandoned"}
 
@@ -278,6 +281,7 @@ class JobRunner:
             error=error,
             progress={**state, "stage": status},
         )
+        self.records.store_outputs(job_id, [], {})
         self.artifacts.delete_job(job_id)
 
     def _fail(
@@ -399,16 +403,14 @@ class JobRunner:
         clock = time.monotonic()
         progress.stage("operations")
         self._op_progress = progress
+        self._outputs = OutputCollector()
         outputs = []
         for i, op in enumerate(spec["operations"]):
             progress.check()
-            outputs.append(
-                {
-                    "index": i,
-                    "op": op["op"],
-                    "outputs": self._operation(record.id, i, op, representation, spec),
-                }
-            )
+            values = self._operation(record.id, i, op, representation, spec)
+            self._outputs.operation(op["op"], values)
+            outputs.append({"index": i, "op": op["op"], "outputs": values})
+        self._outputs.layers(representation)
         kept = None
         if spec.get("keep"):
             self.representations.put((record.rep_key, str(self.device)), representation)
@@ -423,6 +425,7 @@ class JobRunner:
                 except (TypeError, ValueError, NotImplementedError) as exc:
                     _log.info("representation of %s kept in memory only: %s", record.id, exc)
         timings["operations_s"] = time.monotonic() - clock
+        self.records.store_outputs(record.id, self._outputs.scalars, self._outputs.previews)
         return {"operations": outputs, "reused_from": reused_from, "representation_artifact": kept}
 
     def _model_key(self, spec: dict[str, Any]) -> tuple[str, ...]:
@@ -520,7 +523,9 @@ class JobRunner:
             if name in ("trace", "norm"):
                 return {"value": artifacts.scalar(getattr(rep, name)())}
             if name in ("get_diag", "to_torch"):
-                return {"value": self._tensor(job_id, prefix, getattr(rep, name)())}
+                value = getattr(rep, name)()
+                self._outputs.tensor(name, "value", value, spec["metric"])
+                return {"value": self._tensor(job_id, prefix, value)}
             if name in ("mv", "vTMv", "solve"):
                 v = self._vector(op["v"], index, rep, spec)
                 if name == "vTMv":
@@ -532,6 +537,7 @@ class JobRunner:
                     evals, evecs = rep.eigenpairs(op["k"], progress=self._op_progress)
                 else:
                     evals, evecs = rep.eigenpairs(op["k"])
+                self._outputs.tensor(name, "eigenvalues", evals, spec["metric"])
                 return {
                     "eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
                     "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs),
@@ -549,9 +555,12 @@ class JobRunner:
         kwargs = {k: v for k, v in op.items() if k != "op" and k in accepted}
         estimate = function(rep, **kwargs)
         outputs: dict[str, Any] = {}
+        if isinstance(estimate, engine.estimators.SpectralDensity):
+            self._outputs.density(estimate.grid, estimate.density)
         for field in _ESTIMATE_FIELDS:
             value = getattr(estimate, field, None)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
+                self._outputs.tensor(name, field, value, "")
                 outputs[field] = self._tensor(job_id, f"op{index}_{name}_{field}", value)
             elif isinstance(value, torch.Tensor | float | int):
                 outputs[field] = artifacts.scalar(value)
