@@ -133,10 +133,12 @@ def _spectra(block: Any) -> dict[str, list[float | None]]:
     out = {}
     if block.kind == "kfac":
         for name in ("a", "g"):
-            factor = tensors[name]
-            if factor.dim() == 2 and factor.shape[0] <= MAX_FACTOR_SIDE:
-                values = torch.linalg.eigvalsh(factor.detach().to("cpu", torch.float64))
-                out[name] = _values(values.flip(0), MAX_FACTOR_VALUES)
+            factor = tensors[name]  # (side, side), or a stack of them for shared weights
+            if factor.dim() >= 2 and factor.shape[-1] <= MAX_FACTOR_SIDE:
+                square = factor.detach().to("cpu", torch.float64)
+                values = torch.linalg.eigvalsh(square.reshape(-1, *square.shape[-2:]))
+                top = values.reshape(-1).sort(descending=True).values
+                out[name] = _values(top, MAX_FACTOR_VALUES)
     elif block.kind == "ekfac":
         values = tensors["s"].detach().to("cpu", torch.float64).reshape(-1)
         out["s"] = _values(values.sort(descending=True).values, MAX_FACTOR_VALUES)
