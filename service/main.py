@@ -22,7 +22,7 @@ from fimntk.service.problem_handlers import install_error_handlers
 from fimntk.service.prometheus import RequestMiddleware, ServiceMetrics
 from fimntk.service.query_check import reject_unknown_query
 from fimntk.service.reaper import Reaper
-from fimntk.service.routes import admin, blobs, health, jobs, results, search, users
+from fimntk.service.routes import admin, blobs, health, jobs, results, search, ui, users
 from fimntk.version import __version__
 
 DESCRIPTION = """
@@ -94,6 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware, metrics=state.metrics)
     # Added last, so it runs first: before metrics, parsing and authentication.
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_body_bytes)
-    for module in (blobs, jobs, results, search, users, admin, health):
+    for module in (blobs, jobs, results, search, users, admin, health, ui):
         app.include_router(module.router)
     return app
