@@ -90,7 +90,8 @@ def layout(
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)} · fimntk</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<link rel="stylesheet" href="/ui/static/ui.css"></head><body>'
+        '<link rel="icon" href="data:,"><link rel="stylesheet" href="/ui/static/ui.css">'
+        "</head><body>"
         f'<header><span class="brand">fimntk</span><nav>{nav}</nav>'
         f'<span class="user">{esc(user_name)} · <form method="post" action="/ui/logout" '
         'class="inline"><button type="submit">Sign out</button></form></span></header>'
@@ -105,7 +106,8 @@ def login_page(message: str | None = None) -> str:
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         "<title>Sign in · fimntk</title>"
-        '<link rel="stylesheet" href="/ui/static/ui.css"></head><body class="login">'
+        '<link rel="icon" href="data:,"><link rel="stylesheet" href="/ui/static/ui.css">'
+        '</head><body class="login">'
         '<form method="post" action="/ui/login" class="login"><h1>fimntk dashboard</h1>'
         f"{error_box(message)}"
         '<label for="api_key">API key</label>'

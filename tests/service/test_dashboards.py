@@ -12,65 +12,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fimntk.contract.vocabulary import MAX_LABELS
-from tests.service.conftest import auth, wait_job
-from tests.service.models import BATCH, N_EXAMPLES, Uploaded, upload_all
+from tests.service.conftest import auth
+from tests.service.dashboard_data import STEPS, run_dashboard_jobs
+from tests.service.models import N_EXAMPLES
 
 pytestmark = pytest.mark.timeout(300)
-STEPS = (0, 10, 20)
-
-
-def _spec(up: Uploaded, **changes: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model": up.spec_model,
-        "metric": "fim",
-        "representation": "kfac",
-        "dataset": {"blob": up.dataset, "batch_size": BATCH},
-        "operations": [
-            {"op": "trace"},
-            {"op": "lanczos_eigenpairs", "k": 3},
-            {"op": "slq_density", "n_probes": 2, "n_iter": 5},
-        ],
-    }
-    return spec | changes
-
-
-def _submit(client: TestClient, key: str, spec: dict[str, Any]) -> Any:
-    return client.post("/v1/jobs", json=spec, headers=auth(key))
 
 
 @pytest.fixture(scope="module")
 def jobs(client: TestClient, users: dict[str, str], worker: Any) -> dict[str, Any]:
     """Alice's KFAC and EKFAC jobs over three steps of two runs, an NTK job, and Bob's job."""
-    alice = upload_all(client, users["alice"])
-    bob = upload_all(client, users["bob"])
-    submitted = []
-    for run in ("seed0", "seed1"):
-        for rep in ("kfac", "ekfac"):
-            for step in STEPS:
-                labels = {"experiment": "dash", "run": run, "note": "<b>x</b>'; --"}
-                spec = _spec(alice, representation=rep, labels=labels, step=step)
-                submitted.append(_submit(client, users["alice"], spec).json())
-    ntk = {
-        "model": alice.spec_model,
-        "metric": "ntk",
-        "dataset": {"blob": alice.dataset, "batch_size": BATCH},
-        "operations": [{"op": "to_torch"}, {"op": "trace"}],
-        "labels": {"experiment": "dash", "run": "ntk"},
-        "step": 5,
-    }
-    submitted.append(_submit(client, users["alice"], ntk).json())
-    bobs = _submit(client, users["bob"], _spec(bob, labels={"experiment": "dash"}, step=0))
-    submitted.append(bobs.json())
-    owners = ["alice"] * (len(submitted) - 1) + ["bob"]
-    done = {
-        j["id"]: wait_job(client, users[o], j["id"]) for j, o in zip(submitted, owners, strict=True)
-    }
-    assert all(j["status"] == "succeeded" for j in done.values()), done
-    return {
-        "alice": [j["id"] for j in submitted[:-1]],
-        "ntk": submitted[-2]["id"],
-        "bob": submitted[-1]["id"],
-    }
+    return run_dashboard_jobs(client, users, "dash", ("seed0", "seed1"))
+
+
+def _submit(client: TestClient, key: str, spec: dict[str, Any]) -> Any:
+    return client.post("/v1/jobs", json=spec, headers=auth(key))
 
 
 def _search(client: TestClient, key: str, **body: Any) -> Any:
@@ -150,7 +106,11 @@ def test_search_filters_with_scalars_and_labels(
         client, users["alice"], filter=f"scalars.trace < {trace * 0.5} AND id = '{row['id']}'"
     ).json()
     assert below["items"] == []
-    hostile = _search(client, users["alice"], filter="labels.note = '<b>x</b>''; --'").json()
+    hostile = _search(
+        client,
+        users["alice"],
+        filter="labels.note = '<b>x</b>''; --' AND labels.experiment = 'dash'",
+    ).json()
     assert len(hostile["items"]) == 12
     like = _search(client, users["alice"], filter="labels.run LIKE 'seed%' AND rep = 'kfac'").json()
     assert len(like["items"]) == 6
