@@ -132,7 +132,7 @@ def get_series(
         series=[
             SeriesLine(
                 group=line.group,
-                name=" · ".join(str(v) for v in line.group.values()) or key,
+                name=" · ".join("—" if v is None else v for v in line.group.values()) or key,
                 points=line.points,
             )
             for line in lines

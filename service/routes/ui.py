@@ -289,7 +289,7 @@ def dynamics_page(
     try:
         series = state.search.series(parse_filter(filter), user, key, "step", names, 500)
         for s in series:
-            name = " · ".join(str(v) for v in s.group.values()) or key
+            name = " · ".join("—" if v is None else v for v in s.group.values()) or key
             lines.append((name, [(float(p[0]), p[1]) for p in s.points]))
     except InvalidInputError as exc:
         problem = str(exc)
