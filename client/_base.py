@@ -259,7 +259,10 @@ class BaseClient:
     def _submit_flow(
         self, spec: dict[str, Any], idempotency_key: str | None = None
     ) -> Flow[dict[str, Any]]:
-        """``POST /v1/jobs`` with an idempotency key, so that a retried submission is one job."""
+        """``POST /v1/jobs`` with an idempotency key, so that a retried submission is one job;
+        the labels and step of the enclosing ``with client.labels(...)`` blocks are added (the
+        spec's own win)."""
+        spec = spec | self._stamp(spec.get("labels"), spec.get("step"))
         key = idempotency_key or uuid.uuid4().hex
         response = yield Call("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
         return _json(response)
@@ -369,7 +372,8 @@ class BaseClient:
 
         timeout = options.pop("timeout", None)
         shards = options.pop("shards", 1)
-        stamp = self._stamp(options.pop("labels", None), options.pop("step", None))
+        labels, step = options.pop("labels", None), options.pop("step", None)
+        stamp = {k: v for k, v in (("labels", labels), ("step", step)) if v is not None}
         prepared: Prepared = prepare(model, data, **options)
         try:
             ops = make_ops(prepared.target)
@@ -393,7 +397,7 @@ class BaseClient:
         """One operation on a kept representation (no recomputation)."""
         op = make_op(handle.target)
         spec = {"reuse": handle.job_id, "operations": [op.to_json()]}
-        spec |= self._stamp(handle.job.get("labels"), handle.job.get("step"))
+        spec |= {"labels": handle.job.get("labels") or {}, "step": handle.job.get("step")}
         blobs = [op.vector] if op.vector is not None else []
         _, values = yield from self._run_ops_flow(spec, [op], blobs, timeout)
         return values[0]

@@ -60,3 +60,19 @@ def test_search_rows_flatten() -> None:
     row = {"id": "j", "labels": {"run": "a"}, "scalars": {"trace": 1.0}}
     flat = _rows(search_rows([row]))
     assert flat == [{"id": "j", "labels.run": "a", "scalars.trace": 1.0}]
+
+
+def test_dashboard_demo_fills_runs_over_steps(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fimntk.client import dashboard_demo
+
+    monkeypatch.setattr(dashboard_demo, "EPOCHS", 1)
+    monkeypatch.setattr(dashboard_demo, "SEEDS", (0,))
+    assert dashboard_demo.fill(client) == 7  # 2 checkpoints × 3 Fishers, and the NTK
+    rows = _rows(client.search("labels.experiment = 'digits-demo'", order_by=["step"]))
+    assert {r["rep"] for r in rows} == {"kfac", "ekfac", "diag", None}
+    steps = sorted({r["step"] for r in rows})
+    assert steps[0] == 0 and steps[1] > 0
+    series = client.series("lambda_max", group_by=["rep"], filter="labels.run = 'seed0'")
+    assert {s["name"]: len(s["points"]) for s in series["series"]}["kfac"] == 2
