@@ -13,6 +13,8 @@ from html import escape
 
 #: Colours of successive series (colour-blind friendly: Okabe and Ito).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+#: Lines with more points than this are drawn without markers (and their tooltips).
+MAX_MARKERS = 64
 _W, _H = 720, 320
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 160, 16, 40
 
@@ -79,7 +81,8 @@ def line_chart(
             f'<g class="series" data-name="{escape(name)}"><polyline points="{path}" '
             f'fill="none" stroke="{colour}" stroke-width="2"/>'
         )
-        for (a, b), (x, y) in zip(coords, pts, strict=True):
+        marked = zip(coords, pts, strict=True) if len(pts) <= MAX_MARKERS else []
+        for (a, b), (x, y) in marked:
             tip = f"{name}: x={number(x)} y={number(y)}"  # type: ignore[arg-type]
             parts.append(
                 f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}">'
