@@ -302,6 +302,8 @@ class _JobRow(_Base):
         # stay index lookups however many jobs the owner has run (migration 0003)
         Index("ix_jobs_owner_status", "owner_id", "status"),
         Index("ix_jobs_kept_lookup", "owner_id", "rep_key", "kept", "status", "created_at"),
+        # a user's searches, newest first (migration 0006)
+        Index("ix_jobs_owner_created", "owner_id", "created_at"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(40), index=True)
