@@ -350,7 +350,7 @@ class ScalarRecordRow(_Base):
     __tablename__ = "job_scalars"
     __table_args__ = (
         Index("ix_job_scalars_job", "job_id", "key"),
-        Index("ix_job_scalars_key_value", "key", "value", "job_id"),
+        Index("ix_job_scalars_key_job", "key", "job_id", "value"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(40))

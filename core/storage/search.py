@@ -2,9 +2,10 @@
 
 Filters arrive parsed (:mod:`fimntk.contract.filters`); each clause becomes a SQLAlchemy
 expression whose literals are bound parameters, so no user text ever reaches the SQL string.
-A clause on ``labels.<key>`` or ``scalars.<key>`` is an ``EXISTS`` on the indexed
-``job_labels``/``job_scalars`` rows; the rest compare columns of ``jobs``. Ownership is one
-more clause, added by :class:`ResultSearch` to every query of a user who is not the admin.
+A clause on ``labels.<key>`` is an ``id IN (...)`` on the indexed ``job_labels`` rows, one on
+``scalars.<key>`` an ``EXISTS`` on the indexed ``job_scalars`` rows; the rest compare columns
+of ``jobs``. Ownership is one more clause, added by :class:`ResultSearch` to every query of a
+user who is not the admin.
 """
 
 from __future__ import annotations
@@ -95,16 +96,19 @@ def clause_expression(clause: Clause, sqlite: bool) -> ColumnElement[bool]:
     values: list[Any] = list(clause.values)
     if clause.kind == "time":
         values = [_utc(v, sqlite) for v in values]
+    # A label clause is selective (a run, an experiment): ``id IN (subquery)`` reads the
+    # (key, value, job_id) index once. A scalar clause is often not (``trace > 0``): a lookup
+    # per candidate job on (key, job_id) beats collecting every matching job first.
     if clause.kind == "label":
-        return exists().where(
-            _LABELS.c.job_id == JOBS.c.id,
-            _LABELS.c.key == clause.key,
-            _compare(_LABELS.c.value, clause.op, values),
+        return JOBS.c.id.in_(
+            select(_LABELS.c.job_id).where(
+                _LABELS.c.key == clause.key, _compare(_LABELS.c.value, clause.op, values)
+            )
         )
     if clause.kind == "scalar":
         return exists().where(
-            _SCALARS.c.job_id == JOBS.c.id,
             _SCALARS.c.key == clause.key,
+            _SCALARS.c.job_id == JOBS.c.id,
             _SCALARS.c.layer.is_(None),
             _compare(_SCALARS.c.value, clause.op, values),
         )

@@ -42,7 +42,7 @@ def upgrade() -> None:
         sa.Column("value", sa.Float(), nullable=True),
     )
     op.create_index("ix_job_scalars_job", "job_scalars", ["job_id", "key"])
-    op.create_index("ix_job_scalars_key_value", "job_scalars", ["key", "value", "job_id"])
+    op.create_index("ix_job_scalars_key_job", "job_scalars", ["key", "job_id", "value"])
     op.create_table(
         "job_previews",
         sa.Column("job_id", sa.String(40), primary_key=True),
@@ -53,7 +53,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("job_previews")
-    op.drop_index("ix_job_scalars_key_value", table_name="job_scalars")
+    op.drop_index("ix_job_scalars_key_job", table_name="job_scalars")
     op.drop_index("ix_job_scalars_job", table_name="job_scalars")
     op.drop_table("job_scalars")
     op.drop_index("ix_job_labels_key_value", table_name="job_labels")
