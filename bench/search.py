@@ -81,8 +81,8 @@ def fill(store: SqlRecordStore, n_jobs: int) -> None:
 
 def time_queries(search: ResultSearch, user: User, repeats: int) -> None:
     """Print p50/p99 of each query (first page of 100)."""
-    for text in QUERIES:
-        clauses = parse(text)
+    for query in QUERIES:
+        clauses = parse(query)
         search.search(clauses, user, [], 100, None)  # warm
         times = []
         for _ in range(repeats):
@@ -92,7 +92,7 @@ def time_queries(search: ResultSearch, user: User, repeats: int) -> None:
         times.sort()
         p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
         print(
-            f"| {user.name} | `{text or '(all)'}` | {len(rows)} | "
+            f"| {user.name} | `{query or '(all)'}` | {len(rows)} | "
             f"{statistics.median(times):.1f} | {p99:.1f} |"
         )
 
