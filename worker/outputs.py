@@ -92,8 +92,8 @@ class OutputCollector:
             if not isinstance(value, dict):
                 self.scalar(op if field == "value" else f"{op}.{field}", value)
 
-    def tensor(self, op: str, field: str, value: torch.Tensor, metric: str) -> None:
-        """Previews and derived scalars of a tensor output."""
+    def tensor(self, op: str, field: str, value: torch.Tensor, *, gram: bool = False) -> None:
+        """Previews and derived scalars of a tensor output (``gram``: an NTK's ``to_torch``)."""
         if field == "eigenvalues":
             values = value.detach().to("cpu", torch.float64).reshape(-1)
             self.previews["eigenvalues"] = {"op": op, "values": _values(values)}
@@ -101,7 +101,7 @@ class OutputCollector:
                 self.scalar("lambda_max", float(values.max()))
                 self.scalar("lambda_min", float(values.min()))
                 self.scalar("effective_rank", effective_rank(values))
-        elif op == "to_torch" and metric == "ntk":
+        elif gram:
             self.previews["gram"] = gram_preview(value)
 
     def density(self, grid: torch.Tensor, density: torch.Tensor) -> None:

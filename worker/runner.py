@@ -524,7 +524,8 @@ class JobRunner:
                 return {"value": artifacts.scalar(getattr(rep, name)())}
             if name in ("get_diag", "to_torch"):
                 value = getattr(rep, name)()
-                self._outputs.tensor(name, "value", value, spec["metric"])
+                gram = name == "to_torch" and spec["metric"] == "ntk"
+                self._outputs.tensor(name, "value", value, gram=gram)
                 return {"value": self._tensor(job_id, prefix, value)}
             if name in ("mv", "vTMv", "solve"):
                 v = self._vector(op["v"], index, rep, spec)
@@ -537,7 +538,7 @@ class JobRunner:
                     evals, evecs = rep.eigenpairs(op["k"], progress=self._op_progress)
                 else:
                     evals, evecs = rep.eigenpairs(op["k"])
-                self._outputs.tensor(name, "eigenvalues", evals, spec["metric"])
+                self._outputs.tensor(name, "eigenvalues", evals)
                 return {
                     "eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
                     "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs),
@@ -560,7 +561,7 @@ class JobRunner:
         for field in _ESTIMATE_FIELDS:
             value = getattr(estimate, field, None)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                self._outputs.tensor(name, field, value, "")
+                self._outputs.tensor(name, field, value)
                 outputs[field] = self._tensor(job_id, f"op{index}_{name}_{field}", value)
             elif isinstance(value, torch.Tensor | float | int):
                 outputs[field] = artifacts.scalar(value)

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from fimntk.core.errors import BadRequestError, InvalidInputError
 from fimntk.core.storage.records import JobFilter, User
@@ -103,7 +104,9 @@ async def login(request: Request) -> Response:
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     key = (form.get("api_key") or [""])[0].strip()
     state: AppState = request.app.state.fimntk
-    user = state.records.user_by_key_hash(hash_key(key)) if 0 < len(key) <= 512 else None
+    user = None
+    if 0 < len(key) <= 512:
+        user = await run_in_threadpool(state.records.user_by_key_hash, hash_key(key))
     if user is None:
         return _page(login_page("Unknown API key."), status=401)
     response = RedirectResponse("/ui", status_code=303)
