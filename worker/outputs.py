@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fimntk.core.storage.records import ScalarRow
+from fimntk.engine.pspace import PMatLayerwise
 
 #: Most values of a 1-d preview (eigenvalues, density grid).
 MAX_PREVIEW_VALUES = 512
@@ -114,11 +115,10 @@ class OutputCollector:
 
     def layers(self, representation: Any) -> None:
         """Per-layer traces and Kronecker factor spectra of a layer-wise representation."""
-        blocks = getattr(representation, "data", None)
-        if not isinstance(blocks, dict):
+        if not isinstance(representation, PMatLayerwise):
             return
         rows = []
-        for name, block in list(blocks.items())[:MAX_LAYERS]:
+        for name, block in list(representation.data.items())[:MAX_LAYERS]:
             trace = float(block.trace())
             self.scalar("trace", trace, layer=name)
             rows.append(

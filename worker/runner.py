@@ -410,7 +410,10 @@ class JobRunner:
             values = self._operation(record.id, i, op, representation, spec)
             self._outputs.operation(op["op"], values)
             outputs.append({"index": i, "op": op["op"], "outputs": values})
-        self._outputs.layers(representation)
+        try:  # a preview never fails a job
+            self._outputs.layers(representation)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            _log.warning("no per-layer preview of %s: %s", record.id, exc)
         kept = None
         if spec.get("keep"):
             self.representations.put((record.rep_key, str(self.device)), representation)

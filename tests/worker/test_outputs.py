@@ -32,12 +32,15 @@ def test_gram_preview_is_bounded_and_averages_blocks() -> None:
     assert preview["size"] == c * n and preview["classes"] == c
     assert len(preview["cells"]) == MAX_GRAM_PREVIEW
     assert all(len(row) == MAX_GRAM_PREVIEW for row in preview["cells"])
-    full = gram.reshape(c * n, c * n)
-    assert sum(map(sum, preview["cells"])) / MAX_GRAM_PREVIEW**2 == pytest.approx(
-        full.mean().item(), rel=0.05
-    )
     means = torch.tensor(preview["class_block_means"], dtype=torch.float64)
     assert torch.allclose(means, gram.mean(dim=(1, 3)))
+
+
+def test_gram_cells_are_block_means() -> None:
+    gram = torch.randn(2, 64, 2, 64, dtype=torch.float64)
+    cells = torch.tensor(gram_preview(gram)["cells"], dtype=torch.float64)
+    blocks = gram.reshape(128, 128).reshape(64, 2, 64, 2).mean(dim=(1, 3))
+    assert torch.allclose(cells, blocks)
 
 
 def test_small_gram_is_kept_whole() -> None:
@@ -62,3 +65,9 @@ def test_collector_scalars_and_bounded_previews() -> None:
     assert "gram" not in out.previews
     out.tensor("to_torch", "value", torch.eye(4), gram=True)
     assert out.previews["gram"]["size"] == 4
+
+
+def test_layers_only_of_layerwise_representations() -> None:
+    out = OutputCollector()
+    out.layers(object())
+    assert out.scalars == [] and "layers" not in out.previews
