@@ -6,14 +6,15 @@ A filter is clauses joined by ``AND`` (no ``OR``, no parentheses)::
     clause  := name op literal | name "IN" "(" literal ( "," literal )* ")"
     op      := "=" | "!=" | "<" | "<=" | ">" | ">=" | "LIKE"
     name    := labels.<key> | scalars.<key> | id | status | metric | rep | variant | model
-             | dataset | step | created_at | finished_at
+             | dataset | n | step | created_at | finished_at
     literal := 'text' (a quote doubled inside: 'it''s') | number (-1, 2.5, 1e-3)
 
 Keywords are case-insensitive. ``LIKE`` takes ``%`` (any run) and ``_`` (one character) on
-text fields. Labels and the text fields compare to quoted text; ``step`` and ``scalars.<key>``
-to numbers; ``created_at``/``finished_at`` to quoted ISO 8601 date-times. The parser builds a
-list of :class:`Clause`; the store binds every literal as a SQL parameter, so a filter can never
-change the query's shape. Errors name the 0-based character position.
+text fields. Labels and the text fields compare to quoted text; ``step``, ``n`` (examples)
+and ``scalars.<key>`` to numbers; ``created_at``/``finished_at`` to quoted ISO 8601
+date-times. The parser builds a list of :class:`Clause`; the store binds every literal as a
+SQL parameter, so a filter can never change the query's shape. Errors name the 0-based
+character position.
 
 >>> parse("labels.run = 'seed0' AND rep IN ('kfac', 'ekfac') AND step >= 1000")[1]
 Clause(name='rep', op='IN', values=('kfac', 'ekfac'))
@@ -35,7 +36,7 @@ MAX_IN_VALUES = 100
 #: Fields compared to quoted text.
 TEXT_FIELDS = frozenset({"id", "status", "metric", "rep", "variant", "model", "dataset"})
 #: Fields compared to numbers.
-NUMBER_FIELDS = frozenset({"step"})
+NUMBER_FIELDS = frozenset({"step", "n"})
 #: Fields compared to ISO 8601 date-times (quoted).
 TIME_FIELDS = frozenset({"created_at", "finished_at"})
 #: Every plain field name (besides ``labels.<key>`` and ``scalars.<key>``).

@@ -602,13 +602,13 @@ class SearchRequest(_Strict):
         max_length=4000,
         description="Clauses joined by AND: `name op literal`, ops = != < <= > >= IN LIKE; "
         "names labels.<key>, scalars.<key>, id, status, metric, rep, variant, model, dataset, "
-        "step, created_at, finished_at. Text in single quotes.",
+        "n, step, created_at, finished_at. Text in single quotes.",
         examples=["labels.run = 'seed0' AND rep IN ('kfac', 'ekfac') AND step >= 1000"],
     )
     order_by: list[str] = Field(
         default_factory=list,
         max_length=4,
-        description="created_at, finished_at, step, id, status, metric or rep; '-' first for "
+        description="created_at, finished_at, step, n, id, status, metric or rep; '-' first for "
         "descending. Default: newest first.",
         examples=[["-step"]],
     )
@@ -627,6 +627,7 @@ class SearchRow(BaseModel):
     variant: str | None
     model: str
     dataset: str
+    n: int | None = Field(description="Examples the job runs over (a server-set label).")
     step: int | None
     created_at: datetime | None
     finished_at: datetime | None

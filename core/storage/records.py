@@ -105,6 +105,7 @@ class JobRecord:
         labels: The submitter's labels (string keys and values).
         step: Training step the weights come from.
         variant: Fisher variant (``None`` for the NTK), for filtering.
+        n: Number of examples the job runs over (``None`` for jobs before migration 0006).
     """
 
     id: str
@@ -132,6 +133,7 @@ class JobRecord:
     labels: dict[str, str] = field(default_factory=dict)
     step: int | None = None
     variant: str | None = None
+    n: int | None = None
 
 
 @dataclass
@@ -332,6 +334,7 @@ class _JobRow(_Base):
     labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     variant: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    n: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class LabelRow(_Base):

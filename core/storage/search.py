@@ -36,11 +36,12 @@ _COLUMNS = {
     "model": JOBS.c.model_digest,
     "dataset": JOBS.c.dataset,
     "step": JOBS.c.step,
+    "n": JOBS.c.n,
     "created_at": JOBS.c.created_at,
     "finished_at": JOBS.c.finished_at,
 }
 #: Names a search may be ordered by (``-name`` for descending).
-ORDER_NAMES = ("created_at", "finished_at", "step", "id", "status", "metric", "rep")
+ORDER_NAMES = ("created_at", "finished_at", "step", "n", "id", "status", "metric", "rep")
 #: Most jobs a series reads before downsampling.
 MAX_SERIES_ROWS = 100_000
 #: Most label keys and values listed.
@@ -59,6 +60,7 @@ class SearchRow:
     variant: str | None
     model: str
     dataset: str
+    n: int | None
     step: int | None
     created_at: datetime | None
     finished_at: datetime | None
@@ -326,6 +328,7 @@ _JOB_COLUMNS = (
     "variant",
     "model_digest",
     "dataset",
+    "n",
     "step",
     "created_at",
     "finished_at",
@@ -342,6 +345,7 @@ def _row(job: dict[str, Any]) -> SearchRow:
         variant=job["variant"],
         model=job["model_digest"],
         dataset=job["dataset"],
+        n=job["n"],
         step=job["step"],
         created_at=_aware(job["created_at"]),
         finished_at=_aware(job["finished_at"]),

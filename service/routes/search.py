@@ -79,7 +79,7 @@ def export_results(
 def _csv(rows: list[store.SearchRow]) -> str:
     """CSV text of search rows; a cell that a spreadsheet would run as a formula is quoted
     with a leading apostrophe."""
-    fields = ["id", "status", "owner", "metric", "rep", "variant", "model", "dataset", "step"]
+    fields = ["id", "status", "owner", "metric", "rep", "variant", "model", "dataset", "n", "step"]
     fields += ["created_at", "finished_at"]
     labels = sorted({k for r in rows for k in r.labels})
     scalars = sorted({k for r in rows for k in r.scalars})

@@ -89,6 +89,9 @@ def test_search_filters_with_scalars_and_labels(
     row = items[0]
     assert row["labels"] == {"experiment": "dash", "run": "seed0", "note": "<b>x</b>'; --"}
     assert row["variant"] == "classif_logits" and row["metric"] == "fim"
+    assert row["n"] == N_EXAMPLES
+    assert len(_search(client, users["alice"], filter=f"n = {N_EXAMPLES}").json()["items"]) > 0
+    assert _search(client, users["alice"], filter=f"n > {N_EXAMPLES}").json()["items"] == []
     for key in (
         "trace",
         "lambda_max",

@@ -126,7 +126,7 @@ def test_a_database_made_before_migrations_is_adopted(url: str) -> None:
             connection.execute(text(f"DROP INDEX {index}"))
         for table in ("job_labels", "job_scalars", "job_previews"):
             connection.execute(text(f"DROP TABLE {table}"))
-        for column in ("labels", "step", "variant"):
+        for column in ("labels", "step", "variant", "n"):
             connection.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
     assert migrate.current_revision(engine) is None
     store = SqlRecordStore(url)

@@ -1,6 +1,7 @@
 """Labels and step of jobs, scalars as rows and bounded JSON previews, for dashboards.
 
-``jobs`` gains ``labels`` (the JSON object as submitted), ``step`` and ``variant``;
+``jobs`` gains ``labels`` (the JSON object as submitted), ``step``, ``variant`` and ``n``
+(examples);
 ``job_labels`` holds one row per label (indexed by key and value), ``job_scalars`` one row per
 scalar a succeeded job produced (indexed by key), ``job_previews`` small JSON results
 (eigenvalues, densities, a Gram preview). Existing jobs get no labels and no scalars.
@@ -25,6 +26,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("labels", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("step", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("variant", sa.String(32), nullable=True))
+        batch.add_column(sa.Column("n", sa.BigInteger(), nullable=True))
     op.create_index("ix_jobs_owner_created", "jobs", ["owner_id", "created_at"])
     op.create_table(
         "job_labels",
@@ -60,6 +62,7 @@ def downgrade() -> None:
     op.drop_table("job_labels")
     op.drop_index("ix_jobs_owner_created", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("n")
         batch.drop_column("variant")
         batch.drop_column("step")
         batch.drop_column("labels")
