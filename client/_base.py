@@ -10,10 +10,12 @@ flow, which then cancels its job on the server before letting the interruption g
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import random
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -120,6 +122,69 @@ class BaseClient:
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self.progress = progress
+        self._context_labels: dict[str, str] = {}
+        self._context_step: int | None = None
+
+    @contextlib.contextmanager
+    def labels(self, step: int | None = None, **labels: str) -> Iterator[None]:
+        """Stamp every job submitted inside the block with ``labels`` (and ``step``), e.g. a
+        sweep: ``with client.labels(experiment="lr", run="seed0", step=1000):``. Blocks nest;
+        labels given to a call add to (and override) these. Not shared between threads
+        safely: use one client per thread for different labels."""
+        saved = dict(self._context_labels), self._context_step
+        self._context_labels.update(labels)
+        if step is not None:
+            self._context_step = step
+        try:
+            yield
+        finally:
+            self._context_labels, self._context_step = saved
+
+    def _stamp(self, labels: dict[str, str] | None, step: int | None) -> dict[str, Any]:
+        """The ``labels`` and ``step`` fields of a spec: the block's, then the call's."""
+        stamp: dict[str, Any] = {}
+        merged = {**self._context_labels, **(labels or {})}
+        if merged:
+            stamp["labels"] = merged
+        step = self._context_step if step is None else step
+        if step is not None:
+            stamp["step"] = step
+        return stamp
+
+    @staticmethod
+    def _search_flow(
+        filter: str, order_by: list[str] | None, limit: int
+    ) -> Flow[list[dict[str, Any]]]:
+        """Every page of a search, up to ``limit`` jobs."""
+        rows: list[dict[str, Any]] = []
+        token = None
+        while len(rows) < limit:
+            body: dict[str, Any] = {
+                "filter": filter,
+                "order_by": order_by or [],
+                "page_size": min(500, limit - len(rows)),
+            }
+            if token is not None:
+                body["page_token"] = token
+            page = _json((yield Call("POST", "/v1/results:search", json=body)))
+            rows += page["items"]
+            token = page["next_page_token"]
+            if token is None:
+                break
+        return rows
+
+    @staticmethod
+    def _series_call(
+        key: str, x: str, group_by: list[str] | None, filter: str, max_points: int
+    ) -> Call:
+        params = {
+            "key": key,
+            "x": x,
+            "group_by": ",".join(group_by or []),
+            "filter": filter,
+            "max_points": max_points,
+        }
+        return Call("GET", "/v1/series", params=params)
 
     @property
     def url(self) -> str:
@@ -194,7 +259,10 @@ class BaseClient:
     def _submit_flow(
         self, spec: dict[str, Any], idempotency_key: str | None = None
     ) -> Flow[dict[str, Any]]:
-        """``POST /v1/jobs`` with an idempotency key, so that a retried submission is one job."""
+        """``POST /v1/jobs`` with an idempotency key, so that a retried submission is one job;
+        the labels and step of the enclosing ``with client.labels(...)`` blocks are added (the
+        spec's own win)."""
+        spec = spec | self._stamp(spec.get("labels"), spec.get("step"))
         key = idempotency_key or uuid.uuid4().hex
         response = yield Call("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
         return _json(response)
@@ -304,10 +372,12 @@ class BaseClient:
 
         timeout = options.pop("timeout", None)
         shards = options.pop("shards", 1)
+        labels, step = options.pop("labels", None), options.pop("step", None)
+        stamp = {k: v for k, v in (("labels", labels), ("step", step)) if v is not None}
         prepared: Prepared = prepare(model, data, **options)
         try:
             ops = make_ops(prepared.target)
-            spec = prepared.spec(ops, keep)
+            spec = prepared.spec(ops, keep) | stamp
             if shards != 1:
                 spec["shards"] = shards
             job, values = yield from self._run_ops_flow(spec, ops, prepared.blobs(ops), timeout)
@@ -327,6 +397,7 @@ class BaseClient:
         """One operation on a kept representation (no recomputation)."""
         op = make_op(handle.target)
         spec = {"reuse": handle.job_id, "operations": [op.to_json()]}
+        spec |= {"labels": handle.job.get("labels") or {}, "step": handle.job.get("step")}
         blobs = [op.vector] if op.vector is not None else []
         _, values = yield from self._run_ops_flow(spec, [op], blobs, timeout)
         return values[0]
@@ -401,6 +472,8 @@ def compute_options(
     batch_size: int | None,
     timeout: float | None,
     shards: int | str = 1,
+    labels: dict[str, str] | None = None,
+    step: int | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of the computations, as :func:`fimntk.client._compute.prepare` takes
     them."""
@@ -415,4 +488,22 @@ def compute_options(
         "batch_size": batch_size,
         "timeout": timeout,
         "shards": shards,
+        "labels": labels,
+        "step": step,
     }
+
+
+def search_rows(rows: list[dict[str, Any]]) -> Any:
+    """Search rows flattened (``labels.<key>``, ``scalars.<key>`` columns): a pandas
+    DataFrame when pandas is installed, else the list of dicts."""
+    flat = []
+    for row in rows:
+        out = {k: v for k, v in row.items() if k not in ("labels", "scalars")}
+        out |= {f"labels.{k}": v for k, v in row["labels"].items()}
+        out |= {f"scalars.{k}": v for k, v in row["scalars"].items()}
+        flat.append(out)
+    try:
+        pandas = importlib.import_module("pandas")  # optional: not a dependency
+    except ImportError:
+        return flat
+    return pandas.DataFrame(flat)

@@ -9,7 +9,15 @@ from typing import Any
 
 import httpx
 
-from fimntk.client._base import RETRY_STATUSES, BaseClient, Call, Flow, T, compute_options
+from fimntk.client._base import (
+    RETRY_STATUSES,
+    BaseClient,
+    Call,
+    Flow,
+    T,
+    compute_options,
+    search_rows,
+)
 from fimntk.client._handles import RemoteFIM, RemoteNTK
 from fimntk.client._progress import ProgressOption
 from fimntk.client.errors import unreachable
@@ -147,6 +155,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """:math:`\\mathrm{tr}(M)` of the FIM (``rep=``) or the NTK (``metric="ntk"``).
 
@@ -167,6 +177,9 @@ class Client(BaseClient):
             timeout: Limit on the wait, in seconds (default the client's).
             shards: Split the examples into this many fixed ranges computed by
                 several workers and added (``"auto"``: the server decides; 1: one worker).
+            labels: String labels of the job, added to those of ``with client.labels(...)``
+                (searchable: ``labels.<key>`` in :meth:`search`).
+            step: Training step the weights come from (the x of :meth:`series`).
 
         Returns:
             A 0-d tensor, as the engine returns.
@@ -184,6 +197,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: scalar_op("trace", t), options)
@@ -204,6 +219,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """The Frobenius norm, a 0-d tensor. Arguments as in :meth:`trace`."""
         from fimntk.client._compute import scalar_op
@@ -219,6 +236,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: scalar_op("norm", t), options)
@@ -239,6 +258,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """The diagonal ``(d,)`` of the FIM. Arguments as in :meth:`trace`."""
         from fimntk.client._compute import tensor_op
@@ -254,6 +275,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: tensor_op("get_diag", t), options)
@@ -275,6 +298,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """:math:`v^\\top M v`, a 0-d tensor.
 
@@ -295,6 +320,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: scalar_op("vTMv", t, v), options)
@@ -316,6 +343,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """:math:`M v`: a ``PVector`` for the FIM (``{name: tensor}`` without the engine), an
         ``FVector`` for the NTK. ``v`` as in :meth:`vTMv`."""
@@ -332,6 +361,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: vector_op("mv", t, v), options)
@@ -354,6 +385,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0, a
         ``PVector``. ``v`` as in :meth:`vTMv`."""
@@ -370,6 +403,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(
             self._one_shot_flow(model, loader, lambda t: vector_op("solve", t, v, regul), options)
@@ -391,6 +426,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """Top-k eigenvalues (descending) and eigenvectors: of a dense or low-rank FIM
         (``(d, k)`` eigenvectors) or of the NTK (``metric="ntk"``, ``(k, c, n)``)."""
@@ -407,6 +444,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(self._one_shot_flow(model, loader, lambda t: eigenpairs_op(t, k), options))
 
@@ -419,6 +458,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> Any:
         """The NTK Gram matrix ``(c, n, c, n)``, as ``fimntk.engine.GramMatrix`` returns it: an
         ``FMatDense`` (the tensor without the engine)."""
@@ -435,6 +476,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(self._one_shot_flow(model, loader, gram_op, options))
 
@@ -455,6 +498,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> RemoteFIM:
         """Compute a Fisher representation once on the server and keep it there.
 
@@ -473,6 +518,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(self._handle_flow(RemoteFIM, model, loader, options))
 
@@ -485,6 +532,8 @@ class Client(BaseClient):
         batch_size: int | None = None,
         timeout: float | None = None,
         shards: int | str = 1,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
     ) -> RemoteNTK:
         """Compute the NTK Gram matrix once on the server and keep it there.
 
@@ -503,6 +552,8 @@ class Client(BaseClient):
             batch_size=batch_size,
             timeout=timeout,
             shards=shards,
+            labels=labels,
+            step=step,
         )
         return self._run(self._handle_flow(RemoteNTK, model, loader, options))
 
@@ -577,6 +628,32 @@ class Client(BaseClient):
             limit,
             cursor,
         )
+        return self._run(self._json_flow(call))
+
+    def search(
+        self, filter: str = "", *, order_by: list[str] | None = None, limit: int = 1000
+    ) -> Any:
+        """Stored jobs matching ``filter`` (see README "Dashboards"), with their labels and
+        scalars, newest first (or by ``order_by``): a pandas DataFrame when pandas is
+        installed, else a list of dicts; at most ``limit`` rows.
+
+        Example: ``client.search("labels.run = 'seed0' AND rep IN ('kfac','ekfac')")``.
+        """
+        return search_rows(self._run(self._search_flow(filter, order_by, limit)))
+
+    def series(
+        self,
+        key: str,
+        *,
+        x: str = "step",
+        group_by: list[str] | None = None,
+        filter: str = "",
+        max_points: int = 500,
+    ) -> dict[str, Any]:
+        """A scalar (``trace``, ``lambda_max``...) against ``step`` or ``created_at``, one
+        series per group (e.g. ``group_by=["labels.run", "rep"]``): ``{"series": [{"name",
+        "group", "points": [[x, y, job_id], ...]}]}``, at most ``max_points`` per series."""
+        call = self._series_call(key, x, group_by, filter, max_points)
         return self._run(self._json_flow(call))
 
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -62,9 +62,14 @@ def _needs_server_extra(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if args.dashboard:
+        from fimntk.client.dashboard_demo import run_dashboard_demo
+
+        return run_dashboard_demo(args.url, args.key, data_dir)
     from fimntk.client.demo import run_demo
 
-    return run_demo(args.url, args.key, Path(args.data_dir) if args.data_dir else None)
+    return run_demo(args.url, args.key, data_dir)
 
 
 # -- using it ---------------------------------------------------------------------------------
@@ -546,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help="data directory of the local server, new or made by "
         "an earlier demo (default: ~/.cache/fimntk/demo)",
+    )
+    demo.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="fill the server with a small training run (digits, KFAC/EKFAC/diag per "
+        "checkpoint) and print the dashboard's URL",
     )
 
     submit = _command(

@@ -50,7 +50,7 @@ def safetensors_bytes(tensors: dict[str, tuple[list[int], list[float]]]) -> byte
 
 
 @contextlib.contextmanager
-def _local_server(data_dir: Path) -> Iterator[tuple[str, str]]:
+def local_server(data_dir: Path) -> Iterator[tuple[str, str]]:
     """Start ``fimntk serve`` on a free port over a fresh ``data_dir``; its output goes to
     ``<data_dir>/logs/serve.log``, so the terminal shows only the demo."""
     key = "fk_" + secrets.token_urlsafe(32)
@@ -135,7 +135,7 @@ def run_demo(url: str | None, key: str | None, data_dir: Path | None = None) -> 
         from fimntk.client._config import cache_dir
 
         data_dir = data_dir or cache_dir() / "demo"
-        with _local_server(data_dir) as (local_url, local_key):
+        with local_server(data_dir) as (local_url, local_key):
             status = _demo(local_url, local_key)
         print(f"Server logs: {data_dir / 'logs'}")
         return status

@@ -21,6 +21,9 @@ from fimntk.contract.arguments import (
 )
 from fimntk.contract.graph import MAX_GRAPH_MODULES, MAX_GRAPH_PARAMS, MAX_NODES
 from fimntk.contract.vocabulary import (
+    LABEL_KEY_PATTERN,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
     MAX_SHARDS,
     SHARDED_IMPLICIT_OPERATIONS,
     ComputeDtype,
@@ -40,6 +43,20 @@ Digest = Annotated[
     ),
 ]
 
+
+#: A job's labels: at most ``MAX_LABELS`` string pairs, keys matching ``LABEL_KEY_PATTERN``.
+Labels = Annotated[
+    dict[
+        Annotated[str, Field(pattern=LABEL_KEY_PATTERN)],
+        Annotated[str, Field(max_length=MAX_LABEL_VALUE)],
+    ],
+    Field(
+        max_length=MAX_LABELS,
+        description=f"String labels (at most {MAX_LABELS}; keys of letters, digits, '_', '.', "
+        f"'-' up to 64 characters; values up to {MAX_LABEL_VALUE}), e.g. experiment and run.",
+        examples=[{"experiment": "sweep1", "run": "seed0"}],
+    ),
+]
 
 #: A seed torch accepts (``torch.manual_seed``'s range); past it, torch raises at run time.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
@@ -343,6 +360,8 @@ _JOB_EXAMPLE: dict[str, Any] = {
     "variant": "classif_logits",
     "operations": [{"op": "trace"}, {"op": "vTMv", "v": "sha256:" + "c" * 64}],
     "keep": True,
+    "labels": {"experiment": "sweep1", "run": "seed0"},
+    "step": 1000,
 }
 
 
@@ -371,6 +390,13 @@ class JobCreate(_Strict):
     keep: bool = Field(default=False, description="Store the representation for reuse.")
     reuse: str | None = Field(default=None, max_length=64, description="Id of a kept job to reuse.")
     timeout_s: int | None = Field(default=None, ge=1, description="Job time limit.")
+    labels: Labels = Field(default_factory=dict)
+    step: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="Training step (checkpoint) the weights come from, for series over training.",
+    )
     shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)] | Literal["auto"] = Field(
         default=1,
         description=(
@@ -481,6 +507,8 @@ class JobPublic(BaseModel):
     error: Problem | None
     kept: bool
     reused_from: str | None
+    labels: dict[str, str] = Field(default_factory=dict)
+    step: int | None = None
     spec: dict[str, Any]
     links: JobLinks
 
@@ -638,3 +666,86 @@ def _iso_only(value: Any) -> Any:
 
 #: A date-time query parameter, ISO 8601 only.
 IsoDatetime = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
+#: Most jobs in one page of a search, and most points of one series.
+MAX_SEARCH_PAGE = 500
+MAX_SERIES_POINTS = 5000
+
+
+class SearchRequest(_Strict):
+    """A search over stored jobs (``POST /v1/results:search``); see the filter grammar in
+    :mod:`fimntk.contract.filters`."""
+
+    filter: str = Field(
+        default="",
+        max_length=4000,
+        description="Clauses joined by AND: `name op literal`, ops = != < <= > >= IN LIKE; "
+        "names labels.<key>, scalars.<key>, id, status, metric, rep, variant, model, dataset, "
+        "n, step, created_at, finished_at. Text in single quotes.",
+        examples=["labels.run = 'seed0' AND rep IN ('kfac', 'ekfac') AND step >= 1000"],
+    )
+    order_by: list[str] = Field(
+        default_factory=list,
+        max_length=4,
+        description="created_at, finished_at, step, n, id, status, metric or rep; '-' first for "
+        "descending. Default: newest first.",
+        examples=[["-step"]],
+    )
+    page_size: int = Field(default=100, ge=1, le=MAX_SEARCH_PAGE)
+    page_token: str | None = Field(default=None, max_length=512)
+
+
+class SearchRow(BaseModel):
+    """A job found by a search, with its labels and whole-model scalars (null: not finite)."""
+
+    id: str
+    status: str
+    owner: str
+    metric: str
+    rep: str | None
+    variant: str | None
+    model: str
+    dataset: str
+    n: int | None = Field(description="Examples the job runs over (a server-set label).")
+    step: int | None
+    created_at: datetime | None
+    finished_at: datetime | None
+    labels: dict[str, str]
+    scalars: dict[str, float | None]
+
+
+class SearchPage(BaseModel):
+    """A page of search results."""
+
+    items: list[SearchRow]
+    next_page_token: str | None = Field(description="Pass as page_token for the next page.")
+
+
+class SeriesLine(BaseModel):
+    """One line of a chart: the values of the group_by names, and points [x, y, job id]."""
+
+    group: dict[str, str | None]
+    name: str = Field(description="The group's values joined for a legend.")
+    points: list[tuple[float | str, float | None, str]]
+
+
+class SeriesPublic(BaseModel):
+    """Series of a scalar against step or time (``format=series``)."""
+
+    key: str
+    x: str
+    series: list[SeriesLine]
+
+
+class LabelCount(BaseModel):
+    """A label key or value and how many of the user's jobs carry it."""
+
+    value: str
+    jobs: int
+
+
+class LabelList(BaseModel):
+    """Label keys or values, for filter autocompletion."""
+
+    items: list[LabelCount]

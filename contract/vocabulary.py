@@ -157,3 +157,13 @@ MAX_SHARDS = 1024
 DICT_INPUT = re.compile(r"^inputs\.([A-Za-z][A-Za-z0-9_]{0,63})$")
 #: Most examples of a probe batch.
 MAX_PROBE = 16
+
+
+#: Most labels a job may carry, and the longest key and value (characters).
+MAX_LABELS = 32
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 256
+#: What a label key may hold: letters, digits, ``_``, ``.`` and ``-``, starting with a letter.
+LABEL_KEY_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+#: Labels the server sets on every job (queryable as filter names, not as ``labels.<key>``).
+SERVER_LABELS = ("metric", "rep", "variant", "model", "dataset")

@@ -15,6 +15,7 @@ from fimntk.core.queue import JobQueue
 from fimntk.core.storage.artifacts import ArtifactStore
 from fimntk.core.storage.blobs import BlobStore
 from fimntk.core.storage.records import RecordStore, User
+from fimntk.core.storage.search import ResultSearch
 from fimntk.service.auth import hash_key
 from fimntk.service.jobs import JobService
 from fimntk.service.prometheus import ServiceMetrics
@@ -36,6 +37,7 @@ class AppState:
         jobs: Job logic.
         reaper: Fails jobs of dead workers, requeues jobs Redis lost.
         metrics: Prometheus metrics of the app.
+        search: Queries across jobs (search, series, labels).
     """
 
     settings: Settings
@@ -46,6 +48,7 @@ class AppState:
     jobs: JobService
     reaper: Reaper
     metrics: ServiceMetrics
+    search: ResultSearch
 
 
 def get_state(request: Request) -> AppState:

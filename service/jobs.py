@@ -129,7 +129,7 @@ class JobService:
                         "Idempotency-Key",
                     )
                 return previous, False
-        resolved, reuse_id = self._resolve(spec, user)
+        resolved, reuse_id, n_examples = self._resolve(spec, user)
         timeout = spec.timeout_s or self.settings.default_job_timeout_s
         if timeout > self.settings.max_job_timeout_s:
             raise InvalidInputError(
@@ -159,6 +159,10 @@ class JobService:
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             progress={"done": 0, "total": None, "stage": "queued"},
+            labels=resolved["labels"],
+            step=resolved["step"],
+            variant=None if resolved["metric"] == "ntk" else resolved["variant"],
+            n=n_examples,
         )
         stored = self.records.create_job(record)
         if stored.id != record.id:
@@ -170,8 +174,9 @@ class JobService:
             raise
         return record, True
 
-    def _resolve(self, spec: JobCreate, user: User) -> tuple[dict[str, Any], str | None]:
-        """Check a spec against the stores and return it as stored (JSON), with reuse."""
+    def _resolve(self, spec: JobCreate, user: User) -> tuple[dict[str, Any], str | None, int]:
+        """Check a spec against the stores; return it as stored (JSON), the kept job it
+        reuses, and the number of examples it runs over."""
         reuse_id = None
         if spec.reuse is not None:
             base = self._kept_job(spec.reuse, user)
@@ -198,13 +203,13 @@ class JobService:
         if spec.model.probe is not None:
             check_probe(self._blob_header(spec.model.probe, user, "model.probe"), "model.probe")
         if spec.dataset.blob is not None:
-            check_dataset(
+            n_examples = check_dataset(
                 self._blob_header(spec.dataset.blob, user, "dataset.blob"), "dataset.blob"
             )
         else:
             assert spec.dataset.name is not None
             path = dataset_path(self.settings.datasets_dir, spec.dataset.name)
-            check_dataset(
+            n_examples = check_dataset(
                 read_header(
                     path,
                     "dataset.name",
@@ -228,7 +233,7 @@ class JobService:
         if data["representation"] == "ekfac" and data["update_diag"] is None:
             data["update_diag"] = True
         data.pop("reuse")
-        return data, reuse_id
+        return data, reuse_id, min(n_examples, spec.dataset.subset or n_examples)
 
     def _kept_job(self, job_id: str, user: User) -> JobRecord:
         """A succeeded job with a kept representation, visible to ``user``."""

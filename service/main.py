@@ -11,6 +11,7 @@ from fimntk.core.config import Settings
 from fimntk.core.queue import JobQueue
 from fimntk.core.storage.blobs import LocalBlobStore
 from fimntk.core.storage.records import SqlRecordStore
+from fimntk.core.storage.search import ResultSearch
 from fimntk.core.storage.stores import open_artifact_store
 from fimntk.service.auth import hash_key
 from fimntk.service.body_limit import BodyLimitMiddleware
@@ -21,7 +22,7 @@ from fimntk.service.problem_handlers import install_error_handlers
 from fimntk.service.prometheus import RequestMiddleware, ServiceMetrics
 from fimntk.service.query_check import reject_unknown_query
 from fimntk.service.reaper import Reaper
-from fimntk.service.routes import admin, blobs, health, jobs, results, users
+from fimntk.service.routes import admin, blobs, health, jobs, results, search, ui, users
 from fimntk.version import __version__
 
 DESCRIPTION = """
@@ -55,7 +56,10 @@ def build_state(settings: Settings) -> AppState:
     service = JobService(settings, records, blob_store, artifact_store, queue)
     reaper = Reaper(settings, records, queue, artifact_store)
     metrics = ServiceMetrics(records, queue)
-    return AppState(settings, records, blob_store, artifact_store, queue, service, reaper, metrics)
+    search = ResultSearch(records.engine)
+    return AppState(
+        settings, records, blob_store, artifact_store, queue, service, reaper, metrics, search
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -90,6 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware, metrics=state.metrics)
     # Added last, so it runs first: before metrics, parsing and authentication.
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_body_bytes)
-    for module in (blobs, jobs, results, users, admin, health):
+    for module in (blobs, jobs, results, search, users, admin, health, ui):
         app.include_router(module.router)
     return app

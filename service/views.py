@@ -44,6 +44,8 @@ def job_public(record: JobRecord, progress: dict[str, Any] | None) -> JobPublic:
         error=record.error,  # type: ignore[arg-type]
         kept=record.kept,
         reused_from=record.reuse_job_id,
+        labels=record.labels,
+        step=record.step,
         spec=record.spec,
         links=JobLinks(self=base, result=f"{base}/result", cancel=f"{base}/cancel"),
     )

@@ -43,6 +43,7 @@ from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemErro
 from fimntk.worker.memory_check import check_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
 from fimntk.worker.probe import run_probe
+from fimntk.worker.outputs import OutputCollector
 
 _log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class JobRunner:
         self.worker_name: str | None = None
         self.on_job_done: Callable[[], None] | None = None
         self._op_progress: _Progress | None = None
+        self._outputs = OutputCollector()
 
     def request_stop(self, job_id: str | None) -> None:
         """Stop the current job if it is ``job_id`` (called from the worker's pub/sub thread)."""
@@ -287,6 +289,7 @@ class JobRunner:
             progress={**progress.state, "stage": "done"},
         )
         if not done:
+            self.records.store_outputs(job_id, [], {})
             self.artifacts.delete_job(job_id)
         return {"status": JobStatus.SUCCEEDED if done else "abandoned"}
 
@@ -308,6 +311,7 @@ class JobRunner:
             error=error,
             progress={**state, "stage": status},
         )
+        self.records.store_outputs(job_id, [], {})
         self.artifacts.delete_job(job_id)
 
     def _fail(
@@ -429,16 +433,17 @@ class JobRunner:
         clock = time.monotonic()
         progress.stage("operations")
         self._op_progress = progress
+        self._outputs = OutputCollector()
         outputs = []
         for i, op in enumerate(spec["operations"]):
             progress.check()
-            outputs.append(
-                {
-                    "index": i,
-                    "op": op["op"],
-                    "outputs": self._operation(record.id, i, op, representation, spec),
-                }
-            )
+            values = self._operation(record.id, i, op, representation, spec)
+            self._outputs.operation(op["op"], values)
+            outputs.append({"index": i, "op": op["op"], "outputs": values})
+        try:  # a preview never fails a job
+            self._outputs.layers(representation)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            _log.warning("no per-layer preview of %s: %s", record.id, exc)
         kept = None
         if spec.get("keep"):
             self.representations.put((record.rep_key, str(self.device)), representation)
@@ -453,6 +458,7 @@ class JobRunner:
                 except (TypeError, ValueError, NotImplementedError) as exc:
                     _log.info("representation of %s kept in memory only: %s", record.id, exc)
         timings["operations_s"] = time.monotonic() - clock
+        self.records.store_outputs(record.id, self._outputs.scalars, self._outputs.previews)
         return {"operations": outputs, "reused_from": reused_from, "representation_artifact": kept}
 
     def _model_key(self, spec: dict[str, Any]) -> tuple[str, ...]:
@@ -554,7 +560,10 @@ class JobRunner:
             if name in ("trace", "norm"):
                 return {"value": artifacts.scalar(getattr(rep, name)())}
             if name in ("get_diag", "to_torch"):
-                return {"value": self._tensor(job_id, prefix, getattr(rep, name)())}
+                value = getattr(rep, name)()
+                gram = name == "to_torch" and spec["metric"] == "ntk"
+                self._outputs.tensor(name, "value", value, gram=gram)
+                return {"value": self._tensor(job_id, prefix, value)}
             if name in ("mv", "vTMv", "solve"):
                 v = self._vector(op["v"], index, rep, spec)
                 if name == "vTMv":
@@ -566,6 +575,7 @@ class JobRunner:
                     evals, evecs = rep.eigenpairs(op["k"], progress=self._op_progress)
                 else:
                     evals, evecs = rep.eigenpairs(op["k"])
+                self._outputs.tensor(name, "eigenvalues", evals)
                 return {
                     "eigenvalues": self._tensor(job_id, f"{prefix}_eigenvalues", evals),
                     "eigenvectors": self._tensor(job_id, f"{prefix}_eigenvectors", evecs),
@@ -583,9 +593,12 @@ class JobRunner:
         kwargs = {k: v for k, v in op.items() if k not in ("op", "progress") and k in accepted}
         estimate = function(rep, **kwargs, progress=self._op_progress)
         outputs: dict[str, Any] = {}
+        if isinstance(estimate, engine.estimators.SpectralDensity):
+            self._outputs.density(estimate.grid, estimate.density)
         for field in _ESTIMATE_FIELDS:
             value = getattr(estimate, field, None)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
+                self._outputs.tensor(name, field, value)
                 outputs[field] = self._tensor(job_id, f"op{index}_{name}_{field}", value)
             elif isinstance(value, torch.Tensor | float | int):
                 outputs[field] = artifacts.scalar(value)

@@ -24,14 +24,17 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
+    Float,
     Index,
     Integer,
     String,
     UniqueConstraint,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     or_,
@@ -99,6 +102,10 @@ class JobRecord:
         created_at: Submission time.
         started_at: Time a worker started the job.
         finished_at: Time the job reached a terminal status.
+        labels: The submitter's labels (string keys and values).
+        step: Training step the weights come from.
+        variant: Fisher variant (``None`` for the NTK), for filtering.
+        n: Number of examples the job runs over (``None`` for jobs before migration 0006).
     """
 
     id: str
@@ -123,6 +130,25 @@ class JobRecord:
     created_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    step: int | None = None
+    variant: str | None = None
+    n: int | None = None
+
+
+@dataclass
+class ScalarRow:
+    """One scalar a succeeded job produced.
+
+    Attributes:
+        key: What it is (``trace``, ``lambda_max``, ``hutchinson_trace.estimate``...).
+        layer: The layer it belongs to, ``None`` for the whole model.
+        value: Its value; ``None`` when it was not finite.
+    """
+
+    key: str
+    layer: str | None
+    value: float | None
 
 
 @dataclass
@@ -228,6 +254,16 @@ class RecordStore(abc.ABC):
         """Jobs that reached a terminal status after ``since``, oldest first."""
 
     @abc.abstractmethod
+    def store_outputs(
+        self, job_id: str, scalars: Sequence[ScalarRow], previews: dict[str, Any]
+    ) -> None:
+        """Store the scalars and JSON previews of a succeeded job (replacing earlier ones)."""
+
+    @abc.abstractmethod
+    def preview(self, job_id: str, kind: str) -> Any | None:
+        """The JSON preview ``kind`` of a job; ``None`` when it has none."""
+
+    @abc.abstractmethod
     def update_job(
         self, job_id: str, only_if_status: Iterable[str] | None = None, **changes: Any
     ) -> bool:
@@ -268,6 +304,8 @@ class _JobRow(_Base):
         # stay index lookups however many jobs the owner has run (migration 0003)
         Index("ix_jobs_owner_status", "owner_id", "status"),
         Index("ix_jobs_kept_lookup", "owner_id", "rep_key", "kept", "status", "created_at"),
+        # a user's searches, newest first (migration 0006)
+        Index("ix_jobs_owner_created", "owner_id", "created_at"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(40), index=True)
@@ -293,10 +331,52 @@ class _JobRow(_Base):
     finished_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True, index=True
     )
+    labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    variant: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    n: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class LabelRow(_Base):
+    """One label of a job (migration 0006), for filters on ``labels.<key>``."""
+
+    __tablename__ = "job_labels"
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value", "job_id"),)
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class ScalarRecordRow(_Base):
+    """One scalar of a succeeded job (migration 0006), for filters and series."""
+
+    __tablename__ = "job_scalars"
+    __table_args__ = (
+        Index("ix_job_scalars_job", "job_id", "key"),
+        Index("ix_job_scalars_key_job", "key", "job_id", "value"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40))
+    key: Mapped[str] = mapped_column(String(64))
+    layer: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class PreviewRow(_Base):
+    """A bounded JSON preview of a job's result (migration 0006)."""
+
+    __tablename__ = "job_previews"
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    data: Mapped[Any] = mapped_column(JSON)
+
+
+#: The jobs table, for queries built elsewhere (:mod:`fimntk.core.storage.search`).
+JOBS = _JobRow.__table__
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
-_JOBS = _JobRow.__table__
+_JOBS = JOBS
 _GET_JOB = select(*(_JOBS.c[name] for name in _JOB_FIELDS)).where(_JOBS.c.id == bindparam("job_id"))
 #: Prefix of the stored key hash of a revoked user: no presented key hashes to it.
 _REVOKED = "revoked:"
@@ -321,6 +401,7 @@ def _to_record(row: _JobRow) -> JobRecord:
     values = {name: getattr(row, name) for name in _JOB_FIELDS}
     for name in ("created_at", "started_at", "finished_at"):
         values[name] = _aware(values[name])
+    values["labels"] = values["labels"] or {}
     return JobRecord(**values)
 
 
@@ -472,6 +553,9 @@ class SqlRecordStore(RecordStore):
         try:
             with self._session.begin() as s:
                 s.add(_JobRow(**values))
+                s.add_all(
+                    LabelRow(job_id=record.id, key=k, value=v) for k, v in record.labels.items()
+                )
         except IntegrityError:
             if record.idempotency_key is None:
                 raise
@@ -494,6 +578,7 @@ class SqlRecordStore(RecordStore):
         values = {name: row[name] for name in _JOB_FIELDS}
         for name in ("created_at", "started_at", "finished_at"):
             values[name] = _aware(values[name])
+        values["labels"] = values["labels"] or {}
         return JobRecord(**values)
 
     def delete_job(self, job_id: str) -> None:
@@ -501,6 +586,24 @@ class SqlRecordStore(RecordStore):
             row = s.get(_JobRow, job_id)
             if row is not None:
                 s.delete(row)
+            s.execute(delete(LabelRow).where(LabelRow.job_id == job_id))
+
+    def store_outputs(
+        self, job_id: str, scalars: Sequence[ScalarRow], previews: dict[str, Any]
+    ) -> None:
+        with self._session.begin() as s:
+            s.execute(delete(ScalarRecordRow).where(ScalarRecordRow.job_id == job_id))
+            s.execute(delete(PreviewRow).where(PreviewRow.job_id == job_id))
+            s.add_all(
+                ScalarRecordRow(job_id=job_id, key=r.key, layer=r.layer, value=r.value)
+                for r in scalars
+            )
+            s.add_all(PreviewRow(job_id=job_id, kind=k, data=v) for k, v in previews.items())
+
+    def preview(self, job_id: str, kind: str) -> Any | None:
+        with self._session() as s:
+            row = s.get(PreviewRow, (job_id, kind))
+            return None if row is None else row.data
 
     def find_by_idempotency_key(self, owner_id: str, key: str) -> JobRecord | None:
         with self._session() as s:

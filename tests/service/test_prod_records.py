@@ -120,9 +120,14 @@ def test_migrations_are_idempotent_and_concurrent(url: str) -> None:
 def test_a_database_made_before_migrations_is_adopted(url: str) -> None:
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     _Base.metadata.create_all(engine)  # how the schema was made before Alembic...
-    with engine.begin() as connection:  # ...without the indexes revisions 0002 and 0003 add
-        for index in ("ix_jobs_finished_at", "ix_jobs_owner_status", "ix_jobs_kept_lookup"):
+    with engine.begin() as connection:  # ...without what revisions 0002, 0003 and 0006 add
+        indexes = ("ix_jobs_finished_at", "ix_jobs_owner_status", "ix_jobs_kept_lookup")
+        for index in (*indexes, "ix_jobs_owner_created"):
             connection.execute(text(f"DROP INDEX {index}"))
+        for table in ("job_labels", "job_scalars", "job_previews"):
+            connection.execute(text(f"DROP TABLE {table}"))
+        for column in ("labels", "step", "variant", "n"):
+            connection.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
     assert migrate.current_revision(engine) is None
     store = SqlRecordStore(url)
     store.create_user("bob", "b" * 64)
