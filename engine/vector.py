@@ -54,7 +54,7 @@ class PVector:
         cls, model: nn.Module, layer_collection: LayerCollection | None = None
     ) -> PVector:
         """A copy of the model's current parameters."""
-        lc = layer_collection or LayerCollection.from_model(model)
+        lc = LayerCollection.resolve(model, layer_collection)
         return cls(lc, torch.cat([p.detach().reshape(-1) for p in lc.parameters(model)]).clone())
 
     @classmethod
@@ -62,7 +62,7 @@ class PVector:
         cls, model: nn.Module, layer_collection: LayerCollection | None = None
     ) -> PVector:
         """The model's ``.grad`` fields (zeros where a gradient is missing)."""
-        lc = layer_collection or LayerCollection.from_model(model)
+        lc = LayerCollection.resolve(model, layer_collection)
         parts = [
             torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
             for p in lc.parameters(model)
