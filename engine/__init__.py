@@ -18,6 +18,7 @@ from fimntk.engine.generator import Jacobian
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.memory import estimate_memory
 from fimntk.engine.metrics import FIM, NTK, EmpiricalFIM, FIM_empirical, FIM_MonteCarlo, GramMatrix
+from fimntk.engine.pfmap import PFMapDense, PFMapImplicit, random_pfmap
 from fimntk.engine.pspace import (
     REPRESENTATIONS,
     PMatAbstract,
@@ -52,6 +53,8 @@ __all__ = [
     "Jacobian",
     "LayerCollection",
     "MemoryBudgetError",
+    "PFMapDense",
+    "PFMapImplicit",
     "PMatAbstract",
     "PMatBlockDiag",
     "PMatDense",
@@ -71,6 +74,7 @@ __all__ = [
     "estimate_memory",
     "estimators",
     "load",
+    "random_pfmap",
     "resolve_representation",
     "save",
 ]
