@@ -15,6 +15,7 @@ from fimntk.engine.errors import (
 )
 from fimntk.engine.fspace import FMatDense
 from fimntk.engine.generator import Jacobian
+from fimntk.engine.hessian import Hessian, PMatHessianImplicit
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.memory import estimate_memory
 from fimntk.engine.metrics import FIM, NTK, EmpiricalFIM, FIM_empirical, FIM_MonteCarlo, GramMatrix
@@ -49,6 +50,7 @@ __all__ = [
     "FVector",
     "FimntkError",
     "GramMatrix",
+    "Hessian",
     "InvalidInputError",
     "Jacobian",
     "LayerCollection",
@@ -61,6 +63,7 @@ __all__ = [
     "PMatDiag",
     "PMatEKFAC",
     "PMatEye",
+    "PMatHessianImplicit",
     "PMatImplicit",
     "PMatKFAC",
     "PMatLowRank",
