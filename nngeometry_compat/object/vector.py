@@ -23,4 +23,14 @@ def random_fvector(
     return FVector(torch.randn(n_output, n_samples, device=device))
 
 
-__all__ = ["FVector", "PVector", "random_fvector", "random_pvector"]
+def random_pvector_dict(
+    layer_collection: LayerCollection,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> PVector:
+    """NNGeometry's ``random_pvector_dict``: as :func:`random_pvector` (a ``PVector`` here
+    keeps one flat tensor and gives the per-layer view on demand)."""
+    return random_pvector(layer_collection, device=device, dtype=dtype or torch.float64)
+
+
+__all__ = ["FVector", "PVector", "random_fvector", "random_pvector", "random_pvector_dict"]
