@@ -189,6 +189,8 @@ class PVector:
         self._check(other)
         return torch.dot(self._flat, other._flat)
 
+    __matmul__ = dot
+
     def norm(self, p: float = 2) -> Tensor:
         """The p-norm (accumulated in float64 for accuracy, returned in the vector's dtype)."""
         return torch.linalg.vector_norm(self._flat.double(), ord=p).to(self._flat.dtype)

@@ -35,6 +35,7 @@ def test_pvector_arithmetic(name):
     reference.assert_close(v.norm(1), a.abs().sum(), 1e-14, "norm(1)")
     reference.assert_close(v.norm(), a.norm(), 1e-14, "norm()")
     reference.assert_close(v.dot(w), a @ b, 1e-14, "dot")
+    reference.assert_close(v @ w, a @ b, 1e-14, "@")
     u = v
     u += w
     assert u is v
