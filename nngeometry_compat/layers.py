@@ -6,6 +6,8 @@ module (the ``torch.func`` path). Same parameters (names and shapes) as NNGeomet
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -38,10 +40,11 @@ class Cosine1d(WeightNorm1d):
 class WeightNorm2d(nn.Conv2d):
     """A ``Conv2d`` without bias whose filters are each of norm 1."""
 
-    def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        if kwargs.pop("bias", False):
+    def __init__(self, *args: Any, eps: float = 1e-5, **kwargs: Any) -> None:
+        if kwargs.get("bias", False):
             raise ValueError("WeightNorm2d has no bias: leave bias out")
-        super().__init__(*args, bias=False, **kwargs)
+        kwargs["bias"] = False
+        super().__init__(*args, **kwargs)
         self.eps = eps
 
     def forward(self, input: Tensor) -> Tensor:
