@@ -121,7 +121,10 @@ def run(tests: Path, pytest_args: list[str]) -> tuple[int, int, str]:
         shim = Path(tmp)
         write_shim(shim)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(shim), str(tests), str(tests.parent), str(repo)])
+        # fimntk from this checkout, without its tests/ package (which would hide NNGeometry's
+        # ``tests.tasks``)
+        (shim / "fimntk").symlink_to(repo / "fimntk", target_is_directory=True)
+        env["PYTHONPATH"] = os.pathsep.join([str(shim), str(tests), str(tests.parent)])
         cmd = [sys.executable, "-m", "pytest", str(tests), "-p", "fimntk_nngeometry_alias"]
         cmd += ["-q", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
         cmd += ["--import-mode=append", *pytest_args]
