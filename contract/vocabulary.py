@@ -78,6 +78,8 @@ NOT_OPERATIONS: dict[str, str] = {
     "get_dense_tensor": "an alias of to_torch",
     "frobenius_norm": "an alias of norm",
     "size": "known from the model's parameter count (or c and n for the NTK)",
+    "push_forward": "a product of the Jacobian J, not of the Fisher (PFMapImplicit.jvp)",
+    "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher (PFMapImplicit.vjp)",
 }
 
 #: Built-in ``torch.nn`` layers a sequential architecture may use. A static list rather than

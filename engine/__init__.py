@@ -15,9 +15,11 @@ from fimntk.engine.errors import (
 )
 from fimntk.engine.fspace import FMatDense
 from fimntk.engine.generator import Jacobian
+from fimntk.engine.hessian import Hessian, PMatHessianImplicit
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.memory import estimate_memory
 from fimntk.engine.metrics import FIM, NTK, EmpiricalFIM, FIM_empirical, FIM_MonteCarlo, GramMatrix
+from fimntk.engine.pfmap import PFMapDense, PFMapImplicit, random_pfmap
 from fimntk.engine.pspace import (
     REPRESENTATIONS,
     PMatAbstract,
@@ -25,6 +27,7 @@ from fimntk.engine.pspace import (
     PMatDense,
     PMatDiag,
     PMatEKFAC,
+    PMatEye,
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
@@ -47,15 +50,20 @@ __all__ = [
     "FVector",
     "FimntkError",
     "GramMatrix",
+    "Hessian",
     "InvalidInputError",
     "Jacobian",
     "LayerCollection",
     "MemoryBudgetError",
+    "PFMapDense",
+    "PFMapImplicit",
     "PMatAbstract",
     "PMatBlockDiag",
     "PMatDense",
     "PMatDiag",
     "PMatEKFAC",
+    "PMatEye",
+    "PMatHessianImplicit",
     "PMatImplicit",
     "PMatKFAC",
     "PMatLowRank",
@@ -69,6 +77,7 @@ __all__ = [
     "estimate_memory",
     "estimators",
     "load",
+    "random_pfmap",
     "resolve_representation",
     "save",
 ]

@@ -105,6 +105,29 @@ class LayerCollection:
             )
         return lc
 
+    @classmethod
+    def resolve(
+        cls, model: nn.Module, layer_collection: LayerCollection | None = None
+    ) -> LayerCollection:
+        """``layer_collection``, or every trainable layer of ``model`` when it is ``None``.
+
+        An empty collection is refused rather than read as "not given": it would otherwise
+        silently stand for the whole model (an empty collection is falsy).
+        """
+        if layer_collection is None:
+            return cls.from_model(model)
+        if not isinstance(layer_collection, LayerCollection):
+            raise InvalidInputError(
+                f"layer_collection must be a LayerCollection, got "
+                f"{type(layer_collection).__name__}: build one with LayerCollection.from_model"
+            )
+        if len(layer_collection) == 0:
+            raise InvalidInputError(
+                "layer_collection is empty, so there is nothing to differentiate: pass "
+                "LayerCollection.from_model(model) (or leave layer_collection out for all layers)"
+            )
+        return layer_collection
+
     def sub(self, names: Iterable[str]) -> LayerCollection:
         """The sub-collection of the named layers, kept in this collection's order."""
         wanted = list(names)

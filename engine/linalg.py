@@ -193,3 +193,16 @@ def spd_solve_batched(f: Tensor, shift: Tensor, rhs: Tensor) -> Tensor:
         return torch.linalg.solve(damped, rhs)
     del damped
     return torch.cholesky_solve(rhs, chol)
+
+
+def kronecker(a: Tensor, b: Tensor) -> Tensor:
+    """The Kronecker product ``A ⊗ B`` of two matrices: ``(p·r, q·s)`` for ``A`` ``(p, q)`` and
+    ``B`` ``(r, s)``, with ``(A ⊗ B)[i·r + k, j·s + l] = A[i, j] · B[k, l]`` (the layout of a
+    KFAC block ``G ⊗ A`` on the row-major ``[W | b]`` matrix)."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise InvalidInputError(
+            f"kronecker takes two matrices; got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    p, q = a.shape
+    r, s = b.shape
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(p * r, q * s)

@@ -85,7 +85,7 @@ def estimate_elements(
     layer_collection: LayerCollection | None = None,
 ) -> int:
     """Number of stored elements; see :func:`estimate_memory`."""
-    lc = layer_collection or LayerCollection.from_model(model)
+    lc = LayerCollection.resolve(model, layer_collection)
     rep = (
         representation.lower().removeprefix("pmat")
         if isinstance(representation, str)
@@ -93,7 +93,7 @@ def estimate_elements(
     )
     sizes = _layer_sizes(model, lc)
     d = lc.numel()
-    k = n_pseudo or n_output
+    k = n_output if n_pseudo is None else n_pseudo
     if rep == "dense":
         return d * d
     if rep == "diag":

@@ -51,7 +51,7 @@ def _build(
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = options.pop("memory_budget", None)
-    lc = layer_collection or LayerCollection.from_model(model)
+    lc = LayerCollection.resolve(model, layer_collection)
     gen = Jacobian(
         model,
         lc,
@@ -233,7 +233,7 @@ def GramMatrix(
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    lc = layer_collection or LayerCollection.from_model(model)
+    lc = LayerCollection.resolve(model, layer_collection)
     gen = Jacobian(
         model,
         lc,

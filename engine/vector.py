@@ -48,21 +48,27 @@ class PVector:
                 f"{tuple(vector_repr.shape)}"
             )
         self._flat = vector_repr
+        #: The parameters this vector was copied from (by :meth:`from_model`), else ``None``.
+        self.source_parameters: tuple[Tensor, ...] | None = None
 
     @classmethod
     def from_model(
         cls, model: nn.Module, layer_collection: LayerCollection | None = None
     ) -> PVector:
-        """A copy of the model's current parameters."""
-        lc = layer_collection or LayerCollection.from_model(model)
-        return cls(lc, torch.cat([p.detach().reshape(-1) for p in lc.parameters(model)]).clone())
+        """A copy of the model's current parameters; it remembers them, so that :func:`grad`
+        can differentiate a model's output with respect to this vector."""
+        lc = LayerCollection.resolve(model, layer_collection)
+        params = lc.parameters(model)
+        v = cls(lc, torch.cat([p.detach().reshape(-1) for p in params]).clone())
+        v.source_parameters = tuple(params)
+        return v
 
     @classmethod
     def from_model_grad(
         cls, model: nn.Module, layer_collection: LayerCollection | None = None
     ) -> PVector:
         """The model's ``.grad`` fields (zeros where a gradient is missing)."""
-        lc = layer_collection or LayerCollection.from_model(model)
+        lc = LayerCollection.resolve(model, layer_collection)
         parts = [
             torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
             for p in lc.parameters(model)
@@ -151,10 +157,39 @@ class PVector:
     def __truediv__(self, x: float) -> PVector:
         return PVector(self.layer_collection, self._flat / x)
 
+    def __pow__(self, x: float) -> PVector:
+        """Entrywise power ``v_j ** x`` (e.g. ``v ** 2`` for squared gradients)."""
+        if not isinstance(x, (int, float)) and not (isinstance(x, Tensor) and x.dim() == 0):
+            return NotImplemented
+        return PVector(self.layer_collection, self._flat**x)
+
+    def __iadd__(self, other: PVector) -> PVector:
+        """In place: ``self += other`` writes into this vector's tensor."""
+        self._check(other)
+        self._flat.add_(other._flat)
+        return self
+
+    def __isub__(self, other: PVector) -> PVector:
+        self._check(other)
+        self._flat.sub_(other._flat)
+        return self
+
+    def __imul__(self, x: float) -> PVector:
+        if not isinstance(x, (int, float)) and not (isinstance(x, Tensor) and x.dim() == 0):
+            return NotImplemented
+        self._flat.mul_(x)
+        return self
+
+    def size(self) -> tuple[int]:
+        """``(d,)``, the number of parameters."""
+        return (self._flat.numel(),)
+
     def dot(self, other: PVector) -> Tensor:
         """Inner product ``⟨self, other⟩``."""
         self._check(other)
         return torch.dot(self._flat, other._flat)
+
+    __matmul__ = dot
 
     def norm(self, p: float = 2) -> Tensor:
         """The p-norm (accumulated in float64 for accuracy, returned in the vector's dtype)."""
@@ -216,3 +251,36 @@ class FVector:
 
     def __repr__(self) -> str:
         return f"FVector(shape={tuple(self._t.shape)})"
+
+
+def grad(output: Tensor, vec: PVector, **kwargs: Any) -> PVector:
+    """``∂ output / ∂ vec`` as a :class:`PVector` of ``vec``'s layout, for a scalar ``output``.
+
+    ``vec`` is either a vector made by :meth:`PVector.from_model` (the gradient is then taken
+    with respect to the model parameters it was copied from, as ``output.backward()`` would
+    give them) or one whose flat tensor ``output`` was computed from. ``kwargs`` go to
+    :func:`torch.autograd.grad` (e.g. ``retain_graph=True``).
+
+    Example::
+
+        v = PVector.from_model(model)
+        g = grad(model(x).sum(), v)       # equals PVector.from_model_grad after .backward()
+    """
+    if not isinstance(vec, PVector):
+        raise InvalidInputError(f"vec must be a PVector, got {type(vec).__name__}")
+    if not isinstance(output, Tensor) or output.numel() != 1:
+        raise InvalidInputError("output must be a scalar tensor: reduce it (e.g. .sum()) first")
+    if vec.source_parameters is not None:
+        grads = torch.autograd.grad(output, vec.source_parameters, allow_unused=True, **kwargs)
+        parts = [
+            torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+            for p, g in zip(vec.source_parameters, grads)
+        ]
+        return PVector(vec.layer_collection, torch.cat(parts))
+    if not vec._flat.requires_grad:
+        raise InvalidInputError(
+            "vec is not part of output's graph: build it with PVector.from_model(model), or "
+            "compute output from a vector whose tensor has requires_grad=True"
+        )
+    (g,) = torch.autograd.grad(output, vec._flat, allow_unused=True, **kwargs)
+    return PVector(vec.layer_collection, torch.zeros_like(vec._flat) if g is None else g)

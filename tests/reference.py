@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, hessian, jacrev
 
 
 def param_names(model: nn.Module) -> list[str]:
@@ -37,6 +37,28 @@ def jacobian(model: nn.Module, loader) -> torch.Tensor:
             torch.cat([jac[k].reshape(x.shape[0], jac[k].shape[1], -1) for k in names], dim=2)
         )
     return torch.cat(out, dim=0)
+
+
+def loss_hessian(model: nn.Module, loader, loss) -> torch.Tensor:
+    """``∇²_θ Σ_b loss(model(x_b), y_b)``: ``(d, d)`` by ``torch.func.hessian`` over the
+    parameter dict (blocks assembled in the flat order)."""
+    names = param_names(model)
+    params = {k: v.detach() for k, v in model.named_parameters() if k in names}
+    sizes = [params[k].numel() for k in names]
+    total = None
+    for x, y in loader:
+
+        def f(p, x=x, y=y):
+            return loss(functional_call(model, p, (x,)), y)
+
+        h = hessian(f)(params)  # h[a][b]: (*shape_a, *shape_b)
+        rows = [
+            torch.cat([h[a][b].reshape(na, nb) for b, nb in zip(names, sizes)], dim=1)
+            for a, na in zip(names, sizes)
+        ]
+        block = torch.cat(rows, dim=0)
+        total = block if total is None else total + block
+    return total
 
 
 def outputs(model: nn.Module, loader) -> torch.Tensor:

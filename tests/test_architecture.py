@@ -22,6 +22,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "client": frozenset({"contract", "engine"}),
     "worker": frozenset({"contract", "core", "engine"}),
     "service": frozenset({"contract", "core"}),
+    "nngeometry": frozenset({"engine"}),
 }
 #: Cross-package imports allowed beyond :data:`ALLOWED`, each with its reason.
 EXCEPTIONS: dict[tuple[str, str], str] = {

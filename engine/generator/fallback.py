@@ -10,10 +10,11 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.inputs import example_dims, map_tensors, tensors_of
+from fimntk.engine.generator.swap import call_swapped
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel
 
@@ -26,7 +27,7 @@ class TorchFuncFallback:
     _kernels: dict[str, LayerKernel]
     _modules: dict[str, nn.Module]
     _loop_examples: bool
-    _wrapper: nn.Module
+    function: Callable
 
     def _fallback_grads(
         self, batch: tuple, names: list[str], weights: Tensor, outputs: Tensor
@@ -43,7 +44,7 @@ class TorchFuncFallback:
 
         def single(p, *example):
             ex = map_tensors(example, lambda t: t.unsqueeze(0))
-            out = functional_call(self._wrapper, {f"model.{k}": v for k, v in p.items()}, ex)
+            out = call_swapped(self.model, p, self.function, ex)
             return out.reshape(-1)
 
         in_dims = (None, *example_dims(batch))

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
-from torch.func import functional_call
 
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, weighted_grad
@@ -32,6 +31,7 @@ from fimntk.engine.generator.inputs import (
 )
 from fimntk.engine.generator.outputs import Identity, PseudoOutputs
 from fimntk.engine.generator.paths import PathChoice
+from fimntk.engine.generator.swap import call_swapped
 from fimntk.engine.generator.verification import PathVerification
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel
@@ -41,18 +41,6 @@ Progress = Callable[[int, "int | None", str], None]
 
 #: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`).
 K_CHUNK_BYTES = 1 << 18
-
-
-class _FunctionModule(nn.Module):
-    """Wraps ``function`` so ``functional_call`` can swap the parameters of ``model``."""
-
-    def __init__(self, model: nn.Module, function: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self._function = function
-
-    def forward(self, *args):
-        return self._function(*args)
 
 
 class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
@@ -81,10 +69,10 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         progress: Progress | None = None,
     ) -> None:
         self.model = model
-        self.layer_collection = layer_collection or LayerCollection.from_model(model)
-        self.function = function or default_function(model)
+        self.layer_collection = LayerCollection.resolve(model, layer_collection)
+        self.function = default_function(model) if function is None else function
         self.n_output = n_output
-        self.pseudo_outputs = pseudo_outputs or Identity()
+        self.pseudo_outputs = Identity() if pseudo_outputs is None else pseudo_outputs
         params = self.layer_collection.parameters(model)
         self.dtype = params[0].dtype
         self.device = torch.device(device) if device is not None else params[0].device
@@ -96,12 +84,12 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         self._verified = False
         self._loop_examples = False  # vmap failed or was wrong once: see _check_fallback
         self._function_key = "default" if function is None else function
-        self._wrapper = _FunctionModule(model, self.function)
         self.n_examples = 0
 
     # ----- layer paths ---------------------------------------------------------------------
     # ----- batches -------------------------------------------------------------------------
     def _prepare(self, batch: object) -> tuple:
+        self.check_modes()  # the model may have been put in train mode since it was built
         return to_device(batch, self.device, self.dtype)
 
     def _forward(self, batch: tuple, capture: ForwardCapture) -> Tensor:
@@ -437,8 +425,8 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     def call_with(self, params: dict[str, Tensor], batch: tuple) -> Tensor:
         """The outputs on ``batch`` with parameters ``{name: tensor}`` swapped in (names as in
-        ``model.named_parameters()``), by ``torch.func.functional_call``."""
-        return functional_call(self._wrapper, {f"model.{k}": v for k, v in params.items()}, batch)
+        ``model.named_parameters()``), by :func:`.swap.call_swapped`."""
+        return call_swapped(self.model, params, self.function, batch)
 
     def check_forward(self, batch: tuple) -> None:
         """Run the forward pass without hooks, raising the generator's error naming the fix when

@@ -24,7 +24,11 @@ class PathChoice:
     _kernels: dict[str, LayerKernel]
     _modules: dict[str, nn.Module]
 
-    def _select_kernels(self) -> dict[str, LayerKernel]:
+    def check_modes(self) -> None:
+        """Refuse train-mode BatchNorm and Dropout (``p > 0``): their outputs depend on the batch
+        or on random draws, so the Fisher or NTK would not be the model's. Run when the
+        generator is built and again before each batch, since ``model.train()`` may be called
+        in between."""
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 BatchNormKernel(module).check()
@@ -37,6 +41,9 @@ class PathChoice:
                     f"{type(module).__name__} is in train mode, so the outputs are random and "
                     "the Fisher or NTK would be a random matrix: call model.eval() first"
                 )
+
+    def _select_kernels(self) -> dict[str, LayerKernel]:
+        self.check_modes()
         owners: dict[int, int] = {}
         for _, module in self.model.named_modules(remove_duplicate=False):
             for _, p in module.named_parameters(recurse=False):

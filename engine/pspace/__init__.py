@@ -8,6 +8,7 @@ from fimntk.engine.pspace.blockdiag import PMatBlockDiag
 from fimntk.engine.pspace.dense import PMatDense
 from fimntk.engine.pspace.diag import PMatDiag
 from fimntk.engine.pspace.ekfac import PMatEKFAC
+from fimntk.engine.pspace.eye import PMatEye
 from fimntk.engine.pspace.implicit import PMatImplicit
 from fimntk.engine.pspace.kfac import PMatKFAC
 from fimntk.engine.pspace.layerwise import PMatLayerwise
@@ -51,6 +52,7 @@ __all__ = [
     "PMatDense",
     "PMatDiag",
     "PMatEKFAC",
+    "PMatEye",
     "PMatImplicit",
     "PMatKFAC",
     "PMatLayerwise",

@@ -15,6 +15,7 @@ matrix remembers which path each layer took in :attr:`paths`.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -124,7 +125,10 @@ class PMatAbstract(ABC):
         return self.to_torch()
 
     def inverse(self, regul: float = 1e-8) -> PMatAbstract:
-        """Alias of :meth:`inv`."""
+        """Deprecated alias of :meth:`inv` (NNGeometry deprecates it with the same warning)."""
+        warnings.warn(
+            "inverse() is deprecated: use inv(regul) instead", DeprecationWarning, stacklevel=2
+        )
         return self.inv(regul)
 
     def size(self, dim: int | None = None) -> tuple[int, int] | int:

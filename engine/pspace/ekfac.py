@@ -34,7 +34,7 @@ class PMatEKFAC(PMatLayerwise):
 
     def update_diag(self, examples: Iterable, generator: Any = None) -> PMatEKFAC:
         """Re-estimate the eigenvalues (and exact blocks) on ``examples``; returns ``self``."""
-        gen = generator or self.generator
+        gen = self.generator if generator is None else generator
         if gen is None:
             raise InvalidInputError(
                 "update_diag needs a Jacobian generator: pass generator=Jacobian(model, ...)"

@@ -285,6 +285,52 @@ class PMatImplicit(PMatAbstract):
         total.div_(n).mul_(self._scale)
         return PVector(self.layer_collection, check_finite(total, "product F v"))
 
+    def push_forward(self, v: PVector) -> Tensor:
+        """``J v``: ``(K, n)``, entry ``(k, i)`` the derivative of pseudo-output k of example i
+        along ``v`` (one forward-mode pass per batch; not scaled, not divided by n)."""
+        tangent = self._tangent(v)
+        parts: list[Tensor] = []
+        with torch.no_grad():
+            for batch in self._batches():
+                out, jv = self._jv(batch, tangent)
+                w = self.generator.pseudo_outputs(out, batch)
+                parts.append(torch.einsum("knc,nc->kn", w, jv))
+        if not parts:
+            raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+        return torch.cat(parts, dim=1)
+
+    def pull_back(self, u: Tensor) -> PVector:
+        """``Jᵀ u = Σ_{k,i} u_{k,i} g_{k,i}`` for ``u`` of shape ``(K, n)`` in the loader's
+        order (one backward pass per batch; not scaled, not divided by n)."""
+        gen = self.generator
+        params = self.layer_collection.parameters(gen.model)
+        total = torch.zeros(
+            sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device
+        )
+        views = total.split([p.numel() for p in params])
+        start = 0
+        for batch in self._batches():
+            with torch.enable_grad():
+                out = gen.check_outputs(gen.function(*batch))
+            w = gen.pseudo_outputs(out.detach(), batch)
+            k, n = w.shape[0], out.shape[0]
+            if u.dim() != 2 or u.shape[0] != k or u.shape[1] < start + n:
+                raise InvalidInputError(
+                    f"u must have shape (K, n) = ({k}, number of examples); got {tuple(u.shape)}"
+                )
+            ub = u[:, start : start + n].to(device=out.device, dtype=out.dtype)
+            grads = weighted_grad(out, params, torch.einsum("knc,kn->nc", w, ub))
+            for g, view in zip(grads, views):
+                if g is not None:
+                    view.add_(g.reshape(-1))
+            start += n
+        if start != u.shape[1]:
+            raise InvalidInputError(
+                f"u has {u.shape[1]} columns but the loader yielded {start} examples: give one "
+                "column per example"
+            )
+        return PVector(self.layer_collection, check_finite(total, "product Jᵀ u"))
+
     def get_diag(self) -> Tensor:
         self._replay()
         return self.generator.get_covariance_diag(self.examples) * self._scale

@@ -87,7 +87,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built from a copy of the checkout's package sources (an in-tree build would
     leave ``build/`` behind)."""
     source = tmp_path_factory.mktemp("source")
-    linked = [link.name for link in (REPO / "fimntk").iterdir() if link.is_symlink()]
+    # each link's target folder (fimntk/nngeometry links nngeometry_compat/)
+    linked = [link.resolve().name for link in (REPO / "fimntk").iterdir() if link.is_symlink()]
     for name in ("fimntk", *linked):
         shutil.copytree(
             REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")

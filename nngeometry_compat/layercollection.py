@@ -1,0 +1,5 @@
+"""``nngeometry.layercollection``."""
+
+from fimntk.engine import LayerCollection
+
+__all__ = ["LayerCollection"]

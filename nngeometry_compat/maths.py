@@ -1,0 +1,5 @@
+"""``nngeometry.maths``."""
+
+from fimntk.engine.linalg import kronecker
+
+__all__ = ["kronecker"]

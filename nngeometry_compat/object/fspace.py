@@ -1,0 +1,5 @@
+"""``nngeometry.object.fspace``."""
+
+from fimntk.engine import FMatDense
+
+__all__ = ["FMatDense"]

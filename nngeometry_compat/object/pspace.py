@@ -1,0 +1,29 @@
+"""``nngeometry.object.pspace``: parameter-space matrices."""
+
+from fimntk.engine import (
+    PMatAbstract,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatEye,
+    PMatImplicit,
+    PMatKFAC,
+    PMatLowRank,
+    PMatMixed,
+    PMatQuasiDiag,
+)
+
+__all__ = [
+    "PMatAbstract",
+    "PMatBlockDiag",
+    "PMatDense",
+    "PMatDiag",
+    "PMatEKFAC",
+    "PMatEye",
+    "PMatImplicit",
+    "PMatKFAC",
+    "PMatLowRank",
+    "PMatMixed",
+    "PMatQuasiDiag",
+]

@@ -1,0 +1,5 @@
+"""``nngeometry.utils``."""
+
+from fimntk.engine.vector import grad
+
+__all__ = ["grad"]
