@@ -42,8 +42,8 @@ from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
 from fimntk.worker.memory_check import check_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
-from fimntk.worker.probe import run_probe
 from fimntk.worker.outputs import OutputCollector
+from fimntk.worker.probe import run_probe
 
 _log = logging.getLogger(__name__)
 
