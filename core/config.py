@@ -38,8 +38,9 @@ class Settings(BaseSettings):
         max_header_bytes: Largest safetensors JSON header accepted.
         max_header_entries: Most tensors a safetensors header may list (422 past it), counted
             before its JSON is parsed.
-        header_cache_entries: Tensor entries the API keeps, over all the blob headers it
-            remembers (about 200 bytes each); a header larger than this is not kept.
+        header_cache_bytes: Memory the API's cache of parsed blob headers may hold (estimated
+            from above by ``core.safetensors_header.header_bytes``: 400 bytes per tensor entry
+            plus its name); the oldest headers go first, a header larger than this is not kept.
         builder_modules: Importable modules adding model builders, each defining ``BUILDERS``,
             a dict from name to a function returning an ``nn.Module``. Only modules listed here
             are ever imported; nothing a user sends names a module.
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(default=8 * GIB, gt=0)
     max_header_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     max_header_entries: int = Field(default=MAX_HEADER_ENTRIES, gt=0)
-    header_cache_entries: int = Field(default=65536, ge=0)
+    header_cache_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
     builder_modules: list[str] = Field(default_factory=list)
     max_architecture_depth: int = Field(default=MAX_DEPTH, ge=1, le=MAX_DEPTH)
     max_architecture_modules: int = Field(default=MAX_MODULES, ge=1, le=MAX_MODULES)

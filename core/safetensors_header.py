@@ -73,6 +73,20 @@ class Header:
     metadata: dict[str, str]
 
 
+#: Bytes a kept :class:`Header` takes per tensor entry besides its name (the dict slot, the
+#: :class:`TensorInfo` and its shape tuple), as CPython lays them out; an upper estimate.
+_ENTRY_OVERHEAD = 400
+
+
+def header_bytes(header: Header) -> int:
+    """Memory a parsed header holds, estimated from above: names, shapes, metadata."""
+    tensors = sum(
+        _ENTRY_OVERHEAD + len(name) + 8 * len(info.shape) for name, info in header.tensors.items()
+    )
+    metadata = sum(_ENTRY_OVERHEAD + len(k) + len(v) for k, v in header.metadata.items())
+    return tensors + metadata + _ENTRY_OVERHEAD
+
+
 #: Most tensors a header may list (``Settings.max_header_entries``): a large Hugging Face model
 #: has a few thousand.
 MAX_HEADER_ENTRIES = 16384

@@ -28,7 +28,7 @@ from fimntk.core.errors import (
     TooManyJobsError,
 )
 from fimntk.core.queue import JobQueue
-from fimntk.core.safetensors_header import Header, read_header
+from fimntk.core.safetensors_header import Header, header_bytes, read_header
 from fimntk.core.shards import ShardTasks, check_shards
 from fimntk.core.storage.artifacts import ArtifactStore
 from fimntk.core.storage.blobs import BlobStore
@@ -265,17 +265,16 @@ class JobService:
         return header
 
     def _remember_header(self, digest: str, header: Header) -> None:
-        """Keep ``header``, dropping the oldest ones so that the kept headers list at most
-        ``Settings.header_cache_entries`` tensors in all (the cache is bounded in size, not
-        only in count)."""
-        budget = self.settings.header_cache_entries
-        size = len(header.tensors) + 1
+        """Keep ``header``, dropping the oldest ones so that the kept headers take at most
+        ``Settings.header_cache_bytes`` (by :func:`header_bytes`); a larger one is not kept."""
+        budget = self.settings.header_cache_bytes
+        size = header_bytes(header)
         if size > budget:
             return
         self._headers.pop(digest, None)
-        held = sum(len(h.tensors) + 1 for h in self._headers.values())
+        held = sum(header_bytes(h) for h in self._headers.values())
         while self._headers and held + size > budget:
-            held -= len(self._headers.pop(next(iter(self._headers))).tensors) + 1
+            held -= header_bytes(self._headers.pop(next(iter(self._headers))))
         self._headers[digest] = header
 
     # -- reading ----------------------------------------------------------------------------

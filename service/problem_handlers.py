@@ -13,10 +13,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from fimntk.contract import problems
@@ -30,6 +31,8 @@ from fimntk.core.errors import (
 )
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: Status recorded for a request whose client disconnected before the end of its body.
+CLIENT_CLOSED_REQUEST = 499
 _log = logging.getLogger(__name__)
 
 
@@ -106,6 +109,13 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(_allowed_methods(request))
         kind = ProblemType(slug, exc.status_code, str(exc.detail))
         return problem_response(problem(kind, str(exc.detail)), headers or None)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away mid-request (a cancelled upload): not a server error. Nobody
+        # reads the answer; 499 ("client closed request") keeps it out of the 5xx counts.
+        _log.info("client went away during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 
+from fimntk.core.config import Settings
 from fimntk.core.errors import InvalidInputError
-from fimntk.core.safetensors_header import read_header
+from fimntk.core.safetensors_header import header_bytes, read_header
+from fimntk.service.jobs import JobService
 from tests.service.conftest import st_bytes
 
 
@@ -129,3 +132,44 @@ def test_header_entries_capped_before_parsing(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="more than 16384 tensors"):
         read_header(path, "model.weights")
     assert len(read_header(path, "model.weights", max_entries=100_000).tensors) == 100_000
+
+
+def _many(tmp_path: Path, entries: int, name_length: int) -> Path:
+    header = {
+        f"{i:0{name_length}d}": {
+            "dtype": "F32",
+            "shape": [1, 1],
+            "data_offsets": [4 * i, 4 * i + 4],
+        }
+        for i in range(entries)
+    }
+    raw = json.dumps(header).encode()
+    path = tmp_path / f"many-{entries}-{name_length}.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * (4 * entries))
+    return path
+
+
+@pytest.mark.parametrize("name_length", [8, 2000])
+def test_header_bytes_bounds_what_a_parsed_header_holds(tmp_path: Path, name_length: int) -> None:
+    path = _many(tmp_path, 3000, name_length)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    header = read_header(path, "model.weights")
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert held <= header_bytes(header) <= 4 * held
+
+
+def test_the_api_header_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
+    budget = 2 * 1024 * 1024
+    jobs = JobService.__new__(JobService)
+    jobs.settings = Settings(data_dir=tmp_path, header_cache_bytes=budget)
+    jobs._headers = {}
+    for i in range(20):
+        jobs._remember_header(f"d{i}", read_header(_many(tmp_path, 1000 + i, 40), "w"))
+        assert sum(header_bytes(h) for h in jobs._headers.values()) <= budget
+    assert "d19" in jobs._headers and "d0" not in jobs._headers  # the oldest went first
+    huge = read_header(_many(tmp_path, 8000, 300), "w")
+    assert header_bytes(huge) > budget
+    jobs._remember_header("huge", huge)
+    assert "huge" not in jobs._headers
