@@ -3,26 +3,80 @@ representation will not fit, naming a cheaper one that does.
 
 The need is the engine's :func:`~fimntk.engine.memory.estimate_memory` (the bytes the
 representation stores: 4·d² for a float32 dense Fisher, the Kronecker factors for KFAC, n²c²
-for an NTK, ...). The memory available is the GPU's free memory (``torch.cuda.mem_get_info``)
-on a CUDA worker, else the host's ``MemAvailable`` (``/proc/meminfo``). A job is refused when
-its need exceeds ``_USABLE`` of what is available, leaving room for the per-batch Jacobians
-and activations.
+for an NTK, ...) plus the peak activations of one batch, estimated by
+:func:`activation_bytes` from a probe: one example of the first batch run forward with every
+module's output measured, times the batch size and ``_ACTIVATION_COPIES`` (the activations
+kept for the backward pass, their gradients, and the per-example working copies). The
+memory available is the GPU's free memory (``torch.cuda.mem_get_info``) on a CUDA worker, else
+the host's ``MemAvailable`` (``/proc/meminfo``). A job is refused when its need exceeds
+``_USABLE`` of what is available, leaving room for the per-batch Jacobians.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fimntk.contract import problems
+from fimntk.engine.generator.inputs import default_function, map_tensors, to_device
 from fimntk.engine.memory import CHEAPER, estimate_memory
 from fimntk.worker.errors import JobProblemError
 
 #: Fraction of the available memory a representation may take.
 _USABLE = 0.8
+#: Copies of one batch's activations alive at the peak of a pass (see the module docstring).
+_ACTIVATION_COPIES = 3
+
+
+def _tensors(value: Any) -> Iterable[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def activation_bytes(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, dtype: torch.dtype
+) -> int:
+    """Peak bytes of one batch's activations, from a probe of one example.
+
+    The first example of the loader's first batch runs forward (no graph kept) with a hook
+    on every leaf module adding up the bytes of its outputs; the sum is scaled by the batch size and
+    ``_ACTIVATION_COPIES``. ``0`` when the loader is empty or the probe cannot run (the job
+    itself then reports what is wrong).
+    """
+    try:
+        batch = to_device(next(iter(loader)), device, dtype)
+    except StopIteration:
+        return 0
+    size = next((t.shape[0] for t in _tensors(batch) if t.dim() > 0), 1)
+    one = map_tensors(batch, lambda t: t[:1] if t.dim() > 0 else t)
+    total = 0
+
+    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        total += sum(t.numel() * t.element_size() for t in _tensors(output))
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            default_function(model)(*one)
+    except Exception:  # a probe is a hint: the job's own run reports a model that fails
+        return 0
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total * size * _ACTIVATION_COPIES
 
 
 def available_bytes(device: torch.device) -> int:
@@ -45,8 +99,10 @@ def check_fits(
     n_examples: int | None,
     device: torch.device,
     available: int | None = None,
+    working_bytes: int = 0,
 ) -> None:
-    """Refuse a representation whose storage does not fit in the device's memory.
+    """Refuse a representation whose storage and one batch's activations do not fit in the
+    device's memory.
 
     Args:
         model: The model (only its structure is read).
@@ -55,12 +111,13 @@ def check_fits(
         n_examples: Examples in the dataset (for the NTK and low-rank).
         device: The worker's device.
         available: Bytes available (measured when omitted).
+        working_bytes: Peak bytes of one batch's activations (:func:`activation_bytes`).
 
     Raises:
         JobProblemError: ``out-of-memory`` with the bytes needed and available and the first
             cheaper representation that fits (``None`` when none does).
     """
-    need = estimate_memory(model, representation, n_output, n_examples)
+    need = estimate_memory(model, representation, n_output, n_examples) + working_bytes
     have = available_bytes(device) if available is None else available
     budget = int(have * _USABLE)
     if need <= budget:
@@ -68,16 +125,18 @@ def check_fits(
     alternative = None
     if representation in CHEAPER:
         for cheaper in CHEAPER[CHEAPER.index(representation) + 1 :]:
-            if estimate_memory(model, cheaper, n_output, n_examples) <= budget:
+            if estimate_memory(model, cheaper, n_output, n_examples) + working_bytes <= budget:
                 alternative = cheaper
                 break
     hint = f"try representation {alternative!r}" if alternative else "try a smaller model"
+    if alternative is None and working_bytes > budget // 2:
+        hint = "try a smaller 'dataset.batch_size'"
     if representation == "ntk":
         hint = "try a smaller 'dataset.subset'"
     raise JobProblemError(
         problems.OUT_OF_MEMORY,
-        f"{representation!r} needs {need} bytes and {device} has {have} available "
-        f"({budget} usable); {hint}",
+        f"{representation!r} needs {need} bytes (of which {working_bytes} for one batch's "
+        f"activations) and {device} has {have} available ({budget} usable); {hint}",
         "dataset.subset" if representation == "ntk" else "representation",
         needed_bytes=need,
         available_bytes=have,

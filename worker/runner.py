@@ -40,7 +40,7 @@ from fimntk.worker import artifacts
 from fimntk.worker.cache import LRUCache
 from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
-from fimntk.worker.memory_check import check_fits
+from fimntk.worker.memory_check import activation_bytes, check_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
 from fimntk.worker.outputs import OutputCollector
 from fimntk.worker.probe import run_probe
@@ -530,6 +530,7 @@ class JobRunner:
             outputs[-1] if outputs else 1,
             len(dataset) if dataset is not None else None,
             self.device,
+            working_bytes=activation_bytes(model, data, self.device, DTYPES[spec["dtype"]]),
         )
         common: dict[str, Any] = {"device": self.device, "progress": progress}
         if metric == "ntk":

@@ -8,7 +8,7 @@ from torch import nn
 
 from fimntk.engine.memory import estimate_memory
 from fimntk.worker.errors import JobProblemError
-from fimntk.worker.memory_check import available_bytes, check_fits
+from fimntk.worker.memory_check import activation_bytes, available_bytes, check_fits
 from fimntk.worker.runner import first_line, is_out_of_memory
 
 
@@ -45,3 +45,23 @@ def test_out_of_memory_runtime_errors_are_recognised() -> None:
     assert is_out_of_memory(alloc) and is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert "\n" not in first_line(alloc) and "libc10" not in first_line(alloc)
+
+
+def test_activation_bytes_from_a_probe_counts_every_output_times_the_batch() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 32 * 32, 10)
+    )
+    inputs = torch.randn(64, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=64)
+    per_example = 4 * (16 * 32 * 32 * 3 + 10)  # conv, relu, flatten, linear outputs (float32)
+    got = activation_bytes(model, loader, torch.device("cpu"), torch.float32)
+    assert got == per_example * 64 * 3
+
+
+def test_activations_past_memory_are_refused_naming_the_batch_size() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(JobProblemError) as caught:
+        check_fits(model, "diag", 3, 100, torch.device("cpu"), available=10**6, working_bytes=10**7)
+    problem = caught.value.problem
+    assert problem["needed_bytes"] > problem["available_bytes"]
+    assert "batch_size" in problem["detail"]
