@@ -6,7 +6,7 @@ LATEST_VENV := .venv-latest
 COMPILE := $(PYTHON) -m piptools compile --quiet --strip-extras --no-emit-index-url \
 	--no-emit-find-links --unsafe-package torch -c requirements/torch.txt pyproject.toml
 
-.PHONY: install install-server run test test-api test-latest lint typecheck lock bench
+.PHONY: browser install install-server run test test-api test-latest lint typecheck lock bench
 
 # The test and development environment: server, dev tools, this checkout in editable mode.
 install:
@@ -23,7 +23,7 @@ install-server:
 run: install-server
 	$(PYTHON) -m fimntk demo
 
-test: install
+test: install browser
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
@@ -65,3 +65,8 @@ bench: install
 	$(PYTHON) -m bench.core
 	$(PYTHON) -m bench.representations
 	$(PYTHON) -m bench.accuracy
+
+# The dashboard's tests drive Debian's chromium (Playwright's own browser download is not used).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "make: install Debian's chromium for tests/service/test_ui.py"
