@@ -1,4 +1,4 @@
-"""Core quantities (issue 2): dense FIM (W1), diagonal (W2, W3), block-diagonal (W1), NTK (W4).
+"""Core quantities (issue 2): dense FIM (W1), diagonal (W1, W2, W3), block-diagonal (W1), NTK (W4).
 
 Tools: fimntk, NNGeometry 0.4, BackPACK 1.7 (``DiagGGNExact``; ``SqrtGGNExact`` for the dense
 and block-diagonal matrices; ``BatchGrad`` per output for the NTK), torch.func (``vmap(jacrev)``
@@ -21,6 +21,7 @@ TITLE = "fimntk core benchmarks: dense, diagonal, block-diagonal FIM and NTK Gra
 
 TARGETS = [
     Target("dense", "W1"),
+    Target("diag", "W1"),
     Target("diag", "W2"),
     Target("diag", "W3"),
     Target("blockdiag", "W1"),
@@ -58,7 +59,7 @@ def build_cases(settings: Settings) -> list[Case]:
             "torch.func": (r.func("dense"), "vmap(jacrev), Σ (LᵀJ)ᵀ(LᵀJ)"),
         },
     )
-    for key in ("W2", "W3"):
+    for key in ("W1", "W2", "W3"):
         add(
             "diag",
             w[key],
