@@ -5,7 +5,7 @@ Real processes: the API in this process (its cancel sends the stop command throu
 waits until the job is deep in a long step, cancels it, and measures the time until the job
 reads ``canceled``; every case must stop within 10 s and leave a worker that runs the next job.
 
-* accumulation (a diagonal Fisher over 40 000 examples in batches of 2): cooperative, at the
+* accumulation (a diagonal Fisher over 40 000 examples one at a time): cooperative, at the
   next batch;
 * conjugate gradients on an implicit Fisher (each iteration a pass over the data): at the next
   batch of the current pass;
@@ -150,13 +150,13 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 CASES = {
     "accumulation": (
         {
-            "dataset": {"blob": "", "batch_size": 2},
+            "dataset": {"blob": "", "batch_size": 1},
             "metric": "fim",
             "representation": "diag",
             "operations": [{"op": "trace"}],
         },
         None,
-        3.0,
+        2.0,
     ),
     "conjugate gradients": (
         {
@@ -166,7 +166,7 @@ CASES = {
             "operations": [{"op": "solve", "v": "", "regul": 1e-3}],
         },
         None,
-        3.0,
+        2.0,
     ),
     "hutchinson estimator": (
         {
@@ -176,7 +176,7 @@ CASES = {
             "operations": [{"op": "hutchinson_trace", "n_samples": 1000}],
         },
         None,
-        3.0,
+        2.0,
     ),
     "ntk gram": (
         {
@@ -185,7 +185,7 @@ CASES = {
             "operations": [{"op": "trace"}],
         },
         None,
-        3.0,
+        2.0,
     ),
 }
 
