@@ -76,7 +76,7 @@ NOT_OPERATIONS: dict[str, str] = {
     "update_diag": "run by the job itself (the spec's update_diag field)",
     "centered": "run by the job itself (the spec's centering field)",
     "get_dense_tensor": "an alias of to_torch",
-    "frobenius_norm": "an alias of norm",
+    "frobenius_norm": "a deprecated alias of norm",
     "size": "known from the model's parameter count (or c and n for the NTK)",
     "push_forward": "a product of the Jacobian J, not of the Fisher (PFMapImplicit.jvp)",
     "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher (PFMapImplicit.vjp)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -50,12 +52,17 @@ class FMatDense:
     def trace(self) -> Tensor:
         return torch.diagonal(self._flat()).sum()
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         return torch.linalg.vector_norm(self.data.double()).to(self.data.dtype)
 
     def norm(self) -> Tensor:
         """The Frobenius norm."""
-        return self.frobenius_norm()
+        return self._frobenius_norm()
+
+    def frobenius_norm(self) -> Tensor:
+        """Deprecated alias of ``norm()`` (NNGeometry deprecates it with the same warning)."""
+        warnings.warn('Use norm(ord="fro") instead', DeprecationWarning, stacklevel=2)
+        return self._frobenius_norm()
 
     def to_torch(self) -> Tensor:
         return self.data

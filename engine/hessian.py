@@ -175,7 +175,7 @@ class PMatHessianImplicit(PMatAbstract):
     def trace(self) -> Tensor:
         raise self._unsupported("trace")
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         raise self._unsupported("the norm")
 
     def get_diag(self) -> Tensor:

@@ -3,7 +3,7 @@
 Every representation offers, on a :class:`~fimntk.engine.vector.PVector` ``v`` of d entries:
 
 * ``mv(v)`` → ``M v`` (PVector); ``vTMv(v)`` → ``vᵀ M v`` (0-d tensor);
-* ``trace()``, ``norm()`` (Frobenius; alias ``frobenius_norm``), ``get_diag()`` → ``(d,)``;
+* ``trace()``, ``norm()`` (Frobenius; deprecated alias ``frobenius_norm``), ``get_diag()``;
 * ``to_torch()`` (alias ``get_dense_tensor``) → ``(d, d)``;
 * ``solve(v, regul)`` → ``(M + regul·I)⁻¹ v``; ``inv(regul)`` (alias ``inverse``) → a matrix of
   the same representation (where the representation is closed under inversion);
@@ -85,7 +85,7 @@ class PMatAbstract(ABC):
         """``Σ_j M_jj``."""
 
     @abstractmethod
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         """``‖M‖_F``, accumulated in float64."""
 
     @abstractmethod
@@ -118,7 +118,12 @@ class PMatAbstract(ABC):
         """The Frobenius norm (the only one defined for every representation)."""
         if ord not in (None, "fro"):
             raise InvalidInputError(f"unsupported norm ord={ord!r}; use the Frobenius norm")
-        return self.frobenius_norm()
+        return self._frobenius_norm()
+
+    def frobenius_norm(self) -> Tensor:
+        """Deprecated alias of ``norm()`` (NNGeometry deprecates it with the same warning)."""
+        warnings.warn('Use norm(ord="fro") instead', DeprecationWarning, stacklevel=2)
+        return self._frobenius_norm()
 
     def get_dense_tensor(self) -> Tensor:
         """Alias of :meth:`to_torch` (NNGeometry paper spelling)."""

@@ -43,7 +43,7 @@ class PMatBlockDiag(PMatAbstract):
     def trace(self) -> Tensor:
         return _tensor_sum(torch.diagonal(b).sum() for b in self.data.values())
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         sq = _tensor_sum(frobenius(b).double() ** 2 for b in self.data.values())
         return sq.sqrt().to(next(iter(self.data.values())).dtype)
 

@@ -37,7 +37,7 @@ class PMatDense(PMatAbstract):
     def trace(self) -> Tensor:
         return torch.diagonal(self.data).sum()
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         return frobenius(self.data)
 
     def get_diag(self) -> Tensor:

@@ -35,7 +35,7 @@ class PMatDiag(PMatAbstract):
     def trace(self) -> Tensor:
         return self.data.sum()
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         return frobenius(self.data)
 
     def get_diag(self) -> Tensor:

@@ -59,7 +59,7 @@ class PMatEye(PMatAbstract):
     def trace(self) -> Tensor:
         return self.data * self._d()
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         """``|s|·√d``."""
         return self.data.abs() * math.sqrt(self._d())
 
@@ -69,7 +69,7 @@ class PMatEye(PMatAbstract):
             return self.data.abs()
         if ord not in (None, "fro"):
             raise InvalidInputError(f"unsupported norm ord={ord!r}; use None, 'fro', 2 or -2")
-        return self.frobenius_norm()
+        return self._frobenius_norm()
 
     def get_diag(self) -> Tensor:
         return self.data.expand(self._d()).clone()

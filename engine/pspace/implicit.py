@@ -338,7 +338,7 @@ class PMatImplicit(PMatAbstract):
     def trace(self) -> Tensor:
         return self.get_diag().sum()
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         gen = self.generator
         approx = ((self.n_examples or 0) * self.n_pseudo) ** 2
         if approx > MAX_DENSE_ELEMENTS:

@@ -139,7 +139,7 @@ class PMatLayerwise(PMatAbstract):
     def trace(self) -> Tensor:
         return sum(b.trace() for b in self.data.values())
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         sq = sum(b.frob_sq() for b in self.data.values())
         return sq.sqrt().to(self._dtype)
 

@@ -46,7 +46,7 @@ class PMatLowRank(PMatAbstract):
     def trace(self) -> Tensor:
         return (self.data * self.data).sum()
 
-    def frobenius_norm(self) -> Tensor:
+    def _frobenius_norm(self) -> Tensor:
         j = self.data.double()
         return torch.linalg.vector_norm(j @ j.t()).to(self.data.dtype)
 

@@ -85,7 +85,9 @@ def test_trace_norm_diag(case, rep):
     fro = torch.linalg.matrix_norm(expected)
     ref.assert_close(mat.norm(), fro, 1e-10, "norm")
     ref.assert_close(mat.norm("fro"), fro, 1e-10, "norm('fro')")
-    ref.assert_close(mat.frobenius_norm(), fro, 1e-10, "frobenius_norm")
+    with pytest.warns(DeprecationWarning, match="norm"):
+        deprecated = mat.frobenius_norm()
+    ref.assert_close(deprecated, fro, 1e-10, "frobenius_norm")
     ref.assert_close(mat.get_diag(), expected.diagonal(), 1e-10, "get_diag")
 
 
