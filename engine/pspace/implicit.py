@@ -373,15 +373,19 @@ class PMatImplicit(PMatAbstract):
         preconditioner: PMatAbstract | None = None,
         tol: float = 1e-6,
         max_iter: int = 100,
+        x0: PVector | None = None,
     ) -> PVector:
         """``(F + λI)⁻¹ v`` by conjugate gradients; ``preconditioner.solve(r, λ)`` if given.
 
-        Stops when ``‖r‖ ≤ tol·‖v‖`` or after ``max_iter`` iterations (one pass each);
-        :attr:`last_solve_info` records iterations and the final relative residual.
+        Starts from ``x0`` (a warm start, e.g. the previous step's solution; zero when
+        omitted) and stops when ``‖r‖ ≤ tol·‖v‖`` or after ``max_iter`` iterations (one pass
+        each); :attr:`last_solve_info` records iterations and the final relative residual.
         """
         self._check_vector(v)
         regul = self._check_regul(regul)
         b = v.get_flat_representation()
+        if x0 is not None:
+            self._check_vector(x0)
 
         def op(x: Tensor) -> Tensor:
             return self.mv(PVector(self.layer_collection, x)).get_flat_representation() + regul * x
@@ -393,8 +397,8 @@ class PMatImplicit(PMatAbstract):
                 PVector(self.layer_collection, r), regul
             ).get_flat_representation()
 
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x = torch.zeros_like(b) if x0 is None else x0.get_flat_representation().clone()
+        r = b.clone() if x0 is None else b - op(x)
         z = prec(r)
         p = z.clone()
         rz = torch.dot(r, z)

@@ -52,6 +52,24 @@ def test_cg_solve_matches_the_dense_solve_on_a_zoo_model():
     ref.assert_close(got.get_flat_representation(), want, 1e-9, "CG")
 
 
+def test_cg_from_a_warm_start_matches_the_dense_solve_in_fewer_iterations():
+    regul = 1e-2
+    mat = H.fim("mlp", "implicit")
+    expected = H.ref_fisher("mlp")
+    v = H.rand_pvector(mat, 9)
+    damped = expected + regul * torch.eye(expected.shape[0], dtype=expected.dtype)
+    want = torch.linalg.solve(damped, v.get_flat_representation())
+    mat.solve(v, regul, tol=1e-12, max_iter=300)
+    cold = mat.last_solve_info["iterations"]
+    near = PVector(mat.layer_collection, want + 1e-6 * torch.randn_like(want))
+    got = mat.solve(v, regul, tol=1e-12, max_iter=300, x0=near)
+    ref.assert_close(got.get_flat_representation(), want, 1e-9, "CG from x0")
+    assert mat.last_solve_info["iterations"] < cold
+    exact = PVector(mat.layer_collection, want)
+    mat.solve(v, regul, tol=1e-6, max_iter=300, x0=exact)
+    assert mat.last_solve_info["iterations"] == 0  # already solved: one residual, no iteration
+
+
 def _ill_conditioned_regression():
     """One Linear(12, 3) on inputs whose features span four decades, Gaussian likelihood: the
     Fisher is ``I ⊗ E[ã ãᵀ]``, badly conditioned, and KFAC is exact for it."""
