@@ -77,6 +77,10 @@ NOT_OPERATIONS: dict[str, str] = {
     "centered": "run by the job itself (the spec's centering field)",
     "get_dense_tensor": "an alias of to_torch",
     "frobenius_norm": "a deprecated alias of norm",
+    "compute_eigendecomposition": "returns the factors' eigenvectors: keep the representation, "
+    "download it and decompose it locally",
+    "get_eigendecomposition": "returns the factors' eigenvectors: keep the representation, "
+    "download it and decompose it locally",
     "size": "known from the model's parameter count (or c and n for the NTK)",
     "push_forward": "a product of the Jacobian J, not of the Fisher (PFMapImplicit.jvp)",
     "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher (PFMapImplicit.vjp)",

@@ -365,3 +365,33 @@ def test_a_wrong_rank_bound_is_caught_by_the_probe(tmp_path):
     a, g = mat.factors["4"]
     inverse = H.pi_damped_kron_inverse(a, g, H.view_of(H.modules("norms")["4"]), regul)
     ref.assert_close(H.block(lied.inv(regul).to_torch(), (s, e)), inverse, 1e-9, "inv")
+
+
+@H.CASES
+def test_compute_eigendecomposition_gives_the_spectrum_of_each_block(case):
+    """The factors' eigenpairs rebuild the factors, and ``λ_G ⊗ λ_A`` is the spectrum of the
+    layer's block in the dense matrix (eigenvalues do not depend on the flat layout)."""
+    mat = H.fim(case, "kfac")
+    full = mat.to_torch()
+    decompositions = mat.compute_eigendecomposition()
+    assert sorted(decompositions) == sorted(mat.factors)
+    offsets = H.offsets(case)
+    for name, ((la, ua), (lg, ug)) in decompositions.items():
+        a, g = mat.factors[name]
+        if a.shape[0] == 1:  # one group: NNGeometry's 2-D factors
+            a, g = a[0], g[0]
+        ref.assert_close(ua @ torch.diag_embed(la) @ ua.mT, a, TOL, f"{name} A")
+        ref.assert_close(ug @ torch.diag_embed(lg) @ ug.mT, g, TOL, f"{name} G")
+        evals, evecs = mat.get_eigendecomposition()
+        assert evecs[name][0] is ua and evals[name][1] is lg
+        if la.dim() != 1:  # grouped layers: the dense block mixes groups' layouts
+            continue
+        spectrum = torch.sort((lg[:, None] * la[None, :]).reshape(-1)).values
+        block = H.block(full, offsets[name])
+        ref.assert_close(torch.linalg.eigvalsh(block), spectrum, 1e-8, f"{name} spectrum")
+
+
+def test_get_eigendecomposition_before_compute_names_the_fix():
+    with pytest.raises(ValueError, match="compute_eigendecomposition"):
+        model, loader = H.built("mlp")
+        engine.FIM(model, loader, "kfac").get_eigendecomposition()
