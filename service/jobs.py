@@ -94,6 +94,7 @@ class JobService:
         # does a blob's content, so its header is read once for all submissions naming it.
         self._finished: dict[str, tuple[JobRecord, JobPublic]] = {}
         self._headers: dict[str, Header] = {}
+        self._header_sizes: dict[str, int] = {}  # header_bytes of each kept header
         self._cache_lock = threading.Lock()
 
     # -- submission -------------------------------------------------------------------------
@@ -272,10 +273,14 @@ class JobService:
         if size > budget:
             return
         self._headers.pop(digest, None)
-        held = sum(header_bytes(h) for h in self._headers.values())
+        self._header_sizes.pop(digest, None)
+        held = sum(self._header_sizes.values())
         while self._headers and held + size > budget:
-            held -= header_bytes(self._headers.pop(next(iter(self._headers))))
+            oldest = next(iter(self._headers))
+            del self._headers[oldest]
+            held -= self._header_sizes.pop(oldest)
         self._headers[digest] = header
+        self._header_sizes[digest] = size
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -591,7 +591,7 @@ class JobRunner:
         name = op["op"]  # one of the estimator names the job schema allows
         function = getattr(engine.estimators, name)
         accepted = inspect.signature(function).parameters
-        kwargs = {k: v for k, v in op.items() if k not in ("op", "progress") and k in accepted}
+        kwargs = {k: v for k, v in op.items() if k != "op" and k in accepted}
         estimate = function(rep, **kwargs, progress=self._op_progress)
         outputs: dict[str, Any] = {}
         if isinstance(estimate, engine.estimators.SpectralDensity):

@@ -164,7 +164,7 @@ def test_the_api_header_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
     budget = 2 * 1024 * 1024
     jobs = JobService.__new__(JobService)
     jobs.settings = Settings(data_dir=tmp_path, header_cache_bytes=budget)
-    jobs._headers = {}
+    jobs._headers, jobs._header_sizes = {}, {}
     for i in range(20):
         jobs._remember_header(f"d{i}", read_header(_many(tmp_path, 1000 + i, 40), "w"))
         assert sum(header_bytes(h) for h in jobs._headers.values()) <= budget
