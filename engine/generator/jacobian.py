@@ -39,8 +39,12 @@ from fimntk.engine.linalg import add_lower_gram, symmetrize_lower
 
 Progress = Callable[[int, "int | None", str], None]
 
-#: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`).
-K_CHUNK_BYTES = 1 << 18
+#: Output-gradient bytes per chunk of pseudo-outputs (see :meth:`Jacobian._run_batch`). 4 MiB
+#: keeps memory flat for wide layers (a convolution's K gradients still go one at a time) while
+#: the small layers of an MLP take all K pseudo-outputs in one chunk: one set of per-layer
+#: reductions per batch instead of one per pseudo-output (256 KiB gave one chunk per output on
+#: bench's W1, a third of whose time went to those per-chunk calls).
+K_CHUNK_BYTES = 1 << 22
 
 
 class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
