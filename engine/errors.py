@@ -5,11 +5,17 @@ Hierarchy::
     FimntkError
     ├── InvalidInputError (ValueError)       bad model, loader, shape or argument
     │   ├── TrainModeBatchNormError          BatchNorm in train mode: call ``model.eval()``
-    │   └── MemoryBudgetError                a representation would not fit the budget
-    ├── UnsupportedOperationError (TypeError) operation not defined for a representation
+    │   ├── MemoryBudgetError                a representation would not fit the budget
+    │   ├── InvalidNormOrderError            an unknown ``ord`` (also a RuntimeError)
+    │   └── NotDifferentiableError           a scalar outside the graph (also a RuntimeError)
+    ├── UnsupportedOperationError            operation not defined for a representation
+    │   (TypeError, NotImplementedError)
     └── SerializationError (ValueError)      a file whose metadata and tensors disagree
 
-Each error also subclasses the builtin it refines, so ``except ValueError`` keeps working.
+Each error also subclasses the builtin it refines, so ``except ValueError`` keeps working, and
+the builtin torch or NNGeometry raise in the same place (``torch.linalg.norm`` and
+``torch.autograd.grad`` raise ``RuntimeError``; NNGeometry raises ``NotImplementedError`` for an
+operation a representation lacks), so code written against them keeps working too.
 """
 
 from __future__ import annotations
@@ -31,7 +37,23 @@ class MemoryBudgetError(InvalidInputError):
     """Building a representation would exceed the memory budget."""
 
 
-class UnsupportedOperationError(FimntkError, TypeError):
+class InvalidNormOrderError(InvalidInputError, RuntimeError):
+    """A norm order other than those offered (``torch.linalg.norm`` raises ``RuntimeError``)."""
+
+
+def unknown_norm_order(ord: object) -> InvalidNormOrderError:
+    """The error for a norm order no matrix offers (one message for every representation)."""
+    return InvalidNormOrderError(
+        f"unsupported norm ord={ord!r}: use None or 'fro' (Frobenius), 2 or -2 (spectral)"
+    )
+
+
+class NotDifferentiableError(InvalidInputError, RuntimeError):
+    """Differentiating a value that does not depend on the variables asked for
+    (``torch.autograd.grad`` raises ``RuntimeError``)."""
+
+
+class UnsupportedOperationError(FimntkError, TypeError, NotImplementedError):
     """An operation that a representation (or a pair of them) does not define."""
 
 

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError, unknown_norm_order
 from fimntk.engine.vector import FVector
 
 
@@ -55,9 +55,15 @@ class FMatDense:
     def _frobenius_norm(self) -> Tensor:
         return torch.linalg.vector_norm(self.data.double()).to(self.data.dtype)
 
-    def norm(self) -> Tensor:
-        """The Frobenius norm."""
-        return self._frobenius_norm()
+    def norm(self, ord: str | int | None = None) -> Tensor:
+        """Frobenius (``None``/``"fro"``) or spectral (``2``/``-2``: the largest/smallest
+        ``|λ|`` of the ``(c·n, c·n)`` symmetric Gram matrix)."""
+        if ord is None or ord == "fro":
+            return self._frobenius_norm()
+        if isinstance(ord, int | float) and ord in (2, -2):
+            s = torch.linalg.eigvalsh(self._flat()).abs()
+            return s.max() if ord == 2 else s.min()
+        raise unknown_norm_order(ord)
 
     def frobenius_norm(self) -> Tensor:
         """Deprecated alias of ``norm()`` (NNGeometry deprecates it with the same warning)."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError, NotDifferentiableError
 from fimntk.engine.layercollection import LayerCollection
 
 
@@ -121,13 +121,25 @@ class PVector:
             out[e.name] = tuple(parts)
         return out
 
+    def to_dict(self) -> dict[str, tuple[Tensor, ...]]:
+        """NNGeometry's name for :meth:`get_dict_representation`."""
+        return self.get_dict_representation()
+
     def copy_to_model(self, model: nn.Module) -> None:
         """Write this vector into the model's parameters."""
+        self._into_model(model, add=False)
+
+    def add_to_model(self, model: nn.Module) -> None:
+        """Add this vector to the model's parameters in place (``θ ← θ + v``, a step)."""
+        self._into_model(model, add=True)
+
+    def _into_model(self, model: nn.Module, add: bool) -> None:
         with torch.no_grad():
             start = 0
             for p in self.layer_collection.parameters(model):
                 n = p.numel()
-                p.copy_(self._flat[start : start + n].reshape(p.shape))
+                part = self._flat[start : start + n].reshape(p.shape)
+                p.add_(part) if add else p.copy_(part)
                 start += n
 
     def _check(self, other: PVector) -> None:
@@ -278,7 +290,7 @@ def grad(output: Tensor, vec: PVector, **kwargs: Any) -> PVector:
         ]
         return PVector(vec.layer_collection, torch.cat(parts))
     if not vec._flat.requires_grad:
-        raise InvalidInputError(
+        raise NotDifferentiableError(
             "vec is not part of output's graph: build it with PVector.from_model(model), or "
             "compute output from a vector whose tensor has requires_grad=True"
         )

@@ -15,6 +15,7 @@ matrix remembers which path each layer took in :attr:`paths`.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -23,7 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
+from fimntk.engine.errors import (
+    InvalidInputError,
+    UnsupportedOperationError,
+    unknown_norm_order,
+)
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.vector import PVector
 
@@ -114,11 +119,25 @@ class PMatAbstract(ABC):
         )
 
     # ----- shared ------------------------------------------------------------------------------
-    def norm(self, ord: str | None = None) -> Tensor:
-        """The Frobenius norm (the only one defined for every representation)."""
-        if ord not in (None, "fro"):
-            raise InvalidInputError(f"unsupported norm ord={ord!r}; use the Frobenius norm")
-        return self._frobenius_norm()
+    def eigenvalues(self) -> Tensor:
+        """All ``d`` eigenvalues of the symmetric matrix, ascending, ``(d,)``.
+
+        This default diagonalises :meth:`to_torch` (``O(d³)``); the structured representations
+        use their structure (a diagonal, per-block spectra, products of Kronecker factors'
+        eigenvalues, the Gram of a low-rank factor)."""
+        return torch.linalg.eigvalsh(self.to_torch())
+
+    def norm(self, ord: str | int | None = None) -> Tensor:
+        """``torch.linalg.norm``'s matrix norms: Frobenius (``None`` or ``"fro"``) or spectral:
+        ``ord=2`` the largest singular value, ``ord=-2`` the smallest. ``M`` is symmetric, so
+        its singular values are ``|λ_i|`` and the spectral norms are ``max |λ_i|`` and
+        ``min |λ_i|`` over :meth:`eigenvalues` (0 for a singular matrix)."""
+        if ord is None or ord == "fro":
+            return self._frobenius_norm()
+        if isinstance(ord, int | float) and ord in (2, -2):
+            s = self.eigenvalues().abs()
+            return s.max() if ord == 2 else s.min()
+        raise unknown_norm_order(ord)
 
     def frobenius_norm(self) -> Tensor:
         """Deprecated alias of ``norm()`` (NNGeometry deprecates it with the same warning)."""
@@ -184,6 +203,67 @@ class PMatAbstract(ABC):
     def _new(self, data: Any) -> PMatAbstract:
         return type(self)(self.layer_collection, data=data)
 
+    # ----- products with matrices and maps --------------------------------------------------
+    def mm(self, other: Any) -> Any:
+        """``M · X``.
+
+        * ``X`` a PushForward map :class:`~fimntk.engine.pfmap.PFMapDense` ``J`` (``(K, n, d)``):
+          the map ``J M`` (each row ``j`` becomes ``M j``: ``J Mᵀ``, which is ``J M`` for the
+          symmetric matrices the representations hold), computed by the representation's
+          structure (:meth:`_rows_times`).
+        * ``X`` a matrix of the same representation: ``M X`` in that representation where the
+          product stays in it (dense, diagonal, block-diagonal, scaled identity); other pairs
+          raise :class:`UnsupportedOperationError`.
+        """
+        from fimntk.engine.pfmap import PFMapDense
+
+        if isinstance(other, PFMapDense):
+            if other.layer_collection != self.layer_collection:
+                raise InvalidInputError("mm needs a map on the matrix's layer collection")
+            d = self.layer_collection.numel()
+            rows = self._rows_times(other.data.reshape(-1, d))
+            return PFMapDense(self.layer_collection, data=rows.reshape(other.data.shape))
+        if isinstance(other, PMatAbstract):
+            self._same(other, "mm")
+            return self._mm_same(other)
+        raise InvalidInputError(
+            f"mm takes a PFMapDense or a {type(self).__name__}; got {type(other).__name__} "
+            "(use mv for a PVector)"
+        )
+
+    def mmap(self, other: Any) -> Any:
+        """NNGeometry's name for :meth:`mm` with a map."""
+        return self.mm(other)
+
+    def __pow__(self, exponent: float) -> PMatAbstract:
+        """``M ** e`` is ``M.pow(e)`` where the representation offers powers."""
+        pow_ = getattr(self, "pow", None)
+        if pow_ is None or not isinstance(exponent, int | float):
+            return NotImplemented
+        return pow_(exponent)
+
+    def __matmul__(self, other: Any) -> Any:
+        """``M @ v`` is :meth:`mv` for a :class:`PVector`, :meth:`mm` otherwise."""
+        if isinstance(other, PVector):
+            return self.mv(other)
+        return self.mm(other)
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``M V`` for ``V: (d, r)`` (columns are vectors), batched through the structure."""
+        return self._rows_times(vectors.t()).t()
+
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        """``M`` applied to each row of ``rows: (m, d)``: ``(M rowsᵀ)ᵀ = rows Mᵀ``. This default
+        runs one :meth:`mv` per row; the structured representations batch it."""
+        outs = [self.mv(PVector(self.layer_collection, r)).get_flat_representation() for r in rows]
+        return torch.stack(outs) if outs else rows.clone()
+
+    def _mm_same(self, other: PMatAbstract) -> PMatAbstract:
+        raise UnsupportedOperationError(
+            f"the product of two {type(self).__name__} is not a {type(self).__name__}: convert "
+            "with to_torch() and use PMatDense"
+        )
+
     def __add__(self, other: PMatAbstract) -> PMatAbstract:
         self._same(other, "+")
         return self._new(self._zip(other, torch.add))
@@ -223,6 +303,33 @@ def _tree_zip(fn, a, b):
     if isinstance(a, (tuple, list)):
         return type(a)(_tree_zip(fn, x, y) for x, y in zip(a, b))
     return a
+
+
+def solves_maps(solve: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a representation's ``solve(v, regul, ...)`` also take a PushForward map
+    (:class:`~fimntk.engine.pfmap.PFMapDense`): it is then solved row by row
+    (:meth:`PMatAbstract.solve_map`), as NNGeometry's ``solve`` does for a Jacobian."""
+
+    @functools.wraps(solve)
+    def wrapper(self: PMatAbstract, v: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(v, PVector):
+            return solve(self, v, *args, **kwargs)
+        from fimntk.engine.pfmap import PFMapDense
+
+        if isinstance(v, PFMapDense):
+            d = self.layer_collection.numel()
+            if v.layer_collection != self.layer_collection:
+                raise InvalidInputError("solve needs a map on the matrix's layer collection")
+            rows = [
+                solve(self, PVector(self.layer_collection, r), *args, **kwargs)
+                for r in v.data.reshape(-1, d)
+            ]
+            flat = [r.get_flat_representation() for r in rows]
+            data = torch.stack(flat).reshape(v.data.shape) if flat else v.data.clone()
+            return PFMapDense(self.layer_collection, data=data)
+        return solve(self, v, *args, **kwargs)
+
+    return wrapper
 
 
 def frobenius(t: Tensor) -> Tensor:

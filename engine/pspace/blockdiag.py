@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.linalg import spd_solve
-from fimntk.engine.pspace.base import PMatAbstract, frobenius
+from fimntk.engine.pspace.base import PMatAbstract, frobenius, solves_maps
 from fimntk.engine.vector import PVector
 
 if TYPE_CHECKING:
@@ -50,9 +50,25 @@ class PMatBlockDiag(PMatAbstract):
     def get_diag(self) -> Tensor:
         return torch.cat([torch.diagonal(self.data[e.name]) for e in self.layer_collection])
 
+    def eigenvalues(self) -> Tensor:
+        """The union of the blocks' spectra, ascending (one ``eigvalsh`` per block)."""
+        spectra = [torch.linalg.eigvalsh(self.data[e.name]) for e in self.layer_collection]
+        return torch.sort(torch.cat(spectra)).values
+
     def to_torch(self) -> Tensor:
         return torch.block_diag(*[self.data[e.name] for e in self.layer_collection])
 
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        offsets = self.layer_collection.offsets()
+        return torch.cat([rows[:, s:e] @ self.data[n].t() for n, (s, e) in offsets.items()], dim=1)
+
+    def _mm_same(self, other: PMatAbstract) -> PMatBlockDiag:
+        """Block by block: ``(M N)_l = M_l N_l``."""
+        return PMatBlockDiag(
+            self.layer_collection, data={n: b @ other.data[n] for n, b in self.data.items()}
+        )
+
+    @solves_maps
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         self._check_vector(v)
         regul = self._check_regul(regul)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fimntk.engine.linalg import spd_solve
 from fimntk.engine.partial_eigen import Progress, top_eigenpairs
-from fimntk.engine.pspace.base import PMatAbstract, frobenius
+from fimntk.engine.pspace.base import PMatAbstract, frobenius, solves_maps
 from fimntk.engine.vector import PVector
 
 if TYPE_CHECKING:
@@ -46,6 +46,13 @@ class PMatDense(PMatAbstract):
     def to_torch(self) -> Tensor:
         return self.data
 
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        return rows @ self.data.t()
+
+    def _mm_same(self, other: PMatAbstract) -> PMatDense:
+        return PMatDense(self.layer_collection, data=self.data @ other.data)
+
+    @solves_maps
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         self._check_vector(v)
         regul = self._check_regul(regul)

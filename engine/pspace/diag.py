@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fimntk.engine.pspace.base import PMatAbstract, frobenius
+from fimntk.engine.pspace.base import PMatAbstract, frobenius, solves_maps
 from fimntk.engine.vector import PVector
 
 if TYPE_CHECKING:
@@ -41,9 +41,20 @@ class PMatDiag(PMatAbstract):
     def get_diag(self) -> Tensor:
         return self.data.clone()
 
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        return rows * self.data
+
+    def _mm_same(self, other: PMatAbstract) -> PMatDiag:
+        return PMatDiag(self.layer_collection, data=self.data * other.data)
+
+    def eigenvalues(self) -> Tensor:
+        """The diagonal, ascending."""
+        return torch.sort(self.data).values
+
     def to_torch(self) -> Tensor:
         return torch.diag(self.data)
 
+    @solves_maps
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         self._check_vector(v)
         regul = self._check_regul(regul)

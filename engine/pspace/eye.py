@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError, unknown_norm_order
 from fimntk.engine.layercollection import LayerCollection
-from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.pspace.base import PMatAbstract, solves_maps
 from fimntk.engine.vector import PVector
 
 
@@ -65,11 +65,25 @@ class PMatEye(PMatAbstract):
 
     def norm(self, ord: str | int | None = None) -> Tensor:
         """Frobenius (``None``/``"fro"``, ``|s|·√d``) or spectral (``2``/``-2``, ``|s|``)."""
-        if ord in (2, -2):
+        if isinstance(ord, int | float) and ord in (2, -2):
             return self.data.abs()
-        if ord not in (None, "fro"):
-            raise InvalidInputError(f"unsupported norm ord={ord!r}; use None, 'fro', 2 or -2")
+        if ord is not None and ord != "fro":
+            raise unknown_norm_order(ord)
         return self._frobenius_norm()
+
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        return rows * self.data
+
+    def _mm_same(self, other: PMatAbstract) -> PMatEye:
+        return PMatEye(self.layer_collection, data=self.data * other.data)
+
+    def pinv(self, atol: float = 1e-8) -> PMatEye:
+        """The pseudo-inverse: ``(1/s)·I`` where ``|s| > atol``, else the zero matrix."""
+        s = self.data
+        return PMatEye(self.layer_collection, data=torch.where(s.abs() > atol, 1 / s, 0 * s))
+
+    def eigenvalues(self) -> Tensor:
+        return self.data.expand(self._d()).clone()
 
     def get_diag(self) -> Tensor:
         return self.data.expand(self._d()).clone()
@@ -77,6 +91,7 @@ class PMatEye(PMatAbstract):
     def to_torch(self) -> Tensor:
         return self.data * torch.eye(self._d(), dtype=self.data.dtype)
 
+    @solves_maps
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         """``v / (s + regul)``; refused where ``s + regul = 0``."""
         self._check_vector(v)

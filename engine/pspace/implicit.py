@@ -32,7 +32,7 @@ from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.generator.batch_jacobian import check_finite, weighted_grad
 from fimntk.engine.generator.jacobian import Jacobian
 from fimntk.engine.generator.tangents import TangentCapture
-from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.pspace.base import PMatAbstract, solves_maps
 from fimntk.engine.vector import PVector
 
 #: Largest dense object (elements) that ``norm``/``to_torch`` will build.
@@ -366,6 +366,7 @@ class PMatImplicit(PMatAbstract):
         self._replay()
         return self.generator.get_covariance_matrix(self.examples) * self._scale
 
+    @solves_maps
     def solve(
         self,
         v: PVector,
@@ -374,8 +375,12 @@ class PMatImplicit(PMatAbstract):
         tol: float = 1e-6,
         max_iter: int = 100,
         x0: PVector | None = None,
+        M: PMatAbstract | None = None,
+        rtol: float | None = None,
     ) -> PVector:
-        """``(F + λI)⁻¹ v`` by conjugate gradients; ``preconditioner.solve(r, λ)`` if given.
+        """``(F + λI)⁻¹ v`` by conjugate gradients; ``preconditioner.solve(r, λ)`` if given
+        (``M=`` and ``rtol=`` are scipy's and NNGeometry's names for ``preconditioner=`` and
+        ``tol=``).
 
         Starts from ``x0`` (a warm start, e.g. the previous step's solution; zero when
         omitted) and stops when ``‖r‖ ≤ tol·‖v‖`` or after ``max_iter`` iterations (one pass
@@ -383,6 +388,12 @@ class PMatImplicit(PMatAbstract):
         """
         self._check_vector(v)
         regul = self._check_regul(regul)
+        if rtol is not None:
+            tol = rtol
+        if M is not None:
+            if preconditioner is not None:
+                raise InvalidInputError("give the preconditioner once: preconditioner= or M=")
+            preconditioner = M
         b = v.get_flat_representation()
         if x0 is not None:
             self._check_vector(x0)

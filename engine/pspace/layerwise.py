@@ -21,6 +21,7 @@ representation            block per layer
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from fimntk.engine.generator.accumulators import Accumulator, DenseAcc, DiagAcc,
 from fimntk.engine.generator.kfac_factors import KFAC_APPROX, KronAcc
 from fimntk.engine.layers import LayerKernel
 from fimntk.engine.layers.layout import MatLayout
-from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.pspace.base import PMatAbstract, solves_maps
 from fimntk.engine.pspace.blocks import (
     Block,
     DenseBlock,
@@ -147,19 +148,71 @@ class PMatLayerwise(PMatAbstract):
     def _dtype(self) -> torch.dtype:
         return next(iter(next(iter(self.data.values())).tensors().values())).dtype
 
-    def get_diag(self) -> Tensor:
-        return torch.cat([self.data[e.name].diag() for e in self.layer_collection])
+    def get_diag(self, split_weight_bias: bool = True) -> Tensor:
+        """The diagonal ``(d,)``; ``split_weight_bias=False`` orders each layer's entries as
+        its matrix view (see :meth:`to_torch`)."""
+        parts = [self.data[e.name].diag() for e in self.layer_collection]
+        if not split_weight_bias:
+            parts = [p[self._mat_order(e.name)] for p, e in zip(parts, self.layer_collection)]
+        return torch.cat(parts)
 
-    def to_torch(self) -> Tensor:
-        return torch.block_diag(*[self.data[e.name].dense() for e in self.layer_collection])
+    def _mat_order(self, name: str) -> Tensor | slice:
+        """Indices of a layer's flat parameters in the row-major order of its matrix view
+        ``(groups, Q, P [+ bias column])``: each output unit's weights then its bias (NNGeometry's
+        ``split_weight_bias=False``); all of them in order for a layer without a matrix view."""
+        layout = self.data[name].layout
+        if layout is None:
+            return slice(None)
+        return layout.to_mat(torch.arange(layout.numel)).reshape(-1)
 
+    def _mm_same(self, other: PMatAbstract) -> PMatLayerwise:
+        """Layer by layer (:meth:`Block.product`): KFAC stays KFAC (``G₁G₂ ⊗ A₁A₂``)."""
+        return self._new({n: b.product(other.data[n]) for n, b in self.data.items()})
+
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        """Each layer's block applied to all rows at once (blocks take leading dimensions)."""
+        return torch.cat([self.data[n].mm(xl) for n, xl in self._split(rows)], dim=-1)
+
+    def eigenvalues(self) -> Tensor:
+        """The union of the layers' spectra (:meth:`Block.eigenvalues`), ascending."""
+        spectra = [self.data[e.name].eigenvalues() for e in self.layer_collection]
+        return torch.sort(torch.cat(spectra).to(self._dtype)).values
+
+    def to_torch(self, split_weight_bias: bool = True) -> Tensor:
+        """The dense ``(d, d)`` matrix in the parameters' order (``split_weight_bias=True``: each
+        layer's weight, then its bias, as every other representation orders them). With
+        ``False`` each layer's rows and columns follow its matrix view instead (a bias entry
+        after the weights of its output unit: NNGeometry's mixed order, where ``G ⊗ A`` is a
+        plain Kronecker product)."""
+        blocks = [self.data[e.name].dense() for e in self.layer_collection]
+        if not split_weight_bias:
+            orders = [self._mat_order(e.name) for e in self.layer_collection]
+            blocks = [b[o][:, o] for b, o in zip(blocks, orders)]
+        return torch.block_diag(*blocks)
+
+    @solves_maps
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         regul = self._check_regul(regul)
         return self._apply(v, lambda b, x: b.solve(x, regul))
 
-    def inv(self, regul: float = 1e-8) -> PMatLayerwise:
+    def inv(self, regul: float = 1e-8, use_pi: bool = True) -> PMatLayerwise:
+        """``(M + regul·I)⁻¹`` blockwise; Kronecker blocks damp their factors with the
+        π-correction (Martens & Grosse 2015, §6.3), or split ``√regul`` evenly with
+        ``use_pi=False``."""
         regul = self._check_regul(regul)
-        return self._new({n: b.inv(regul) for n, b in self.data.items()})
+        return self._new(
+            {
+                n: b.pow(-1.0, regul, use_pi=use_pi) if isinstance(b, KronBlock) else b.inv(regul)
+                for n, b in self.data.items()
+            }
+        )
+
+    def inverse(self, regul: float = 1e-8, use_pi: bool = True) -> PMatLayerwise:
+        """Deprecated alias of :meth:`inv` (NNGeometry deprecates it with the same warning)."""
+        warnings.warn(
+            "inverse() is deprecated: use inv(regul) instead", DeprecationWarning, stacklevel=2
+        )
+        return self.inv(regul, use_pi=use_pi)
 
     def pow(self, exponent: float, regul: float = 0.0) -> PMatLayerwise:
         """``M^exponent`` blockwise, damped like :meth:`solve` (KFAC: π-corrected factors)."""

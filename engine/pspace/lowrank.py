@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.linalg import spd_solve
-from fimntk.engine.pspace.base import PMatAbstract
+from fimntk.engine.pspace.base import PMatAbstract, solves_maps
 from fimntk.engine.vector import PVector
 
 if TYPE_CHECKING:
@@ -53,9 +53,24 @@ class PMatLowRank(PMatAbstract):
     def get_diag(self) -> Tensor:
         return (self.data * self.data).sum(dim=0)
 
+    def _rows_times(self, rows: Tensor) -> Tensor:
+        """``rows Jᵀ J``: two products through the ``r`` pseudo-output rows."""
+        return (rows @ self.data.t()) @ self.data
+
+    def eigenvalues(self) -> Tensor:
+        """``JᵀJ`` and the ``(r, r)`` Gram ``J Jᵀ`` share their nonzero eigenvalues: the Gram's
+        largest ``min(r, d)`` eigenvalues, with ``d − r`` zeros when ``r < d``; ascending."""
+        r, d = self.data.shape
+        j = self.data.double()
+        evals = torch.linalg.eigvalsh(j @ j.t())[max(0, r - d) :].clamp_min(0)
+        if r < d:
+            evals = torch.cat([evals.new_zeros(d - r), evals])
+        return evals.to(self.data.dtype)
+
     def to_torch(self) -> Tensor:
         return self.data.t() @ self.data
 
+    @solves_maps
     def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
         self._check_vector(v)
         regul = self._check_regul(regul)

@@ -50,13 +50,29 @@ class Block(ABC):
     def inv(self, regul: float) -> Block:
         return self.pow(-1.0, regul)
 
+    def product(self, other: Block) -> Block:
+        """The block of ``B · C`` (``C`` on the same layer). Kinds closed under products keep
+        their kind (Kronecker, diagonal); this default gives a dense block, as a layer that
+        falls back to the ``torch.func`` path holds (``d_l²`` entries)."""
+        from fimntk.engine.pspace.blocks.dense import DenseBlock
+
+        return DenseBlock(self.dense() @ other.dense())
+
     def pow(self, exponent: float, regul: float) -> Block:
         raise UnsupportedOperationError(f"a {self.kind} block has no power")
 
     def dense(self) -> Tensor:
+        """``B`` as a ``(numel, numel)`` tensor: ``mm`` of the identity's rows gives the columns
+        ``B e_i`` as rows, hence the transpose (``B`` itself need not be symmetric: a product)."""
         d = self.diag().numel()
         eye = torch.eye(d, dtype=self.diag().dtype, device=self.diag().device)
-        return self.mm(eye)
+        return self.mm(eye).t()
+
+    def eigenvalues(self) -> Tensor:
+        """The block's eigenvalues ``(numel,)``, any order; this default diagonalises
+        :meth:`dense` (symmetrised against round-off)."""
+        m = self.dense().double()
+        return torch.linalg.eigvalsh((m + m.t()) / 2)
 
     @property
     def layout(self) -> MatLayout | None:

@@ -18,6 +18,11 @@ class DenseBlock(Block):
     def __init__(self, m: Tensor) -> None:
         self.m = m
 
+    def product(self, other: Block) -> Block:
+        if not isinstance(other, DenseBlock):
+            return super().product(other)
+        return DenseBlock(self.m @ other.m)
+
     def tensors(self) -> dict[str, Tensor]:
         return {"m": self.m}
 

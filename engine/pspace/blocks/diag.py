@@ -39,6 +39,14 @@ class DiagBlock(Block):
     def dense(self) -> Tensor:
         return torch.diag(self.d)
 
+    def eigenvalues(self) -> Tensor:
+        return self.d.clone()
+
+    def product(self, other: Block) -> Block:
+        if not isinstance(other, DiagBlock):
+            return super().product(other)
+        return DiagBlock(self.d * other.d)
+
     def solve(self, x: Tensor, regul: float) -> Tensor:
         return x / (self.d + regul)
 

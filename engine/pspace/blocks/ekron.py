@@ -111,6 +111,16 @@ class EKronBlock(Block):
             out = out + self.rest.double() ** 2 * self._rest_dims
         return out
 
+    def eigenvalues(self) -> Tensor:
+        """``s`` (the eigenvalues in the basis ``U_G ⊗ U_A``), and ``rest`` once for each
+        dimension of the complement of a thin basis."""
+        s = self.s.reshape(-1)
+        if self.rest is None:
+            return s
+        groups, rows, cols = self.u_g.shape[0], self.u_g.shape[-1], self.u_a.shape[-2]
+        missing = groups * rows * cols - s.numel()
+        return torch.cat([s, self.rest.to(s.dtype).expand(missing)])
+
     def diag(self) -> Tensor:
         d = (self.u_g**2) @ self.s @ (self.u_a**2).transpose(-1, -2)
         if self.rest is not None:  # rest · diag(I − U_A U_Aᵀ), equal on every row (U_G square)

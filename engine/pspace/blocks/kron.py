@@ -75,16 +75,26 @@ class KronBlock(Block):
     def frob_sq(self) -> Tensor:
         return ((self.a.double() ** 2).sum((-2, -1)) * (self.g.double() ** 2).sum((-2, -1))).sum()
 
+    def eigenvalues(self) -> Tensor:
+        """``eig(G ⊗ A) = {μ_i λ_j}``: per group, the products of the factors' eigenvalues
+        (Van Loan 2000, "The ubiquitous Kronecker product"), in float64."""
+        ea = torch.linalg.eigvalsh(self.a.double())
+        eg = torch.linalg.eigvalsh(self.g.double())
+        return (eg[..., :, None] * ea[..., None, :]).reshape(-1)
+
     def diag(self) -> Tensor:
         da = torch.diagonal(self.a, dim1=-2, dim2=-1)
         dg = torch.diagonal(self.g, dim1=-2, dim2=-1)
         return self._layout.from_mat(dg[..., :, None] * da[..., None, :])
 
-    def _damped(self, regul: float) -> tuple[Tensor, Tensor]:
+    def _damped(self, regul: float, use_pi: bool = True) -> tuple[Tensor, Tensor]:
+        """Shifts ``(π√λ, √λ/π)`` of ``A`` and ``G``; ``use_pi=False`` takes ``π = 1``."""
         if regul == 0:
             z = torch.zeros(self.a.shape[0], dtype=torch.float64, device=self.a.device)
             return z, z
         pi = pi_correction(self.a.double(), self.g.double())
+        if not use_pi:
+            pi = torch.ones_like(pi)
         return math.sqrt(regul) * pi, math.sqrt(regul) / pi
 
     def _thin_damped_a(self, sa: Tensor, exponent: float) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -99,8 +109,9 @@ class KronBlock(Block):
         rest = shift**exponent
         return u, (evals.clamp_min(0) + shift) ** exponent - rest, rest[:, 0]
 
-    def pow(self, exponent: float, regul: float) -> KronBlock:
-        sa, sg = self._damped(regul)
+    def pow(self, exponent: float, regul: float, use_pi: bool = True) -> KronBlock:
+        """``(G + √λ/π I)^e ⊗ (A + π√λ I)^e`` (``π = 1`` with ``use_pi=False``)."""
+        sa, sg = self._damped(regul, use_pi)
         thin = self._thin_damped_a(sa, exponent)
         if thin is None:
             a = sym_pow(self.a, exponent, sa)
@@ -131,6 +142,14 @@ class KronBlock(Block):
         except RuntimeError as err:
             raise InvalidInputError("a Kronecker factor is singular: use a positive regul") from err
         return self._layout.from_mat(y).to(x.dtype)
+
+    def product(self, other: Block) -> Block:
+        """``(G₁ ⊗ A₁)(G₂ ⊗ A₂) = G₁G₂ ⊗ A₁A₂`` (the mixed-product property). The block acts
+        as ``X ↦ G X A`` (``A`` on the right, i.e. ``G ⊗ Aᵀ`` on the row-major view), so the
+        product ``X ↦ G₁G₂ X A₂A₁`` stores ``A₂A₁``."""
+        if not isinstance(other, KronBlock):
+            return super().product(other)
+        return KronBlock(other.a @ self.a, self.g @ other.g, self._layout)
 
     def scaled(self, s: float) -> KronBlock:
         return KronBlock(self.a * s, self.g, self._layout, self.rows)
