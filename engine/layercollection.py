@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +46,24 @@ class LayerEntry:
         """Full names as in ``model.named_parameters()``."""
         return [f"{self.name}.{a}" if self.name else a for a, _ in self.params]
 
-    @property
     def has_bias(self) -> bool:
+        """Whether the layer has a ``bias`` parameter (a method, as NNGeometry's layers)."""
         return any(a == "bias" for a, _ in self.params)
+
+    def renamed(self, name: str) -> LayerEntry:
+        """This layer under another module path (same type and parameter shapes)."""
+        return LayerEntry(name, self.module_type, self.params)
+
+    @classmethod
+    def of_module(cls, name: str, module: nn.Module) -> LayerEntry | None:
+        """The entry of ``module`` (its trainable parameters of its own, not its children's), or
+        None when it has none."""
+        params = tuple(
+            (attr, tuple(p.shape))
+            for attr, p in module.named_parameters(recurse=False)
+            if p.requires_grad
+        )
+        return cls(name, type(module).__name__, params) if params else None
 
     def to_json(self) -> dict:
         return {
@@ -127,6 +143,43 @@ class LayerCollection:
                 "LayerCollection.from_model(model) (or leave layer_collection out for all layers)"
             )
         return layer_collection
+
+    # ----- building a collection by hand (NNGeometry's API) ---------------------------------
+    def add_layer(self, name: str, layer: Any) -> None:
+        """Append a layer: a :class:`LayerEntry` (e.g. one of another collection's ``layers``),
+        kept under ``name``, or a layer description with ``to_entry(name)`` (NNGeometry's
+        ``LinearLayer(...)`` etc. in :mod:`fimntk.nngeometry.layercollection`)."""
+        if name in self.layers:
+            raise InvalidInputError(f"the collection already has a layer {name!r}")
+        if isinstance(layer, LayerEntry):
+            entry = layer if layer.name == name else layer.renamed(name)
+        elif callable(getattr(layer, "to_entry", None)):
+            entry = layer.to_entry(name)
+        else:
+            raise InvalidInputError(
+                f"cannot add a {type(layer).__name__} as a layer: pass a LayerEntry or use "
+                "add_layer_from_model(model, module)"
+            )
+        self.layers[name] = entry
+
+    def add_layer_from_model(self, model: nn.Module, module: nn.Module) -> None:
+        """Append ``module`` (a sub-module of ``model``) under its path in ``model``."""
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        if name is None:
+            raise InvalidInputError("the module is not a sub-module of the model")
+        entry = LayerEntry.of_module(name, module)
+        if entry is None:
+            raise InvalidInputError(f"module {name!r} has no trainable parameters of its own")
+        self.add_layer(name, entry)
+
+    @property
+    def p_pos(self) -> dict[str, int]:
+        """``{layer: offset of its first parameter}`` in flat vectors (NNGeometry's name)."""
+        return {name: start for name, (start, _) in self.offsets().items()}
+
+    def get_layerid_module_map(self, model: nn.Module) -> dict[str, nn.Module]:
+        """NNGeometry's name for :meth:`modules`."""
+        return self.modules(model)
 
     def sub(self, names: Iterable[str]) -> LayerCollection:
         """The sub-collection of the named layers, kept in this collection's order."""

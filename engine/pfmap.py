@@ -79,6 +79,7 @@ class PFMapDense:
         if data is None:
             if generator is None or examples is None:
                 raise InvalidInputError("PFMapDense needs data=, or generator= and examples=")
+            generator = self.generator = generator.for_layers(layer_collection)
             data = generator.get_jacobian(examples)
         d = layer_collection.numel()
         if data.dim() != 3 or data.shape[2] != d:
@@ -141,8 +142,8 @@ class PFMapImplicit:
                 f"generator must be a Jacobian, got {type(generator).__name__}: build one "
                 "with Jacobian(model, layer_collection)"
             )
-        if generator.layer_collection != layer_collection:
-            raise InvalidInputError("the generator's layer collection is not layer_collection")
+        generator = generator.for_layers(layer_collection)
+        generator.refuse_centering("an implicit PushForward map")
         self.layer_collection = layer_collection
         self.generator = generator
         self.examples = examples

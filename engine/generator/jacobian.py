@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, weighted_grad
 from fimntk.engine.generator.fallback import TorchFuncFallback
 from fimntk.engine.generator.hooks import Capture, ForwardCapture
@@ -59,6 +59,11 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         device: where batches go (default: the device of the model's parameters).
         verbose: show a tqdm progress bar.
         progress: ``progress(done, total, stage)`` after each batch.
+        centering: differentiate ``g_{k,i} − ḡ_k`` instead of ``g_{k,i}``, with ``ḡ_k`` the mean
+            over the loader's examples of pseudo-output k's gradient (NNGeometry's
+            ``centering``; with the empirical Fisher's pseudo-outputs, the gradients'
+            covariance). Offered by the stored quantities: the Jacobian, the dense, diagonal
+            and block-diagonal matrices and the Gram; other statistics refuse it.
     """
 
     def __init__(
@@ -71,8 +76,10 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         device: str | torch.device | None = None,
         verbose: bool = False,
         progress: Progress | None = None,
+        centering: bool = False,
     ) -> None:
         self.model = model
+        self.centering = bool(centering)
         self.layer_collection = LayerCollection.resolve(model, layer_collection)
         self.function = default_function(model) if function is None else function
         self.n_output = n_output
@@ -298,24 +305,61 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
 
     # ----- aggregates ----------------------------------------------------------------------
-    def get_jacobian(self, loader: Iterable) -> Tensor:
-        """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised)."""
-        return check_finite(
-            torch.cat([bj.grads() for bj in self.batches(loader, split=False)], dim=1), "Jacobian"
+    def for_layers(self, layer_collection: LayerCollection) -> Jacobian:
+        """This generator over other layers of the same model (itself for its own layers): a
+        representation built on a sub-collection differentiates only those layers."""
+        if layer_collection == self.layer_collection:
+            return self
+        return Jacobian(
+            self.model,
+            layer_collection,
+            None if self._function_key == "default" else self.function,
+            self.n_output,
+            self.pseudo_outputs,
+            self.device,
+            self.verbose,
+            self.progress,
+            self.centering,
         )
 
+    def refuse_centering(self, what: str) -> None:
+        """Raise for a statistic that the centred Jacobian does not offer."""
+        if self.centering:
+            raise UnsupportedOperationError(
+                f"{what} is not offered with centering=True: use the dense, diagonal, "
+                "block-diagonal or low-rank representation, the Jacobian or the Gram"
+            )
+
+    def get_jacobian(self, loader: Iterable) -> Tensor:
+        """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised), centred
+        over the examples with ``centering``."""
+        jac = torch.cat([bj.grads() for bj in self.batches(loader, split=False)], dim=1)
+        if self.centering:
+            jac = jac - jac.mean(dim=1, keepdim=True)
+        return check_finite(jac, "Jacobian")
+
     def get_covariance_matrix(self, loader: Iterable) -> Tensor:
-        """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
+        """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``; with ``centering``, ``g_{k,i} − ḡ_k``
+        (``Σ_i (g−ḡ)(g−ḡ)ᵀ = Σ_i g gᵀ − s sᵀ/n`` with ``s_k = Σ_i g_{k,i}``)."""
         total: Tensor | None = None
-        for bj in self.batches(loader, "dense"):
-            total = add_lower_gram(total, bj.grads().reshape(-1, self.layer_collection.numel()))
+        sums: Tensor | None = None
+        for bj in self.batches(loader, "dense", split=not self.centering):
+            grads = bj.grads()
+            total = add_lower_gram(total, grads.reshape(-1, self.layer_collection.numel()))
+            if self.centering:
+                sums = grads.sum(dim=1) if sums is None else sums + grads.sum(dim=1)
         assert total is not None, "batches() refuses an empty loader"
-        total = symmetrize_lower(total).div_(self.n_examples)
+        total = symmetrize_lower(total)
+        if sums is not None:
+            total -= sums.t() @ sums / self.n_examples
+        total = total.div_(self.n_examples)
         check_finite(torch.diagonal(total), "Fisher")  # a NaN/inf in J reaches the diagonal
         return total
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
-        """Diagonal of the covariance, ``(d,)``."""
+        """Diagonal of the covariance, ``(d,)`` (centred as :meth:`get_covariance_matrix`)."""
+        if self.centering:
+            return torch.diagonal(self.get_covariance_matrix(loader)).clone()
         total: Tensor | None = None
         for bj in self.batches(loader, "diag"):
             if total is None:
@@ -327,13 +371,21 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         return check_finite(total.div_(self.n_examples), "Fisher diagonal")
 
     def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:
-        """Per-layer diagonal blocks ``{layer: (d_l, d_l)}``."""
+        """Per-layer diagonal blocks ``{layer: (d_l, d_l)}`` (centred as
+        :meth:`get_covariance_matrix`)."""
         blocks: dict[str, Tensor] = {}
-        for bj in self.batches(loader, "blockdiag"):
+        sums: dict[str, Tensor] = {}
+        for bj in self.batches(loader, "blockdiag", split=not self.centering):
             for e in self.layer_collection:
-                j = bj.layer_grads(e.name).reshape(-1, e.numel)
-                blocks[e.name] = add_lower_gram(blocks.get(e.name), j)
-        out = {k: symmetrize_lower(v).div_(self.n_examples) for k, v in blocks.items()}
+                j = bj.layer_grads(e.name)
+                blocks[e.name] = add_lower_gram(blocks.get(e.name), j.reshape(-1, e.numel))
+                if self.centering:
+                    s = j.reshape(j.shape[0], -1, e.numel).sum(dim=1)
+                    sums[e.name] = s if e.name not in sums else sums[e.name] + s
+        out = {k: symmetrize_lower(v) for k, v in blocks.items()}
+        for k, s in sums.items():
+            out[k] -= s.t() @ s / self.n_examples
+        out = {k: v.div_(self.n_examples) for k, v in out.items()}
         for v in out.values():
             check_finite(torch.diagonal(v), "Fisher block")
         return out
@@ -360,6 +412,9 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 done += 1
                 if self.progress is not None:
                     self.progress(done, pairs, "gram blocks")
+        if self.centering:  # C G C with C = I − 11ᵀ/n on both example indices
+            gram = gram - gram.mean(dim=1, keepdim=True)
+            gram = gram - gram.mean(dim=3, keepdim=True)
         return check_finite(gram, "Gram matrix")
 
     def get_mean_gradient(self, loader: Iterable) -> Tensor:
@@ -390,6 +445,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         """Run each accumulator (see :mod:`fimntk.engine.generator.accumulators`) over the loader in
         one pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
         them, called once the first batch has settled which layers take the hooks."""
+        self.refuse_centering(f"the {stage} statistics")
         accs = None if callable(accumulators) else accumulators
         for bj in self.batches(loader, stage):
             if accs is None:

@@ -63,6 +63,9 @@ class PMatAbstract(ABC):
                 raise InvalidInputError(
                     f"{type(self).__name__} needs data=, or generator= and examples="
                 )
+            for_layers = getattr(generator, "for_layers", None)
+            if callable(for_layers):  # a generator over other layers: differentiate these
+                generator = self.generator = for_layers(layer_collection)
             data = self._compute(generator, examples)
             self.paths = generator.paths
         self.data = data

@@ -68,6 +68,7 @@ class PMatImplicit(PMatAbstract):
     _raw_jacobian: Jacobian | None = None
 
     def _compute(self, generator: Jacobian, examples: Iterable) -> dict[str, Tensor]:
+        generator.refuse_centering("the implicit representation")
         self.examples = examples
         sampler = getattr(generator.pseudo_outputs, "generator", None)
         self._sampler_state = sampler.get_state() if sampler is not None else None

@@ -16,15 +16,11 @@ def TorchHooksJacobianBackend(
     centering: bool = False,
     verbose: bool = False,
 ) -> Jacobian:
-    """A :class:`~fimntk.engine.Jacobian` over all of ``model``'s trainable layers (NNGeometry
-    passes the layer collection to each call instead; here the representation's collection
-    must be the model's). ``centering=True`` is refused: see ``docs/from-nngeometry.md``."""
-    if centering:
-        raise ValueError(
-            "centering=True (per-example gradients minus their mean) is not offered by the "
-            "generator: use EmpiricalFIM(..., centering=True) for a centered Fisher"
-        )
-    return Jacobian(model, function=function, verbose=verbose)
+    """A :class:`~fimntk.engine.Jacobian` over all of ``model``'s trainable layers; a
+    representation built on a sub-collection differentiates only its layers
+    (:meth:`~fimntk.engine.Jacobian.for_layers`), as NNGeometry passes the collection to each
+    call."""
+    return Jacobian(model, function=function, verbose=verbose, centering=centering)
 
 
 __all__ = ["TorchHooksJacobianBackend"]
