@@ -448,7 +448,10 @@ class JobRunner:
         kept = None
         if spec.get("keep"):
             self.representations.put((record.rep_key, str(self.device)), representation)
-            if artifacts.can_persist():
+            # An implicit Hessian is the model and the loader: nothing to write, kept in memory.
+            if artifacts.can_persist() and not isinstance(
+                representation, engine.PMatHessianImplicit
+            ):
                 try:
                     kept = artifacts.save_representation(
                         self.artifacts,
