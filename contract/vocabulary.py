@@ -109,6 +109,11 @@ NOT_OPERATIONS: dict[str, str] = {
     "get_eigendecomposition": "returns the factors' eigenvectors: keep the representation, "
     "download it and decompose it locally",
     "size": "known from the model's parameter count (or c and n for the NTK)",
+    "eigenvalues": "the whole spectrum: ask eigenpairs or lanczos_eigenpairs for the top k, or "
+    "keep the representation, download it and decompose it locally",
+    "mm": "returns a matrix: keep the representation, download it and multiply locally",
+    "mmap": "returns a map: keep the representation, download it and multiply locally",
+    "matmat": "returns a matrix: keep the representation, download it and multiply locally",
     "push_forward": "a product of the Jacobian J, not of the Fisher (PFMapImplicit.jvp)",
     "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher (PFMapImplicit.vjp)",
 }

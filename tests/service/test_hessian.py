@@ -107,7 +107,9 @@ def submitted(
 ) -> dict[tuple[str, str], str]:
     ids = {}
     for loss, rep in CASES:
-        response = client.post("/v1/jobs", json=_spec(data, loss, rep), headers=auth(users["alice"]))
+        response = client.post(
+            "/v1/jobs", json=_spec(data, loss, rep), headers=auth(users["alice"])
+        )
         assert response.status_code == 202, response.text
         ids[(loss, rep)] = response.json()["id"]
     return ids
