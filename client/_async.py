@@ -17,7 +17,7 @@ from fimntk.client._base import (
     compute_options,
     search_rows,
 )
-from fimntk.client._handles import RemoteFIM, RemoteNTK
+from fimntk.client._handles import RemoteFIM, RemoteHessian, RemoteNTK
 from fimntk.client._progress import ProgressOption
 from fimntk.client._sync import _write_async
 from fimntk.client.errors import unreachable
@@ -558,6 +558,48 @@ class AsyncClient(BaseClient):
             step=step,
         )
         return await self._run(self._handle_flow(RemoteNTK, model, loader, options))
+
+    async def Hessian(
+        self,
+        model: Any,
+        loader: Any,
+        representation: str = "dense",
+        *,
+        loss: str,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
+    ) -> RemoteHessian:
+        """Compute the loss Hessian once on the server and keep it there, as the engine's
+        ``Hessian(model, loader, representation, loss=...)`` with the loss named.
+
+        Args:
+            representation: ``"dense"``, ``"blockdiag"``, ``"diag"`` or ``"implicit"``.
+            loss: ``"cross_entropy"`` (summed over examples; integer class targets) or
+                ``"mse"`` (``½ Σ ‖f(x) − y‖²``); the loader must yield ``(x, y)``.
+            Others as in :meth:`FIM` (a Hessian job runs on one worker: no ``shards``).
+
+        Returns:
+            A :class:`~fimntk.client.RemoteHessian` (``vTMv``, ``mv``, ``eigenvalues``, and for
+            a stored representation ``trace``, ``norm``, ``get_diag``, ``to_torch``).
+        """
+        options = compute_options(
+            rep=representation,
+            metric="hessian",
+            variant="classif_logits",
+            trials=1,
+            seed=None,
+            centering=False,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+            labels=labels,
+            step=step,
+            loss=loss,
+        )
+        return await self._run(self._handle_flow(RemoteHessian, model, loader, options))
 
     # -- data -----------------------------------------------------------------------------------
 

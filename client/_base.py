@@ -474,10 +474,12 @@ def compute_options(
     shards: int | str = 1,
     labels: dict[str, str] | None = None,
     step: int | None = None,
+    loss: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of the computations, as :func:`fimntk.client._compute.prepare` takes
     them."""
     return {
+        "loss": loss,
         "metric": metric,
         "representation": rep,
         "variant": variant,

@@ -15,7 +15,7 @@ from fimntk.client import _shipping as sh
 from fimntk.client._blob import Blob
 from fimntk.client._shipping import DataShipment, ModelShipment
 from fimntk.client.errors import DataError
-from fimntk.contract.vocabulary import METRICS
+from fimntk.contract.vocabulary import HESSIAN_LOSSES, METRICS
 
 _VECTOR_OPS = frozenset({"mv", "vTMv", "solve"})
 
@@ -98,6 +98,7 @@ def prepare(
     centering: bool,
     dtype: Any,
     batch_size: int | None,
+    loss: str | None = None,
 ) -> Prepared:
     """Describe the model, pack the data and check the engine's keyword arguments.
 
@@ -114,6 +115,14 @@ def prepare(
             f"metric {metric!r} needs a representation, as the engine does: "
             "e.g. rep='kfac' (or 'dense', 'diag', 'ekfac', 'implicit', ...)"
         )
+    if (loss is None) == (metric == "hessian"):
+        raise DataError(
+            f"metric='hessian' needs loss= (one of {list(HESSIAN_LOSSES)})"
+            if loss is None
+            else "loss= applies to metric='hessian' only"
+        )
+    if loss is not None and loss not in HESSIAN_LOSSES:
+        raise DataError(f"loss must be one of {list(HESSIAN_LOSSES)}, got {loss!r}")
     if trials != 1 and metric != "fim_mc":
         raise DataError("trials= applies to metric='fim_mc' only")
     if centering and metric != "empirical_fim":
@@ -121,16 +130,20 @@ def prepare(
     shipment = sh.ship_model(model)
     target = Target(model, shipment, metric, sh.compute_dtype(model, dtype))
     fields: dict[str, Any] = {"metric": metric, "dtype": target.dtype}
-    if metric != "ntk":
+    if metric == "hessian":
+        fields |= {"representation": representation, "loss": loss}
+    elif metric != "ntk":
         fields |= {"representation": representation, "variant": variant}
     if metric == "fim_mc":
         fields |= {"trials": trials, "seed": seed}
     if metric == "empirical_fim":
         fields["centering"] = centering
     shipped = sh.ship_data(data, batch_size)
-    if metric == "empirical_fim" and shipped.blob is not None and not shipped.has_targets:
+    needs_targets = metric in ("empirical_fim", "hessian")
+    if needs_targets and shipped.blob is not None and not shipped.has_targets:
         shipped.blob.discard()
-        raise DataError("the empirical Fisher needs targets: the loader must yield (x, y)")
+        what = "the empirical Fisher" if metric == "empirical_fim" else "the loss Hessian"
+        raise DataError(f"{what} needs targets: the loader must yield (x, y)")
     return Prepared(target, shipped, fields, sh.probe_blob(model, shipped))
 
 
@@ -169,6 +182,14 @@ def eigenpairs_op(target: Target, k: int) -> Op:
         None,
         lambda out: (out["eigenvalues"], out["eigenvectors"]),
     )
+
+
+def eigenvalues_op(target: Target, k: int, n_iter: int | None = None, seed: int = 0) -> Op:
+    """``lanczos_eigenpairs``: the k largest (algebraic) eigenvalues ``(k,)``, descending."""
+    spec: dict[str, Any] = {"op": "lanczos_eigenpairs", "k": int(k), "seed": int(seed)}
+    if n_iter is not None:
+        spec["n_iter"] = int(n_iter)
+    return Op(spec, None, lambda out: out["eigenvalues"])
 
 
 def gram_op(target: Target) -> Op:

@@ -1,6 +1,7 @@
-"""Handles on representations kept on the server: :class:`RemoteFIM` and :class:`RemoteNTK`
-mirror the engine's ``PMat*`` and ``FMatDense``. Each method is a job that reuses the kept
-representation (no recomputation). With an :class:`~fimntk.client.AsyncClient`, await the methods.
+"""Handles on representations kept on the server: :class:`RemoteFIM`, :class:`RemoteHessian`
+and :class:`RemoteNTK` mirror the engine's ``PMat*`` and ``FMatDense``. Each method is a job
+that reuses the kept representation (no recomputation). With an
+:class:`~fimntk.client.AsyncClient`, await the methods.
 """
 
 from __future__ import annotations
@@ -119,3 +120,46 @@ class RemoteNTK(_Remote):
         from fimntk.client._compute import vector_op
 
         return self._run(lambda t: vector_op("mv", t, v))
+
+
+class RemoteHessian(_Remote):
+    """A loss Hessian kept on the server (as ``Client.Hessian`` returns it), the engine's
+    ``Hessian(model, loader, representation, loss=...)`` with the loss named: ``"cross_entropy"``
+    (summed) or ``"mse"`` (``½ Σ ‖f − y‖²``).
+
+    Example::
+
+        H = client.Hessian(model, loader, "implicit", loss="cross_entropy")
+        H.vTMv(v), H.eigenvalues(5)
+    """
+
+    @property
+    def representation(self) -> str:
+        """``"dense"``, ``"blockdiag"``, ``"diag"`` or ``"implicit"``."""
+        return str(self.job["representation"])
+
+    def vTMv(self, v: Any = None) -> Any:
+        """:math:`v^\\top H v`; ``v`` defaults to the model's parameters."""
+        from fimntk.client._compute import scalar_op
+
+        return self._run(lambda t: scalar_op("vTMv", t, v))
+
+    def mv(self, v: Any = None) -> Any:
+        """:math:`H v`, a ``PVector`` (``{name: tensor}`` without the engine)."""
+        from fimntk.client._compute import vector_op
+
+        return self._run(lambda t: vector_op("mv", t, v))
+
+    def get_diag(self) -> Any:
+        """The diagonal, ``(d,)`` (not for ``implicit``)."""
+        from fimntk.client._compute import tensor_op
+
+        return self._run(lambda t: tensor_op("get_diag", t))
+
+    def eigenvalues(self, k: int, n_iter: int | None = None, seed: int = 0) -> Any:
+        """The k largest eigenvalues ``(k,)``, descending, by Lanczos on Hessian-vector
+        products. The largest *algebraic* ones: a Hessian is indefinite, and these are the most
+        positive curvatures (a negative one shows only when fewer than k are positive)."""
+        from fimntk.client._compute import eigenvalues_op
+
+        return self._run(lambda t: eigenvalues_op(t, k, n_iter, seed))

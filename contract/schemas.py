@@ -27,6 +27,7 @@ from fimntk.contract.vocabulary import (
     MAX_SHARDS,
     SHARDED_IMPLICIT_OPERATIONS,
     ComputeDtype,
+    HessianLoss,
     JobStatus,
     Metric,
     ParamDtype,
@@ -382,6 +383,12 @@ class JobCreate(_Strict):
     trials: int = Field(default=1, ge=1, le=1000, description="Monte Carlo trials (fim_mc).")
     seed: Seed | None = Field(default=None, description="Seed of the Monte Carlo draw (fim_mc).")
     centering: bool = Field(default=False, description="Centre gradients (empirical_fim).")
+    loss: HessianLoss | None = Field(
+        default=None,
+        description="The loss whose Hessian a 'hessian' job computes, summed over examples: "
+        "'cross_entropy' (integer class targets) or 'mse' (½‖out − y‖²). Required for metric "
+        "'hessian', refused for the others.",
+    )
     dtype: ComputeDtype = "float32"
     update_diag: bool | None = Field(
         default=None, description="ekfac only: re-estimate the diagonal (default true)."

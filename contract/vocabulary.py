@@ -32,10 +32,18 @@ TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.
 #: Statuses of a job that still holds a place in the queue or on a worker, in life order.
 IN_FLIGHT_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
-Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk"]
+Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk", "hessian"]
 METRICS: tuple[str, ...] = get_args(Metric)
 #: Metrics computed as a Fisher in some representation (the NTK has none).
 FIM_METRICS = frozenset({"fim", "fim_mc", "empirical_fim"})
+#: Losses a ``hessian`` job may differentiate, by name (never a user's callable), both summed
+#: over examples: ``cross_entropy`` is ``F.cross_entropy(out, y, reduction="sum")`` (integer
+#: class targets), ``mse`` is ``½ Σ ‖out − y‖²`` (so its Hessian is n · the ``regression``
+#: Fisher for a model linear in its parameters).
+HessianLoss = Literal["cross_entropy", "mse"]
+HESSIAN_LOSSES: tuple[str, ...] = get_args(HessianLoss)
+#: Representations of the loss Hessian (``fimntk.engine.hessian.HESSIAN_REPRESENTATIONS``).
+HESSIAN_REPRESENTATIONS = ("dense", "blockdiag", "diag", "implicit")
 
 Representation = Literal[
     "dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "implicit", "mixed"
@@ -66,6 +74,25 @@ OPERATIONS: dict[str, frozenset[str]] = {
     NTK_KEY: frozenset({"trace", "norm", "to_torch", "mv", "vTMv", "eigenpairs"})
     | ESTIMATOR_OPERATIONS,
 }
+#: Operations of the loss Hessian per representation, keyed ``hessian_<rep>``. The Hessian need
+#: not be positive semi-definite: no ``solve``, and ``lanczos_eigenpairs`` / ``eigenpairs`` give
+#: the largest *algebraic* eigenvalues (the most positive curvature), not the largest magnitude.
+#: The implicit Hessian has only Hessian-vector products, so its trace is Hutchinson's.
+HESSIAN_OPERATIONS: dict[str, frozenset[str]] = {
+    "hessian_dense": frozenset(
+        {"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "eigenpairs", "lanczos_eigenpairs"}
+    ),
+    "hessian_blockdiag": frozenset(
+        {"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "lanczos_eigenpairs"}
+    ),
+    "hessian_diag": frozenset(
+        {"trace", "norm", "get_diag", "to_torch", "mv", "vTMv", "lanczos_eigenpairs"}
+    ),
+    "hessian_implicit": frozenset(
+        {"mv", "vTMv", "hutchinson_trace", "hutchpp_trace", "lanczos_eigenpairs", "slq_density"}
+    ),
+}
+OPERATIONS.update(HESSIAN_OPERATIONS)
 #: Every operation name a job may ask for.
 ALL_OPERATIONS = frozenset().union(*OPERATIONS.values())
 #: Public methods of the engine's matrices that are not job operations, and why.
@@ -82,6 +109,11 @@ NOT_OPERATIONS: dict[str, str] = {
     "get_eigendecomposition": "returns the factors' eigenvectors: keep the representation, "
     "download it and decompose it locally",
     "size": "known from the model's parameter count (or c and n for the NTK)",
+    "eigenvalues": "the whole spectrum: ask eigenpairs or lanczos_eigenpairs for the top k, or "
+    "keep the representation, download it and decompose it locally",
+    "mm": "returns a matrix: keep the representation, download it and multiply locally",
+    "mmap": "returns a map: keep the representation, download it and multiply locally",
+    "matmat": "returns a matrix: keep the representation, download it and multiply locally",
     "push_forward": "a product of the Jacobian J, not of the Fisher (PFMapImplicit.jvp)",
     "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher (PFMapImplicit.vjp)",
 }

@@ -36,6 +36,7 @@ from fimntk.core.storage.records import JobRecord, RecordStore, User, utcnow
 from fimntk.service.validation import (
     check_architecture,
     check_dataset,
+    check_hessian,
     check_operations,
     check_probe,
     check_vector,
@@ -57,6 +58,7 @@ _COMPUTE_FIELDS = (
     "trials",
     "seed",
     "centering",
+    "loss",
     "dtype",
     "update_diag",
 )
@@ -162,7 +164,7 @@ class JobService:
             progress={"done": 0, "total": None, "stage": "queued"},
             labels=resolved["labels"],
             step=resolved["step"],
-            variant=None if resolved["metric"] == "ntk" else resolved["variant"],
+            variant=None if resolved["metric"] in ("ntk", "hessian") else resolved["variant"],
             n=n_examples,
         )
         stored = self.records.create_job(record)
@@ -219,6 +221,7 @@ class JobService:
                 ),
                 "dataset.name",
             )
+        check_hessian(spec)
         check_operations(spec)
         check_shards(spec.shards, self.settings.max_shards)
         for i, operation in enumerate(spec.operations):

@@ -31,6 +31,8 @@ from fimntk.contract.vocabulary import (
     BUFFER_SUFFIXES,
     BUILTIN_BUILDERS,
     DICT_INPUT,
+    HESSIAN_LOSSES,
+    HESSIAN_REPRESENTATIONS,
     MAX_PROBE,
     NTK_KEY,
     OPERATIONS,
@@ -151,6 +153,30 @@ def check_architecture(
         raise InvalidInputError(str(exc), exc.field) from None
 
 
+def check_hessian(spec: JobCreate) -> None:
+    """Check the fields of a ``hessian`` job (and that no other job names a loss).
+
+    Raises:
+        InvalidInputError: Naming ``loss``, ``representation`` or ``shards``.
+    """
+    if spec.metric != "hessian":
+        if spec.loss is not None:
+            raise InvalidInputError("'loss' applies to metric 'hessian' only", "loss")
+        return
+    if spec.loss is None:
+        raise InvalidInputError(
+            f"metric 'hessian' needs a loss: one of {list(HESSIAN_LOSSES)}", "loss"
+        )
+    if spec.representation not in HESSIAN_REPRESENTATIONS:
+        raise InvalidInputError(
+            f"representation {spec.representation!r} is not one of the Hessian's: "
+            f"{list(HESSIAN_REPRESENTATIONS)}",
+            "representation",
+        )
+    if spec.shards != 1:
+        raise InvalidInputError("a Hessian job runs on one worker: use shards=1", "shards")
+
+
 def check_operations(spec: JobCreate) -> None:
     """Refuse operations the representation does not define.
 
@@ -158,6 +184,8 @@ def check_operations(spec: JobCreate) -> None:
         InvalidInputError: Naming ``operations[i].op``.
     """
     key = NTK_KEY if spec.metric == "ntk" else str(spec.representation)
+    if spec.metric == "hessian":
+        key = f"hessian_{spec.representation}"
     allowed = OPERATIONS[key]
     for i, operation in enumerate(spec.operations):
         if operation.op not in allowed:
@@ -287,4 +315,6 @@ def representation_key(spec: dict[str, Any]) -> str:
         "update_diag",
     )
     material = {k: spec.get(k) for k in keys}
+    if spec.get("loss") is not None:  # only a Hessian's: the keys of other jobs stay as they were
+        material["loss"] = spec["loss"]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()

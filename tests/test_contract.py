@@ -10,6 +10,8 @@ import pytest
 from fimntk import engine
 from fimntk.contract.vocabulary import (
     ESTIMATOR_OPERATIONS,
+    HESSIAN_OPERATIONS,
+    HESSIAN_REPRESENTATIONS,
     NOT_OPERATIONS,
     NTK_KEY,
     OPERATIONS,
@@ -49,3 +51,26 @@ def test_reasons_are_given_for_methods_that_exist() -> None:
     every = set().union(*(_public_methods(_matrix_class(k)) for k in [*REPRESENTATIONS, NTK_KEY]))
     assert set(NOT_OPERATIONS) <= every
     assert all(len(reason) > 10 for reason in NOT_OPERATIONS.values())
+
+
+_HESSIAN_CLASSES = {
+    "dense": engine.PMatDense,
+    "blockdiag": engine.PMatBlockDiag,
+    "diag": engine.PMatDiag,
+    "implicit": engine.PMatHessianImplicit,
+}
+
+
+def test_the_hessian_vocabulary_is_the_engines() -> None:
+    from fimntk.engine.hessian import HESSIAN_REPRESENTATIONS as ENGINE_REPRESENTATIONS
+
+    assert set(HESSIAN_REPRESENTATIONS) == set(ENGINE_REPRESENTATIONS) == set(_HESSIAN_CLASSES)
+    assert set(HESSIAN_OPERATIONS) == {f"hessian_{rep}" for rep in HESSIAN_REPRESENTATIONS}
+
+
+@pytest.mark.parametrize("rep", sorted(_HESSIAN_CLASSES))
+def test_every_listed_hessian_operation_exists_in_the_engine(rep: str) -> None:
+    methods = _public_methods(_HESSIAN_CLASSES[rep])
+    missing = HESSIAN_OPERATIONS[f"hessian_{rep}"] - ESTIMATOR_OPERATIONS - methods
+    assert missing == set(), f"hessian {rep}: the engine has no {missing}"
+    assert "solve" not in HESSIAN_OPERATIONS[f"hessian_{rep}"]  # a Hessian need not be PSD

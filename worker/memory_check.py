@@ -142,3 +142,70 @@ def check_fits(
         available_bytes=have,
         alternative=alternative,
     )
+
+
+#: Representations of the loss Hessian, costliest first (a refused one names the next that fits).
+_HESSIAN_CHEAPER = ("dense", "blockdiag", "diag", "implicit")
+
+
+def hessian_bytes(model: nn.Module, representation: str, working_bytes: int = 0) -> int:
+    """Peak bytes of :func:`fimntk.engine.Hessian` on ``model``.
+
+    ``torch.func.hessian`` is forward-over-reverse vmapped over the d basis directions, so one
+    batch's Hessian ``(d, d)`` is built with d tangent copies of the activations beside the
+    running sum ``(d, d)``. Per layer (``blockdiag``, and ``diag``, which is read off the
+    blocks): ``Σ_l d_l²`` twice and ``max_l d_l`` tangent copies. Implicit: one
+    Hessian-vector product, a few ``(d,)`` vectors and two copies of the activations.
+
+    Args:
+        model: The model (only its structure is read).
+        representation: ``"dense"``, ``"blockdiag"``, ``"diag"`` or ``"implicit"``.
+        working_bytes: One batch's activations (:func:`activation_bytes`).
+    """
+    from fimntk.engine.layercollection import LayerCollection
+
+    sizes = [entry.numel for entry in LayerCollection.from_model(model)]
+    param = next(model.parameters(), None)
+    item = param.element_size() if param is not None else 4
+    d = sum(sizes)
+    if representation == "dense":
+        return 2 * d * d * item + d * working_bytes
+    if representation in ("blockdiag", "diag"):
+        return 2 * sum(s * s for s in sizes) * item + max(sizes, default=0) * working_bytes
+    return 4 * d * item + 2 * working_bytes
+
+
+def check_hessian_fits(
+    model: nn.Module,
+    representation: str,
+    device: torch.device,
+    available: int | None = None,
+    working_bytes: int = 0,
+) -> None:
+    """Refuse a loss Hessian whose computation (:func:`hessian_bytes`) does not fit.
+
+    Raises:
+        JobProblemError: ``out-of-memory`` naming ``representation``, with the bytes needed
+            and available and the first cheaper Hessian representation that fits.
+    """
+    need = hessian_bytes(model, representation, working_bytes)
+    have = available_bytes(device) if available is None else available
+    budget = int(have * _USABLE)
+    if need <= budget:
+        return
+    later = _HESSIAN_CHEAPER[_HESSIAN_CHEAPER.index(representation) + 1 :]
+    alternative = next((r for r in later if hessian_bytes(model, r, working_bytes) <= budget), None)
+    hint = (
+        f"try representation {alternative!r}"
+        if alternative
+        else "try a smaller model or 'dataset.batch_size'"
+    )
+    raise JobProblemError(
+        problems.OUT_OF_MEMORY,
+        f"the {representation!r} Hessian needs about {need} bytes and {device} has {have} "
+        f"available ({budget} usable); {hint}",
+        "representation",
+        needed_bytes=need,
+        available_bytes=have,
+        alternative=alternative,
+    )

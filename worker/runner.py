@@ -40,7 +40,8 @@ from fimntk.worker import artifacts
 from fimntk.worker.cache import LRUCache
 from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
-from fimntk.worker.memory_check import activation_bytes, check_fits
+from fimntk.worker.hessian import HESSIAN_LOSSES, ProgressLoader
+from fimntk.worker.memory_check import activation_bytes, check_fits, check_hessian_fits
 from fimntk.worker.models import DTYPES, load_builders, load_model
 from fimntk.worker.outputs import OutputCollector
 from fimntk.worker.probe import run_probe
@@ -405,7 +406,7 @@ class JobRunner:
         progress.stage("loading")
         model = self._model(spec)
         dtype = DTYPES[spec["dtype"]]
-        needs_targets = spec["metric"] == "empirical_fim"
+        needs_targets = spec["metric"] in ("empirical_fim", "hessian")
 
         def loader() -> Any:
             return self._loader(spec, dtype, needs_targets)
@@ -447,7 +448,10 @@ class JobRunner:
         kept = None
         if spec.get("keep"):
             self.representations.put((record.rep_key, str(self.device)), representation)
-            if artifacts.can_persist():
+            # An implicit Hessian is the model and the loader: nothing to write, kept in memory.
+            if artifacts.can_persist() and not isinstance(
+                representation, engine.PMatHessianImplicit
+            ):
                 try:
                     kept = artifacts.save_representation(
                         self.artifacts,
@@ -524,6 +528,8 @@ class JobRunner:
         metric = spec["metric"]
         outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
         dataset = getattr(data, "dataset", None)
+        if metric == "hessian":
+            return self._hessian(model, data, spec, progress), None
         check_fits(
             model,
             "ntk" if metric == "ntk" else spec["representation"],
@@ -549,6 +555,32 @@ class JobRunner:
             progress.stage("update_diag")
             rep.update_diag(data)
         return rep, None
+
+    def _hessian(
+        self, model: nn.Module, data: Any, spec: dict[str, Any], progress: _Progress
+    ) -> Any:
+        """The Hessian of the spec's named loss, after checking it fits; progress counts the
+        examples of every pass (one per layer for ``blockdiag`` and ``diag``)."""
+        rep = spec["representation"]
+        dataset = getattr(data, "dataset", None)
+        n = len(dataset) if dataset is not None else None
+        check_hessian_fits(
+            model,
+            rep,
+            self.device,
+            working_bytes=activation_bytes(model, data, self.device, DTYPES[spec["dtype"]]),
+        )
+        passes = 1 if rep == "dense" else len(engine.LayerCollection.from_model(model))
+        check = self._check_operations if rep == "implicit" else None
+        counted = ProgressLoader(data, n, progress, passes, check)
+        return engine.Hessian(
+            model, counted, rep, loss=HESSIAN_LOSSES[spec["loss"]], device=self.device
+        )
+
+    def _check_operations(self) -> None:
+        """Stop the job whose operations are running if it should stop."""
+        if self._op_progress is not None:
+            self._op_progress.check()
 
     # -- operations -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ EXPORTED = [
     "PermissionDeniedError",
     "RemoteDataset",
     "RemoteFIM",
+    "RemoteHessian",
     "RemoteNTK",
     "ServerUnreachableError",
     "ServiceUnavailableError",
@@ -40,6 +41,7 @@ EXPORTED = [
 ]
 CLIENT_METHODS = [
     "FIM",
+    "Hessian",
     "NTK",
     "admin_status",
     "cancel",

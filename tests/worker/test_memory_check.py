@@ -8,7 +8,13 @@ from torch import nn
 
 from fimntk.engine.memory import estimate_memory
 from fimntk.worker.errors import JobProblemError
-from fimntk.worker.memory_check import activation_bytes, available_bytes, check_fits
+from fimntk.worker.memory_check import (
+    activation_bytes,
+    available_bytes,
+    check_fits,
+    check_hessian_fits,
+    hessian_bytes,
+)
 from fimntk.worker.runner import first_line, is_out_of_memory
 
 
@@ -30,6 +36,25 @@ def test_a_dense_fisher_past_memory_is_refused_naming_a_cheaper_one() -> None:
     assert estimate_memory(model, alternative, 10, 100) <= 0.8 * 2**30
     assert str(need) in doc["detail"] and alternative in doc["detail"]
     check_fits(model, "diag", 10, 100, torch.device("cpu"), available=2**30)
+
+
+def test_a_hessian_past_memory_is_refused_naming_a_cheaper_one() -> None:
+    """``torch.func.hessian`` holds the running sum and one batch's Hessian (2 · 4 d² bytes for
+    float32), the blocks twice Σ d_l²; only Hessian-vector products fit in 1 GiB."""
+    model = _mlp()
+    d1, d2 = 64 * 1300 + 1300, 1300 * 10 + 10
+    d = d1 + d2
+    assert hessian_bytes(model, "dense") == 2 * 4 * d * d
+    assert hessian_bytes(model, "blockdiag") == 2 * 4 * (d1 * d1 + d2 * d2)
+    assert hessian_bytes(model, "diag", working_bytes=10) == 2 * 4 * (d1 * d1 + d2 * d2) + d1 * 10
+    for rep in ("dense", "blockdiag", "diag"):
+        with pytest.raises(JobProblemError) as info:
+            check_hessian_fits(model, rep, torch.device("cpu"), available=2**30)
+        doc = info.value.problem
+        assert doc["type"].endswith("out-of-memory") and doc["field"] == "representation"
+        assert doc["alternative"] == "implicit" and "'implicit'" in doc["detail"]
+        assert doc["needed_bytes"] == hessian_bytes(model, rep)
+    check_hessian_fits(model, "implicit", torch.device("cpu"), available=2**30)
 
 
 def test_the_worker_knows_its_memory() -> None:
