@@ -218,14 +218,12 @@ class PMatAbstract(ABC):
           product stays in it (dense, diagonal, block-diagonal, scaled identity); other pairs
           raise :class:`UnsupportedOperationError`.
         """
-        from fimntk.engine.pfmap import PFMapDense
-
-        if isinstance(other, PFMapDense):
+        if _is_dense_map(other):
             if other.layer_collection != self.layer_collection:
                 raise InvalidInputError("mm needs a map on the matrix's layer collection")
             d = self.layer_collection.numel()
             rows = self._rows_times(other.data.reshape(-1, d))
-            return PFMapDense(self.layer_collection, data=rows.reshape(other.data.shape))
+            return type(other)(self.layer_collection, data=rows.reshape(other.data.shape))
         if isinstance(other, PMatAbstract):
             self._same(other, "mm")
             return self._mm_same(other)
@@ -308,6 +306,19 @@ def _tree_zip(fn, a, b):
     return a
 
 
+def _is_dense_map(x: Any) -> bool:
+    """A stored PushForward map (:class:`~fimntk.engine.pfmap.PFMapDense`, which imports this
+    package, hence the test by shape): ``layer_collection`` and a ``(K, n, d)`` ``data``."""
+    data = getattr(x, "data", None)
+    return (
+        not isinstance(x, PMatAbstract)
+        and callable(getattr(x, "jvp", None))
+        and isinstance(data, Tensor)
+        and data.dim() == 3
+        and isinstance(getattr(x, "layer_collection", None), LayerCollection)
+    )
+
+
 def solves_maps(solve: Callable[..., Any]) -> Callable[..., Any]:
     """Let a representation's ``solve(v, regul, ...)`` also take a PushForward map
     (:class:`~fimntk.engine.pfmap.PFMapDense`): it is then solved row by row
@@ -317,9 +328,7 @@ def solves_maps(solve: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: PMatAbstract, v: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(v, PVector):
             return solve(self, v, *args, **kwargs)
-        from fimntk.engine.pfmap import PFMapDense
-
-        if isinstance(v, PFMapDense):
+        if _is_dense_map(v):
             d = self.layer_collection.numel()
             if v.layer_collection != self.layer_collection:
                 raise InvalidInputError("solve needs a map on the matrix's layer collection")
@@ -329,7 +338,7 @@ def solves_maps(solve: Callable[..., Any]) -> Callable[..., Any]:
             ]
             flat = [r.get_flat_representation() for r in rows]
             data = torch.stack(flat).reshape(v.data.shape) if flat else v.data.clone()
-            return PFMapDense(self.layer_collection, data=data)
+            return type(v)(self.layer_collection, data=data)
         return solve(self, v, *args, **kwargs)
 
     return wrapper

@@ -167,7 +167,7 @@ class PMatLayerwise(PMatAbstract):
 
     def _mm_same(self, other: PMatAbstract) -> PMatLayerwise:
         """Layer by layer (:meth:`Block.product`): KFAC stays KFAC (``G₁G₂ ⊗ A₁A₂``)."""
-        return self._new({n: b.product(other.data[n]) for n, b in self.data.items()})
+        return self._new({n: _block_product(b, other.data[n]) for n, b in self.data.items()})
 
     def _rows_times(self, rows: Tensor) -> Tensor:
         """Each layer's block applied to all rows at once (blocks take leading dimensions)."""
@@ -248,3 +248,10 @@ def _layout_of(kernel: LayerKernel | None) -> MatLayout:
     if layout is None:
         raise InvalidInputError("a structured block needs a layer with a matrix view")
     return layout
+
+
+def _block_product(b: Block, c: Block) -> Block:
+    """``B C`` in ``B``'s kind where it is closed under products, else a dense block (as a
+    layer on the ``torch.func`` path holds, ``d_l²`` entries)."""
+    same = b.product(c)
+    return same if same is not None else DenseBlock(b.dense() @ c.dense())

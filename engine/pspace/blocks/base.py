@@ -50,13 +50,11 @@ class Block(ABC):
     def inv(self, regul: float) -> Block:
         return self.pow(-1.0, regul)
 
-    def product(self, other: Block) -> Block:
-        """The block of ``B · C`` (``C`` on the same layer). Kinds closed under products keep
-        their kind (Kronecker, diagonal); this default gives a dense block, as a layer that
-        falls back to the ``torch.func`` path holds (``d_l²`` entries)."""
-        from fimntk.engine.pspace.blocks.dense import DenseBlock
-
-        return DenseBlock(self.dense() @ other.dense())
+    def product(self, other: Block) -> Block | None:
+        """The block of ``B · C`` (``C`` on the same layer) where its kind is closed under
+        products (Kronecker, diagonal, dense), else None (the caller then multiplies the
+        dense blocks)."""
+        return None
 
     def pow(self, exponent: float, regul: float) -> Block:
         raise UnsupportedOperationError(f"a {self.kind} block has no power")

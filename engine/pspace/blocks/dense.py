@@ -18,7 +18,7 @@ class DenseBlock(Block):
     def __init__(self, m: Tensor) -> None:
         self.m = m
 
-    def product(self, other: Block) -> Block:
+    def product(self, other: Block) -> Block | None:
         if not isinstance(other, DenseBlock):
             return super().product(other)
         return DenseBlock(self.m @ other.m)

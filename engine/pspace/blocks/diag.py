@@ -42,7 +42,7 @@ class DiagBlock(Block):
     def eigenvalues(self) -> Tensor:
         return self.d.clone()
 
-    def product(self, other: Block) -> Block:
+    def product(self, other: Block) -> Block | None:
         if not isinstance(other, DiagBlock):
             return super().product(other)
         return DiagBlock(self.d * other.d)

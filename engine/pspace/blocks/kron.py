@@ -143,7 +143,7 @@ class KronBlock(Block):
             raise InvalidInputError("a Kronecker factor is singular: use a positive regul") from err
         return self._layout.from_mat(y).to(x.dtype)
 
-    def product(self, other: Block) -> Block:
+    def product(self, other: Block) -> Block | None:
         """``(G₁ ⊗ A₁)(G₂ ⊗ A₂) = G₁G₂ ⊗ A₁A₂`` (the mixed-product property). The block acts
         as ``X ↦ G X A`` (``A`` on the right, i.e. ``G ⊗ Aᵀ`` on the row-major view), so the
         product ``X ↦ G₁G₂ X A₂A₁`` stores ``A₂A₁``."""
