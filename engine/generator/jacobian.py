@@ -358,8 +358,17 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
         """Diagonal of the covariance, ``(d,)`` (centred as :meth:`get_covariance_matrix`)."""
-        if self.centering:
-            return torch.diagonal(self.get_covariance_matrix(loader)).clone()
+        if self.centering:  # Σ_i (g − ḡ)² = Σ_i g² − s²/n, entrywise
+            sq: Tensor | None = None
+            sums: Tensor | None = None
+            for bj in self.batches(loader, "diag", split=False):
+                grads = bj.grads()
+                part, s = (grads * grads).sum(dim=(0, 1)), grads.sum(dim=1)
+                sq = part if sq is None else sq + part
+                sums = s if sums is None else sums + s
+            assert sq is not None and sums is not None, "batches() refuses an empty loader"
+            total = (sq - (sums * sums).sum(dim=0) / self.n_examples) / self.n_examples
+            return check_finite(total, "Fisher diagonal")
         total: Tensor | None = None
         for bj in self.batches(loader, "diag"):
             if total is None:
