@@ -19,11 +19,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, weighted_grad
 from fimntk.engine.generator.fallback import TorchFuncFallback
 from fimntk.engine.generator.hooks import Capture, ForwardCapture
 from fimntk.engine.generator.inputs import (
+    as_loader,
     default_function,
     positions_mask,
     tensors_of,
@@ -59,6 +60,19 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         device: where batches go (default: the device of the model's parameters).
         verbose: show a tqdm progress bar.
         progress: ``progress(done, total, stage)`` after each batch.
+        centering: subtract from each example's gradient the mean over the n examples of the
+            whole loader, per pseudo-output: ``g̃_{k,i} = g_{k,i} − ḡ_k`` with
+            ``ḡ_k = (1/n) Σ_i g_{k,i}`` (NNGeometry's ``centering=True``). The covariance
+            becomes ``(1/n) Σ_{k,i} g̃ g̃ᵀ = (1/n) Σ g gᵀ − Σ_k ḡ_k ḡ_kᵀ`` and the Gram matrix
+            ``C K C`` with ``C = I_n − 11ᵀ/n`` on each example index. Offered by
+            :meth:`get_jacobian`, :meth:`get_covariance_matrix`, :meth:`get_covariance_diag`,
+            :meth:`get_covariance_layer_blocks` and :meth:`get_gram_matrix` (so dense, diag,
+            block-diagonal, low-rank, ``FMatDense`` and ``PFMapDense``); the one-pass
+            statistics (KFAC, EKFAC, quasi-diagonal) refuse it. Pseudo-outputs are drawn once
+            per call, so a Monte Carlo Fisher's mean is of the same draws.
+        lists_are_batches: read a list of tensors given as ``examples`` as one batch
+            (NNGeometry's convention; a ``DataLoader`` yields its batches as lists) rather
+            than as a loader of one-tensor batches. A tuple of tensors is always one batch.
     """
 
     def __init__(
@@ -71,8 +85,12 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         device: str | torch.device | None = None,
         verbose: bool = False,
         progress: Progress | None = None,
+        centering: bool = False,
+        lists_are_batches: bool = False,
     ) -> None:
         self.model = model
+        self.centering = centering
+        self.lists_are_batches = lists_are_batches
         self.layer_collection = LayerCollection.resolve(model, layer_collection)
         self.function = default_function(model) if function is None else function
         self.n_output = n_output
@@ -278,7 +296,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             bar = tqdm(total=total, desc=stage, unit="ex")
         self.n_examples = 0
         try:
-            for raw in loader:
+            for raw in self.loader(loader):
                 batch = self._prepare(raw)
                 n = 0
                 for bj in self._run_batch(batch, split):
@@ -299,41 +317,65 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     # ----- aggregates ----------------------------------------------------------------------
     def get_jacobian(self, loader: Iterable) -> Tensor:
-        """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised)."""
-        return check_finite(
-            torch.cat([bj.grads() for bj in self.batches(loader, split=False)], dim=1), "Jacobian"
-        )
+        """Stacked per-example pseudo-output gradients ``(K, n, d)`` (not normalised; minus
+        their mean over the n examples with ``centering``)."""
+        j = torch.cat([bj.grads() for bj in self.batches(loader, split=False)], dim=1)
+        if self.centering:
+            j = j - j.mean(dim=1, keepdim=True)
+        return check_finite(j, "Jacobian")
 
     def get_covariance_matrix(self, loader: Iterable) -> Tensor:
-        """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)``."""
+        """``(1/n) Σ_{i,k} g_{k,i} g_{k,i}ᵀ``: ``(d, d)`` (minus ``Σ_k ḡ_k ḡ_kᵀ`` with
+        ``centering``)."""
         total: Tensor | None = None
+        sums = _OutputSums()
         for bj in self.batches(loader, "dense"):
-            total = add_lower_gram(total, bj.grads().reshape(-1, self.layer_collection.numel()))
+            g = bj.grads()
+            total = add_lower_gram(total, g.reshape(-1, self.layer_collection.numel()))
+            if self.centering:
+                sums.add(bj, g)
         assert total is not None, "batches() refuses an empty loader"
         total = symmetrize_lower(total).div_(self.n_examples)
+        if self.centering:
+            mean = sums.mean(self.n_examples)
+            total -= mean.t() @ mean
         check_finite(torch.diagonal(total), "Fisher")  # a NaN/inf in J reaches the diagonal
         return total
 
     def get_covariance_diag(self, loader: Iterable) -> Tensor:
-        """Diagonal of the covariance, ``(d,)``."""
+        """Diagonal of the covariance, ``(d,)`` (minus ``Σ_k ḡ_k²`` with ``centering``)."""
         total: Tensor | None = None
+        sums = _OutputSums()
         for bj in self.batches(loader, "diag"):
+            if self.centering:
+                sums.add(bj, bj.grads())
             if total is None:
                 total = torch.zeros(self.layer_collection.numel(), dtype=bj.dtype, device=bj.device)
                 views = total.split([e.numel for e in self.layer_collection])
             for e, view in zip(self.layer_collection, views):
                 bj.add_layer_sq_sum(e.name, view)
         assert total is not None, "batches() refuses an empty loader"
-        return check_finite(total.div_(self.n_examples), "Fisher diagonal")
+        total.div_(self.n_examples)
+        if self.centering:
+            total -= sums.mean(self.n_examples).square().sum(dim=0)
+        return check_finite(total, "Fisher diagonal")
 
     def get_covariance_layer_blocks(self, loader: Iterable) -> dict[str, Tensor]:
-        """Per-layer diagonal blocks ``{layer: (d_l, d_l)}``."""
+        """Per-layer diagonal blocks ``{layer: (d_l, d_l)}`` (each minus its share of
+        ``Σ_k ḡ_k ḡ_kᵀ`` with ``centering``)."""
         blocks: dict[str, Tensor] = {}
+        sums = _OutputSums()
         for bj in self.batches(loader, "blockdiag"):
             for e in self.layer_collection:
                 j = bj.layer_grads(e.name).reshape(-1, e.numel)
                 blocks[e.name] = add_lower_gram(blocks.get(e.name), j)
+            if self.centering:
+                sums.add(bj, bj.grads())
         out = {k: symmetrize_lower(v).div_(self.n_examples) for k, v in blocks.items()}
+        if self.centering:
+            means = sums.mean(self.n_examples).split([e.numel for e in self.layer_collection], 1)
+            for e, m in zip(self.layer_collection, means):
+                out[e.name] -= m.t() @ m
         for v in out.values():
             check_finite(torch.diagonal(v), "Fisher block")
         return out
@@ -360,6 +402,9 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 done += 1
                 if self.progress is not None:
                     self.progress(done, pairs, "gram blocks")
+        if self.centering:  # C K C, C = I − 11ᵀ/n on both example indices
+            gram = gram - gram.mean(dim=1, keepdim=True)
+            gram = gram - gram.mean(dim=3, keepdim=True)
         return check_finite(gram, "Gram matrix")
 
     def get_mean_gradient(self, loader: Iterable) -> Tensor:
@@ -367,7 +412,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         params = self.layer_collection.parameters(self.model)
         total: Tensor | None = None
         n = 0
-        for raw in loader:
+        for raw in self.loader(loader):
             batch = self._prepare(raw)
             out = self._forward(batch, ForwardCapture({}))
             w = self.pseudo_outputs(out.detach(), batch).sum(dim=0)
@@ -390,6 +435,12 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         """Run each accumulator (see :mod:`fimntk.engine.generator.accumulators`) over the loader in
         one pass; return ``{layer: statistic / n}``. ``accumulators`` may be a function returning
         them, called once the first batch has settled which layers take the hooks."""
+        if self.centering:
+            raise UnsupportedOperationError(
+                f"{stage} is a one-pass statistic that cannot be centred: build the "
+                "representation from a Jacobian without centering=True, or use PMatDense, "
+                "PMatDiag, PMatBlockDiag or PMatLowRank"
+            )
         accs = None if callable(accumulators) else accumulators
         for bj in self.batches(loader, stage):
             if accs is None:
@@ -407,6 +458,11 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                     f"statistic of layer {name!r}",
                 )
         return out
+
+    def loader(self, examples: Iterable) -> Iterable:
+        """``examples`` as an iterable of batches (a tuple of tensors is one batch; see
+        ``lists_are_batches``)."""
+        return as_loader(examples, self.lists_are_batches)
 
     # ----- the pieces a forward-mode product needs (see :class:`PMatImplicit`) -------------
     def prepare(self, batch: object) -> tuple:
@@ -448,7 +504,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     def probe(self, loader: Iterable) -> tuple[int, int]:
         """``(c, K)``: outputs and pseudo-outputs per example, from the first batch."""
-        for raw in loader:
+        for raw in self.loader(loader):
             batch = self._prepare(raw)
             with torch.no_grad():
                 out = self._forward(batch, ForwardCapture({}))
@@ -459,6 +515,32 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 sampler.set_state(state)
             return out.shape[1], k
         raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+
+
+class _OutputSums:
+    """``Σ_i g_{k,i}`` per pseudo-output k, ``(K, d)``, from chunks of pseudo-outputs in order
+    (a batch's first chunk starts again at k = 0)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.start = 0
+
+    def add(self, bj: BatchJacobian, grads: Tensor) -> None:
+        """Add one chunk's per-example gradients ``grads`` ``(K_chunk, n, d)``."""
+        if bj.first:
+            self.start = 0
+        if self.total is None or self.total.shape[0] < self.start + bj.k:
+            grown = grads.new_zeros(self.start + bj.k, grads.shape[2])
+            if self.total is not None:
+                grown[: self.total.shape[0]] = self.total
+            self.total = grown
+        self.total[self.start : self.start + bj.k] += grads.sum(dim=1)
+        self.start += bj.k
+
+    def mean(self, n: int) -> Tensor:
+        """``ḡ_k = (1/n) Σ_i g_{k,i}``: ``(K, d)``."""
+        assert self.total is not None, "batches() refuses an empty loader"
+        return self.total / n
 
 
 def _examples(batch: tuple) -> int:

@@ -18,13 +18,12 @@ def TorchHooksJacobianBackend(
 ) -> Jacobian:
     """A :class:`~fimntk.engine.Jacobian` over all of ``model``'s trainable layers (NNGeometry
     passes the layer collection to each call instead; here the representation's collection
-    must be the model's). ``centering=True`` is refused: see ``docs/from-nngeometry.md``."""
-    if centering:
-        raise ValueError(
-            "centering=True (per-example gradients minus their mean) is not offered by the "
-            "generator: use EmpiricalFIM(..., centering=True) for a centered Fisher"
-        )
-    return Jacobian(model, function=function, verbose=verbose)
+    must be the model's). ``centering=True`` subtracts the examples' mean gradient (see
+    :class:`~fimntk.engine.Jacobian`). As in NNGeometry, ``examples=`` may be one batch: a
+    tuple or list of tensors."""
+    return Jacobian(
+        model, function=function, verbose=verbose, centering=centering, lists_are_batches=True
+    )
 
 
 __all__ = ["TorchHooksJacobianBackend"]
