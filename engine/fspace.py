@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError, unknown_norm_order
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError, unknown_norm_order
 from fimntk.engine.vector import FVector
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class FMatDense:
             _, s, vh = torch.linalg.svd(self._flat())
             self._eig = (s, vh.mH)
         else:
-            raise InvalidInputError(f"impl must be 'eigh' or 'svd'; got {impl!r}")
+            raise UnsupportedOperationError(f"impl must be 'eigh' or 'svd'; got {impl!r}")
 
     def get_eigendecomposition(self) -> tuple[Tensor, Tensor]:
         """``(evals (c·n,), evecs (c·n, c·n))`` from :meth:`compute_eigendecomposition`, the
