@@ -99,6 +99,7 @@ ALL_OPERATIONS = frozenset().union(*OPERATIONS.values())
 NOT_OPERATIONS: dict[str, str] = {
     "inv": "returns a matrix: keep the representation, download it and invert it locally",
     "inverse": "an alias of inv",
+    "from_generator": "a constructor (the job builds the matrix)",
     "pow": "returns a matrix: keep the representation, download it and raise it locally",
     "update_diag": "run by the job itself (the spec's update_diag field)",
     "centered": "run by the job itself (the spec's centering field)",

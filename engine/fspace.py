@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError, unknown_norm_order
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError, unknown_norm_order
 from fimntk.engine.vector import FVector
+
+if TYPE_CHECKING:
+    from fimntk.engine.generator import Jacobian
+    from fimntk.engine.layercollection import LayerCollection
 
 
 class FMatDense:
@@ -24,6 +30,21 @@ class FMatDense:
             raise InvalidInputError(f"an FMatDense is (c, n, c, n); got {tuple(data.shape)}")
         self.data = data
         self.paths = paths or {}
+
+    @classmethod
+    def from_generator(
+        cls,
+        generator: Jacobian,
+        examples: Iterable,
+        layer_collection: LayerCollection | None = None,
+    ) -> FMatDense:
+        """The Gram matrix ``K[k, i, l, j] = ⟨g_{k,i}, g_{l,j}⟩`` of ``generator``'s
+        pseudo-output gradients over ``examples`` (``C K C``, ``C = I_n − 11ᵀ/n``, when the
+        generator centres), not divided by n: ``(K, n, K, n)``. With the identity
+        pseudo-outputs it is :func:`~fimntk.engine.GramMatrix`'s NTK."""
+        if layer_collection is not None:  # a sub-collection: differentiate only its layers
+            generator = generator.for_layers(layer_collection)
+        return cls(generator.get_gram_matrix(examples), paths=generator.paths)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -74,6 +95,26 @@ class FMatDense:
         return self.data
 
     get_dense_tensor = to_torch
+
+    def compute_eigendecomposition(self, impl: str = "eigh") -> None:
+        """Eigenpairs of the ``(c·n, c·n)`` flattened matrix, kept for
+        :meth:`get_eigendecomposition`: ``impl="eigh"`` (ascending eigenvalues) or ``"svd"``
+        (singular values, descending; equal to the eigenvalues of this PSD matrix)."""
+        if impl == "eigh":
+            self._eig = torch.linalg.eigh(self._flat())
+        elif impl == "svd":
+            _, s, vh = torch.linalg.svd(self._flat())
+            self._eig = (s, vh.mH)
+        else:
+            raise UnsupportedOperationError(f"impl must be 'eigh' or 'svd'; got {impl!r}")
+
+    def get_eigendecomposition(self) -> tuple[Tensor, Tensor]:
+        """``(evals (c·n,), evecs (c·n, c·n))`` from :meth:`compute_eigendecomposition`, the
+        eigenvectors as columns."""
+        eig = getattr(self, "_eig", None)
+        if eig is None:
+            raise InvalidInputError("call compute_eigendecomposition() first")
+        return eig
 
     def eigenpairs(self, k: int | None = None) -> tuple[Tensor, Tensor]:
         """Top-k eigenvalues (descending) ``(k,)`` and eigenvectors ``(k, c, n)``."""

@@ -143,20 +143,29 @@ class PFMapImplicit:
                 "with Jacobian(model, layer_collection)"
             )
         generator = generator.for_layers(layer_collection)
-        generator.refuse_centering("an implicit PushForward map")
         self.layer_collection = layer_collection
         self.generator = generator
         self.examples = examples
-        self._op = PMatImplicit(layer_collection, generator=generator, examples=examples)
+        self._op = PMatImplicit(  # centres its products itself (jvp, vjp)
+            layer_collection, generator=generator.uncentred(), examples=examples
+        )
 
     def jvp(self, v: PVector) -> FVector:
-        """``J v``: ``(K, n)``."""
+        """``J v``: ``(K, n)``; with the generator's ``centering``, ``J̃ v = C J v`` where
+        ``C = I_n − 11ᵀ/n`` removes the mean over the examples."""
         _check_pvector(self.layer_collection, v)
-        return FVector(self._op.push_forward(v))
+        jv = self._op.push_forward(v)
+        if self.generator.centering:
+            jv = jv - jv.mean(dim=1, keepdim=True)
+        return FVector(jv)
 
     def vjp(self, u: FVector) -> PVector:
-        """``Jᵀ u``: ``(d,)`` for ``u`` of shape ``(K, n)`` in the loader's order."""
-        return self._op.pull_back(_check_fvector(u, None))
+        """``Jᵀ u``: ``(d,)`` for ``u`` of shape ``(K, n)`` in the loader's order; with the
+        generator's ``centering``, ``J̃ᵀ u = Jᵀ C u`` (C symmetric)."""
+        t = _check_fvector(u, None)
+        if self.generator.centering:
+            t = t - t.mean(dim=1, keepdim=True)
+        return self._op.pull_back(t)
 
 
 def random_pfmap(

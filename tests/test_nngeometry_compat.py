@@ -38,13 +38,11 @@ def test_jacobian_and_backend_adapters():
     dense = PMatDense(generator=gen, examples=loader, layer_collection=lc)
     jtj = reference.fisher(model, loader, variant="regression")  # (1/n) Σ_i J_iᵀ J_i
     reference.assert_close(dense.to_torch(), jtj, 1e-10, "JᵀJ/n")
-    centred = PMatDense(
-        generator=TorchHooksJacobianBackend(model, centering=True),
-        examples=loader,
-        layer_collection=lc,
-    )
-    flat = (want - want.mean(dim=1, keepdim=True)).reshape(-1, lc.numel())
-    reference.assert_close(centred.to_torch(), flat.t() @ flat / want.shape[1], 1e-10, "centred")
+    centred = TorchHooksJacobianBackend(model, centering=True)
+    assert centred.centering and centred.lists_are_batches  # NNGeometry's examples=
+    jt = want - want.mean(dim=1, keepdim=True)
+    got = PMatDense(generator=centred, examples=loader, layer_collection=lc).to_torch()
+    reference.assert_close(got, torch.einsum("kia,kib->ab", jt, jt) / jt.shape[1], 1e-10, "J̃ᵀJ̃/n")
 
 
 def test_hessian_adapter_takes_the_loss_as_function():

@@ -10,7 +10,7 @@ KFAC's sequence statistics (:mod:`.kfac_factors`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -53,6 +53,16 @@ def default_function(model: nn.Module) -> Callable[..., Tensor]:
         return logits_of(out)
 
     return call
+
+
+def as_loader(examples: Iterable, lists: bool = False) -> Iterable:
+    """``examples`` as an iterable of batches: a tuple of tensors (and, with ``lists``, a list
+    of tensors, as a ``DataLoader`` yields) is one batch, ``[examples]``; anything else is a
+    loader already."""
+    one = isinstance(examples, tuple) or (lists and isinstance(examples, list))
+    if one and len(examples) > 0 and all(isinstance(t, Tensor) for t in examples):  # type: ignore[arg-type]
+        return [tuple(examples)]
+    return examples
 
 
 def to_device(batch: object, device: torch.device, dtype: torch.dtype) -> tuple:

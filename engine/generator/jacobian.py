@@ -24,6 +24,7 @@ from fimntk.engine.generator.batch_jacobian import BatchJacobian, check_finite, 
 from fimntk.engine.generator.fallback import TorchFuncFallback
 from fimntk.engine.generator.hooks import Capture, ForwardCapture
 from fimntk.engine.generator.inputs import (
+    as_loader,
     default_function,
     positions_mask,
     tensors_of,
@@ -59,11 +60,19 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         device: where batches go (default: the device of the model's parameters).
         verbose: show a tqdm progress bar.
         progress: ``progress(done, total, stage)`` after each batch.
-        centering: differentiate ``g_{k,i} − ḡ_k`` instead of ``g_{k,i}``, with ``ḡ_k`` the mean
-            over the loader's examples of pseudo-output k's gradient (NNGeometry's
-            ``centering``; with the empirical Fisher's pseudo-outputs, the gradients'
-            covariance). Offered by the stored quantities: the Jacobian, the dense, diagonal
-            and block-diagonal matrices and the Gram; other statistics refuse it.
+        centering: subtract from each example's gradient the mean over the n examples of the
+            whole loader, per pseudo-output: ``g̃_{k,i} = g_{k,i} − ḡ_k`` with
+            ``ḡ_k = (1/n) Σ_i g_{k,i}`` (NNGeometry's ``centering=True``). The covariance
+            becomes ``(1/n) Σ_{k,i} g̃ g̃ᵀ = (1/n) Σ g gᵀ − Σ_k ḡ_k ḡ_kᵀ`` and the Gram matrix
+            ``C K C`` with ``C = I_n − 11ᵀ/n`` on each example index. Offered by
+            :meth:`get_jacobian`, :meth:`get_covariance_matrix`, :meth:`get_covariance_diag`,
+            :meth:`get_covariance_layer_blocks` and :meth:`get_gram_matrix` (so dense, diag,
+            block-diagonal, low-rank, ``FMatDense`` and ``PFMapDense``); the one-pass
+            statistics (KFAC, EKFAC, quasi-diagonal) refuse it. Pseudo-outputs are drawn once
+            per call, so a Monte Carlo Fisher's mean is of the same draws.
+        lists_are_batches: read a list of tensors given as ``examples`` as one batch
+            (NNGeometry's convention; a ``DataLoader`` yields its batches as lists) rather
+            than as a loader of one-tensor batches. A tuple of tensors is always one batch.
     """
 
     def __init__(
@@ -77,9 +86,11 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         verbose: bool = False,
         progress: Progress | None = None,
         centering: bool = False,
+        lists_are_batches: bool = False,
     ) -> None:
         self.model = model
         self.centering = bool(centering)
+        self.lists_are_batches = lists_are_batches
         self.layer_collection = LayerCollection.resolve(model, layer_collection)
         self.function = default_function(model) if function is None else function
         self.n_output = n_output
@@ -285,7 +296,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             bar = tqdm(total=total, desc=stage, unit="ex")
         self.n_examples = 0
         try:
-            for raw in loader:
+            for raw in self.loader(loader):
                 batch = self._prepare(raw)
                 n = 0
                 for bj in self._run_batch(batch, split):
@@ -310,6 +321,15 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         representation built on a sub-collection differentiates only those layers."""
         if layer_collection == self.layer_collection:
             return self
+        return self._copy(layer_collection, self.centering)
+
+    def uncentred(self) -> Jacobian:
+        """This generator without ``centering`` (itself when it does not centre): what an
+        operator that centres its own products (:class:`~fimntk.engine.pfmap.PFMapImplicit`)
+        iterates."""
+        return self._copy(self.layer_collection, False) if self.centering else self
+
+    def _copy(self, layer_collection: LayerCollection, centering: bool) -> Jacobian:
         return Jacobian(
             self.model,
             layer_collection,
@@ -319,7 +339,8 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             self.device,
             self.verbose,
             self.progress,
-            self.centering,
+            centering,
+            self.lists_are_batches,
         )
 
     def refuse_centering(self, what: str) -> None:
@@ -367,8 +388,8 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 sq = part if sq is None else sq + part
                 sums = s if sums is None else sums + s
             assert sq is not None and sums is not None, "batches() refuses an empty loader"
-            total = (sq - (sums * sums).sum(dim=0) / self.n_examples) / self.n_examples
-            return check_finite(total, "Fisher diagonal")
+            centred = (sq - (sums * sums).sum(dim=0) / self.n_examples) / self.n_examples
+            return check_finite(centred, "Fisher diagonal")
         total: Tensor | None = None
         for bj in self.batches(loader, "diag"):
             if total is None:
@@ -431,7 +452,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         params = self.layer_collection.parameters(self.model)
         total: Tensor | None = None
         n = 0
-        for raw in loader:
+        for raw in self.loader(loader):
             batch = self._prepare(raw)
             out = self._forward(batch, ForwardCapture({}))
             w = self.pseudo_outputs(out.detach(), batch).sum(dim=0)
@@ -473,6 +494,11 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 )
         return out
 
+    def loader(self, examples: Iterable) -> Iterable:
+        """``examples`` as an iterable of batches (a tuple of tensors is one batch; see
+        ``lists_are_batches``)."""
+        return as_loader(examples, self.lists_are_batches)
+
     # ----- the pieces a forward-mode product needs (see :class:`PMatImplicit`) -------------
     def prepare(self, batch: object) -> tuple:
         """A loader's batch as a tuple of tensors on the generator's device and dtype."""
@@ -513,7 +539,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
 
     def probe(self, loader: Iterable) -> tuple[int, int]:
         """``(c, K)``: outputs and pseudo-outputs per example, from the first batch."""
-        for raw in loader:
+        for raw in self.loader(loader):
             batch = self._prepare(raw)
             with torch.no_grad():
                 out = self._forward(batch, ForwardCapture({}))

@@ -3,37 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from torch import Tensor
 
-from fimntk.engine import FMatDense as _EngineFMatDense
-from fimntk.engine import InvalidInputError
-from fimntk.engine.layercollection import LayerCollection
+from fimntk.engine import FMatDense as _FMatDense
+from fimntk.engine import Jacobian, LayerCollection
+from fimntk.engine.errors import InvalidInputError
 
 
-class FMatDense(_EngineFMatDense):
-    """NNGeometry's ``FMatDense(layer_collection, generator, data=None, examples=None)``: the
-    ``(c, n, c, n)`` Gram of the generator's Jacobian on ``layer_collection``'s layers (the
-    engine's :func:`~fimntk.engine.GramMatrix` computes the same)."""
+class FMatDense(_FMatDense):
+    """NNGeometry's ``FMatDense(layer_collection, generator, data=None, examples=None)``:
+    ``data`` as given, else :meth:`fimntk.engine.FMatDense.from_generator`. Also accepts the
+    engine's ``FMatDense(data)``."""
 
     def __init__(
         self,
-        layer_collection: LayerCollection,
-        generator: Any = None,
+        layer_collection: LayerCollection | Tensor | None = None,
+        generator: Jacobian | None = None,
         data: Tensor | None = None,
         examples: Iterable | None = None,
+        paths: dict[str, str] | None = None,
     ) -> None:
-        paths: dict[str, str] = {}
+        if isinstance(layer_collection, Tensor):  # the engine's FMatDense(data)
+            data, layer_collection = layer_collection, None
         if data is None:
             if generator is None or examples is None:
                 raise InvalidInputError("FMatDense needs data=, or generator= and examples=")
-            generator = generator.for_layers(layer_collection)
-            data = generator.get_gram_matrix(examples)
-            paths = generator.paths
-        super().__init__(data, paths)
-        self.layer_collection = layer_collection
-        self.generator = generator
+            built = _FMatDense.from_generator(generator, examples, layer_collection)
+            data, paths = built.data, built.paths
+        super().__init__(data, paths=paths)
 
 
 __all__ = ["FMatDense"]

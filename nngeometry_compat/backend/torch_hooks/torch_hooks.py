@@ -19,8 +19,12 @@ def TorchHooksJacobianBackend(
     """A :class:`~fimntk.engine.Jacobian` over all of ``model``'s trainable layers; a
     representation built on a sub-collection differentiates only its layers
     (:meth:`~fimntk.engine.Jacobian.for_layers`), as NNGeometry passes the collection to each
-    call."""
-    return Jacobian(model, function=function, verbose=verbose, centering=centering)
+    call. ``centering=True`` subtracts the examples' mean gradient (see
+    :class:`~fimntk.engine.Jacobian`). As in NNGeometry, ``examples=`` may be one batch: a
+    tuple or list of tensors."""
+    return Jacobian(
+        model, function=function, verbose=verbose, centering=centering, lists_are_batches=True
+    )
 
 
 __all__ = ["TorchHooksJacobianBackend"]
