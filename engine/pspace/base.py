@@ -259,6 +259,11 @@ class PMatAbstract(ABC):
         outs = [self.mv(PVector(self.layer_collection, r)).get_flat_representation() for r in rows]
         return torch.stack(outs) if outs else rows.clone()
 
+    def _solve_rows(self, rows: Tensor, regul: float) -> Tensor | None:
+        """``(M + regul·I)⁻¹`` applied to each row of ``rows: (m, d)`` in one factorisation,
+        where the representation offers it (else None: one :meth:`solve` per row)."""
+        return None
+
     def _mm_same(self, other: PMatAbstract) -> PMatAbstract:
         raise UnsupportedOperationError(
             f"the product of two {type(self).__name__} is not a {type(self).__name__}: convert "
@@ -332,6 +337,12 @@ def solves_maps(solve: Callable[..., Any]) -> Callable[..., Any]:
             d = self.layer_collection.numel()
             if v.layer_collection != self.layer_collection:
                 raise InvalidInputError("solve needs a map on the matrix's layer collection")
+            extra = set(kwargs) - {"regul"}
+            if len(args) + len(kwargs) <= 1 and not extra:  # all rows in one factorisation
+                regul = self._check_regul(args[0] if args else kwargs.get("regul", 1e-8))
+                at_once = self._solve_rows(v.data.reshape(-1, d), regul)
+                if at_once is not None:
+                    return type(v)(self.layer_collection, data=at_once.reshape(v.data.shape))
             rows = [
                 solve(self, PVector(self.layer_collection, r), *args, **kwargs)
                 for r in v.data.reshape(-1, d)

@@ -62,6 +62,14 @@ class PMatBlockDiag(PMatAbstract):
         offsets = self.layer_collection.offsets()
         return torch.cat([rows[:, s:e] @ self.data[n].t() for n, (s, e) in offsets.items()], dim=1)
 
+    def _solve_rows(self, rows: Tensor, regul: float) -> Tensor:
+        offsets = self.layer_collection.offsets()
+        parts = [
+            spd_solve(self.data[n], rows[:, s:e].t().to(self.data[n].dtype), regul).t()
+            for n, (s, e) in offsets.items()
+        ]
+        return torch.cat(parts, dim=1)
+
     def _mm_same(self, other: PMatAbstract) -> PMatBlockDiag:
         """Block by block: ``(M N)_l = M_l N_l``."""
         return PMatBlockDiag(

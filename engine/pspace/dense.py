@@ -49,6 +49,9 @@ class PMatDense(PMatAbstract):
     def _rows_times(self, rows: Tensor) -> Tensor:
         return rows @ self.data.t()
 
+    def _solve_rows(self, rows: Tensor, regul: float) -> Tensor:
+        return spd_solve(self.data, rows.t().to(self.data.dtype), regul).t()
+
     def _mm_same(self, other: PMatAbstract) -> PMatDense:
         return PMatDense(self.layer_collection, data=self.data @ other.data)
 
