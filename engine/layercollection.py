@@ -232,6 +232,13 @@ class LayerCollection:
         missing = [n for n in self.param_names() if n not in named]
         if missing:
             raise InvalidInputError(f"the model has no parameters named {missing}")
+        declared = [shape for e in self for _, shape in e.params]
+        for name, shape in zip(self.param_names(), declared):
+            if tuple(named[name].shape) != shape:  # a collection built by hand (add_layer)
+                raise InvalidInputError(
+                    f"parameter {name} has shape {tuple(named[name].shape)} in the model but "
+                    f"{shape} in the layer collection: describe the layer as the model has it"
+                )
         return [named[n] for n in self.param_names()]
 
     def modules(self, model: nn.Module) -> dict[str, nn.Module]:

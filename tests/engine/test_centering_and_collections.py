@@ -124,3 +124,7 @@ def test_layer_descriptions_give_torch_shapes():
         conv.weight.shape,
     ]
     assert lc["lin"].has_bias() and not lc["conv"].has_bias()
+    wrong = LayerCollection()
+    wrong.add_layer("lin", LinearLayer(3, 5))
+    with pytest.raises(InvalidInputError, match="shape"):
+        wrong.parameters(model)
