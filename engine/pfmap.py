@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -92,6 +93,22 @@ class PFMapDense:
 
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.data.size() if dim is None else self.data.size(dim)
+
+    def to_torch_layer(self, layer: str) -> tuple[Tensor, ...]:
+        """One layer's columns of ``J``, one ``(K, n, *shape)`` view per parameter (weight
+        first, as NNGeometry's ``to_torch_layer``)."""
+        if layer not in self.layer_collection.layers:
+            raise InvalidInputError(
+                f"unknown layer {layer!r}; known layers are {list(self.layer_collection.layers)}"
+            )
+        start = self.layer_collection.offsets()[layer][0]
+        k, n = self.data.shape[:2]
+        parts = []
+        for _, shape in self.layer_collection[layer].params:
+            size = math.prod(shape)
+            parts.append(self.data[:, :, start : start + size].reshape(k, n, *shape))
+            start += size
+        return tuple(parts)
 
     def jvp(self, v: PVector) -> FVector:
         """``J v``: ``(K, n)``."""

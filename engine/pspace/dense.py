@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.linalg import spd_solve
 from fimntk.engine.partial_eigen import Progress, top_eigenpairs
 from fimntk.engine.pspace.base import PMatAbstract, frobenius, solves_maps
@@ -48,6 +49,25 @@ class PMatDense(PMatAbstract):
 
     def _rows_times(self, rows: Tensor) -> Tensor:
         return rows @ self.data.t()
+
+    def compute_eigendecomposition(self, impl: str = "eigh") -> None:
+        """Store all eigenpairs (NNGeometry's API): ``impl="eigh"`` (ascending) or ``"svd"``
+        (``M = V S Vᵀ`` for the symmetric PSD ``M``, descending); read them back with
+        :meth:`get_eigendecomposition`. :meth:`eigenpairs` gives the top k instead."""
+        if impl == "eigh":
+            self._eig = torch.linalg.eigh(self.data)
+        elif impl == "svd":
+            _, s, vh = torch.linalg.svd(self.data)
+            self._eig = (s, vh.t())
+        else:
+            raise UnsupportedOperationError(f"unknown impl={impl!r}: use 'eigh' or 'svd'")
+
+    def get_eigendecomposition(self) -> tuple[Tensor, Tensor]:
+        """``(evals (d,), evecs (d, d))`` from :meth:`compute_eigendecomposition`."""
+        eig = getattr(self, "_eig", None)
+        if eig is None:
+            raise InvalidInputError("call compute_eigendecomposition() first")
+        return eig[0], eig[1]
 
     def _solve_rows(self, rows: Tensor, regul: float) -> Tensor:
         return spd_solve(self.data, rows.t().to(self.data.dtype), regul).t()

@@ -53,6 +53,22 @@ class PMatLowRank(PMatAbstract):
     def get_diag(self) -> Tensor:
         return (self.data * self.data).sum(dim=0)
 
+    def compute_eigendecomposition(self, impl: str = "svd") -> None:
+        """Store the nonzero spectrum (NNGeometry's API): from the SVD ``J = U S Vᵀ`` of the
+        ``(r, d)`` factor, ``JᵀJ = V S² Vᵀ`` (``min(r, d)`` pairs, descending); read them back
+        with :meth:`get_eigendecomposition`."""
+        if impl != "svd":
+            raise UnsupportedOperationError(f"unknown impl={impl!r}: use 'svd'")
+        _, s, vh = torch.linalg.svd(self.data, full_matrices=False)
+        self._eig = (s * s, vh.t())
+
+    def get_eigendecomposition(self) -> tuple[Tensor, Tensor]:
+        """``(evals (k,), evecs (d, k))`` from :meth:`compute_eigendecomposition`."""
+        eig = getattr(self, "_eig", None)
+        if eig is None:
+            raise InvalidInputError("call compute_eigendecomposition() first")
+        return eig[0], eig[1]
+
     def _rows_times(self, rows: Tensor) -> Tensor:
         """``rows Jᵀ J``: two products through the ``r`` pseudo-output rows."""
         return (rows @ self.data.t()) @ self.data

@@ -189,3 +189,37 @@ def test_vector_to_dict_and_add_to_model():
     step.add_to_model(model)
     after = PVector.from_model(model)
     _close(after.to_torch(), before.to_torch() + step.to_torch(), 1e-12, "θ + v")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stored_eigendecompositions_rebuild_the_matrix(name):
+    """``compute_eigendecomposition`` (NNGeometry's API) on dense (eigh, svd) and low-rank
+    (svd): ``V diag(λ) Vᵀ`` is the matrix; an unknown solver is refused."""
+    model, loader = _case(name)
+    for rep, impls in (("dense", ("eigh", "svd")), ("lowrank", ("svd",))):
+        mat = FIM(model, loader, rep)
+        dense = mat.to_torch().double()
+        for impl in impls:
+            mat.compute_eigendecomposition(impl=impl)
+            evals, evecs = mat.get_eigendecomposition()
+            rebuilt = (evecs.double() * evals.double()) @ evecs.double().t()
+            _close(rebuilt, dense, 1e-8 * dense.norm().item(), f"{rep} {impl}")
+        with pytest.raises(NotImplementedError):
+            mat.compute_eigendecomposition(impl="qr")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_pushforward_layer_views(name):
+    """``to_torch_layer`` gives each parameter's columns of ``J`` in its own shape."""
+    model, _ = _case(name)
+    lc = LayerCollection.from_model(model)
+    g = torch.Generator().manual_seed(3)
+    j = PFMapDense(lc, data=torch.randn(2, 3, lc.numel(), generator=g, dtype=torch.float64))
+    for e in lc:
+        start, end = lc.offsets()[e.name]
+        parts = j.to_torch_layer(e.name)
+        assert [tuple(p.shape[2:]) for p in parts] == [s for _, s in e.params]
+        flat = torch.cat([p.reshape(2, 3, -1) for p in parts], dim=2)
+        assert torch.equal(flat, j.data[:, :, start:end])
+    with pytest.raises(InvalidInputError, match="unknown layer"):
+        j.to_torch_layer("nope")
