@@ -51,7 +51,7 @@ def _function_names() -> dict[Callable[..., Any], str]:
     """The callable of each allowlisted function name, reversed (the names are the contract's
     static list)."""
     names: dict[Callable[..., Any], str] = dict(_IN_PLACE)
-    for name in GRAPH_FUNCTIONS:
+    for name in GRAPH_FUNCTIONS:  # allowlist: the contract's static names, never user input
         module, _, attr = name.rpartition(".")
         names[getattr(importlib.import_module(module), attr)] = name
     return names

@@ -61,7 +61,34 @@ class _Remote:
         return f"{type(self).__name__}(job={self.job_id!r}, metric={self.job['metric']!r})"
 
 
-class RemoteFIM(_Remote):
+class _RemoteParameterMatrix(_Remote):
+    """A parameter-space matrix ``M`` kept on the server: what a Fisher and a Hessian share."""
+
+    @property
+    def representation(self) -> str:
+        """The representation's name (``"kfac"``, ``"dense"``...)."""
+        return str(self.job["representation"])
+
+    def vTMv(self, v: Any = None) -> Any:
+        """:math:`v^\\top M v`; ``v`` defaults to the model's parameters."""
+        from fimntk.client._compute import scalar_op
+
+        return self._run(lambda t: scalar_op("vTMv", t, v))
+
+    def mv(self, v: Any = None) -> Any:
+        """:math:`M v`, a ``PVector`` (``{name: tensor}`` without the engine)."""
+        from fimntk.client._compute import vector_op
+
+        return self._run(lambda t: vector_op("mv", t, v))
+
+    def get_diag(self) -> Any:
+        """The diagonal, ``(d,)`` (not for an implicit representation)."""
+        from fimntk.client._compute import tensor_op
+
+        return self._run(lambda t: tensor_op("get_diag", t))
+
+
+class RemoteFIM(_RemoteParameterMatrix):
     """A Fisher representation kept on the server (as ``Client.FIM`` returns it).
 
     Example::
@@ -70,34 +97,11 @@ class RemoteFIM(_Remote):
         F.trace(), F.vTMv(v), F.solve(v, regul=1e-3)
     """
 
-    @property
-    def representation(self) -> str:
-        """The representation's name (``"kfac"``...)."""
-        return str(self.job["representation"])
-
-    def vTMv(self, v: Any = None) -> Any:
-        """:math:`v^\\top F v`; ``v`` defaults to the model's parameters."""
-        from fimntk.client._compute import scalar_op
-
-        return self._run(lambda t: scalar_op("vTMv", t, v))
-
-    def mv(self, v: Any = None) -> Any:
-        """:math:`F v`, a ``PVector`` (``{name: tensor}`` without the engine)."""
-        from fimntk.client._compute import vector_op
-
-        return self._run(lambda t: vector_op("mv", t, v))
-
     def solve(self, v: Any = None, regul: float = 1e-8) -> Any:
         """:math:`(F + \\lambda I)^{-1} v` with :math:`\\lambda` = ``regul`` > 0."""
         from fimntk.client._compute import vector_op
 
         return self._run(lambda t: vector_op("solve", t, v, regul))
-
-    def get_diag(self) -> Any:
-        """The diagonal, ``(d,)``."""
-        from fimntk.client._compute import tensor_op
-
-        return self._run(lambda t: tensor_op("get_diag", t))
 
 
 class RemoteNTK(_Remote):
@@ -122,7 +126,7 @@ class RemoteNTK(_Remote):
         return self._run(lambda t: vector_op("mv", t, v))
 
 
-class RemoteHessian(_Remote):
+class RemoteHessian(_RemoteParameterMatrix):
     """A loss Hessian kept on the server (as ``Client.Hessian`` returns it), the engine's
     ``Hessian(model, loader, representation, loss=...)`` with the loss named: ``"cross_entropy"``
     (summed) or ``"mse"`` (``½ Σ ‖f − y‖²``).
@@ -132,29 +136,6 @@ class RemoteHessian(_Remote):
         H = client.Hessian(model, loader, "implicit", loss="cross_entropy")
         H.vTMv(v), H.eigenvalues(5)
     """
-
-    @property
-    def representation(self) -> str:
-        """``"dense"``, ``"blockdiag"``, ``"diag"`` or ``"implicit"``."""
-        return str(self.job["representation"])
-
-    def vTMv(self, v: Any = None) -> Any:
-        """:math:`v^\\top H v`; ``v`` defaults to the model's parameters."""
-        from fimntk.client._compute import scalar_op
-
-        return self._run(lambda t: scalar_op("vTMv", t, v))
-
-    def mv(self, v: Any = None) -> Any:
-        """:math:`H v`, a ``PVector`` (``{name: tensor}`` without the engine)."""
-        from fimntk.client._compute import vector_op
-
-        return self._run(lambda t: vector_op("mv", t, v))
-
-    def get_diag(self) -> Any:
-        """The diagonal, ``(d,)`` (not for ``implicit``)."""
-        from fimntk.client._compute import tensor_op
-
-        return self._run(lambda t: tensor_op("get_diag", t))
 
     def eigenvalues(self, k: int, n_iter: int | None = None, seed: int = 0) -> Any:
         """The k largest eigenvalues ``(k,)``, descending, by Lanczos on Hessian-vector

@@ -151,12 +151,13 @@ class PMatAbstract(ABC):
         """Alias of :meth:`to_torch` (NNGeometry paper spelling)."""
         return self.to_torch()
 
-    def inverse(self, regul: float = 1e-8) -> PMatAbstract:
-        """Deprecated alias of :meth:`inv` (NNGeometry deprecates it with the same warning)."""
+    def inverse(self, regul: float = 1e-8, **options: Any) -> PMatAbstract:
+        """Deprecated alias of :meth:`inv` (NNGeometry deprecates it with the same warning);
+        ``options`` go to :meth:`inv` (KFAC's ``use_pi``)."""
         warnings.warn(
             "inverse() is deprecated: use inv(regul) instead", DeprecationWarning, stacklevel=2
         )
-        return self.inv(regul)
+        return self.inv(regul, **options)
 
     def size(self, dim: int | None = None) -> tuple[int, int] | int:
         d = self.layer_collection.numel()

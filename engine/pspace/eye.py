@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError, unknown_norm_order
+from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.pspace.base import PMatAbstract, solves_maps
 from fimntk.engine.vector import PVector
@@ -62,14 +62,6 @@ class PMatEye(PMatAbstract):
     def _frobenius_norm(self) -> Tensor:
         """``|s|·√d``."""
         return self.data.abs() * math.sqrt(self._d())
-
-    def norm(self, ord: str | int | None = None) -> Tensor:
-        """Frobenius (``None``/``"fro"``, ``|s|·√d``) or spectral (``2``/``-2``, ``|s|``)."""
-        if isinstance(ord, int | float) and ord in (2, -2):
-            return self.data.abs()
-        if ord is not None and ord != "fro":
-            raise unknown_norm_order(ord)
-        return self._frobenius_norm()
 
     def _rows_times(self, rows: Tensor) -> Tensor:
         return rows * self.data

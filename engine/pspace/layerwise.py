@@ -21,7 +21,6 @@ representation            block per layer
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -206,13 +205,6 @@ class PMatLayerwise(PMatAbstract):
                 for n, b in self.data.items()
             }
         )
-
-    def inverse(self, regul: float = 1e-8, use_pi: bool = True) -> PMatLayerwise:
-        """Deprecated alias of :meth:`inv` (NNGeometry deprecates it with the same warning)."""
-        warnings.warn(
-            "inverse() is deprecated: use inv(regul) instead", DeprecationWarning, stacklevel=2
-        )
-        return self.inv(regul, use_pi=use_pi)
 
     def pow(self, exponent: float, regul: float = 0.0) -> PMatLayerwise:
         """``M^exponent`` blockwise, damped like :meth:`solve` (KFAC: π-corrected factors)."""
