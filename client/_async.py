@@ -168,7 +168,9 @@ class AsyncClient(BaseClient):
             rep: Representation, as the engine's ``representation``: ``"dense"``, ``"diag"``,
                 ``"kfac"``, ``"ekfac"``, ``"implicit"``...
             metric: ``"fim"``, ``"fim_mc"``, ``"empirical_fim"`` or ``"ntk"``.
-            variant: ``"classif_logits"``, ``"classif_binary_logits"`` or ``"regression"``.
+            variant: one of ``contract.vocabulary.VARIANTS``: ``"classif_logits"``,
+                ``"classif_binary_logits"``, ``"classif_logsoftmax"``,
+                ``"segmentation_logits"`` or ``"regression"``.
             trials: Monte Carlo samples per example (``fim_mc``).
             seed: Seed of the Monte Carlo draws (``fim_mc``).
             centering: Centre the gradients (``empirical_fim``).

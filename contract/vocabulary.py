@@ -49,7 +49,13 @@ Representation = Literal[
     "dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "implicit", "mixed"
 ]
 REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
-Variant = Literal["classif_logits", "classif_binary_logits", "regression"]
+Variant = Literal[
+    "classif_logits",
+    "classif_binary_logits",
+    "classif_logsoftmax",
+    "segmentation_logits",
+    "regression",
+]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 #: dtypes a job computes in.
 ComputeDtype = Literal["float32", "float64"]

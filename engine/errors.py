@@ -29,8 +29,9 @@ class InvalidInputError(FimntkError, ValueError):
     """The model, the loader or an argument cannot give a well-defined result."""
 
 
-class TrainModeBatchNormError(InvalidInputError):
-    """BatchNorm in train mode couples the examples of a batch."""
+class TrainModeBatchNormError(InvalidInputError, RuntimeError):
+    """BatchNorm in train mode couples the examples of a batch (also a ``RuntimeError``, as
+    NNGeometry raises there)."""
 
 
 class MemoryBudgetError(InvalidInputError):
@@ -51,6 +52,12 @@ def unknown_norm_order(ord: object) -> InvalidNormOrderError:
 class NotDifferentiableError(InvalidInputError, RuntimeError):
     """Differentiating a value that does not depend on the variables asked for
     (``torch.autograd.grad`` raises ``RuntimeError``)."""
+
+
+class MissingGeneratorError(InvalidInputError, AttributeError):
+    """An operation that recomputes from the data (``update_diag``) on a matrix without its
+    Jacobian generator (loaded from a file or a pickle). Also an ``AttributeError``, as
+    NNGeometry's stand-in generator raises there."""
 
 
 class UnsupportedOperationError(FimntkError, TypeError, NotImplementedError):

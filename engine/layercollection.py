@@ -93,7 +93,12 @@ class LayerCollection:
     """
 
     def __init__(self, layers: Iterable[LayerEntry] = ()) -> None:
-        self.layers: OrderedDict[str, LayerEntry] = OrderedDict((e.name, e) for e in layers)
+        self._entries: OrderedDict[str, LayerEntry] = OrderedDict((e.name, e) for e in layers)
+
+    @property
+    def layers(self) -> OrderedDict[str, Any]:
+        """``{name: LayerEntry}`` in flat order."""
+        return self._entries
 
     @classmethod
     def from_model(cls, model: nn.Module, layers: Iterable[str] | None = None) -> LayerCollection:
@@ -149,7 +154,7 @@ class LayerCollection:
         """Append a layer: a :class:`LayerEntry` (e.g. one of another collection's ``layers``),
         kept under ``name``, or a layer description with ``to_entry(name)`` (NNGeometry's
         ``LinearLayer(...)`` etc. in :mod:`fimntk.nngeometry.layercollection`)."""
-        if name in self.layers:
+        if name in self._entries:
             raise InvalidInputError(f"the collection already has a layer {name!r}")
         if isinstance(layer, LayerEntry):
             entry = layer if layer.name == name else layer.renamed(name)
@@ -160,7 +165,7 @@ class LayerCollection:
                 f"cannot add a {type(layer).__name__} as a layer: pass a LayerEntry or use "
                 "add_layer_from_model(model, module)"
             )
-        self.layers[name] = entry
+        self._entries[name] = entry
 
     def add_layer_from_model(self, model: nn.Module, module: nn.Module) -> None:
         """Append ``module`` (a sub-module of ``model``) under its path in ``model``."""
@@ -184,22 +189,22 @@ class LayerCollection:
     def sub(self, names: Iterable[str]) -> LayerCollection:
         """The sub-collection of the named layers, kept in this collection's order."""
         wanted = list(names)
-        unknown = [n for n in wanted if n not in self.layers]
+        unknown = [n for n in wanted if n not in self._entries]
         if unknown:
             raise InvalidInputError(
-                f"unknown layer(s) {unknown}; known layers are {list(self.layers)}"
+                f"unknown layer(s) {unknown}; known layers are {list(self._entries)}"
             )
         keep = set(wanted)
-        return LayerCollection(e for n, e in self.layers.items() if n in keep)
+        return type(self)(e for n, e in self._entries.items() if n in keep)
 
     def __iter__(self) -> Iterator[LayerEntry]:
-        return iter(self.layers.values())
+        return iter(self._entries.values())
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self._entries)
 
     def __getitem__(self, name: str) -> LayerEntry:
-        return self.layers[name]
+        return self._entries[name]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LayerCollection) and list(self) == list(other)

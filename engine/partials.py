@@ -53,6 +53,7 @@ from fimntk.engine.generator import Identity, Jacobian
 from fimntk.engine.generator.jacobian import BatchJacobian, Progress
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.pspace import (
+    EigenvalueCorrection,
     PMatAbstract,
     PMatBlockDiag,
     PMatDense,
@@ -151,7 +152,7 @@ def _rebuilt(rep: PMatAbstract, tensors: dict[str, Tensor], rows: dict[str, int 
             new.rows = rows.get(name)
         blocks[name] = new
     out = rep._new(blocks)
-    if isinstance(rep, PMatEKFAC) and isinstance(out, PMatEKFAC):
+    if isinstance(rep, EigenvalueCorrection) and isinstance(out, EigenvalueCorrection):
         out.diag_updated = rep.diag_updated
     return out
 
@@ -586,7 +587,7 @@ def load_partial(path: str | Path) -> Partial:
         blk = matrix.data.get(name)
         if isinstance(blk, KronBlock):
             blk.rows = int(bound)
-    if isinstance(matrix, PMatEKFAC):
+    if isinstance(matrix, EigenvalueCorrection):
         matrix.diag_updated = bool(doc.get("diag_updated"))
     extra = {k[2:]: t for k, t in tensors.items() if k.startswith("x.")}
     return Partial(matrix, int(doc["count"]), extra)

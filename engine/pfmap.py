@@ -91,6 +91,10 @@ class PFMapDense:
         """``J``: ``(K, n, d)`` (not a copy)."""
         return self.data
 
+    def __getstate__(self) -> dict:
+        """Pickled without its generator (the model and a function that need not pickle)."""
+        return {**self.__dict__, "generator": None}
+
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.data.size() if dim is None else self.data.size(dim)
 

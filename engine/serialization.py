@@ -26,12 +26,16 @@ from fimntk.engine.errors import SerializationError
 from fimntk.engine.fspace import FMatDense
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers.layout import MatLayout
+from fimntk.engine.pfmap import PFMapDense, PFMapImplicit
 from fimntk.engine.pspace import (
+    EigenvalueCorrection,
     PMatAbstract,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
     PMatEKFAC,
+    PMatEKFACBlockDiag,
+    PMatEye,
     PMatImplicit,
     PMatKFAC,
     PMatLayerwise,
@@ -45,14 +49,17 @@ from fimntk.version import __version__
 
 FORMAT = 1
 CONVENTION = "F = (1/n) sum_i E_y[grad log p grad log p^T]; NTK Gram (c, n, c, n) not divided by n"
-_LAYERED = {c.__name__: c for c in (PMatKFAC, PMatEKFAC, PMatQuasiDiag, PMatMixed)}
-_SIMPLE = {c.__name__: c for c in (PMatDense, PMatDiag, PMatLowRank)}
+_LAYERED = {
+    c.__name__: c for c in (PMatKFAC, PMatEKFAC, PMatEKFACBlockDiag, PMatQuasiDiag, PMatMixed)
+}
+_SIMPLE = {c.__name__: c for c in (PMatDense, PMatDiag, PMatLowRank, PMatEye)}
 _BLOCK_KINDS = {
     "PMatKFAC": ("kfac", "dense", "diag"),
     "PMatEKFAC": ("ekfac", "dense", "diag"),
+    "PMatEKFACBlockDiag": ("ekfac", "dense"),
     "PMatQuasiDiag": ("quasidiag", "diag"),
 }
-OBJECTS = ("PVector", "FVector", "FMatDense", "PMatBlockDiag", *_SIMPLE, *_LAYERED)
+OBJECTS = ("PVector", "FVector", "FMatDense", "PFMapDense", "PMatBlockDiag", *_SIMPLE, *_LAYERED)
 
 
 def _layout_json(layout: MatLayout | None) -> dict | None:
@@ -85,6 +92,13 @@ def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
         return {"vector": obj.get_flat_representation()}, {}
     if isinstance(obj, FMatDense):
         return {"gram": obj.data}, {"paths": obj.paths}
+    if isinstance(obj, PFMapDense):
+        return {"jacobian": obj.data}, {"layer_collection": obj.layer_collection.to_json()}
+    if isinstance(obj, PFMapImplicit):
+        raise SerializationError(
+            "an implicit map stores nothing to save: save PFMapDense(...) built from the same "
+            "generator and examples instead"
+        )
     if isinstance(obj, PMatImplicit):
         raise SerializationError(
             "an implicit matrix stores nothing to save: save a computed representation instead"
@@ -113,14 +127,15 @@ def _encode(obj: Any) -> tuple[dict[str, Tensor], dict]:
                 tensors[f"blocks.{i}.{k}"] = t
         meta["blocks"] = blocks
         meta["options"] = {"kfac_approx": obj.kfac_approx, "policy": getattr(obj, "policy", None)}
-        if isinstance(obj, PMatEKFAC):
+        if isinstance(obj, EigenvalueCorrection):
             meta["options"]["diag_updated"] = obj.diag_updated
         return tensors, meta
     return {"data": obj.data}, meta
 
 
 def save(obj: Any, path: str | Path, metadata: dict | None = None) -> None:
-    """Write ``obj`` (a PVector, FVector, FMatDense or any stored PMat) to ``path``.
+    """Write ``obj`` (a PVector, FVector, FMatDense, PFMapDense, PMatEye or any stored PMat)
+    to ``path``.
 
     Args:
         obj: the object.
@@ -239,6 +254,14 @@ def _decode(path: str | Path, doc: dict, tensors: dict[str, Tensor]) -> Any:
     elif kind == "PVector":
         _expect(list(tensors["vector"].shape) == [d], path, "vector length != layer collection")
         obj = PVector(lc, tensors["vector"])
+    elif kind == "PFMapDense":
+        j = tensors["jacobian"]
+        _expect(
+            j.dim() == 3 and j.shape[2] == d and len(tensors) == 1,
+            path,
+            f"a PFMapDense holds one (K, n, d={d}) tensor 'jacobian'",
+        )
+        obj = PFMapDense(lc, data=j)
     elif kind == "PMatBlockDiag":
         data = {}
         for i, e in enumerate(lc):
@@ -253,8 +276,12 @@ def _decode(path: str | Path, doc: dict, tensors: dict[str, Tensor]) -> Any:
         obj = PMatBlockDiag(lc, data=data)
     elif kind in _SIMPLE:
         t = tensors["data"]
-        expected = {"PMatDense": (d, d), "PMatDiag": (d,)}.get(kind)
-        ok = tuple(t.shape) == expected if expected else (t.dim() == 2 and t.shape[1] == d)
+        expected = {"PMatDense": (d, d), "PMatDiag": (d,), "PMatEye": ()}.get(kind)
+        ok = (
+            tuple(t.shape) == expected
+            if expected is not None
+            else (t.dim() == 2 and t.shape[1] == d)
+        )
         _expect(ok, path, f"{kind} data of shape {tuple(t.shape)} does not fit d={d}")
         obj = _SIMPLE[kind](lc, data=t)
     else:
@@ -357,6 +384,6 @@ def _load_layered(
     if cls is PMatMixed:
         kwargs["policy"] = opts.get("policy")
     obj = cls(lc, data=data, **kwargs)
-    if isinstance(obj, PMatEKFAC):
+    if isinstance(obj, EigenvalueCorrection):
         obj.diag_updated = bool(opts.get("diag_updated", False))
     return obj

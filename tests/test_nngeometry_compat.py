@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from fimntk import engine
 from fimntk.nngeometry import FIM, GramMatrix, Hessian, Jacobian
 from fimntk.nngeometry.backend import TorchHooksJacobianBackend
-from fimntk.nngeometry.layercollection import LayerCollection
+from fimntk.nngeometry.layercollection import Conv2dLayer, LayerCollection, LinearLayer, ModuleLayer
 from fimntk.nngeometry.layers import Affine1d, Cosine1d, WeightNorm1d, WeightNorm2d
 from fimntk.nngeometry.maths import kronecker
+from fimntk.nngeometry.metrics import FIM_MonteCarlo
 from fimntk.nngeometry.object import PFMapImplicit, PMatDense, PMatEye, PMatImplicit, PMatKFAC
 from fimntk.nngeometry.object.vector import random_fvector, random_pvector, random_pvector_dict
 from fimntk.nngeometry.utils import grad
@@ -22,7 +23,7 @@ from tests import reference, zoo
 def test_names_are_the_engines():
     assert FIM is engine.FIM and GramMatrix is engine.GramMatrix
     assert PMatKFAC is engine.PMatKFAC and PMatEye is engine.PMatEye
-    assert LayerCollection is engine.LayerCollection
+    assert issubclass(LayerCollection, engine.LayerCollection)
     assert grad is engine.vector.grad
 
 
@@ -93,3 +94,44 @@ def test_layers_closed_forms():
     reference.assert_close(conv(img), F.conv2d(img, w), 1e-14)
     with pytest.raises(ValueError, match="no bias"):
         WeightNorm2d(2, 3, 3, bias=True)
+
+
+def test_layer_collection_shows_nngeometry_layer_descriptions():
+    model, _ = zoo.build(zoo.CASES[zoo.CASE_IDS.index("attention")])
+    lc = LayerCollection.from_model(model)
+    assert isinstance(lc, LayerCollection) and lc == engine.LayerCollection.from_model(model)
+    layers = lc.layers
+    for name, layer in layers.items():
+        entry = lc[name]  # the engine's entry
+        assert layer.numel() == entry.numel and layer.has_bias() == entry.has_bias()
+        assert layer.to_entry(name) == entry
+        if entry.module_type == "Linear":
+            assert type(layer) is LinearLayer
+            assert layer.weight.size == dict(entry.params)["weight"]
+        elif entry.module_type not in ("LayerNorm",):
+            assert isinstance(layer, ModuleLayer)  # e.g. attention: in_proj_weight, ...
+    sub = lc.sub(list(layers)[:2])
+    assert isinstance(sub, LayerCollection)
+    names = list(lc.layers)
+    name, layer = lc.layers.popitem()  # NNGeometry's tasks pop layers off a collection
+    assert name == names[-1] and name not in lc.layers and len(lc) == len(names) - 1
+    rebuilt = LayerCollection()
+    rebuilt.add_layer(name, layer)
+    assert rebuilt[name] == engine.LayerCollection.from_model(model)[name]
+    conv = Conv2dLayer(2, 3, (3, 3), bias=False)
+    assert conv.weight.size == (3, 2, 3, 3) and conv.bias is None and conv.numel() == 54
+
+
+def test_monte_carlo_covariance_is_the_variance():
+    """``covariance=σ²`` is the Gaussian's variance: the Fisher ``JᵀJ/σ²`` (NNGeometry's own
+    draws give ``σ² JᵀJ``, see docs/from-nngeometry.md)."""
+    model, loader = zoo.build(zoo.CASES[zoo.CASE_IDS.index("mlp")])
+    exact = engine.FIM(model, loader, "dense", variant="regression", sigma=0.5).to_torch()
+    mc = FIM_MonteCarlo(
+        model, loader, "dense", "regression", 4000, covariance=0.25, seed=0
+    ).to_torch()
+    assert ((mc - exact).norm() / exact.norm()).item() < 0.05
+    with pytest.raises(ValueError, match="regression"):
+        FIM_MonteCarlo(model, loader, "dense", covariance=0.25)
+    with pytest.raises(ValueError, match="positive"):
+        FIM_MonteCarlo(model, loader, "dense", "regression", covariance=-1.0)

@@ -551,7 +551,7 @@ class JobRunner:
             )
         else:
             rep = engine.EmpiricalFIM(model, data, rep_name, centering=spec["centering"], **common)
-        if isinstance(rep, engine.PMatEKFAC) and spec.get("update_diag", True):
+        if isinstance(rep, engine.EigenvalueCorrection) and spec.get("update_diag", True):
             progress.stage("update_diag")
             rep.update_diag(data)
         return rep, None

@@ -92,9 +92,12 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         self.centering = bool(centering)
         self.lists_are_batches = lists_are_batches
         self.layer_collection = LayerCollection.resolve(model, layer_collection)
-        self.function = default_function(model) if function is None else function
         self.n_output = n_output
         self.pseudo_outputs = Identity() if pseudo_outputs is None else pseudo_outputs
+        self._given_function = function
+        self.function = self.pseudo_outputs.outputs_of(
+            default_function(model) if function is None else function
+        )
         params = self.layer_collection.parameters(model)
         self.dtype = params[0].dtype
         self.device = torch.device(device) if device is not None else params[0].device
@@ -333,7 +336,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         return Jacobian(
             self.model,
             layer_collection,
-            None if self._function_key == "default" else self.function,
+            self._given_function,
             self.n_output,
             self.pseudo_outputs,
             self.device,

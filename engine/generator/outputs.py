@@ -11,6 +11,15 @@ representations aggregate. A pseudo-output object returns the ``(K, n, c)`` tens
   (column k is ``√p_k (e_k − p)``, the gradient of ``√p_k · log p_k``): exact expectation in c
   backward passes.
 * ``classif_binary_logits`` (one logit, ``p = σ(f)``): ``H = p(1 − p)``.
+* ``classif_logsoftmax`` (the model returns ``f = log p``, already normalised): the gradient of
+  ``log p_y`` with respect to ``f`` is ``e_y``, so ``H = diag(p)`` with ``L = diag(√p)`` (the
+  centring ``− p pᵀ`` is inside the log-softmax's Jacobian).
+* ``segmentation_logits`` (outputs ``(n, c, *positions)``, one categorical per position, all
+  independent): ``H`` is block-diagonal over the ``P`` positions with a softmax block each. The
+  outputs are flattened position-major to ``(n, P·c)``. Exactly this takes ``K = P·c``
+  pseudo-outputs (bounded by ``MAX_EXACT_SEGMENTATION_ENTRIES``); a Monte Carlo draw samples
+  every position at once and sums their ``∇ log p`` into one pseudo-output per trial (the
+  cross-position terms vanish in expectation because the positions are independent).
 * ``regression`` (Gaussian with variance σ²): ``H = I / σ²``.
 * Monte Carlo (Martens 2014, "New insights and perspectives on the natural gradient method"):
   ``trials`` draws ``y ~ p(y|x)``, each contributing ``∇ log p(y|x) / √trials``.
@@ -22,6 +31,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,7 +40,20 @@ from torch import Tensor
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.inputs import targets_of
 
-VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
+VARIANTS = (
+    "classif_logits",
+    "classif_binary_logits",
+    "classif_logsoftmax",
+    "segmentation_logits",
+    "regression",
+)
+
+#: Largest exact ``segmentation_logits`` pseudo-output tensor, ``(P·c) · n · (P·c)`` entries per
+#: batch; beyond it the exact Fisher asks for ``FIM_MonteCarlo``.
+MAX_EXACT_SEGMENTATION_ENTRIES = 2**26
+
+#: How far ``Σ exp(f)`` may be from 1 before ``classif_logsoftmax`` refuses the outputs.
+LOGSOFTMAX_TOLERANCE = 1e-3
 
 
 def check_variant(variant: str) -> None:
@@ -53,11 +77,74 @@ def _check_binary(out: Tensor) -> None:
         )
 
 
+def _check_logsoftmax(out: Tensor) -> Tensor:
+    """``p = exp(f)`` of log-probabilities ``f`` ``(n, c)``, checked to sum to one."""
+    p = out.exp()
+    if (p.sum(dim=1) - 1).abs().max() > LOGSOFTMAX_TOLERANCE:
+        raise InvalidInputError(
+            "variant 'classif_logsoftmax' expects log-probabilities (log_softmax outputs, whose "
+            "exponentials sum to 1 per example): use 'classif_logits' for raw logits"
+        )
+    return p
+
+
+def _softmax_factor(p: Tensor) -> Tensor:
+    """``L`` with ``L Lᵀ = diag(p) − p pᵀ`` for probabilities ``p`` ``(..., c)``: ``[k, ..., j] =
+    √p_k (δ_kj − p_j)``, shape ``(c, ..., c)``."""
+    c = p.shape[-1]
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    factor = p.sqrt()[..., :, None] * (eye - p[..., None, :])  # (..., k, j)
+    return factor.movedim(-2, 0)
+
+
+def _sampled_onehot(p: Tensor, uniform: Tensor) -> Tensor:
+    """One class per trial and distribution of ``p`` ``(..., c)``, drawn by inverting the CDF at
+    ``uniform`` ``(trials, ..., 1)``, one-hot: ``(trials, ..., c)``."""
+    c = p.shape[-1]
+    y = (uniform > p.cumsum(dim=-1)[None]).sum(dim=-1).clamp_max(c - 1)
+    return torch.nn.functional.one_hot(y, c).to(p.dtype)
+
+
 class PseudoOutputs(ABC):
     """Maps detached outputs ``(n, c)`` (and the batch) to ``grad_outputs`` ``(K, n, c)``."""
 
     @abstractmethod
     def __call__(self, out: Tensor, batch: tuple) -> Tensor: ...
+
+    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """The function whose ``(n, c)`` outputs this object weighs (``function`` itself except
+        for ``segmentation_logits``, which flattens the positions)."""
+        return function
+
+
+class _PerPosition:
+    """The outputs ``(n, c, *positions)`` of a segmentation model, flattened position-major to
+    ``(n, P·c)``; remembers ``c`` so that the pseudo-outputs can reshape to ``(n, P, c)``."""
+
+    def __init__(self) -> None:
+        self.classes: int | None = None
+
+    def wrap(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def flattened(*batch: Any) -> Tensor:
+            out = function(*batch)
+            if not isinstance(out, Tensor) or out.dim() < 3:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise InvalidInputError(
+                    "variant 'segmentation_logits' expects outputs (n, c, *positions), e.g. "
+                    f"(n, c, h, w) logits; got {shape}"
+                )
+            self.classes = out.shape[1]
+            return out.movedim(1, -1).reshape(out.shape[0], -1)
+
+        return flattened
+
+    def split(self, out: Tensor) -> Tensor:
+        """``(n, P·c)`` → ``(n, P, c)``."""
+        if self.classes is None or out.shape[1] % self.classes:
+            raise InvalidInputError(
+                "variant 'segmentation_logits' needs the outputs of its own function"
+            )
+        return out.reshape(out.shape[0], -1, self.classes)
 
 
 class Identity(PseudoOutputs):
@@ -74,14 +161,34 @@ class ExactFisher(PseudoOutputs):
     def __init__(self, variant: str, sigma: float = 1.0) -> None:
         check_variant(variant)
         self.variant, self.sigma = variant, check_sigma(sigma)
+        self._positions = _PerPosition()
+
+    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if self.variant == "segmentation_logits":
+            return self._positions.wrap(function)
+        return function
 
     def __call__(self, out: Tensor, batch: tuple) -> Tensor:
-        c = out.shape[1]
+        n = out.shape[0]
         if self.variant == "classif_logits":
-            p = torch.softmax(out, dim=1)
-            eye = torch.eye(c, dtype=out.dtype, device=out.device)
-            # [k, i, j] = √p_ik (δ_kj − p_ij)
-            return p.sqrt().t()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+            return _softmax_factor(torch.softmax(out, dim=1))  # [k, i, j] = √p_ik (δ_kj − p_ij)
+        if self.variant == "classif_logsoftmax":
+            p = _check_logsoftmax(out)
+            return torch.diag_embed(p.sqrt()).permute(1, 0, 2)  # [k, i, j] = √p_ik δ_kj
+        if self.variant == "segmentation_logits":
+            p = torch.softmax(self._positions.split(out), dim=-1)  # (n, P, c)
+            positions, classes = p.shape[1], p.shape[2]
+            if (positions * classes) ** 2 * n > MAX_EXACT_SEGMENTATION_ENTRIES:
+                raise InvalidInputError(
+                    f"the exact segmentation Fisher needs P·c = {positions * classes} "
+                    "pseudo-outputs per example, too many for this output size: use "
+                    "FIM_MonteCarlo(..., variant='segmentation_logits', trials=...)"
+                )
+            blocks = _softmax_factor(p)  # (c_k, n, P, c_j)
+            eye = torch.eye(positions, dtype=out.dtype, device=out.device)
+            # [(q, k), i, (p, j)] = δ_qp √p_ipk (δ_kj − p_ipj)
+            w = eye[:, None, None, :, None] * blocks.permute(2, 0, 1, 3)[:, :, :, None, :]
+            return w.reshape(positions * classes, n, -1)
         if self.variant == "classif_binary_logits":
             _check_binary(out)
             p = torch.sigmoid(out)
@@ -104,6 +211,12 @@ class MonteCarloFisher(PseudoOutputs):
             raise InvalidInputError(f"trials must be a positive integer, got {trials}")
         self.variant, self.trials, self.sigma = variant, int(trials), check_sigma(sigma)
         self.generator = generator
+        self._positions = _PerPosition()
+
+    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if self.variant == "segmentation_logits":
+            return self._positions.wrap(function)
+        return function
 
     def _noise(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return torch.randn(shape, generator=self.generator, dtype=like.dtype).to(like.device)
@@ -117,11 +230,14 @@ class MonteCarloFisher(PseudoOutputs):
         scale = 1.0 / math.sqrt(t)
         if self.variant == "classif_logits":
             p = torch.softmax(out, dim=1)
-            cdf = p.cumsum(dim=1)
-            u = self._uniform((t, n, 1), out)
-            y = (u > cdf[None]).sum(dim=2).clamp_max(c - 1)
-            onehot = torch.nn.functional.one_hot(y, c).to(out.dtype)
-            return (onehot - p[None]) * scale
+            return (_sampled_onehot(p, self._uniform((t, n, 1), out)) - p[None]) * scale
+        if self.variant == "classif_logsoftmax":
+            p = _check_logsoftmax(out)
+            return _sampled_onehot(p, self._uniform((t, n, 1), out)) * scale
+        if self.variant == "segmentation_logits":
+            p = torch.softmax(self._positions.split(out), dim=-1)  # (n, P, c)
+            u = self._uniform((t, *p.shape[:2], 1), out)
+            return ((_sampled_onehot(p, u) - p[None]) * scale).reshape(t, n, c)
         if self.variant == "classif_binary_logits":
             _check_binary(out)
             p = torch.sigmoid(out)
@@ -130,12 +246,26 @@ class MonteCarloFisher(PseudoOutputs):
         return self._noise((t, n, c), out) * (scale / self.sigma)
 
 
+def _onehot_targets(y: Tensor, n: int, c: int, dtype: torch.dtype) -> Tensor:
+    """Class indices ``y`` (n values in ``[0, c)``) one-hot, ``(n, c)``."""
+    y = y.reshape(-1).long()
+    if y.numel() != n or (y < 0).any() or (y >= c).any():
+        raise InvalidInputError(f"classification targets must be n={n} class indices in [0, {c})")
+    return torch.nn.functional.one_hot(y, c).to(dtype)
+
+
 class EmpiricalFisher(PseudoOutputs):
     """One row per example: ``∇_f log p(y_true|x)``, targets from ``batch[target_index]``."""
 
     def __init__(self, variant: str, sigma: float = 1.0, target_index: int = 1) -> None:
         check_variant(variant)
         self.variant, self.sigma, self.target_index = variant, check_sigma(sigma), target_index
+        self._positions = _PerPosition()
+
+    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if self.variant == "segmentation_logits":
+            return self._positions.wrap(function)
+        return function
 
     def _targets(self, batch: tuple) -> Tensor:
         targets = targets_of(batch, self.target_index)
@@ -149,14 +279,22 @@ class EmpiricalFisher(PseudoOutputs):
     def __call__(self, out: Tensor, batch: tuple) -> Tensor:
         n, c = out.shape
         y = self._targets(batch).to(out.device)
-        if self.variant == "classif_logits":
-            y = y.reshape(-1).long()
-            if y.numel() != n or (y < 0).any() or (y >= c).any():
+        if self.variant in ("classif_logits", "classif_logsoftmax"):
+            onehot = _onehot_targets(y, n, c, out.dtype)
+            if self.variant == "classif_logsoftmax":
+                _check_logsoftmax(out)
+                return onehot[None]
+            return (onehot - torch.softmax(out, dim=1))[None]
+        if self.variant == "segmentation_logits":
+            p = torch.softmax(self._positions.split(out), dim=-1)  # (n, P, c)
+            positions, classes = p.shape[1], p.shape[2]
+            if y.numel() != n * positions:
                 raise InvalidInputError(
-                    f"classification targets must be n={n} class indices in [0, {c})"
+                    f"segmentation targets must hold one class index per position (n·P = "
+                    f"{n * positions} values, e.g. (n, h, w)); got shape {tuple(y.shape)}"
                 )
-            p = torch.softmax(out, dim=1)
-            return (torch.nn.functional.one_hot(y, c).to(out.dtype) - p)[None]
+            onehot = _onehot_targets(y.reshape(-1), n * positions, classes, out.dtype)
+            return (onehot.reshape(p.shape) - p).reshape(1, n, c)
         if self.variant == "classif_binary_logits":
             _check_binary(out)
             return (y.reshape(n, 1).to(out.dtype) - torch.sigmoid(out))[None]

@@ -7,7 +7,7 @@ from fimntk.engine.pspace.base import PMatAbstract
 from fimntk.engine.pspace.blockdiag import PMatBlockDiag
 from fimntk.engine.pspace.dense import PMatDense
 from fimntk.engine.pspace.diag import PMatDiag
-from fimntk.engine.pspace.ekfac import PMatEKFAC
+from fimntk.engine.pspace.ekfac import EigenvalueCorrection, PMatEKFAC, PMatEKFACBlockDiag
 from fimntk.engine.pspace.eye import PMatEye
 from fimntk.engine.pspace.implicit import PMatImplicit
 from fimntk.engine.pspace.kfac import PMatKFAC
@@ -25,6 +25,7 @@ REPRESENTATIONS: dict[str, type[PMatAbstract]] = {
         PMatQuasiDiag,
         PMatKFAC,
         PMatEKFAC,
+        PMatEKFACBlockDiag,
         PMatMixed,
         PMatLowRank,
         PMatImplicit,
@@ -38,8 +39,9 @@ def resolve_representation(rep: str | type[PMatAbstract]) -> type[PMatAbstract]:
         return rep
     if isinstance(rep, str):
         key = rep.lower().removeprefix("pmat").replace("_", "").replace("-", "")
-        if key in REPRESENTATIONS:
-            return REPRESENTATIONS[key]
+        for name, cls in REPRESENTATIONS.items():
+            if name.replace("_", "") == key:
+                return cls
     raise InvalidInputError(
         f"unknown representation {rep!r}; use one of {sorted(REPRESENTATIONS)} or a PMat class"
     )
@@ -47,11 +49,13 @@ def resolve_representation(rep: str | type[PMatAbstract]) -> type[PMatAbstract]:
 
 __all__ = [
     "REPRESENTATIONS",
+    "EigenvalueCorrection",
     "PMatAbstract",
     "PMatBlockDiag",
     "PMatDense",
     "PMatDiag",
     "PMatEKFAC",
+    "PMatEKFACBlockDiag",
     "PMatEye",
     "PMatImplicit",
     "PMatKFAC",

@@ -233,6 +233,25 @@ class PMatAbstract(ABC):
             "(use mv for a PVector)"
         )
 
+    def mapTMmap(self, pfmap: Any, reduction: str = "sum") -> Tensor:
+        """The quadratic form on each row of a stored PushForward map ``J`` (``(K, n, d)``):
+        ``q[k, i] = J_kiᵀ M J_ki``, computed through the structure (:meth:`_rows_times`).
+        ``reduction="diag"`` returns ``q`` ``(K, n)``; ``"sum"`` sums over the K outputs,
+        ``(n,)`` (NNGeometry's names)."""
+        if not _is_dense_map(pfmap):
+            raise InvalidInputError(
+                f"mapTMmap takes a PFMapDense; got {type(pfmap).__name__} (an implicit map: "
+                "build PFMapDense from the same generator and examples)"
+            )
+        if pfmap.layer_collection != self.layer_collection:
+            raise InvalidInputError("mapTMmap needs a map on the matrix's layer collection")
+        if reduction not in ("sum", "diag"):
+            raise InvalidInputError(f"reduction must be 'sum' or 'diag', got {reduction!r}")
+        d = self.layer_collection.numel()
+        rows = pfmap.data.reshape(-1, d)
+        q = (rows * self._rows_times(rows)).sum(dim=1).reshape(pfmap.data.shape[:2])
+        return q.sum(dim=0) if reduction == "sum" else q
+
     def mmap(self, other: Any) -> Any:
         """NNGeometry's name for :meth:`mm` with a map."""
         return self.mm(other)
@@ -290,6 +309,12 @@ class PMatAbstract(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(d={self.layer_collection.numel()})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its Jacobian generator (which holds the model and a function that
+        need not pickle): a loaded matrix computes every operation on its values, and
+        recomputing from data (``update_diag``) asks for a generator."""
+        return {**self.__dict__, "generator": None}
 
 
 def _tree_map(fn, data):

@@ -82,6 +82,13 @@ class PMatImplicit(PMatAbstract):
         self._replay()
         return self.generator.probe(self.examples)[1]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: an implicit matrix holds no values, only its generator and examples."""
+        raise UnsupportedOperationError(
+            "an implicit matrix stores nothing to pickle: pickle a computed representation "
+            "(dense, diag, kfac, ...) instead"
+        )
+
     def _new(self, data: Any) -> PMatImplicit:
         out = PMatImplicit.__new__(PMatImplicit)
         out.__dict__.update(self.__dict__)

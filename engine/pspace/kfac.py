@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fimntk.engine.errors import InvalidInputError
+from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.pspace.blocks import KronBlock
 from fimntk.engine.pspace.layerwise import PMatLayerwise, kron_capable
 
@@ -26,6 +26,14 @@ class PMatKFAC(PMatLayerwise):
     """
 
     name = "kfac"
+
+    def pinv(self, atol: float = 1e-8) -> PMatLayerwise:
+        """Refused: dropping the eigenvalues ``λ_G λ_A ≤ atol`` of ``G ⊗ A`` leaves the
+        Kronecker family (EKFAC's basis holds it)."""
+        raise UnsupportedOperationError(
+            "KFAC's pseudo-inverse is not a KFAC matrix: use inv(regul), or compute "
+            "PMatEKFAC (same eigenbasis) and its pinv(atol)"
+        )
 
     def _policy(self, generator: Jacobian) -> dict[str, str]:
         return {

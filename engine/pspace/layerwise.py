@@ -190,9 +190,23 @@ class PMatLayerwise(PMatAbstract):
         return torch.block_diag(*blocks)
 
     @solves_maps
-    def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
+    def solve(self, v: PVector, regul: float = 1e-8, solve: str = "default") -> PVector:
+        """``(M + regul·I)⁻¹ v`` blockwise; ``solve="lstsq"`` applies the pseudo-inverse
+        instead, eigenvalues ``≤ regul`` dropped (:meth:`pinv`, NNGeometry's spelling)."""
         regul = self._check_regul(regul)
+        if solve == "lstsq":
+            return self.pinv(regul).mv(v)
+        if solve != "default":
+            raise InvalidInputError(f"solve must be 'default' or 'lstsq', got {solve!r}")
         return self._apply(v, lambda b, x: b.solve(x, regul))
+
+    def pinv(self, atol: float = 1e-8) -> PMatLayerwise:
+        """The pseudo-inverse blockwise: in each block's eigenbasis ``1/λ`` for ``λ > atol`` and
+        0 otherwise. EKFAC blocks keep their basis; a KFAC block becomes an EKFAC block (the
+        threshold applies to the products of its factors' eigenvalues, which leaves the
+        Kronecker family); dense and diagonal blocks stay so; others become dense."""
+        atol = self._check_regul(atol)
+        return self._new({n: _block_pinv(b, atol) for n, b in self.data.items()})
 
     def inv(self, regul: float = 1e-8, use_pi: bool = True) -> PMatLayerwise:
         """``(M + regul·I)⁻¹`` blockwise; Kronecker blocks damp their factors with the
@@ -240,6 +254,14 @@ def _layout_of(kernel: LayerKernel | None) -> MatLayout:
     if layout is None:
         raise InvalidInputError("a structured block needs a layer with a matrix view")
     return layout
+
+
+def _block_pinv(b: Block, atol: float) -> Block:
+    if isinstance(b, KronBlock):
+        return EKronBlock.from_kron(b).pinv(atol)
+    if isinstance(b, (EKronBlock, DenseBlock, DiagBlock)):
+        return b.pinv(atol)
+    return DenseBlock(b.dense()).pinv(atol)
 
 
 def _block_product(b: Block, c: Block) -> Block:

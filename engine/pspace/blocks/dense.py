@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.linalg import spd_solve
-from fimntk.engine.pspace.blocks.base import Block
+from fimntk.engine.pspace.blocks.base import Block, pinv_values
 
 
 class DenseBlock(Block):
@@ -56,6 +56,10 @@ class DenseBlock(Block):
         evals, evecs = torch.linalg.eigh(self.m.double())
         evals = (evals.clamp_min(0) + regul) ** exponent
         return DenseBlock(((evecs * evals) @ evecs.t()).to(self.m.dtype))
+
+    def pinv(self, atol: float) -> DenseBlock:
+        evals, evecs = torch.linalg.eigh(((self.m + self.m.t()) / 2).double())
+        return DenseBlock(((evecs * pinv_values(evals, atol)) @ evecs.t()).to(self.m.dtype))
 
     def scaled(self, s: float) -> DenseBlock:
         return DenseBlock(self.m * s)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fimntk.engine.layers.layout import MatLayout
-from fimntk.engine.pspace.blocks.base import Block
+from fimntk.engine.pspace.blocks.base import Block, pinv_values
 
 
 class DiagBlock(Block):
@@ -52,6 +52,9 @@ class DiagBlock(Block):
 
     def pow(self, exponent: float, regul: float) -> DiagBlock:
         return DiagBlock((self.d + regul) ** exponent)
+
+    def pinv(self, atol: float) -> DiagBlock:
+        return DiagBlock(pinv_values(self.d, atol))
 
     def scaled(self, s: float) -> DiagBlock:
         return DiagBlock(self.d * s)

@@ -8,7 +8,7 @@ from torch import Tensor
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.layers.layout import MatLayout
 from fimntk.engine.linalg import eigh, row_major
-from fimntk.engine.pspace.blocks.base import Block, require_layout
+from fimntk.engine.pspace.blocks.base import Block, pinv_values, require_layout
 from fimntk.engine.pspace.blocks.kron import KronBlock
 
 
@@ -137,6 +137,11 @@ class EKronBlock(Block):
     def pow(self, exponent: float, regul: float) -> EKronBlock:
         rest = None if self.rest is None else (self.rest.clamp_min(0) + regul) ** exponent
         return self._with((self.s.clamp_min(0) + regul) ** exponent, rest)
+
+    def pinv(self, atol: float) -> EKronBlock:
+        """The same basis with ``s⁺`` (:func:`pinv_values`), ``rest`` likewise."""
+        rest = None if self.rest is None else pinv_values(self.rest, atol)
+        return self._with(pinv_values(self.s, atol), rest)
 
     def scaled(self, s: float) -> EKronBlock:
         return self._with(self.s * s, None if self.rest is None else self.rest * s)
