@@ -22,7 +22,7 @@ from typing import Any
 
 from fimntk.client._async import AsyncClient
 from fimntk.client._config import ClientConfig
-from fimntk.client._handles import RemoteFIM, RemoteHessian, RemoteNTK
+from fimntk.client._handles import RemoteFIM, RemoteHessian, RemoteNTK, RemotePushForward
 from fimntk.client._sync import Client
 from fimntk.client.errors import (
     APIError,
@@ -69,6 +69,7 @@ __all__ = [
     "RemoteFIM",
     "RemoteHessian",
     "RemoteNTK",
+    "RemotePushForward",
     "ServerUnreachableError",
     "ServiceUnavailableError",
     "TooManyJobsError",

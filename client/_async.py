@@ -17,7 +17,7 @@ from fimntk.client._base import (
     compute_options,
     search_rows,
 )
-from fimntk.client._handles import RemoteFIM, RemoteHessian, RemoteNTK
+from fimntk.client._handles import RemoteFIM, RemoteHessian, RemoteNTK, RemotePushForward
 from fimntk.client._progress import ProgressOption
 from fimntk.client._sync import _write_async
 from fimntk.client.errors import unreachable
@@ -602,6 +602,46 @@ class AsyncClient(BaseClient):
             loss=loss,
         )
         return await self._run(self._handle_flow(RemoteHessian, model, loader, options))
+
+    async def PushForward(
+        self,
+        model: Any,
+        loader: Any,
+        representation: str = "implicit",
+        *,
+        dtype: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        labels: dict[str, str] | None = None,
+        step: int | None = None,
+    ) -> RemotePushForward:
+        """The Jacobian ``J`` of the model's outputs on the loader's examples, kept on the
+        server as a PushForward/PullBack map, as the engine's ``PFMapImplicit`` or
+        ``PFMapDense`` built from ``Jacobian(model)``.
+
+        Args:
+            representation: ``"implicit"`` (nothing stored; one forward-mode or backward pass
+                over the data per product) or ``"dense"`` (``J`` ``(c, n, d)`` stored once).
+            Others as in :meth:`FIM` (a Jacobian job runs on one worker: no ``shards``).
+
+        Returns:
+            A :class:`~fimntk.client.RemotePushForward` (``jvp``, ``vjp``, and ``to_torch`` for
+            a dense map).
+        """
+        options = compute_options(
+            rep=representation,
+            metric="jacobian",
+            variant="classif_logits",
+            trials=1,
+            seed=None,
+            centering=False,
+            dtype=dtype,
+            batch_size=batch_size,
+            timeout=timeout,
+            labels=labels,
+            step=step,
+        )
+        return await self._run(self._handle_flow(RemotePushForward, model, loader, options))
 
     # -- data -----------------------------------------------------------------------------------
 

@@ -132,6 +132,8 @@ def prepare(
     fields: dict[str, Any] = {"metric": metric, "dtype": target.dtype}
     if metric == "hessian":
         fields |= {"representation": representation, "loss": loss}
+    elif metric == "jacobian":
+        fields["representation"] = representation
     elif metric != "ntk":
         fields |= {"representation": representation, "variant": variant}
     if metric == "fim_mc":
@@ -172,6 +174,22 @@ def vector_op(name: str, target: Target, v: Any, regul: float | None = None) -> 
         spec,
         _vector(target, v),
         lambda out: sh.pvector(out["value"], target.model, target.shipment),
+    )
+
+
+def jvp_op(target: Target, v: Any) -> Op:
+    """``jvp`` of a Jacobian map: ``J v`` for a parameter vector ``v``, an ``FVector``
+    ``(c, n)`` (the tensor without the engine)."""
+    blob = sh.vector_blob(sh.flat_vector(v, target.model, target.shipment))
+    return Op({"op": "jvp"}, blob, lambda out: sh.fvector(out["value"]))
+
+
+def vjp_op(target: Target, u: Any) -> Op:
+    """``vjp`` of a Jacobian map: ``Jᵀ u`` for a function-space vector ``u`` ``(c, n)``, a
+    ``PVector`` (``{name: tensor}`` without the engine)."""
+    blob = sh.vector_blob(sh.function_vector(u))
+    return Op(
+        {"op": "vjp"}, blob, lambda out: sh.pvector(out["value"], target.model, target.shipment)
     )
 
 

@@ -1,5 +1,6 @@
 """Handles on representations kept on the server: :class:`RemoteFIM`, :class:`RemoteHessian`
-and :class:`RemoteNTK` mirror the engine's ``PMat*`` and ``FMatDense``. Each method is a job
+and :class:`RemoteNTK` mirror the engine's ``PMat*`` and ``FMatDense``;
+:class:`RemotePushForward` mirrors ``PFMapDense``/``PFMapImplicit``. Each method is a job
 that reuses the kept representation (no recomputation). With an
 :class:`~fimntk.client.AsyncClient`, await the methods.
 """
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 
-class _Remote:
-    """A representation computed once by job ``job_id`` and kept by the server."""
+class _Kept:
+    """An object computed once by job ``job_id`` and kept by the server."""
 
     def __init__(self, client: Any, job: dict[str, Any], target: Any) -> None:
         self._client = client
@@ -25,6 +26,19 @@ class _Remote:
 
     def _run(self, make_op: Any) -> Any:
         return self._client._reuse(self, make_op)
+
+    def download(self, path: str | Path | None = None) -> Any:
+        """Download the kept representation's safetensors to ``path`` (default:
+        ``~/.cache/fimntk/<job>-representation.safetensors``) and load it with
+        ``fimntk.engine.load``; returns the path when the engine is not installed."""
+        return self._client._download_representation(self.job_id, Path(path) if path else None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(job={self.job_id!r}, metric={self.job['metric']!r})"
+
+
+class _Remote(_Kept):
+    """A matrix kept by the server: its trace, norm, dense form and top eigenpairs."""
 
     def trace(self) -> Any:
         """:math:`\\mathrm{tr}(M)`, a 0-d tensor."""
@@ -50,15 +64,6 @@ class _Remote:
         from fimntk.client._compute import eigenpairs_op
 
         return self._run(lambda t: eigenpairs_op(t, k))
-
-    def download(self, path: str | Path | None = None) -> Any:
-        """Download the kept representation's safetensors to ``path`` (default:
-        ``~/.cache/fimntk/<job>-representation.safetensors``) and load it with
-        ``fimntk.engine.load``; returns the path when the engine is not installed."""
-        return self._client._download_representation(self.job_id, Path(path) if path else None)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(job={self.job_id!r}, metric={self.job['metric']!r})"
 
 
 class _RemoteParameterMatrix(_Remote):
@@ -144,3 +149,42 @@ class RemoteHessian(_RemoteParameterMatrix):
         from fimntk.client._compute import eigenvalues_op
 
         return self._run(lambda t: eigenvalues_op(t, k, n_iter, seed))
+
+
+class RemotePushForward(_Kept):
+    """The Jacobian ``J`` ``(c, n, d)`` of the model's outputs on the examples, kept on the
+    server as a linear map (as ``Client.PushForward`` returns it): the engine's ``PFMapDense``
+    (``representation="dense"``, ``J`` stored) or ``PFMapImplicit`` (``"implicit"``, one
+    forward-mode or backward pass over the data per product).
+
+    Example::
+
+        J = client.PushForward(model, loader)
+        J.jvp(v)          # J v: how the outputs move along v, (c, n)
+        J.vjp(u)          # Jᵀ u, a PVector
+    """
+
+    @property
+    def representation(self) -> str:
+        """``"dense"`` or ``"implicit"``."""
+        return str(self.job["representation"])
+
+    def jvp(self, v: Any = None) -> Any:
+        """Push forward: ``J v``, an ``FVector`` ``(c, n)``; ``v`` defaults to the model's
+        parameters."""
+        from fimntk.client._compute import jvp_op
+
+        return self._run(lambda t: jvp_op(t, v))
+
+    def vjp(self, u: Any) -> Any:
+        """Pull back: ``Jᵀ u = Σ_{k,i} u_{k,i} ∂f_k(x_i)/∂θ`` for an ``FVector`` or ``(c, n)``
+        tensor ``u`` (examples in the loader's order), a ``PVector``."""
+        from fimntk.client._compute import vjp_op
+
+        return self._run(lambda t: vjp_op(t, u))
+
+    def to_torch(self) -> Any:
+        """``J`` itself, ``(c, n, d)`` (``representation="dense"`` only)."""
+        from fimntk.client._compute import tensor_op
+
+        return self._run(lambda t: tensor_op("to_torch", t))

@@ -276,6 +276,22 @@ class SolveOp(_Op):
     regul: float = Field(gt=0, examples=[1e-3])
 
 
+class JvpOp(_Op):
+    """Push forward (metric 'jacobian'): :math:`J v` of shape (c, n) for a parameter-space
+    vector blob ``v`` of shape (d,)."""
+
+    op: Literal["jvp"]
+    v: Digest
+
+
+class VjpOp(_Op):
+    """Pull back (metric 'jacobian'): :math:`J^\top u` of shape (d,) for a function-space
+    vector blob ``v`` = u of shape (c, n) (c outputs, n examples in the dataset's order)."""
+
+    op: Literal["vjp"]
+    v: Digest
+
+
 class EigenpairsOp(_Op):
     """Top-k eigenpairs of the NTK (eigenvectors (k, c, n)) or of a dense or low-rank FIM
     (eigenvectors (d, k))."""
@@ -334,6 +350,8 @@ Operation = Annotated[
     | VTMvOp
     | MvOp
     | SolveOp
+    | JvpOp
+    | VjpOp
     | EigenpairsOp
     | HutchinsonTraceOp
     | HutchppTraceOp

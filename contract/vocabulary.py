@@ -32,7 +32,7 @@ TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.
 #: Statuses of a job that still holds a place in the queue or on a worker, in life order.
 IN_FLIGHT_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
-Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk", "hessian"]
+Metric = Literal["fim", "fim_mc", "empirical_fim", "ntk", "hessian", "jacobian"]
 METRICS: tuple[str, ...] = get_args(Metric)
 #: Metrics computed as a Fisher in some representation (the NTK has none).
 FIM_METRICS = frozenset({"fim", "fim_mc", "empirical_fim"})
@@ -44,6 +44,10 @@ HessianLoss = Literal["cross_entropy", "mse"]
 HESSIAN_LOSSES: tuple[str, ...] = get_args(HessianLoss)
 #: Representations of the loss Hessian (``fimntk.engine.hessian.HESSIAN_REPRESENTATIONS``).
 HESSIAN_REPRESENTATIONS = ("dense", "blockdiag", "diag", "implicit")
+#: Representations of the Jacobian as a PushForward/PullBack map (``metric="jacobian"``):
+#: ``dense`` stores ``J`` ``(c, n, d)`` (``fimntk.engine.PFMapDense``), ``implicit`` stores
+#: nothing and runs one forward-mode or backward pass per batch (``PFMapImplicit``).
+JACOBIAN_REPRESENTATIONS = ("dense", "implicit")
 
 Representation = Literal[
     "dense", "diag", "blockdiag", "quasidiag", "kfac", "ekfac", "lowrank", "implicit", "mixed"
@@ -99,6 +103,14 @@ HESSIAN_OPERATIONS: dict[str, frozenset[str]] = {
     ),
 }
 OPERATIONS.update(HESSIAN_OPERATIONS)
+#: Operations of the Jacobian map per representation, keyed ``jacobian_<rep>``: ``jvp`` pushes a
+#: parameter vector ``v`` (d,) forward to ``J v`` (c, n); ``vjp`` pulls a function-space vector
+#: ``u`` (c, n) back to ``Jᵀ u`` (d,); ``to_torch`` is the stored ``J`` (c, n, d).
+JACOBIAN_OPERATIONS: dict[str, frozenset[str]] = {
+    "jacobian_dense": frozenset({"jvp", "vjp", "to_torch"}),
+    "jacobian_implicit": frozenset({"jvp", "vjp"}),
+}
+OPERATIONS.update(JACOBIAN_OPERATIONS)
 #: Every operation name a job may ask for.
 ALL_OPERATIONS = frozenset().union(*OPERATIONS.values())
 #: Public methods of the engine's matrices that are not job operations, and why.
@@ -121,8 +133,11 @@ NOT_OPERATIONS: dict[str, str] = {
     "mm": "returns a matrix: keep the representation, download it and multiply locally",
     "mmap": "returns a map: keep the representation, download it and multiply locally",
     "matmat": "returns a matrix: keep the representation, download it and multiply locally",
-    "push_forward": "a product of the Jacobian J, not of the Fisher (PFMapImplicit.jvp)",
-    "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher (PFMapImplicit.vjp)",
+    "push_forward": "a product of the Jacobian J, not of the Fisher: metric 'jacobian', op jvp",
+    "pull_back": "a product of the Jacobian Jᵀ, not of the Fisher: metric 'jacobian', op vjp",
+    "pinv": "returns a matrix: keep the representation, download it and take pinv locally",
+    "mapTMmap": "takes a PushForward map: keep both (metric 'jacobian', representation "
+    "'dense'), download them and evaluate locally",
 }
 
 #: Built-in ``torch.nn`` layers a sequential architecture may use. A static list rather than

@@ -37,6 +37,7 @@ from fimntk.service.validation import (
     check_architecture,
     check_dataset,
     check_hessian,
+    check_jacobian,
     check_operations,
     check_probe,
     check_vector,
@@ -164,7 +165,9 @@ class JobService:
             progress={"done": 0, "total": None, "stage": "queued"},
             labels=resolved["labels"],
             step=resolved["step"],
-            variant=None if resolved["metric"] in ("ntk", "hessian") else resolved["variant"],
+            variant=None
+            if resolved["metric"] in ("ntk", "hessian", "jacobian")
+            else resolved["variant"],
             n=n_examples,
         )
         stored = self.records.create_job(record)
@@ -222,12 +225,14 @@ class JobService:
                 "dataset.name",
             )
         check_hessian(spec)
+        check_jacobian(spec)
         check_operations(spec)
         check_shards(spec.shards, self.settings.max_shards)
         for i, operation in enumerate(spec.operations):
             vector = getattr(operation, "v", None)
             if vector is not None:
-                expected = None if spec.metric == "ntk" else n_params
+                function_space = spec.metric == "ntk" or operation.op == "vjp"
+                expected = None if function_space else n_params
                 check_vector(
                     self._blob_header(vector, user, f"operations[{i}].v"),
                     f"operations[{i}].v",

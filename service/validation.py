@@ -33,6 +33,7 @@ from fimntk.contract.vocabulary import (
     DICT_INPUT,
     HESSIAN_LOSSES,
     HESSIAN_REPRESENTATIONS,
+    JACOBIAN_REPRESENTATIONS,
     MAX_PROBE,
     NTK_KEY,
     OPERATIONS,
@@ -177,6 +178,27 @@ def check_hessian(spec: JobCreate) -> None:
         raise InvalidInputError("a Hessian job runs on one worker: use shards=1", "shards")
 
 
+def check_jacobian(spec: JobCreate) -> None:
+    """Check the fields of a ``jacobian`` job (the PushForward/PullBack map).
+
+    Raises:
+        InvalidInputError: Naming ``representation`` or ``shards``.
+    """
+    if spec.metric != "jacobian":
+        return
+    if spec.representation not in JACOBIAN_REPRESENTATIONS:
+        raise InvalidInputError(
+            f"representation {spec.representation!r} is not one of the Jacobian map's: "
+            f"{list(JACOBIAN_REPRESENTATIONS)}",
+            "representation",
+        )
+    if spec.shards != 1:
+        raise InvalidInputError(
+            "a Jacobian job runs on one worker (J v is per example, not a sum): use shards=1",
+            "shards",
+        )
+
+
 def check_operations(spec: JobCreate) -> None:
     """Refuse operations the representation does not define.
 
@@ -184,8 +206,8 @@ def check_operations(spec: JobCreate) -> None:
         InvalidInputError: Naming ``operations[i].op``.
     """
     key = NTK_KEY if spec.metric == "ntk" else str(spec.representation)
-    if spec.metric == "hessian":
-        key = f"hessian_{spec.representation}"
+    if spec.metric in ("hessian", "jacobian"):
+        key = f"{spec.metric}_{spec.representation}"
     allowed = OPERATIONS[key]
     for i, operation in enumerate(spec.operations):
         if operation.op not in allowed:

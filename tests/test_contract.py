@@ -12,6 +12,8 @@ from fimntk.contract.vocabulary import (
     ESTIMATOR_OPERATIONS,
     HESSIAN_OPERATIONS,
     HESSIAN_REPRESENTATIONS,
+    JACOBIAN_OPERATIONS,
+    JACOBIAN_REPRESENTATIONS,
     NOT_OPERATIONS,
     NTK_KEY,
     OPERATIONS,
@@ -74,3 +76,14 @@ def test_every_listed_hessian_operation_exists_in_the_engine(rep: str) -> None:
     missing = HESSIAN_OPERATIONS[f"hessian_{rep}"] - ESTIMATOR_OPERATIONS - methods
     assert missing == set(), f"hessian {rep}: the engine has no {missing}"
     assert "solve" not in HESSIAN_OPERATIONS[f"hessian_{rep}"]  # a Hessian need not be PSD
+
+
+_JACOBIAN_CLASSES = {"dense": engine.PFMapDense, "implicit": engine.PFMapImplicit}
+
+
+@pytest.mark.parametrize("rep", sorted(_JACOBIAN_CLASSES))
+def test_every_listed_jacobian_operation_exists_in_the_engine(rep: str) -> None:
+    assert set(JACOBIAN_REPRESENTATIONS) == set(_JACOBIAN_CLASSES)
+    methods = _public_methods(_JACOBIAN_CLASSES[rep])
+    missing = JACOBIAN_OPERATIONS[f"jacobian_{rep}"] - methods
+    assert missing == set(), f"jacobian {rep}: the engine has no {missing}"

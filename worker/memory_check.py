@@ -209,3 +209,53 @@ def check_hessian_fits(
         available_bytes=have,
         alternative=alternative,
     )
+
+
+def jacobian_bytes(
+    model: nn.Module, representation: str, outputs: int, n: int | None, working_bytes: int = 0
+) -> int:
+    """Peak bytes of a Jacobian map on ``model``: ``dense`` stores ``J`` ``(c, n, d)`` (and
+    one batch of per-example rows beside it); ``implicit`` holds a few ``(d,)`` and ``(c, n)``
+    vectors and two copies of one batch's activations (a forward-mode or a backward pass)."""
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    param = next(model.parameters(), None)
+    item = param.element_size() if param is not None else 4
+    examples = n if n is not None else 1
+    vectors = 4 * d * item + 2 * outputs * examples * item + 2 * working_bytes
+    if representation == "dense":
+        return outputs * examples * d * item + vectors
+    return vectors
+
+
+def check_jacobian_fits(
+    model: nn.Module,
+    representation: str,
+    outputs: int,
+    n: int | None,
+    device: torch.device,
+    available: int | None = None,
+    working_bytes: int = 0,
+) -> None:
+    """Refuse a Jacobian map whose storage (:func:`jacobian_bytes`) does not fit.
+
+    Raises:
+        JobProblemError: ``out-of-memory`` naming ``representation``, with the bytes needed and
+            available, and ``implicit`` as the alternative when it fits.
+    """
+    need = jacobian_bytes(model, representation, outputs, n, working_bytes)
+    have = available_bytes(device) if available is None else available
+    budget = int(have * _USABLE)
+    if need <= budget:
+        return
+    fits = jacobian_bytes(model, "implicit", outputs, n, working_bytes) <= budget
+    alternative = "implicit" if representation == "dense" and fits else None
+    hint = f"try representation {alternative!r}" if alternative else "try a smaller model"
+    raise JobProblemError(
+        problems.OUT_OF_MEMORY,
+        f"the {representation!r} Jacobian needs about {need} bytes and {device} has {have} "
+        f"available ({budget} usable); {hint}",
+        "representation",
+        needed_bytes=need,
+        available_bytes=have,
+        alternative=alternative,
+    )

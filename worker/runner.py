@@ -41,7 +41,12 @@ from fimntk.worker.cache import LRUCache
 from fimntk.worker.data import make_loader
 from fimntk.worker.errors import JobCanceledError, JobInputError, JobProblemError
 from fimntk.worker.hessian import HESSIAN_LOSSES, ProgressLoader
-from fimntk.worker.memory_check import activation_bytes, check_fits, check_hessian_fits
+from fimntk.worker.memory_check import (
+    activation_bytes,
+    check_fits,
+    check_hessian_fits,
+    check_jacobian_fits,
+)
 from fimntk.worker.models import DTYPES, load_builders, load_model
 from fimntk.worker.outputs import OutputCollector
 from fimntk.worker.probe import run_probe
@@ -530,6 +535,8 @@ class JobRunner:
         dataset = getattr(data, "dataset", None)
         if metric == "hessian":
             return self._hessian(model, data, spec, progress), None
+        if metric == "jacobian":
+            return self._jacobian(model, data, spec, progress), None
         check_fits(
             model,
             "ntk" if metric == "ntk" else spec["representation"],
@@ -577,6 +584,31 @@ class JobRunner:
             model, counted, rep, loss=HESSIAN_LOSSES[spec["loss"]], device=self.device
         )
 
+    def _jacobian(
+        self, model: nn.Module, data: Any, spec: dict[str, Any], progress: _Progress
+    ) -> Any:
+        """The Jacobian as a PushForward/PullBack map, after checking it fits: ``dense``
+        computes and stores ``J`` ``(c, n, d)`` now (progress per batch); ``implicit`` stores
+        nothing, and each ``jvp``/``vjp`` iterates the data once, stopping at the next batch
+        when the job is canceled."""
+        dataset = getattr(data, "dataset", None)
+        n = len(dataset) if dataset is not None else None
+        outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+        check_jacobian_fits(
+            model,
+            spec["representation"],
+            outputs[-1] if outputs else 1,
+            n,
+            self.device,
+            working_bytes=activation_bytes(model, data, self.device, DTYPES[spec["dtype"]]),
+        )
+        lc = engine.LayerCollection.from_model(model)
+        generator = engine.Jacobian(model, lc, device=self.device, progress=progress)
+        if spec["representation"] == "dense":
+            return engine.PFMapDense(lc, generator=generator, examples=data)
+        counted = ProgressLoader(data, n, progress, check=self._check_operations)
+        return engine.PFMapImplicit(lc, generator, counted)
+
     def _check_operations(self) -> None:
         """Stop the job whose operations are running if it should stop."""
         if self._op_progress is not None:
@@ -597,6 +629,11 @@ class JobRunner:
                 gram = name == "to_torch" and spec["metric"] == "ntk"
                 self._outputs.tensor(name, "value", value, gram=gram)
                 return {"value": self._tensor(job_id, prefix, value)}
+            if name in ("jvp", "vjp"):
+                vector = self._vector(op["v"], index, rep, spec, function_space=name == "vjp")
+                value = rep.jvp(vector) if name == "jvp" else rep.vjp(vector)
+                self._outputs.tensor(name, "value", value.get_flat_representation())
+                return {"value": self._tensor(job_id, prefix, value.get_flat_representation())}
             if name in ("mv", "vTMv", "solve"):
                 v = self._vector(op["v"], index, rep, spec)
                 if name == "vTMv":
@@ -642,12 +679,29 @@ class JobRunner:
             value = value.get_flat_representation()
         return artifacts.save_tensor(self.artifacts, job_id, name, value)
 
-    def _vector(self, digest: str, index: int, rep: Any, spec: dict[str, Any]) -> Any:
+    def _vector(
+        self,
+        digest: str,
+        index: int,
+        rep: Any,
+        spec: dict[str, Any],
+        function_space: bool = False,
+    ) -> Any:
         field = f"operations[{index}].v"
         (tensor,) = load_file(str(self.blobs.path(digest)), device="cpu").values()
         tensor = tensor.to(device=self.device, dtype=DTYPES[spec["dtype"]])
         if not torch.isfinite(tensor).all():
             raise JobInputError("vector holds NaN or infinite values", field)
+        if function_space:  # u of a pull back: (c, n), as the map's jvp gives it
+            shape = tuple(rep.data.shape[:2]) if isinstance(rep, engine.PFMapDense) else None
+            if tensor.dim() != 2 or (shape is not None and tuple(tensor.shape) != shape):
+                want = list(shape) if shape is not None else "(c, n)"
+                raise JobInputError(
+                    f"vector has shape {list(tensor.shape)}; the Jacobian's function space is "
+                    f"{want} (outputs, examples)",
+                    field,
+                )
+            return engine.FVector(tensor)
         if spec["metric"] == "ntk":
             c, n = rep.shape[:2]
             if tensor.numel() != c * n:
