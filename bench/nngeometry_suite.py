@@ -9,9 +9,9 @@ repository: extract them yourself, then point this script at the folder::
 A temporary folder put first on ``sys.path`` holds a pytest plugin that maps every module
 ``nngeometry[.x]`` to ``fimntk.nngeometry[.x]`` (an import hook: no file of NNGeometry's is
 changed), and, when torchvision is not installed (its wheel would replace this torch), a
-stand-in ``torchvision`` whose ``datasets.MNIST`` gives fixed random 28×28 binary images with
-MNIST's pixel mean and about its standard deviation, and labels 0-9 (the tests download MNIST
-otherwise; no test compares against MNIST values). The last line printed is ``passed/total``.
+stand-in ``torchvision`` whose ``datasets.MNIST`` gives fixed random 28×28 images of lit and
+dark pixels with MNIST's pixel mean and standard deviation, and labels 0-9 (the tests download
+MNIST otherwise; no test compares against MNIST values). The last line printed is ``passed/total``.
 ``tests/test_nngeometry_suite.py`` runs this when ``FIMNTK_NNGEOMETRY_TESTS`` names the folder.
 """
 
@@ -60,11 +60,11 @@ class MNIST(Dataset):
     def __init__(self, root=None, train=True, download=False, transform=None):
         g = torch.Generator().manual_seed(0 if train else 1)
         n = 1000
-        # binary pixels lit with probability 0.1307: MNIST's pixel mean 0.1307 and a std of
-        # 0.337 (MNIST: 0.3081), so that Normalize((0.1307,), (0.3081,)) centres them as it
-        # centres MNIST (uniform pixels would give every image a large positive mean)
-        lit = torch.rand(n, 28, 28, generator=g) < 0.1307
-        self.data = lit.to(torch.float32)
+        # pixels lit (value 0.857) with probability 0.1525: MNIST's pixel mean 0.1307 and
+        # standard deviation 0.3081, which Normalize((0.1307,), (0.3081,)) maps to 0 and 1 as
+        # for MNIST (uniform pixels would give every image a large positive mean)
+        lit = torch.rand(n, 28, 28, generator=g) < 0.1525
+        self.data = lit.to(torch.float32) * 0.857
         self.targets = torch.randint(0, 10, (n,), generator=g)
         self.transform = transform
 

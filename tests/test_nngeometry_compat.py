@@ -22,7 +22,8 @@ from tests import reference, zoo
 
 def test_names_are_the_engines():
     assert FIM is engine.FIM and GramMatrix is engine.GramMatrix
-    assert PMatKFAC is engine.PMatKFAC and PMatEye is engine.PMatEye
+    assert PMatKFAC is engine.PMatKFAC and issubclass(PMatEye, engine.PMatEye)
+    assert PMatEye(engine.LayerCollection()).to_torch().dtype == torch.float32  # NNGeometry's
     assert issubclass(LayerCollection, engine.LayerCollection)
     assert grad is engine.vector.grad
 

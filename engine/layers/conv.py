@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +31,30 @@ def _as_2d(t: Tensor, spatial_dims: int) -> Tensor:
 
 def _pair(v: tuple[int, ...], spatial_dims: int, fill: int) -> tuple[int, int]:
     return (fill, v[0]) if spatial_dims == 1 else (v[0], v[1])
+
+
+#: How :class:`ConvKernel` computes per-example weight gradients (see
+#: :func:`per_example_conv_impl`); the one-element list is the current choice.
+PER_EXAMPLE_CONV_IMPLS = ("conv", "unfold")
+_per_example_impl = ["conv"]
+
+
+@contextmanager
+def per_example_conv_impl(impl: str) -> Iterator[None]:
+    """Within the block, per-example gradients of ``Conv1d``/``Conv2d`` layers come from
+    ``impl``: ``"conv"`` (the default: one grouped weight-gradient convolution per
+    pseudo-output, no unfolded input) or ``"unfold"`` (the outer products of the unfolded
+    inputs and the output gradients, ``Σ_t g_t a_tᵀ``, as KFAC reads them). Both give the
+    same gradients; they differ in speed and memory (``unfold`` builds the ``(n, C_in·kk, T)``
+    unfolded input)."""
+    if impl not in PER_EXAMPLE_CONV_IMPLS:
+        raise ValueError(f"impl must be one of {list(PER_EXAMPLE_CONV_IMPLS)}, got {impl!r}")
+    before = _per_example_impl[0]
+    _per_example_impl[0] = impl
+    try:
+        yield
+    finally:
+        _per_example_impl[0] = before
 
 
 class ConvKernel(OuterKernel):
@@ -86,7 +113,10 @@ class ConvKernel(OuterKernel):
         """Per-example gradients as one grouped weight-gradient convolution per pseudo-output:
         the n examples become n·G groups, so no ``(n, C_in·kk, T)`` unfolded input is built
         (the per-example trick of Rochette, Manoel & Tramel 2019, "Efficient per-example
-        gradient computations in convolutional neural networks")."""
+        gradient computations in convolutional neural networks"); inside
+        :func:`per_example_conv_impl` ``("unfold")``, the outer products of unfolded inputs."""
+        if _per_example_impl[0] == "unfold":
+            return super().per_example_grads(x, gy)
         m, sd = self.module, self.spatial_dims
         k, n = gy.shape[0], x.shape[0]
         x, padding = _conv_input(m, x)

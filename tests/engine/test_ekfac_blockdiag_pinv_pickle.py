@@ -8,6 +8,7 @@ blocks with ``torch.linalg.eigh``.
 from __future__ import annotations
 
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -206,3 +207,28 @@ def test_representation_names():
     assert engine.resolve_representation("ekfac_blockdiag") is PMatEKFACBlockDiag
     assert engine.resolve_representation("PMatEKFACBlockDiag") is PMatEKFACBlockDiag
     assert issubclass(TrainModeBatchNormError, RuntimeError)  # NNGeometry raises RuntimeError
+
+
+@pytest.mark.parametrize("case", ["cnn_bn", "conv1d", "grouped_conv"])
+def test_per_example_conv_implementations_agree_with_torch_func(case):
+    """The grouped-convolution (default) and unfolded-input per-example gradients of a
+    convolution both give the torch.func Fisher."""
+    from fimntk.engine.layers.conv import per_example_conv_impl
+    from fimntk.engine.layers.outer_product import OuterKernel
+
+    model, loader = H.built(case)
+    for impl in ("conv", "unfold"):
+        original = OuterKernel.per_example_grads
+        with (
+            per_example_conv_impl(impl),
+            mock.patch.object(
+                OuterKernel, "per_example_grads", autospec=True, side_effect=original
+            ) as outer,
+        ):
+            dense = engine.FIM(model, loader, "dense").to_torch()
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d | torch.nn.Conv2d)]
+        called = {type(call.args[0].module) for call in outer.call_args_list}
+        assert any(type(c) in called for c in convs) == (impl == "unfold"), (impl, called)
+        ref.assert_close(dense, H.ref_fisher(case), 1e-10, impl)
+    with pytest.raises(ValueError, match="unfold"), per_example_conv_impl("fft"):
+        pass

@@ -3,11 +3,13 @@ generator, mapped to :class:`fimntk.engine.Jacobian`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from fimntk.engine import Jacobian
+from fimntk.engine.layers.conv import per_example_conv_impl
 
 
 def TorchHooksJacobianBackend(
@@ -27,4 +29,19 @@ def TorchHooksJacobianBackend(
     )
 
 
-__all__ = ["TorchHooksJacobianBackend"]
+@contextmanager
+def use_unfold_impl_for_convs() -> Iterator[None]:
+    """Per-example convolution gradients from unfolded inputs (the engine's
+    :func:`~fimntk.engine.layers.conv.per_example_conv_impl` ``("unfold")``)."""
+    with per_example_conv_impl("unfold"):
+        yield
+
+
+@contextmanager
+def use_conv_impl_for_convs() -> Iterator[None]:
+    """Per-example convolution gradients by grouped convolutions (the engine's default)."""
+    with per_example_conv_impl("conv"):
+        yield
+
+
+__all__ = ["TorchHooksJacobianBackend", "use_conv_impl_for_convs", "use_unfold_impl_for_convs"]
