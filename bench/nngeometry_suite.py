@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 PLUGIN = '''"""Maps ``nngeometry`` and its submodules to ``fimntk.nngeometry``."""
 import importlib
@@ -131,13 +132,29 @@ def run(tests: Path, pytest_args: list[str]) -> tuple[int, int, str]:
         env["PYTHONPATH"] = os.pathsep.join([str(shim), str(tests), str(tests.parent)])
         cmd = [sys.executable, "-m", "pytest", str(tests), "-p", "fimntk_nngeometry_alias"]
         cmd += ["-q", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
-        cmd += ["--import-mode=append", *pytest_args]
+        report = shim / "report.xml"
+        cmd += ["--import-mode=append", f"--junit-xml={report}", *pytest_args]
         done = subprocess.run(cmd, cwd=shim, env=env, capture_output=True, text=True)
-    out = done.stdout + done.stderr
+        out = done.stdout + done.stderr
+        passed, total = _counts(report) if report.is_file() else _counts_from_text(out)
+    return passed, total, out
+
+
+def _counts(report: Path) -> tuple[int, int]:
+    """``(passed, total)`` from pytest's JUnit report (whatever ``-q``/``-r`` flags were given):
+    every ``testcase``, of which those without a failure, error or skip passed."""
+    cases = ElementTree.parse(report).getroot().iter("testcase")
+    outcomes = [{child.tag for child in case} for case in cases]
+    bad = {"failure", "error", "skipped"}
+    return sum(1 for o in outcomes if not o & bad), len(outcomes)
+
+
+def _counts_from_text(out: str) -> tuple[int, int]:
+    """``(passed, total)`` from pytest's summary line (when no report was written)."""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error|errors)", out)}
     passed = counts.get("passed", 0)
     total = passed + counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
-    return passed, total, out
+    return passed, total
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import pytest
 from bench import nngeometry_suite
 
 #: Tests of NNGeometry c04b984 that pass on fimntk (docs/from-nngeometry.md lists the others).
-RECORDED_PASSES = 53
+RECORDED_PASSES = 67
 
 FOLDER = os.environ.get("FIMNTK_NNGEOMETRY_TESTS")
 
