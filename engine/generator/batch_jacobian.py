@@ -32,6 +32,33 @@ def weighted_grad(
     )
 
 
+def batched_weighted_grads(
+    out: Tensor,
+    inputs: Sequence[Tensor | GradientEdge],
+    weights: Tensor,
+    retain_graph: bool = False,
+) -> tuple | None:
+    """All K vector-Jacobian products ``∂⟨w_k, out⟩/∂inputs`` for ``weights`` ``(K, *out.shape)``
+    in one batched backward pass: ``(K, *input.shape)`` per input (``None`` where unused).
+
+    This is the pass ``torch.autograd.grad(..., is_grads_batched=True)`` runs (autograd's own
+    batching rules over the backward graph), called without ``grad``'s check of the given
+    output gradients, whose first use imports sympy (see :func:`weighted_grad`). Returns None
+    where this torch lacks those internals; the caller then loops over the K passes."""
+    try:
+        from torch._vmap_internals import _vmap
+        from torch.autograd.graph import _engine_run_backward
+    except ImportError:
+        return None
+
+    def vjp(w: Tensor) -> tuple:
+        return _engine_run_backward(
+            (out,), (w,), retain_graph, False, tuple(inputs), True, accumulate_grad=False
+        )
+
+    return _vmap(vjp, 0, 0, allow_none_pass_through=True)(weights)
+
+
 def check_finite(t: Tensor, what: str) -> Tensor:
     """Raise instead of returning a NaN/inf result (e.g. saturated units fed an infinite input).
 

@@ -62,6 +62,33 @@ def test_one_pseudo_output_per_chunk_gives_the_same_matrices(case, monkeypatch):
     ref.assert_close(ekfac.trace(), full.trace(), TOL, "EKFAC trace after update_diag")
 
 
+@pytest.mark.parametrize("case", [*CHUNKED_CASES, "attention", "transformer_encoder"])
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_looped_and_batched_backward_passes_give_the_reference(case, mode, monkeypatch):
+    """The K backward passes as a loop of plain passes or as one batched pass (the engine picks
+    by size, :data:`BATCHED_BACKWARD_BYTES`): both give the torch.func Fisher, and the chosen
+    one is the one that ran."""
+    model, loader = zoo.build(_case(case))
+    full = ref.fisher(model, loader)
+    monkeypatch.setattr(
+        jacobian_module, "BATCHED_BACKWARD_BYTES", -1 if mode == "loop" else 1 << 40
+    )
+    calls = []
+    real = jacobian_module.batched_weighted_grads
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jacobian_module, "batched_weighted_grads", counted)
+    ref.assert_close(engine.FIM(model, loader, "dense").to_torch(), full, TOL, "dense")
+    ref.assert_close(engine.FIM(model, loader, "diag").get_diag(), full.diagonal(), TOL, "diag")
+    ekfac = engine.FIM(model, loader, "ekfac").update_diag(loader)
+    ref.assert_close(ekfac.trace(), full.trace(), TOL, "EKFAC trace after update_diag")
+    hooked = any(True for _ in engine.Jacobian(model).hooked_modules())
+    assert bool(calls) == (mode == "batched" and hooked)
+
+
 def test_chunks_bound_the_output_gradients_held_at_once(monkeypatch):
     """A budget of one pseudo-output's gradients yields K chunks per batch, the first flagged."""
     model, loader = zoo.build(_case("cnn_bn"))
