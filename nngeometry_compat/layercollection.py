@@ -111,24 +111,19 @@ class Conv2dLayer(AbstractLayer):
     ) -> None:
         k = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.weight = Parameter(out_channels, in_channels, *k)
+        self.weight = Parameter(*self._channels(), *k)
         self.bias = Parameter(out_channels) if bias else None
 
+    def _channels(self) -> tuple[int, int]:
+        """The weight's first two dimensions (torch's layout)."""
+        return self.out_channels, self.in_channels
 
-class ConvTranspose2dLayer(AbstractLayer):
+
+class ConvTranspose2dLayer(Conv2dLayer):
     module_type = "ConvTranspose2d"
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        bias: bool = True,
-    ) -> None:
-        k = _pair(kernel_size)
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.weight = Parameter(in_channels, out_channels, *k)
-        self.bias = Parameter(out_channels) if bias else None
+    def _channels(self) -> tuple[int, int]:
+        return self.in_channels, self.out_channels
 
 
 class EmbeddingLayer(AbstractLayer):

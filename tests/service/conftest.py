@@ -179,3 +179,12 @@ def users(client: TestClient) -> dict[str, str]:
         assert response.status_code == 201, response.text
         keys[name] = response.json()["api_key"]
     return keys
+
+
+def assert_problem(response: Any, status: int, field: str) -> dict[str, Any]:
+    """A problem+json answer with ``status`` naming ``field``; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["field"] == field, body
+    return body

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from torch.func import functional_call, hessian
 
 from fimntk import engine
-from tests.service.conftest import auth, st_bytes, upload, wait_job
+from tests.service.conftest import assert_problem, auth, st_bytes, upload, wait_job
 from tests.service.models import BATCH, Uploaded, upload_all
 
 pytestmark = pytest.mark.timeout(300)
@@ -173,14 +173,6 @@ def test_hessian_job_matches_engine_and_torch_func(
         torch.testing.assert_close(evals, top, rtol=1e-9, atol=1e-10)
 
 
-def _problem(response: Any, status: int, field: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["field"] == field, body
-    return body
-
-
 def test_bad_hessian_input_names_the_field(
     client: TestClient, users: dict[str, str], data: dict[str, Any]
 ) -> None:
@@ -190,16 +182,20 @@ def test_bad_hessian_input_names_the_field(
         spec = _spec(data, "cross_entropy", "dense") | changes
         return client.post("/v1/jobs", json=spec, headers=auth(key))
 
-    _problem(post(loss="hinge"), 422, "loss")
-    _problem(post(loss=None), 422, "loss")
-    _problem(post(representation="kfac"), 422, "representation")
-    _problem(post(shards=2), 422, "shards")
-    _problem(post(operations=[{"op": "solve", "v": up.v, "regul": 1e-3}]), 422, "operations[0].op")
-    _problem(post(representation="implicit", operations=[{"op": "trace"}]), 422, "operations[0].op")
+    assert_problem(post(loss="hinge"), 422, "loss")
+    assert_problem(post(loss=None), 422, "loss")
+    assert_problem(post(representation="kfac"), 422, "representation")
+    assert_problem(post(shards=2), 422, "shards")
+    assert_problem(
+        post(operations=[{"op": "solve", "v": up.v, "regul": 1e-3}]), 422, "operations[0].op"
+    )
+    assert_problem(
+        post(representation="implicit", operations=[{"op": "trace"}]), 422, "operations[0].op"
+    )
     short = upload(client, key, st_bytes({"vector": torch.randn(5)}))
-    _problem(post(operations=[{"op": "vTMv", "v": short}]), 422, "operations[0].v")
+    assert_problem(post(operations=[{"op": "vTMv", "v": short}]), 422, "operations[0].v")
     fim = _spec(data, "cross_entropy", "dense") | {"metric": "fim"}
-    _problem(client.post("/v1/jobs", json=fim, headers=auth(key)), 422, "loss")
+    assert_problem(client.post("/v1/jobs", json=fim, headers=auth(key)), 422, "loss")
 
 
 def test_wrong_targets_for_the_loss_fail_naming_the_loss(

@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests import reference
-from tests.service.conftest import auth, st_bytes, upload, wait_job
+from tests.service.conftest import assert_problem, auth, st_bytes, upload, wait_job
 from tests.service.models import BATCH, Uploaded, upload_all
 
 pytestmark = pytest.mark.timeout(300)
@@ -75,14 +75,6 @@ def test_jacobian_job_matches_torch_func(
         torch.testing.assert_close(_tensor(client, key, out["to_torch"]["value"]), jac, **tol)
 
 
-def _problem(response: Any, status: int, field: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["field"] == field, body
-    return body
-
-
 def test_bad_jacobian_input_names_the_field(
     client: TestClient, users: dict[str, str], data: dict[str, Any]
 ) -> None:
@@ -91,10 +83,10 @@ def test_bad_jacobian_input_names_the_field(
     def post(rep: str = "dense", **changes: Any) -> Any:
         return client.post("/v1/jobs", json=_spec(data, rep) | changes, headers=auth(key))
 
-    _problem(post(representation="kfac"), 422, "representation")
-    _problem(post(shards=2), 422, "shards")
-    _problem(post(operations=[{"op": "trace"}]), 422, "operations[0].op")
-    _problem(post("implicit", operations=[{"op": "to_torch"}]), 422, "operations[0].op")
-    _problem(post(operations=[{"op": "mv", "v": up.v}]), 422, "operations[0].op")
+    assert_problem(post(representation="kfac"), 422, "representation")
+    assert_problem(post(shards=2), 422, "shards")
+    assert_problem(post(operations=[{"op": "trace"}]), 422, "operations[0].op")
+    assert_problem(post("implicit", operations=[{"op": "to_torch"}]), 422, "operations[0].op")
+    assert_problem(post(operations=[{"op": "mv", "v": up.v}]), 422, "operations[0].op")
     short = upload(client, key, st_bytes({"vector": torch.randn(5)}))
-    _problem(post(operations=[{"op": "jvp", "v": short}]), 422, "operations[0].v")
+    assert_problem(post(operations=[{"op": "jvp", "v": short}]), 422, "operations[0].v")

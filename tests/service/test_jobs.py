@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from fimntk.core.config import Settings
-from tests.service.conftest import auth, st_bytes, upload, wait_job
+from tests.service.conftest import assert_problem, auth, st_bytes, upload, wait_job
 from tests.service.models import ARCH, BATCH, Uploaded, make_model, upload_all
 
 pytestmark = pytest.mark.timeout(240)
@@ -35,14 +35,6 @@ def _spec(up: Uploaded, **changes: Any) -> dict[str, Any]:
 
 def _submit(client: TestClient, key: str, spec: dict[str, Any], **headers: str) -> Any:
     return client.post("/v1/jobs", json=spec, headers=auth(key) | headers)
-
-
-def _problem(response: Any, status: int, field: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["field"] == field, body
-    return body
 
 
 # -- keep and reuse --------------------------------------------------------------------------
@@ -77,9 +69,9 @@ def test_keep_and_reuse(
     assert wait_job(client, key, identical["id"])["status"] == "succeeded"
 
     conflicting = _submit(client, key, {"reuse": first["id"], "metric": "ntk"})
-    _problem(conflicting, 422, "metric")
+    assert_problem(conflicting, 422, "metric")
     other = _submit(client, users["bob"], {"reuse": first["id"]})
-    _problem(other, 422, "reuse")
+    assert_problem(other, 422, "reuse")
 
 
 # -- cancel ----------------------------------------------------------------------------------
@@ -138,7 +130,7 @@ def test_idempotent_resubmission(
     different = _submit(
         client, key, _spec(data, representation="diag"), **{"Idempotency-Key": "abc-1"}
     )
-    _problem(different, 409, "Idempotency-Key")
+    assert_problem(different, 409, "Idempotency-Key")
     # The key is per user.
     bob_data = upload_all(client, users["bob"])
     bob = _submit(client, users["bob"], _spec(bob_data), **{"Idempotency-Key": "abc-1"})
@@ -164,11 +156,11 @@ def test_ownership(client: TestClient, users: dict[str, str], worker: Any, data:
     for url in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/result", href):
         assert client.get(url, headers=auth(bob)).status_code == 404
         assert client.get(url, headers=auth(users["admin"])).status_code == 200
-    _problem(client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(bob)), 404, "job_id")
+    assert_problem(client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(bob)), 404, "job_id")
     # Bob cannot use a blob only Alice uploaded.
     private = upload(client, alice, st_bytes(make_model(seed=99).state_dict()))
     spec = _spec(data, model={"weights": private, "architecture": ARCH})
-    _problem(_submit(client, bob, spec), 422, "model.weights")
+    assert_problem(_submit(client, bob, spec), 422, "model.weights")
     listed = client.get("/v1/jobs", headers=auth(bob)).json()["items"]
     assert all(item["owner"] != job["owner"] for item in listed)
     everyone = client.get("/v1/jobs", params={"limit": 200}, headers=auth(users["admin"]))
@@ -206,7 +198,9 @@ def test_list_filters_and_pagination(
         "/v1/jobs", params={"created_after": "2999-01-01T00:00:00Z"}, headers=auth(key)
     ).json()
     assert future["items"] == []
-    _problem(client.get("/v1/jobs", params={"cursor": "!!"}, headers=auth(key)), 400, "cursor")
+    assert_problem(
+        client.get("/v1/jobs", params={"cursor": "!!"}, headers=auth(key)), 400, "cursor"
+    )
 
 
 # -- bad input at submission -----------------------------------------------------------------
@@ -225,32 +219,38 @@ def test_bad_input_at_submission(client: TestClient, users: dict[str, str], data
             ],
         },
     }
-    _problem(post(_spec(data, model=bad_layer)), 422, "model.architecture.layers[1].layers[0].type")
+    assert_problem(
+        post(_spec(data, model=bad_layer)), 422, "model.architecture.layers[1].layers[0].type"
+    )
     bad_builder = {**data.spec_model, "architecture": {"kind": "builder", "name": "os.system"}}
-    _problem(post(_spec(data, model=bad_builder)), 422, "model.architecture.name")
-    _problem(post(_spec(data, dataset={"name": "../etc/passwd"})), 422, "dataset.name")
-    _problem(post(_spec(data, dataset={"name": "missing"})), 422, "dataset.name")
-    _problem(post(_spec(data, operations=[{"op": "eigenpairs", "k": 2}])), 422, "operations[0].op")
-    _problem(
+    assert_problem(post(_spec(data, model=bad_builder)), 422, "model.architecture.name")
+    assert_problem(post(_spec(data, dataset={"name": "../etc/passwd"})), 422, "dataset.name")
+    assert_problem(post(_spec(data, dataset={"name": "missing"})), 422, "dataset.name")
+    assert_problem(
+        post(_spec(data, operations=[{"op": "eigenpairs", "k": 2}])), 422, "operations[0].op"
+    )
+    assert_problem(
         post(_spec(data, metric="ntk", representation=None, operations=[{"op": "get_diag"}])),
         422,
         "operations[0].op",
     )
-    _problem(
+    assert_problem(
         post(_spec(data, operations=[{"op": "trace"}, {"op": "mv", "v": data.v_ntk}])),
         422,
         "operations[1].v",
     )
-    _problem(post(_spec(data, operations=[{"op": "frobnicate"}])), 422, "operations[0]")
+    assert_problem(post(_spec(data, operations=[{"op": "frobnicate"}])), 422, "operations[0]")
     truncated = upload(client, key, st_bytes(make_model().state_dict())[:-10])
-    _problem(
+    assert_problem(
         post(_spec(data, model={**data.spec_model, "weights": truncated})), 422, "model.weights"
     )
-    _problem(post(_spec(data, dataset={"blob": data.spec_model["weights"]})), 422, "dataset.blob")
-    _problem(post(_spec(data, representation="fancy")), 422, "representation")
-    _problem(post({"metric": "fim"}), 422, "body")
-    _problem(post(_spec(data, timeout_s=10**9)), 422, "timeout_s")
-    _problem(client.get("/v1/jobs/j_nope", headers=auth(key)), 404, "job_id")
+    assert_problem(
+        post(_spec(data, dataset={"blob": data.spec_model["weights"]})), 422, "dataset.blob"
+    )
+    assert_problem(post(_spec(data, representation="fancy")), 422, "representation")
+    assert_problem(post({"metric": "fim"}), 422, "body")
+    assert_problem(post(_spec(data, timeout_s=10**9)), 422, "timeout_s")
+    assert_problem(client.get("/v1/jobs/j_nope", headers=auth(key)), 404, "job_id")
 
 
 # -- bad input found by the worker -----------------------------------------------------------
