@@ -144,6 +144,21 @@ def sym_pow(m: Tensor, exponent: float, shift: Tensor) -> Tensor:
     return (evecs * evals.to(evecs.dtype)[..., None, :]) @ evecs.transpose(-1, -2)
 
 
+def pinv_values(values: Tensor, atol: float) -> Tensor:
+    """``1/λ`` for ``λ > atol``, else 0: the eigenvalues of the pseudo-inverse of a symmetric
+    positive semi-definite matrix (NNGeometry's ``pinv(atol)``)."""
+    safe = torch.where(values > atol, values, torch.ones_like(values))
+    return torch.where(values > atol, 1 / safe, torch.zeros_like(values))
+
+
+def sym_pinv(m: Tensor, atol: float) -> Tensor:
+    """The pseudo-inverse of a symmetric PSD matrix ``m`` (symmetrised against round-off),
+    eigenvalues ``≤ atol`` dropped (:func:`pinv_values`), in ``m``'s dtype."""
+    evals, evecs = eigh((m + m.transpose(-1, -2)) / 2)
+    inverse = evecs * pinv_values(evals, atol).to(evecs.dtype)[..., None, :]
+    return (inverse @ evecs.transpose(-1, -2)).to(m.dtype)
+
+
 #: Extra columns of the random test matrix of the range finder (Halko et al. 2011, §4.2).
 RANGE_OVERSAMPLING = 8
 

@@ -37,8 +37,8 @@ from fimntk.service.validation import (
     check_architecture,
     check_dataset,
     check_hessian,
-    check_jacobian,
     check_operations,
+    check_own_representation,
     check_probe,
     check_vector,
     check_weights,
@@ -225,7 +225,7 @@ class JobService:
                 "dataset.name",
             )
         check_hessian(spec)
-        check_jacobian(spec)
+        check_own_representation(spec)
         check_operations(spec)
         check_shards(spec.shards, self.settings.max_shards)
         for i, operation in enumerate(spec.operations):

@@ -154,11 +154,24 @@ def check_architecture(
         raise InvalidInputError(str(exc), exc.field) from None
 
 
+#: Metrics with representations of their own (keyed ``<metric>_<rep>`` in ``OPERATIONS``), each
+#: run on one worker: what the object is called in messages, its representations, and why it
+#: does not split over workers.
+_OWN_REPRESENTATIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "hessian": ("the Hessian's", HESSIAN_REPRESENTATIONS, "a Hessian job runs on one worker"),
+    "jacobian": (
+        "the Jacobian map's",
+        JACOBIAN_REPRESENTATIONS,
+        "a Jacobian job runs on one worker (J v is per example, not a sum)",
+    ),
+}
+
+
 def check_hessian(spec: JobCreate) -> None:
-    """Check the fields of a ``hessian`` job (and that no other job names a loss).
+    """Check the loss of a ``hessian`` job (and that no other job names a loss).
 
     Raises:
-        InvalidInputError: Naming ``loss``, ``representation`` or ``shards``.
+        InvalidInputError: Naming ``loss``.
     """
     if spec.metric != "hessian":
         if spec.loss is not None:
@@ -168,35 +181,27 @@ def check_hessian(spec: JobCreate) -> None:
         raise InvalidInputError(
             f"metric 'hessian' needs a loss: one of {list(HESSIAN_LOSSES)}", "loss"
         )
-    if spec.representation not in HESSIAN_REPRESENTATIONS:
-        raise InvalidInputError(
-            f"representation {spec.representation!r} is not one of the Hessian's: "
-            f"{list(HESSIAN_REPRESENTATIONS)}",
-            "representation",
-        )
-    if spec.shards != 1:
-        raise InvalidInputError("a Hessian job runs on one worker: use shards=1", "shards")
 
 
-def check_jacobian(spec: JobCreate) -> None:
-    """Check the fields of a ``jacobian`` job (the PushForward/PullBack map).
+def check_own_representation(spec: JobCreate) -> None:
+    """Check the representation and the shards of a metric with representations of its own
+    (``hessian``, ``jacobian``: :data:`_OWN_REPRESENTATIONS`).
 
     Raises:
         InvalidInputError: Naming ``representation`` or ``shards``.
     """
-    if spec.metric != "jacobian":
+    own = _OWN_REPRESENTATIONS.get(str(spec.metric))
+    if own is None:
         return
-    if spec.representation not in JACOBIAN_REPRESENTATIONS:
+    whose, representations, one_worker = own
+    if spec.representation not in representations:
         raise InvalidInputError(
-            f"representation {spec.representation!r} is not one of the Jacobian map's: "
-            f"{list(JACOBIAN_REPRESENTATIONS)}",
+            f"representation {spec.representation!r} is not one of {whose}: "
+            f"{list(representations)}",
             "representation",
         )
     if spec.shards != 1:
-        raise InvalidInputError(
-            "a Jacobian job runs on one worker (J v is per example, not a sum): use shards=1",
-            "shards",
-        )
+        raise InvalidInputError(f"{one_worker}: use shards=1", "shards")
 
 
 def check_operations(spec: JobCreate) -> None:
@@ -206,7 +211,7 @@ def check_operations(spec: JobCreate) -> None:
         InvalidInputError: Naming ``operations[i].op``.
     """
     key = NTK_KEY if spec.metric == "ntk" else str(spec.representation)
-    if spec.metric in ("hessian", "jacobian"):
+    if spec.metric in _OWN_REPRESENTATIONS:
         key = f"{spec.metric}_{spec.representation}"
     allowed = OPERATIONS[key]
     for i, operation in enumerate(spec.operations):

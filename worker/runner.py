@@ -388,13 +388,12 @@ class JobRunner:
         model = self.models.get(key)
         if estimate is None or model is None:
             return None
-        outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
         try:
             return int(
                 estimate(
                     model,
                     spec.get("representation") or "ntk",
-                    outputs[-1] if outputs else 1,
+                    output_count(model),
                     spec["dataset"].get("subset"),
                 )
             )
@@ -531,8 +530,6 @@ class JobRunner:
         progress.stage("computing")
         data = loader()
         metric = spec["metric"]
-        outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
-        dataset = getattr(data, "dataset", None)
         if metric == "hessian":
             return self._hessian(model, data, spec, progress), None
         if metric == "jacobian":
@@ -540,8 +537,8 @@ class JobRunner:
         check_fits(
             model,
             "ntk" if metric == "ntk" else spec["representation"],
-            outputs[-1] if outputs else 1,
-            len(dataset) if dataset is not None else None,
+            output_count(model),
+            example_count(data),
             self.device,
             working_bytes=activation_bytes(model, data, self.device, DTYPES[spec["dtype"]]),
         )
@@ -569,8 +566,6 @@ class JobRunner:
         """The Hessian of the spec's named loss, after checking it fits; progress counts the
         examples of every pass (one per layer for ``blockdiag`` and ``diag``)."""
         rep = spec["representation"]
-        dataset = getattr(data, "dataset", None)
-        n = len(dataset) if dataset is not None else None
         check_hessian_fits(
             model,
             rep,
@@ -579,7 +574,7 @@ class JobRunner:
         )
         passes = 1 if rep == "dense" else len(engine.LayerCollection.from_model(model))
         check = self._check_operations if rep == "implicit" else None
-        counted = ProgressLoader(data, n, progress, passes, check)
+        counted = ProgressLoader(data, example_count(data), progress, passes, check)
         return engine.Hessian(
             model, counted, rep, loss=HESSIAN_LOSSES[spec["loss"]], device=self.device
         )
@@ -591,13 +586,11 @@ class JobRunner:
         computes and stores ``J`` ``(c, n, d)`` now (progress per batch); ``implicit`` stores
         nothing, and each ``jvp``/``vjp`` iterates the data once, stopping at the next batch
         when the job is canceled."""
-        dataset = getattr(data, "dataset", None)
-        n = len(dataset) if dataset is not None else None
-        outputs = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+        n = example_count(data)
         check_jacobian_fits(
             model,
             spec["representation"],
-            outputs[-1] if outputs else 1,
+            output_count(model),
             n,
             self.device,
             working_bytes=activation_bytes(model, data, self.device, DTYPES[spec["dtype"]]),
@@ -716,6 +709,19 @@ class JobRunner:
                 field,
             )
         return engine.PVector(lc, vector_repr=tensor.reshape(-1))
+
+
+def output_count(model: nn.Module) -> int:
+    """The model's outputs per example as the memory estimates take it: the width of its last
+    ``nn.Linear`` (1 without one)."""
+    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    return widths[-1] if widths else 1
+
+
+def example_count(data: Any) -> int | None:
+    """How many examples a loader holds, when its dataset says."""
+    dataset = getattr(data, "dataset", None)
+    return len(dataset) if dataset is not None else None
 
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "enforce fail at alloc")

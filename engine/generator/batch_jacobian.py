@@ -14,6 +14,14 @@ from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel
 
+try:  # autograd's batched backward pass (see batched_weighted_grads); private, so optional
+    from torch._vmap_internals import _vmap
+    from torch.autograd.graph import _engine_run_backward
+
+    _HAS_BATCHED_BACKWARD = True
+except ImportError:  # another torch: the K passes run as a loop
+    _HAS_BATCHED_BACKWARD = False
+
 
 def weighted_grad(
     out: Tensor, inputs: Sequence[Tensor | GradientEdge], weight: Tensor, retain_graph: bool = False
@@ -45,10 +53,7 @@ def batched_weighted_grads(
     batching rules over the backward graph), called without ``grad``'s check of the given
     output gradients, whose first use imports sympy (see :func:`weighted_grad`). Returns None
     where this torch lacks those internals; the caller then loops over the K passes."""
-    try:
-        from torch._vmap_internals import _vmap
-        from torch.autograd.graph import _engine_run_backward
-    except ImportError:
+    if not _HAS_BATCHED_BACKWARD:
         return None
 
     def vjp(w: Tensor) -> tuple:

@@ -147,6 +147,21 @@ class _PerPosition:
         return out.reshape(out.shape[0], -1, self.classes)
 
 
+class VariantOutputs(PseudoOutputs):
+    """A pseudo-output of one of the :data:`VARIANTS`; a ``segmentation_logits`` one flattens its
+    function's positions (:class:`_PerPosition`)."""
+
+    def __init__(self, variant: str) -> None:
+        check_variant(variant)
+        self.variant = variant
+        self._positions = _PerPosition()
+
+    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if self.variant == "segmentation_logits":
+            return self._positions.wrap(function)
+        return function
+
+
 class Identity(PseudoOutputs):
     """The outputs themselves (Jacobians, NTK)."""
 
@@ -155,18 +170,12 @@ class Identity(PseudoOutputs):
         return torch.eye(c, dtype=out.dtype, device=out.device)[:, None, :].expand(c, n, c)
 
 
-class ExactFisher(PseudoOutputs):
+class ExactFisher(VariantOutputs):
     """Factor of the exact output Fisher ``H`` of the variant (see module docstring)."""
 
     def __init__(self, variant: str, sigma: float = 1.0) -> None:
-        check_variant(variant)
-        self.variant, self.sigma = variant, check_sigma(sigma)
-        self._positions = _PerPosition()
-
-    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if self.variant == "segmentation_logits":
-            return self._positions.wrap(function)
-        return function
+        super().__init__(variant)
+        self.sigma = check_sigma(sigma)
 
     def __call__(self, out: Tensor, batch: tuple) -> Tensor:
         n = out.shape[0]
@@ -196,7 +205,7 @@ class ExactFisher(PseudoOutputs):
         return Identity()(out, batch) / self.sigma
 
 
-class MonteCarloFisher(PseudoOutputs):
+class MonteCarloFisher(VariantOutputs):
     """``trials`` samples ``y ~ p(y|x)``; row t is ``∇_f log p(y_t|x) / √trials``."""
 
     def __init__(
@@ -206,17 +215,11 @@ class MonteCarloFisher(PseudoOutputs):
         sigma: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        check_variant(variant)
+        super().__init__(variant)
         if int(trials) < 1:
             raise InvalidInputError(f"trials must be a positive integer, got {trials}")
-        self.variant, self.trials, self.sigma = variant, int(trials), check_sigma(sigma)
+        self.trials, self.sigma = int(trials), check_sigma(sigma)
         self.generator = generator
-        self._positions = _PerPosition()
-
-    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if self.variant == "segmentation_logits":
-            return self._positions.wrap(function)
-        return function
 
     def _noise(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return torch.randn(shape, generator=self.generator, dtype=like.dtype).to(like.device)
@@ -254,18 +257,12 @@ def _onehot_targets(y: Tensor, n: int, c: int, dtype: torch.dtype) -> Tensor:
     return torch.nn.functional.one_hot(y, c).to(dtype)
 
 
-class EmpiricalFisher(PseudoOutputs):
+class EmpiricalFisher(VariantOutputs):
     """One row per example: ``∇_f log p(y_true|x)``, targets from ``batch[target_index]``."""
 
     def __init__(self, variant: str, sigma: float = 1.0, target_index: int = 1) -> None:
-        check_variant(variant)
-        self.variant, self.sigma, self.target_index = variant, check_sigma(sigma), target_index
-        self._positions = _PerPosition()
-
-    def outputs_of(self, function: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if self.variant == "segmentation_logits":
-            return self._positions.wrap(function)
-        return function
+        super().__init__(variant)
+        self.sigma, self.target_index = check_sigma(sigma), target_index
 
     def _targets(self, batch: tuple) -> Tensor:
         targets = targets_of(batch, self.target_index)

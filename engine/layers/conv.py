@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,9 @@ def _pair(v: tuple[int, ...], spatial_dims: int, fill: int) -> tuple[int, int]:
 
 
 #: How :class:`ConvKernel` computes per-example weight gradients (see
-#: :func:`per_example_conv_impl`); the one-element list is the current choice.
+#: :func:`per_example_conv_impl`).
 PER_EXAMPLE_CONV_IMPLS = ("conv", "unfold")
-_per_example_impl = ["conv"]
+_per_example_impl: ContextVar[str] = ContextVar("per_example_conv_impl", default="conv")
 
 
 @contextmanager
@@ -49,12 +50,11 @@ def per_example_conv_impl(impl: str) -> Iterator[None]:
     unfolded input)."""
     if impl not in PER_EXAMPLE_CONV_IMPLS:
         raise ValueError(f"impl must be one of {list(PER_EXAMPLE_CONV_IMPLS)}, got {impl!r}")
-    before = _per_example_impl[0]
-    _per_example_impl[0] = impl
+    token = _per_example_impl.set(impl)
     try:
         yield
     finally:
-        _per_example_impl[0] = before
+        _per_example_impl.reset(token)
 
 
 class ConvKernel(OuterKernel):
@@ -115,7 +115,7 @@ class ConvKernel(OuterKernel):
         (the per-example trick of Rochette, Manoel & Tramel 2019, "Efficient per-example
         gradient computations in convolutional neural networks"); inside
         :func:`per_example_conv_impl` ``("unfold")``, the outer products of unfolded inputs."""
-        if _per_example_impl[0] == "unfold":
+        if _per_example_impl.get() == "unfold":
             return super().per_example_grads(x, gy)
         m, sd = self.module, self.spatial_dims
         k, n = gy.shape[0], x.shape[0]

@@ -60,8 +60,9 @@ class Block(ABC):
         raise UnsupportedOperationError(f"a {self.kind} block has no power")
 
     def pinv(self, atol: float) -> Block:
-        """The pseudo-inverse, eigenvalues ``λ ≤ atol`` taken as zero (:func:`pinv_values`),
-        in the kinds closed under it (dense, diagonal, EKFAC)."""
+        """The pseudo-inverse, eigenvalues ``λ ≤ atol`` taken as zero
+        (:func:`~fimntk.engine.linalg.pinv_values`), in the kinds closed under it (dense,
+        diagonal, EKFAC)."""
         raise UnsupportedOperationError(f"a {self.kind} block has no pseudo-inverse of its kind")
 
     def dense(self) -> Tensor:
@@ -93,13 +94,6 @@ class Block(ABC):
             )
         t1, t2 = self.tensors(), other.tensors()
         return type(self).from_tensors({k: t1[k] + sign * t2[k] for k in t1}, self.layout)
-
-
-def pinv_values(values: Tensor, atol: float) -> Tensor:
-    """``1/λ`` for ``λ > atol``, else 0: the eigenvalues of a pseudo-inverse of a symmetric
-    positive semi-definite matrix (NNGeometry's ``pinv(atol)``)."""
-    safe = torch.where(values > atol, values, torch.ones_like(values))
-    return torch.where(values > atol, 1 / safe, torch.zeros_like(values))
 
 
 def require_layout(layout: MatLayout | None) -> MatLayout:

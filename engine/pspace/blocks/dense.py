@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from fimntk.engine.layers.layout import MatLayout
-from fimntk.engine.linalg import spd_solve
-from fimntk.engine.pspace.blocks.base import Block, pinv_values
+from fimntk.engine.linalg import spd_solve, sym_pinv
+from fimntk.engine.pspace.blocks.base import Block
 
 
 class DenseBlock(Block):
@@ -58,8 +58,7 @@ class DenseBlock(Block):
         return DenseBlock(((evecs * evals) @ evecs.t()).to(self.m.dtype))
 
     def pinv(self, atol: float) -> DenseBlock:
-        evals, evecs = torch.linalg.eigh(((self.m + self.m.t()) / 2).double())
-        return DenseBlock(((evecs * pinv_values(evals, atol)) @ evecs.t()).to(self.m.dtype))
+        return DenseBlock(sym_pinv(self.m, atol))
 
     def scaled(self, s: float) -> DenseBlock:
         return DenseBlock(self.m * s)

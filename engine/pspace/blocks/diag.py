@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from fimntk.engine.layers.layout import MatLayout
-from fimntk.engine.pspace.blocks.base import Block, pinv_values
+from fimntk.engine.linalg import pinv_values
+from fimntk.engine.pspace.blocks.base import Block
 
 
 class DiagBlock(Block):

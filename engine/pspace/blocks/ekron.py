@@ -7,8 +7,8 @@ from torch import Tensor
 
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.layers.layout import MatLayout
-from fimntk.engine.linalg import eigh, row_major
-from fimntk.engine.pspace.blocks.base import Block, pinv_values, require_layout
+from fimntk.engine.linalg import eigh, pinv_values, row_major
+from fimntk.engine.pspace.blocks.base import Block, require_layout
 from fimntk.engine.pspace.blocks.kron import KronBlock
 
 
