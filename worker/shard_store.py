@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fimntk.contract.vocabulary import JobStatus
 from fimntk.core.errors import NotFoundError
 from fimntk.core.shards import PLAN, namespace, output_name
 from fimntk.engine import partials
@@ -51,6 +52,9 @@ def has_output(runner: JobRunner, job_id: str, stage: int, index: int) -> bool:
 
 
 def _publish(runner: JobRunner, job_id: str, stage: int, index: int, write: Any) -> None:
+    """Stage and publish one task's output; if the job ended meanwhile (a sibling task failed,
+    or a cancel), remove the namespace again: its end's cleanup may have run before this
+    publish, and nothing would ever read what it wrote."""
     store = runner.artifacts
     name = output_name(stage, index)
     staged = store.staging_path(namespace(job_id), name)
@@ -59,6 +63,9 @@ def _publish(runner: JobRunner, job_id: str, stage: int, index: int, write: Any)
         store.publish(namespace(job_id), name, staged)
     finally:
         staged.unlink(missing_ok=True)
+        record = runner.records.get_job(job_id)
+        if record is None or record.status != JobStatus.RUNNING:
+            store.delete_job(namespace(job_id))
 
 
 def save_partial(

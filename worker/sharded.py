@@ -249,7 +249,12 @@ def _count_done(runner: JobRunner, job_id: str, plan: dict[str, Any], stage: int
 
 
 def _end(runner: JobRunner, job_id: str, status: str, error: dict[str, Any] | None = None) -> None:
-    """End the job (failed or cancelled): no result, every other task cancelled."""
+    """End the job (failed or cancelled): no result, every other task cancelled.
+
+    The partials go before the status turns terminal (a client that sees ``failed`` finds
+    nothing left of the job), and again after: a sibling task may publish in between, and one
+    that publishes later removes its own output (:mod:`fimntk.worker.shard_store`)."""
+    runner.artifacts.delete_job(namespace(job_id))
     ended = runner.records.update_job(
         job_id,
         only_if_status=(JobStatus.RUNNING,),

@@ -185,7 +185,8 @@ def test_a_failing_shard_fails_the_job_with_its_problem(
     assert done["error"]["type"] == "/problems/invalid-input"
     assert done["error"]["field"] == "operations[0].v"
     assert "NaN" in done["error"]["detail"]
-    assert not (s.settings.artifacts_dir / f"{job['id']}.shards").exists()
+    partials = s.settings.artifacts_dir / f"{job['id']}.shards"
+    wait_for(lambda: not partials.exists(), 30, 0.1, "the failed job's partials removed")
 
 
 def test_auto_runs_a_small_job_as_one(sharded_stack: tuple[Stack, Workers]) -> None:

@@ -50,6 +50,8 @@ class _OutageRunner:
         self.device = "cpu"
         self.worker_name: str | None = None
         self.current_job_id: str | None = None
+        self.current_record_id: str | None = None
+        self.stop_requested = threading.Event()
         self.on_job_done: Any = None
         self.ran: list[str] = []
         self.restarted = threading.Event()
@@ -57,6 +59,13 @@ class _OutageRunner:
 
     def request_stop(self, job_id: str | None) -> None:
         """Nothing runs long enough to be stopped."""
+
+    def cancel_requested(self, record_id: str) -> bool:
+        """No job here is ever canceled."""
+        return False
+
+    def end_canceled(self, record_id: str) -> None:
+        """Nothing to end: no job is canceled."""
 
     def run(self, job_id: str) -> dict[str, Any]:
         self.ran.append(job_id)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimntk import engine
+from fimntk.contract.vocabulary import JobStatus
 from fimntk.core.config import Settings
 from fimntk.core.shards import (
     bounds,
@@ -49,8 +50,18 @@ def test_task_ids_name_job_stage_and_index() -> None:
     assert parse_task_id("j_ab12") is None
 
 
+class _Records:
+    """The one job record the shard store reads: running until ``status`` is changed."""
+
+    def __init__(self) -> None:
+        self.status = JobStatus.RUNNING
+
+    def get_job(self, job_id: str) -> Any:
+        return SimpleNamespace(id=job_id, status=self.status)
+
+
 def _runner(tmp_path: Path) -> Any:
-    return SimpleNamespace(artifacts=LocalArtifactStore(tmp_path / "artifacts"))
+    return SimpleNamespace(artifacts=LocalArtifactStore(tmp_path / "artifacts"), records=_Records())
 
 
 def _write_partials(runner: Any, plan: dict[str, Any], skip: int | None, wrong: int | None) -> None:
@@ -88,3 +99,17 @@ def test_a_complete_set_reduces(tmp_path: Path) -> None:
     _write_partials(runner, plan, skip=None, wrong=None)
     assert shard_store.all_partials(runner, "j_x", 0, plan).count == 10
     assert (tmp_path / "artifacts" / namespace("j_x") / f"{output_name(0, 2)}.safetensors").exists()
+
+
+@pytest.mark.parametrize("status", [JobStatus.FAILED, JobStatus.CANCELED])
+def test_a_partial_published_after_the_job_ended_is_removed(tmp_path: Path, status: str) -> None:
+    """A sibling task that finishes after another failed (or after a cancel) publishes into a
+    namespace the end's cleanup already removed: the publish removes it again."""
+    runner = _runner(tmp_path)
+    plan = {"bounds": bounds(10, 3), "stages": [3, 1]}
+    _write_partials(runner, plan, skip=2, wrong=None)
+    space = tmp_path / "artifacts" / namespace("j_x")
+    assert (space / f"{output_name(0, 1)}.safetensors").exists()
+    runner.records.status = status
+    _write_partials(runner, plan, skip=None, wrong=None)
+    assert not space.exists()
