@@ -108,6 +108,9 @@ def _sampled_onehot(p: Tensor, uniform: Tensor) -> Tensor:
 class PseudoOutputs(ABC):
     """Maps detached outputs ``(n, c)`` (and the batch) to ``grad_outputs`` ``(K, n, c)``."""
 
+    #: Whether a call draws random numbers (then a batch's draws depend on its whole shape).
+    random: bool = False
+
     @abstractmethod
     def __call__(self, out: Tensor, batch: tuple) -> Tensor: ...
 
@@ -207,6 +210,8 @@ class ExactFisher(VariantOutputs):
 
 class MonteCarloFisher(VariantOutputs):
     """``trials`` samples ``y ~ p(y|x)``; row t is ``∇_f log p(y_t|x) / √trials``."""
+
+    random = True
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fimntk.engine.errors import InvalidInputError
 from fimntk.engine.generator.batch_jacobian import weighted_grad
 from fimntk.engine.generator.hooks import ForwardCapture
-from fimntk.engine.generator.inputs import map_tensors, tensors_of
+from fimntk.engine.generator.slicing import head
 from fimntk.engine.layercollection import LayerCollection
 from fimntk.engine.layers import LayerKernel
 
@@ -21,15 +21,6 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: Examples of the first batch that :meth:`Jacobian.settle_paths` runs.
 _SETTLE_EXAMPLES = 4
-
-
-def _head(batch: tuple, m: int) -> tuple:
-    """The first ``m`` examples of a batch whose tensors all share their first dimension."""
-    tensors = tensors_of(batch)
-    sizes = {t.shape[0] for t in tensors if t.dim() > 0}
-    if len(sizes) != 1 or any(t.dim() == 0 for t in tensors):
-        return batch
-    return map_tensors(batch, lambda t: t[:m])
 
 
 class PathVerification:
@@ -74,7 +65,7 @@ class PathVerification:
             return
         with torch.enable_grad():
             try:  # the structure shows on a few examples; their graph is small
-                self._forward_batch(_head(batch, _SETTLE_EXAMPLES))
+                self._forward_batch(head(batch, _SETTLE_EXAMPLES))
             except InvalidInputError:
                 self._forward_batch(batch)
 
