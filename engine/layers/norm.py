@@ -8,6 +8,8 @@ statistics, which couple the examples: per-example gradients are not defined the
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,8 @@ from fimntk.engine.layers.layout import MatLayout
 
 class AffineNormKernel(LayerKernel):
     """Shared maths; subclasses give ``x̂`` and the parameter's dimensions in ``x``."""
+
+    _normalized_of: tuple[weakref.ref[Tensor], Tensor] | None = None
 
     def normalized(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -39,10 +43,36 @@ class AffineNormKernel(LayerKernel):
         s = t.sum(dim=dims) if dims else t
         return s.reshape(t.shape[0], t.shape[1], -1)
 
+    def _normalized_once(self, x: Tensor) -> Tensor:
+        """``x̂`` of a batch's input, computed once for all its chunks of pseudo-outputs and
+        slices of examples (they share ``x`` or slice it along the examples); held only while
+        that input lives. Any other view of an input is normalised on its own."""
+        root = x if x._base is None else x._base
+        if not (
+            root.is_contiguous()
+            and root.shape[1:] == x.shape[1:]
+            and (x is root or x.stride() == root.stride())
+        ):
+            return self.normalized(x)
+        held = self._normalized_of
+        if held is not None and held[0]() is root:
+            whole = held[1]
+        else:
+
+            def forget(_: object) -> None:
+                self._normalized_of = None
+
+            whole = self.normalized(root).contiguous()
+            self._normalized_of = (weakref.ref(root, forget), whole)
+        if x is root:
+            return whole
+        start = x.storage_offset() - root.storage_offset()
+        return whole.as_strided(x.shape, x.stride(), whole.storage_offset() + start)
+
     def per_example_grads(self, x: Tensor, gy: Tensor) -> Tensor:
         out = []
         for attr, _ in self.parameters():
-            t = gy * self.normalized(x).unsqueeze(0) if attr == "weight" else gy
+            t = gy * self._normalized_once(x).unsqueeze(0) if attr == "weight" else gy
             out.append(self._reduce(t, x))
         return torch.cat(out, dim=2)
 

@@ -62,6 +62,27 @@ def test_one_pseudo_output_per_chunk_gives_the_same_matrices(case, monkeypatch):
     ref.assert_close(ekfac.trace(), full.trace(), TOL, "EKFAC trace after update_diag")
 
 
+def test_normalised_inputs_are_computed_once_per_batch(monkeypatch):
+    """In chunks of one pseudo-output, a BatchNorm's ``x̂`` is computed once per batch, not per
+    chunk, and the diagonal still equals the reference."""
+    from fimntk.engine.layers import norm
+
+    calls: list[int] = []
+    plain = norm.BatchNormKernel.normalized
+
+    def counted(self, x):
+        calls.append(x.shape[0])
+        return plain(self, x)
+
+    monkeypatch.setattr(norm.BatchNormKernel, "normalized", counted)
+    monkeypatch.setattr(jacobian_module, "K_CHUNK_BYTES", 1)
+    model, loader = zoo.build(_case("cnn_bn"))
+    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    diag = engine.FIM(model, loader, "diag").get_diag()
+    ref.assert_close(diag, ref.fisher(model, loader).diagonal(), TOL, "diag")
+    assert bns > 0 and len(calls) == bns * len(loader)
+
+
 @pytest.mark.parametrize("case", [*CHUNKED_CASES, "attention", "transformer_encoder"])
 @pytest.mark.parametrize("mode", ["loop", "batched"])
 def test_looped_and_batched_backward_passes_give_the_reference(case, mode, monkeypatch):
