@@ -37,6 +37,7 @@ from fimntk.engine.generator.inputs import (
 )
 from fimntk.engine.generator.outputs import Identity, PseudoOutputs
 from fimntk.engine.generator.paths import PathChoice
+from fimntk.engine.generator.slicing import ExampleSlicer
 from fimntk.engine.generator.swap import call_swapped
 from fimntk.engine.generator.verification import PathVerification
 from fimntk.engine.layercollection import LayerCollection
@@ -120,6 +121,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         self._clone: set[str] = set()
         self._broadcast: set[str] = set()  # layers on a tensor shared by the batch, expanded
         self._verified = False
+        self._slicer: ExampleSlicer | None = None
         self._loop_examples = False  # vmap failed or was wrong once: see _check_fallback
         self._function_key = "default" if function is None else function
         self.n_examples = 0
@@ -308,10 +310,16 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         cache.clear()
 
     def batches(
-        self, loader: Iterable, stage: str = "jacobian", split: bool = True
+        self,
+        loader: Iterable,
+        stage: str = "jacobian",
+        split: bool = True,
+        slices: bool = False,
     ) -> Iterator[BatchJacobian]:
         """Yield :class:`BatchJacobian` chunks (see :meth:`_run_batch`); counts examples in
-        :attr:`n_examples`. ``split=False`` yields one chunk with all pseudo-outputs per batch."""
+        :attr:`n_examples`. ``split=False`` yields one chunk with all pseudo-outputs per batch.
+        ``slices=True`` (for a sum over examples) runs a CPU batch in slices of examples
+        (:meth:`_slices`)."""
         total = None
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__"):
@@ -326,12 +334,13 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             for raw in self.loader(loader):
                 batch = self._prepare(raw)
                 n = 0
-                for bj in self._run_batch(batch, split):
-                    if bj.first:
-                        n = bj.n
-                        self.n_examples += n
-                    yield bj
-                    del bj
+                for part in self._slices(batch) if slices else (batch,):
+                    for bj in self._run_batch(part, split):
+                        if bj.first:
+                            n += bj.n
+                            self.n_examples += bj.n
+                        yield bj
+                        del bj
                 if bar is not None:
                     bar.update(n)
                 if self.progress is not None:
@@ -341,6 +350,17 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
                 bar.close()
         if self.n_examples == 0:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
+
+    def _slices(self, batch: tuple) -> Iterator[tuple]:
+        """A batch in slices of examples (:class:`~fimntk.engine.generator.slicing.ExampleSlicer`):
+        on a CPU, large activations come from reused memory instead of fresh pages. Monte
+        Carlo draws are never sliced (they depend on the whole batch's shape)."""
+        if getattr(self.pseudo_outputs, "random", False):
+            yield batch
+            return
+        if self._slicer is None:
+            self._slicer = ExampleSlicer(self.model, self.function)
+        yield from self._slicer.slices(batch)
 
     # ----- aggregates ----------------------------------------------------------------------
     def for_layers(self, layer_collection: LayerCollection) -> Jacobian:
@@ -418,7 +438,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             centred = (sq - (sums * sums).sum(dim=0) / self.n_examples) / self.n_examples
             return check_finite(centred, "Fisher diagonal")
         total: Tensor | None = None
-        for bj in self.batches(loader, "diag"):
+        for bj in self.batches(loader, "diag", slices=True):
             if total is None:
                 total = torch.zeros(self.layer_collection.numel(), dtype=bj.dtype, device=bj.device)
                 views = total.split([e.numel for e in self.layer_collection])

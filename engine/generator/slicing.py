@@ -1,11 +1,14 @@
-"""Slices of a batch's examples for the forward-mode products on a CPU.
+"""Slices of a batch's examples on a CPU, for the sums over examples that gain from them: the
+implicit products (forward mode) and the diagonal (per-example gradients).
 
 A forward-mode pass keeps each layer's output and its tangent; on a CPU their size decides the
 speed more than the arithmetic does. Past a few MiB per tensor, the C allocator hands each
 activation fresh pages from the kernel (a minor page fault per 4 KiB, zeroed), and the
 tensors no longer stay in the caches between the primal and the tangent kernels. Measured on
 bench's CNN (``W3``, batches of 128, 2 threads): ~65,000 page faults and 255 ms per ``vᵀFv``;
-in slices of 32 examples, none and 150 ms, the arithmetic being the same.
+in slices of 32 examples, none and 150 ms, the arithmetic being the same. The diagonal of
+bench's ResNet (``W5``, batches of 64): ~430,000 page faults and 3.0 s, in slices of 32 none
+and 2.6 s.
 
 :class:`ExampleSlicer` reads, once, the largest activation one example produces (forward hooks
 on every module, on the first two examples of the first batch) and splits each batch into

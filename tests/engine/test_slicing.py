@@ -1,4 +1,5 @@
-"""The implicit products in slices of examples (:mod:`fimntk.engine.generator.slicing`).
+"""The implicit products and the diagonal in slices of examples
+(:mod:`fimntk.engine.generator.slicing`).
 
 With :data:`~fimntk.engine.generator.slicing.SLICE_BYTES` at one byte every batch runs one
 example at a time; every product must still equal the dense ``torch.func`` reference (a slice
@@ -158,3 +159,19 @@ def test_tensors_of_other_first_dimensions_are_not_split():
     slicer = slicing.ExampleSlicer(model, model, slice_bytes=1)
     batch = (torch.randn(9, 6), torch.arange(4))
     assert [part is batch for part in slicer.slices(batch)] == [True]
+
+
+@H.CASES
+def test_the_diagonal_in_slices_of_one_example_equals_the_reference(case, one_example_slices):
+    model, loader = zoo.build(H.BY_NAME[case])
+    mat = engine.FIM(model, loader, "diag")
+    ref.assert_close(mat.get_diag(), ref.fisher(model, loader).diagonal(), TOL, "diag")
+    assert mat.generator._slicer.examples == 1, "the batches were not sliced"
+
+
+def test_the_monte_carlo_diagonal_is_not_sliced(one_example_slices):
+    model, loader = zoo.build(H.BY_NAME["cnn_bn"])
+    dense = engine.FIM_MonteCarlo(model, loader, "dense", trials=3, seed=5).to_torch()
+    diag = engine.FIM_MonteCarlo(model, loader, "diag", trials=3, seed=5)
+    ref.assert_close(diag.get_diag(), dense.diagonal(), TOL, "MC diag")
+    assert diag.generator._slicer is None
