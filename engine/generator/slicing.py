@@ -59,11 +59,8 @@ def _tensors(value: Any) -> Iterator[Tensor]:
     elif isinstance(value, (tuple, list)):
         for v in value:
             yield from _tensors(v)
-    elif isinstance(value, dict):
+    elif isinstance(value, dict):  # Hugging Face's model outputs are dictionaries too
         for v in value.values():
-            yield from _tensors(v)
-    else:  # a model-output object (e.g. Hugging Face's): its tensor fields
-        for v in getattr(value, "__dict__", {}).values():
             yield from _tensors(v)
 
 
@@ -120,7 +117,7 @@ class ExampleSlicer:
         rows = []
         handles = [m.register_forward_hook(hook) for m in self.model.modules()]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a dropout draws nothing
                 for m in (1, 2):
                     sizes.append([])
                     rows.append(getattr(self.function(*head(batch, m)), "shape", (None,))[0])

@@ -175,3 +175,13 @@ def test_the_monte_carlo_diagonal_is_not_sliced(one_example_slices):
     diag = engine.FIM_MonteCarlo(model, loader, "diag", trials=3, seed=5)
     ref.assert_close(diag.get_diag(), dense.diagonal(), TOL, "MC diag")
     assert diag.generator._slicer is None
+
+
+def test_the_probe_leaves_the_random_state_alone():
+    model = nn.Sequential(nn.Linear(6, 3), nn.Dropout(0.5)).train()
+    slicer = slicing.ExampleSlicer(model, model, slice_bytes=12)
+    batch = (torch.randn(5, 6),)
+    state = torch.get_rng_state()
+    parts = list(slicer.slices(batch))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert slicer.examples == 1 and len(parts) == 5
