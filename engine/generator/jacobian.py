@@ -319,7 +319,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         """Yield :class:`BatchJacobian` chunks (see :meth:`_run_batch`); counts examples in
         :attr:`n_examples`. ``split=False`` yields one chunk with all pseudo-outputs per batch.
         ``slices=True`` (for a sum over examples) runs a CPU batch in slices of examples
-        (:meth:`_slices`)."""
+        (:meth:`slices`)."""
         total = None
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__"):
@@ -334,7 +334,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             for raw in self.loader(loader):
                 batch = self._prepare(raw)
                 n = 0
-                for part in self._slices(batch) if slices else (batch,):
+                for part in self.slices(batch) if slices else (batch,):
                     for bj in self._run_batch(part, split):
                         if bj.first:
                             n += bj.n
@@ -351,7 +351,7 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         if self.n_examples == 0:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
 
-    def _slices(self, batch: tuple) -> Iterator[tuple]:
+    def slices(self, batch: tuple) -> Iterator[tuple]:
         """A batch in slices of examples (:class:`~fimntk.engine.generator.slicing.ExampleSlicer`):
         on a CPU, large activations come from reused memory instead of fresh pages. Monte
         Carlo draws are never sliced (they depend on the whole batch's shape)."""
@@ -359,7 +359,8 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
             yield batch
             return
         if self._slicer is None:
-            self._slicer = ExampleSlicer(self.model, self.function)
+            variant = (type(self.pseudo_outputs), getattr(self.pseudo_outputs, "variant", None))
+            self._slicer = ExampleSlicer(self.model, self.function, (self._function_key, variant))
         yield from self._slicer.slices(batch)
 
     # ----- aggregates ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,12 +65,25 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+#: Measured examples per slice: ``{model: {(function key, slice bytes, batch signature): m}}``,
+#: so that a metric built again on the same model (a sweep, a benchmark) does not probe again.
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(batch: tuple) -> tuple:
+    """What the activations of one example depend on: each tensor's shape past the examples
+    and its dtype."""
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors_of(batch))
+
+
 class ExampleSlicer:
     """Splits the batches of one model and function into slices of examples (CPU only).
 
     Args:
         model: The network whose modules' outputs are measured.
         function: ``function(*batch) -> outputs (n, c)``.
+        key: What identifies ``function`` across slicers of the same model (measurements are
+            remembered per model, key and batch signature).
         slice_bytes: Bytes of the largest activation of one slice (default
             :data:`SLICE_BYTES`).
     """
@@ -78,12 +92,14 @@ class ExampleSlicer:
         self,
         model: nn.Module,
         function: Callable[..., Tensor],
+        key: object = None,
         slice_bytes: int | None = None,
     ) -> None:
         self.model = model
         self.function = function
+        self.key = function if key is None else key
         self.slice_bytes = SLICE_BYTES if slice_bytes is None else slice_bytes
-        #: Examples per slice, once measured (``0``: never split).
+        #: Examples per slice of the last batch (``0``: never split; ``None``: not measured).
         self.examples: int | None = None
 
     def slices(self, batch: tuple) -> Iterator[tuple]:
@@ -93,8 +109,7 @@ class ExampleSlicer:
         if n is None or n < 2 or any(t.device.type != "cpu" for t in tensors_of(batch)):
             yield batch
             return
-        if self.examples is None:
-            self.examples = self._measure(batch)
+        self.examples = self._examples_for(batch)
         if self.examples == 0 or n <= self.examples:
             yield batch
             return
@@ -102,6 +117,16 @@ class ExampleSlicer:
         bounds = [i * n // count for i in range(count + 1)]
         for lo, hi in itertools.pairwise(bounds):
             yield map_tensors(batch, operator.itemgetter(slice(lo, hi)))
+
+    def _examples_for(self, batch: tuple) -> int:
+        key = (self.key, self.slice_bytes, _signature(batch))
+        try:
+            known = _MEASURED.setdefault(self.model, {})
+        except TypeError:  # a model that cannot be weakly referenced is measured every time
+            return self._measure(batch)
+        if key not in known:
+            known[key] = self._measure(batch)
+        return int(known[key])
 
     def _measure(self, batch: tuple) -> int:
         """Examples per slice from the bytes one example adds to the largest module output

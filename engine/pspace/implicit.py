@@ -31,7 +31,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fimntk.engine.errors import InvalidInputError, UnsupportedOperationError
 from fimntk.engine.generator.batch_jacobian import check_finite, weighted_grad
 from fimntk.engine.generator.jacobian import Jacobian
-from fimntk.engine.generator.slicing import ExampleSlicer
 from fimntk.engine.generator.tangents import TangentCapture
 from fimntk.engine.pspace.base import PMatAbstract, solves_maps
 from fimntk.engine.vector import PVector
@@ -67,7 +66,6 @@ class PMatImplicit(PMatAbstract):
     #: ``J v`` from per-example gradients (:meth:`_jv_by_per_example_grads`), once needed.
     _per_example_jv = False
     _raw_jacobian: Jacobian | None = None
-    _slicer: ExampleSlicer | None = None
 
     def _compute(self, generator: Jacobian, examples: Iterable) -> dict[str, Tensor]:
         generator.refuse_centering("the implicit representation")
@@ -110,20 +108,13 @@ class PMatImplicit(PMatAbstract):
         """Yield the prepared batches, replaying Monte Carlo draws from the start; the
         generator's ``progress`` hears of each batch done (a caller may stop there).
 
-        On a CPU a batch comes in slices of examples (:class:`ExampleSlicer`): every product
+        On a CPU a batch comes in slices of examples (:meth:`Jacobian.slices`): every product
         is a sum over examples, and small slices spare the allocator's fresh pages. Monte Carlo
         draws are never sliced, so that they stay those of the whole batch."""
         self._replay()
         gen = self.generator
-        if self._slicer is None:
-            self._slicer = ExampleSlicer(gen.model, gen.function)
-        random = getattr(gen.pseudo_outputs, "random", False)
         for done, raw in enumerate(self.examples, start=1):
-            batch = gen.prepare(raw)
-            if random:
-                yield batch
-            else:
-                yield from self._slicer.slices(batch)
+            yield from gen.slices(gen.prepare(raw))
             if gen.progress is not None:
                 gen.progress(done, None, "implicit product")
 

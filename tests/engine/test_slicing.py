@@ -51,14 +51,14 @@ def test_products_in_slices_of_one_example_equal_the_reference(case, one_example
     model, loader = zoo.build(H.BY_NAME[case])
     mat = engine.FIM(model, loader, "implicit")
     _assert_products(model, loader, mat, TOL)
-    assert mat._slicer.examples == 1, "the batches were not sliced"
+    assert mat.generator._slicer.examples == 1, "the batches were not sliced"
 
 
 def test_one_batch_of_a_batchnorm_cnn_in_slices(one_example_slices):
     model, loader = zoo.build(H.BY_NAME["cnn_bn"], n=11, batch_size=11)
     mat = engine.FIM(model, loader, "implicit")
     _assert_products(model, loader, mat, TOL)
-    assert mat._slicer.examples == 1
+    assert mat.generator._slicer.examples == 1
 
 
 def test_dict_batches_of_a_transformer_in_slices(one_example_slices):
@@ -73,7 +73,7 @@ def test_dict_batches_of_a_transformer_in_slices(one_example_slices):
     x = v.get_flat_representation()
     ref.assert_close(mat.vTMv(v), x @ full @ x, 1e-9, "vTMv")
     ref.assert_close(mat.mv(v).get_flat_representation(), full @ x, 1e-9, "mv")
-    assert mat._slicer.examples == 1
+    assert mat.generator._slicer.examples == 1
 
 
 class SequenceFirst(nn.Module):
@@ -108,7 +108,7 @@ def test_a_sequence_first_batch_is_not_split(one_example_slices):
 
     full = ref.fisher(Transposed(), DataLoader(TensorDataset(x.transpose(0, 1)), batch_size=4))
     ref.assert_close(mat.vTMv(v), vec @ full @ vec, TOL, "vTMv")
-    assert mat._slicer.examples == 0
+    assert mat.generator._slicer.examples == 0
 
 
 def test_monte_carlo_draws_are_not_split(one_example_slices):
@@ -185,3 +185,20 @@ def test_the_probe_leaves_the_random_state_alone():
     parts = list(slicer.slices(batch))
     assert torch.equal(torch.get_rng_state(), state)
     assert slicer.examples == 1 and len(parts) == 5
+
+
+def test_the_measurement_is_remembered_per_model_and_batch_signature():
+    model = nn.Linear(6, 3)
+    calls: list[int] = []
+    model.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+
+    def function(x, *labels):
+        return model(x)
+
+    for _ in range(2):
+        slicer = slicing.ExampleSlicer(model, function, key="f", slice_bytes=24)
+        assert len(list(slicer.slices((torch.randn(7, 6),)))) == 4
+    assert calls == [1, 2], "probed once: one and two examples"
+    other = slicing.ExampleSlicer(model, function, key="f", slice_bytes=24)
+    assert len(list(other.slices((torch.randn(7, 6), torch.arange(7))))) == 4
+    assert calls == [1, 2, 1, 2], "another batch signature: probed again"
