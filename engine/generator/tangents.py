@@ -54,6 +54,9 @@ class TangentCapture:
         input_maps: ``{layer: map}`` for layers affine in their input (BatchNorm in eval mode):
             the hooks carry the input tangent as ``map(t_x)``.
         counted: ``{layer: module}`` whose calls are only counted (to detect reuse).
+        output_tangents: ``{layer: fn}`` for layers that compute their output's whole tangent
+            at once, ``fn(x, t_x or None, {attribute: tangent})`` (BatchNorm in eval mode;
+            their input tangent is stripped as for ``input_maps``).
     """
 
     modules: dict[str, nn.Module]
@@ -61,6 +64,9 @@ class TangentCapture:
     input_linear: set[str] = field(default_factory=set)
     input_maps: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
     counted: dict[str, nn.Module] = field(default_factory=dict)
+    output_tangents: dict[str, Callable[[Tensor, Tensor | None, dict[str, Tensor]], Tensor]] = (
+        field(default_factory=dict)
+    )
     calls: dict[str, int] = field(default_factory=dict)
     _inside: bool = False
     _input_tangents: dict[str, Tensor] = field(default_factory=dict)
@@ -110,7 +116,11 @@ class TangentCapture:
             self._inside = True
             try:
                 with torch.no_grad():
-                    own = functional_call(module, self.tangents[name], args, kwargs)
+                    if name in self.output_tangents:  # the layer's whole tangent at once
+                        own = self.output_tangents[name](args[0], t_in, self.tangents[name])
+                        t_in = None
+                    else:
+                        own = functional_call(module, self.tangents[name], args, kwargs)
                     if t_in is not None and name in self.input_maps:
                         own = own.add_(self.input_maps[name](t_in))
                     elif t_in is not None:  # L_W(t_x): the module with a zero bias
@@ -119,7 +129,7 @@ class TangentCapture:
                         own = own.add_(functional_call(module, zero, (t_in, *args[1:]), kwargs))
             finally:
                 self._inside = False
-            primal, tangent = fwad.unpack_dual(output)
+            primal, tangent = fwad.unpack_dual(output)  # outside no_grad: the graph stays
             return fwad.make_dual(primal, own if tangent is None else own.add_(tangent))
 
         return hook

@@ -105,6 +105,27 @@ class BatchNormKernel(AffineNormKernel):
             scale = scale * m.weight.detach()
         return t * scale.reshape(shape)
 
+    def output_tangent(self, x: Tensor, t_x: Tensor | None, tangents: dict[str, Tensor]) -> Tensor:
+        """The whole tangent of the output, for an input tangent ``t_x`` (or none) and the
+        parameters' tangents ``t_γ``, ``t_β``: with ``σ = √(σ²_run + ε)``, per channel,
+        ``∂y = t_x ⊙ γ/σ + x ⊙ t_γ/σ + (t_β − μ_run t_γ/σ)``, in two fused passes over the
+        activations (instead of a batch norm with the tangents as parameters, a product and a
+        sum)."""
+        m = self.module
+        assert m.running_mean is not None and m.running_var is not None, "checked in check()"
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        inv = torch.rsqrt(m.running_var + m.eps)
+        t_w, t_b = tangents.get("weight"), tangents.get("bias")
+        slope = inv * t_w if t_w is not None else torch.zeros_like(inv)
+        offset = -m.running_mean * slope
+        if t_b is not None:
+            offset = offset + t_b
+        out = torch.addcmul(offset.reshape(shape), x, slope.reshape(shape))
+        if t_x is not None:
+            scale = inv if m.weight is None else inv * m.weight.detach()
+            out.addcmul_(t_x, scale.reshape(shape))
+        return out
+
     def normalized(self, x: Tensor) -> Tensor:
         m = self.module
         assert m.running_mean is not None and m.running_var is not None, "checked in check()"

@@ -160,8 +160,18 @@ class PMatImplicit(PMatAbstract):
                     for nm, k in ((nm, gen.kernel(nm)) for nm in hooked)
                     if hasattr(k, "input_tangent")
                 }
+                fused = {
+                    nm: k.output_tangent
+                    for nm, k in ((nm, gen.kernel(nm)) for nm in hooked)
+                    if hasattr(k, "output_tangent")
+                }
                 capture = TangentCapture(
-                    hooked, per_layer, linear, input_maps=maps, counted=gen.layer_modules
+                    hooked,
+                    per_layer,
+                    linear,
+                    input_maps=maps,
+                    counted=gen.layer_modules,
+                    output_tangents=fused,
                 )
                 with fwad.dual_level(), capture:
                     if dual:
