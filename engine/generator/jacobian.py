@@ -351,17 +351,18 @@ class Jacobian(PathChoice, PathVerification, TorchFuncFallback):
         if self.n_examples == 0:
             raise InvalidInputError("the loader yielded no examples: give it a non-empty dataset")
 
-    def slices(self, batch: tuple) -> Iterator[tuple]:
-        """A batch in slices of examples (:class:`~fimntk.engine.generator.slicing.ExampleSlicer`):
-        on a CPU, large activations come from reused memory instead of fresh pages. Monte
-        Carlo draws are never sliced (they depend on the whole batch's shape)."""
+    def slices(self, batch: tuple, above: int = 0) -> Iterator[tuple]:
+        """A batch in slices of examples (:class:`~fimntk.engine.generator.slicing.ExampleSlicer`;
+        whole when its largest activation takes at most ``above`` bytes): on a CPU, large
+        activations come from reused memory instead of fresh pages. Monte Carlo draws are never
+        sliced (they depend on the whole batch's shape)."""
         if getattr(self.pseudo_outputs, "random", False):
             yield batch
             return
         if self._slicer is None:
             variant = (type(self.pseudo_outputs), getattr(self.pseudo_outputs, "variant", None))
             self._slicer = ExampleSlicer(self.model, self.function, (self._function_key, variant))
-        yield from self._slicer.slices(batch)
+        yield from self._slicer.slices(batch, above)
 
     # ----- aggregates ----------------------------------------------------------------------
     def for_layers(self, layer_collection: LayerCollection) -> Jacobian:

@@ -65,8 +65,9 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
-#: Measured examples per slice: ``{model: {(function key, slice bytes, batch signature): m}}``,
-#: so that a metric built again on the same model (a sweep, a benchmark) does not probe again.
+#: Measured bytes one example adds to the largest activation (0: never split):
+#: ``{model: {(function key, batch signature): bytes}}``, so that a metric built again on the
+#: same model (a sweep, a benchmark) does not probe again.
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -102,15 +103,17 @@ class ExampleSlicer:
         #: Examples per slice of the last batch (``0``: never split; ``None``: not measured).
         self.examples: int | None = None
 
-    def slices(self, batch: tuple) -> Iterator[tuple]:
-        """The batch in equal slices of at most :attr:`examples` examples (whole when it fits,
-        when its first dimension is not provably the examples, or on a GPU)."""
+    def slices(self, batch: tuple, above: int = 0) -> Iterator[tuple]:
+        """The batch in equal slices of at most :attr:`examples` examples; whole when its
+        largest activation takes at most ``above`` bytes (or fits one slice), when its first
+        dimension is not provably the examples, or on a GPU."""
         n = examples_in(batch)
         if n is None or n < 2 or any(t.device.type != "cpu" for t in tensors_of(batch)):
             yield batch
             return
-        self.examples = self._examples_for(batch)
-        if self.examples == 0 or n <= self.examples:
+        growth = self._growth_for(batch)
+        self.examples = max(1, self.slice_bytes // growth) if growth else 0
+        if self.examples == 0 or n <= self.examples or n * growth <= above:
             yield batch
             return
         count = -(-n // self.examples)
@@ -118,8 +121,8 @@ class ExampleSlicer:
         for lo, hi in itertools.pairwise(bounds):
             yield map_tensors(batch, operator.itemgetter(slice(lo, hi)))
 
-    def _examples_for(self, batch: tuple) -> int:
-        key = (self.key, self.slice_bytes, _signature(batch))
+    def _growth_for(self, batch: tuple) -> int:
+        key = (self.key, _signature(batch))
         try:
             known = _MEASURED.setdefault(self.model, {})
         except TypeError:  # a model that cannot be weakly referenced is measured every time
@@ -129,11 +132,11 @@ class ExampleSlicer:
         return int(known[key])
 
     def _measure(self, batch: tuple) -> int:
-        """Examples per slice from the bytes one example adds to the largest module output
-        (outputs of two examples less those of one, call by call: a tensor that does not grow
-        with the examples, e.g. a broadcast position embedding, does not count). 0 (never
-        split) when the outputs of one and two examples do not have one and two rows, or when
-        the probe fails (the pass on the whole batch then reports the problem)."""
+        """The bytes one example adds to the largest module output (outputs of two examples
+        less those of one, call by call: a tensor that does not grow with the examples, e.g. a
+        broadcast position embedding, does not count). 0 (never split) when the outputs of one
+        and two examples do not have one and two rows, or when the probe fails (the pass on the
+        whole batch then reports the problem)."""
         sizes: list[list[int]] = []
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -153,7 +156,4 @@ class ExampleSlicer:
                 h.remove()
         if rows != [1, 2] or len(sizes[0]) != len(sizes[1]):
             return 0
-        growth = max((b - a for a, b in zip(*sizes)), default=0)
-        if growth <= 0:
-            return 0
-        return max(1, self.slice_bytes // growth)
+        return max(0, max((b - a for a, b in zip(*sizes)), default=0))

@@ -91,19 +91,24 @@ class BatchNormKernel(AffineNormKernel):
                 "per-example Jacobians are not defined: call model.eval() first"
             )
 
+    def _inverse_std(self) -> Tensor:
+        """``1/√(σ²_run + ε)`` per channel."""
+        var = self.module.running_var
+        assert var is not None, "checked: eval mode with running statistics"
+        return torch.rsqrt(var + self.module.eps)
+
+    def _input_scale(self) -> Tensor:
+        """``γ/√(σ²_run + ε)`` per channel (``γ = 1`` without affine weight)."""
+        weight = self.module.weight
+        inv = self._inverse_std()
+        return inv if weight is None else inv * weight.detach()
+
     def input_tangent(self, t: Tensor) -> Tensor:
         """The tangent of the output for an input tangent ``t``: with running statistics the
         layer is affine in its input, ``∂y = t ⊙ γ / √(σ² + ε)`` (forward mode then needs no
         formula of torch's, whose eval-mode batch-norm rule imports torch's compiler, seconds
         on its first use)."""
-        m = self.module
-        shape = (1, -1) + (1,) * (t.dim() - 2)
-        var = m.running_var
-        assert var is not None, "checked: eval mode with running statistics"
-        scale = torch.rsqrt(var + m.eps)
-        if m.weight is not None:
-            scale = scale * m.weight.detach()
-        return t * scale.reshape(shape)
+        return t * self._input_scale().reshape((1, -1) + (1,) * (t.dim() - 2))
 
     def output_tangent(self, x: Tensor, t_x: Tensor | None, tangents: dict[str, Tensor]) -> Tensor:
         """The whole tangent of the output, for an input tangent ``t_x`` (or none) and the
@@ -112,9 +117,9 @@ class BatchNormKernel(AffineNormKernel):
         activations (instead of a batch norm with the tangents as parameters, a product and a
         sum)."""
         m = self.module
-        assert m.running_mean is not None and m.running_var is not None, "checked in check()"
+        assert m.running_mean is not None, "checked in check()"
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        inv = torch.rsqrt(m.running_var + m.eps)
+        inv = self._inverse_std()
         t_w, t_b = tangents.get("weight"), tangents.get("bias")
         slope = inv * t_w if t_w is not None else torch.zeros_like(inv)
         offset = -m.running_mean * slope
@@ -122,8 +127,7 @@ class BatchNormKernel(AffineNormKernel):
             offset = offset + t_b
         out = torch.addcmul(offset.reshape(shape), x, slope.reshape(shape))
         if t_x is not None:
-            scale = inv if m.weight is None else inv * m.weight.detach()
-            out.addcmul_(t_x, scale.reshape(shape))
+            out.addcmul_(t_x, self._input_scale().reshape(shape))
         return out
 
     def normalized(self, x: Tensor) -> Tensor:

@@ -1,11 +1,11 @@
 """The implicit products and the diagonal in slices of examples
 (:mod:`fimntk.engine.generator.slicing`).
 
-With :data:`~fimntk.engine.generator.slicing.SLICE_BYTES` at one byte every batch runs one
-example at a time; every product must still equal the dense ``torch.func`` reference (a slice
-that dropped, repeated or mis-weighted examples, or split a dimension other than the
-examples', would not). A batch whose first dimension is not provably the examples, and Monte
-Carlo draws, are never split.
+With :data:`~fimntk.engine.generator.slicing.SLICE_BYTES` at one byte (and the implicit
+products' threshold at zero) every batch runs one example at a time; every product must still
+equal the dense ``torch.func`` reference (a slice that dropped, repeated or mis-weighted
+examples, or split a dimension other than the examples', would not). A batch whose first
+dimension is not provably the examples, and Monte Carlo draws, are never split.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fimntk import engine
 from fimntk.engine.generator import slicing
+from fimntk.engine.pspace import implicit
 from tests import reference as ref
 from tests import zoo
 from tests.engine import _structured_helpers as H
@@ -29,6 +30,7 @@ TOL = 1e-10
 @pytest.fixture
 def one_example_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slicing, "SLICE_BYTES", 1)
+    monkeypatch.setattr(implicit, "FORWARD_SLICES_ABOVE", 0)
 
 
 def _assert_products(model: nn.Module, loader, mat: engine.PMatImplicit, tol: float) -> None:
@@ -202,3 +204,11 @@ def test_the_measurement_is_remembered_per_model_and_batch_signature():
     other = slicing.ExampleSlicer(model, function, key="f", slice_bytes=24)
     assert len(list(other.slices((torch.randn(7, 6), torch.arange(7))))) == 4
     assert calls == [1, 2, 1, 2], "another batch signature: probed again"
+
+
+def test_a_batch_below_the_threshold_is_not_split():
+    model = nn.Linear(6, 3)
+    slicer = slicing.ExampleSlicer(model, model, slice_bytes=12)
+    batch = (torch.randn(5, 6),)
+    assert [part is batch for part in slicer.slices(batch, above=5 * 12)] == [True]
+    assert len(list(slicer.slices(batch, above=4 * 12))) == 5
