@@ -12,7 +12,9 @@ and 2.6 s.
 
 :class:`ExampleSlicer` reads, once, the largest activation one example produces (forward hooks
 on every module, on the first two examples of the first batch) and splits each batch into
-equal slices whose largest activation takes at most :data:`SLICE_BYTES`. It splits only what
+equal slices whose largest activation takes at most :data:`SLICE_BYTES` (a caller may leave
+whole the batches below a size of its own: the implicit products do below 8 MiB, where the
+allocator keeps up with a forward-mode pass). It splits only what
 it can prove is split by example: every tensor of the batch shares its first dimension, and
 the outputs of one and of two examples have one and two rows (a sequence-first input whose
 length happens to equal the batch size is not split). A GPU batch is never split: its
