@@ -505,7 +505,7 @@ def search_rows(rows: list[dict[str, Any]]) -> Any:
         out |= {f"scalars.{k}": v for k, v in row["scalars"].items()}
         flat.append(out)
     try:
-        pandas = importlib.import_module("pandas")  # optional: not a dependency
+        pandas = importlib.import_module("pandas")  # fixed name, no user input; optional
     except ImportError:
         return flat
     return pandas.DataFrame(flat)

@@ -15,7 +15,7 @@ the host's ``MemAvailable`` (``/proc/meminfo``). A job is refused when its need 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -188,26 +188,14 @@ def check_hessian_fits(
         JobProblemError: ``out-of-memory`` naming ``representation``, with the bytes needed
             and available and the first cheaper Hessian representation that fits.
     """
-    need = hessian_bytes(model, representation, working_bytes)
-    have = available_bytes(device) if available is None else available
-    budget = int(have * _USABLE)
-    if need <= budget:
-        return
-    later = _HESSIAN_CHEAPER[_HESSIAN_CHEAPER.index(representation) + 1 :]
-    alternative = next((r for r in later if hessian_bytes(model, r, working_bytes) <= budget), None)
-    hint = (
-        f"try representation {alternative!r}"
-        if alternative
-        else "try a smaller model or 'dataset.batch_size'"
-    )
-    raise JobProblemError(
-        problems.OUT_OF_MEMORY,
-        f"the {representation!r} Hessian needs about {need} bytes and {device} has {have} "
-        f"available ({budget} usable); {hint}",
-        "representation",
-        needed_bytes=need,
-        available_bytes=have,
-        alternative=alternative,
+    _refuse_unless_fits(
+        "Hessian",
+        representation,
+        _HESSIAN_CHEAPER,
+        lambda r: hessian_bytes(model, r, working_bytes),
+        device,
+        available,
+        "try a smaller model or 'dataset.batch_size'",
     )
 
 
@@ -242,17 +230,44 @@ def check_jacobian_fits(
         JobProblemError: ``out-of-memory`` naming ``representation``, with the bytes needed and
             available, and ``implicit`` as the alternative when it fits.
     """
-    need = jacobian_bytes(model, representation, outputs, n, working_bytes)
+    _refuse_unless_fits(
+        "Jacobian",
+        representation,
+        _JACOBIAN_CHEAPER,
+        lambda r: jacobian_bytes(model, r, outputs, n, working_bytes),
+        device,
+        available,
+        "try a smaller model",
+    )
+
+
+#: Representations of a Jacobian map, costliest first.
+_JACOBIAN_CHEAPER = ("dense", "implicit")
+
+
+def _refuse_unless_fits(
+    what: str,
+    representation: str,
+    cheaper: tuple[str, ...],
+    bytes_of: Callable[[str], int],
+    device: torch.device,
+    available: int | None,
+    otherwise: str,
+) -> None:
+    """Raise ``out-of-memory`` when ``bytes_of(representation)`` exceeds the usable share of
+    the device's memory, naming the first later entry of ``cheaper`` that fits (the hint
+    ``otherwise`` when none does)."""
+    need = bytes_of(representation)
     have = available_bytes(device) if available is None else available
     budget = int(have * _USABLE)
     if need <= budget:
         return
-    fits = jacobian_bytes(model, "implicit", outputs, n, working_bytes) <= budget
-    alternative = "implicit" if representation == "dense" and fits else None
-    hint = f"try representation {alternative!r}" if alternative else "try a smaller model"
+    later = cheaper[cheaper.index(representation) + 1 :]
+    alternative = next((r for r in later if bytes_of(r) <= budget), None)
+    hint = f"try representation {alternative!r}" if alternative else otherwise
     raise JobProblemError(
         problems.OUT_OF_MEMORY,
-        f"the {representation!r} Jacobian needs about {need} bytes and {device} has {have} "
+        f"the {representation!r} {what} needs about {need} bytes and {device} has {have} "
         f"available ({budget} usable); {hint}",
         "representation",
         needed_bytes=need,
